@@ -1,0 +1,324 @@
+"""A SEDD-style diffusion transformer (DiT) that outputs log-scores.
+
+Architecture (that of SEDD's ``DDiT``, written anew): token embedding;
+conditioning ``c = silu(sigma_map(sigma) [+ latent_map(lam)])`` with
+``sigma_map`` a sinusoidal embedding of the total noise followed by an MLP;
+``n_blocks`` pre-norm transformer blocks with adaLN-zero modulation, rotary
+positions and bidirectional attention (``scaled_dot_product_attention``); an
+adaLN-modulated, zero-initialised output layer.
+
+Parameter names follow SEDD's state dict exactly (``vocab_embed.embedding``,
+``sigma_map.mlp.{0,2}.*``, ``rotary_emb.inv_freq``, ``blocks.N.norm1.weight``,
+``blocks.N.attn_qkv.weight``, ``blocks.N.attn_out.weight``,
+``blocks.N.norm2.weight``, ``blocks.N.mlp.{0,2}.*``,
+``blocks.N.adaLN_modulation.*``, ``output_layer.{norm_final,linear,adaLN_modulation}.*``),
+so published SEDD weights load with ``load_state_dict`` (see ``cdm.models.sedd``).
+Only ``latent_map.*`` (present when ``latent_dim > 0``) is ours.
+
+Output convention (docs/MATH.md section 2): ``log_score[b, i, y] =
+log p_t(x with position i set to y) / p_t(x)``; the entry at the current token
+``y = x[b, i]`` is exactly 0 (ratio 1).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+__all__ = ["DiTConfig", "DiT", "PRESETS"]
+
+# name -> (hidden, n_heads, n_blocks, cond_dim). "sedd-small"/"sedd-medium" are
+# the published SEDD sizes; the others are for CPU experiments.
+PRESETS = {
+    "tiny": (64, 4, 2, 32),
+    "mini": (128, 4, 4, 64),
+    "base": (256, 8, 6, 128),
+    "sedd-small": (768, 12, 12, 128),
+    "sedd-medium": (1024, 16, 24, 128),
+}
+
+SIGMA_FREQUENCIES = 256  # size of the sinusoidal sigma embedding, as SEDD
+LATENT_FREQUENCIES = 8  # sin/cos pairs per latent coordinate
+
+
+@dataclass(frozen=True)
+class DiTConfig:
+    """Hyper-parameters of ``DiT``.
+
+    vocab_size: tokens the network reads and scores (for the absorbing graph
+        this includes the mask token, which is the last one, ``vocab_size - 1``).
+    seq_len: the training sequence length (rotary positions work for any
+        length; this is what checkpoints record).
+    hidden, n_heads, n_blocks, cond_dim, mlp_ratio, dropout: transformer sizes;
+        dropout applies to the residual branches in training mode only.
+    scale_by_sigma: SEDD's absorbing-graph output scaling (see ``DiT.forward``);
+        only meaningful for the absorbing graph.
+    latent_dim: 0 for a plain score network; > 0 adds a latent input ``lam``
+        (B, latent_dim) for mixture students (see ``DiT.forward``).
+    """
+
+    vocab_size: int
+    seq_len: int
+    hidden: int = 64
+    n_heads: int = 4
+    n_blocks: int = 2
+    cond_dim: int = 32
+    mlp_ratio: int = 4
+    dropout: float = 0.0
+    scale_by_sigma: bool = False
+    latent_dim: int = 0
+
+    def __post_init__(self):
+        for name in ("vocab_size", "seq_len", "hidden", "n_heads", "n_blocks", "cond_dim", "mlp_ratio"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name} must be a positive int, got {value!r}")
+        if self.vocab_size < 2:
+            raise ValueError(f"vocab_size must be >= 2, got {self.vocab_size}")
+        if self.hidden % self.n_heads or (self.hidden // self.n_heads) % 2:
+            raise ValueError(f"hidden={self.hidden} must split into n_heads={self.n_heads} "
+                             "heads of even size (rotary embeddings rotate pairs)")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ValueError(f"dropout must lie in [0, 1), got {self.dropout}")
+        if not isinstance(self.latent_dim, int) or self.latent_dim < 0:
+            raise ValueError(f"latent_dim must be an int >= 0, got {self.latent_dim!r}")
+
+    @classmethod
+    def preset(cls, name: str, vocab_size: int, seq_len: int, **overrides) -> DiTConfig:
+        """A config from ``PRESETS`` (tiny ~0.1M parameters ... sedd-small, sedd-medium)."""
+        if name not in PRESETS:
+            raise ValueError(f"name must be one of {sorted(PRESETS)}, got {name!r}")
+        hidden, n_heads, n_blocks, cond_dim = PRESETS[name]
+        sizes = dict(hidden=hidden, n_heads=n_heads, n_blocks=n_blocks, cond_dim=cond_dim)
+        return cls(vocab_size=vocab_size, seq_len=seq_len, **{**sizes, **overrides})
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """adaLN modulation: x (B, L, D), shift/scale (B, 1, D)."""
+    return x * (1 + scale) + shift
+
+
+def sinusoidal_embedding(values: torch.Tensor, dim: int, max_period: float = 10_000.0) -> torch.Tensor:
+    """Sinusoidal features of real scalars: values (B,) -> float32 (B, dim), ``[cos | sin]``.
+
+    Frequencies ``max_period^(-k/half)``, k = 0..half-1, cosines first: the
+    layout SEDD's sigma embedding was trained with.
+    """
+    half = dim // 2
+    freqs = torch.exp(-math.log(max_period) * torch.arange(half, dtype=torch.float32, device=values.device) / half)
+    angles = values.float()[:, None] * freqs[None]
+    embedding = torch.cat([torch.cos(angles), torch.sin(angles)], dim=-1)
+    return F.pad(embedding, (0, dim % 2))
+
+
+class LayerNorm(nn.Module):
+    """LayerNorm with a scale but no bias, computed in float32 (as SEDD)."""
+
+    def __init__(self, dim: int):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.layer_norm(x.float(), (x.shape[-1],)) * self.weight
+
+
+class SigmaEmbedder(nn.Module):
+    """Total noise sigma (B,) -> (B, cond_dim): sinusoidal features then an MLP."""
+
+    def __init__(self, cond_dim: int):
+        super().__init__()
+        self.mlp = nn.Sequential(nn.Linear(SIGMA_FREQUENCIES, cond_dim), nn.SiLU(), nn.Linear(cond_dim, cond_dim))
+
+    def forward(self, sigma: torch.Tensor) -> torch.Tensor:
+        return self.mlp(sinusoidal_embedding(sigma, SIGMA_FREQUENCIES))
+
+
+class LatentEmbedder(nn.Module):
+    """Latent lam (B, latent_dim) in [0, 1] -> (B, cond_dim).
+
+    Each coordinate becomes ``sin/cos(pi 2^k lam)``, k < LATENT_FREQUENCIES,
+    so nearby latent values can still map to very different conditionings;
+    an MLP follows. Its last layer starts at zero: a fresh latent student
+    computes exactly what its non-latent initialisation (e.g. the teacher's
+    weights) computes, and learns to use the latent from there.
+    """
+
+    def __init__(self, latent_dim: int, cond_dim: int):
+        super().__init__()
+        frequencies = math.pi * 2.0 ** torch.arange(LATENT_FREQUENCIES, dtype=torch.float32)
+        self.register_buffer("frequencies", frequencies, persistent=False)
+        self.mlp = nn.Sequential(nn.Linear(2 * LATENT_FREQUENCIES * latent_dim, cond_dim), nn.SiLU(),
+                                 nn.Linear(cond_dim, cond_dim))
+        nn.init.zeros_(self.mlp[2].weight)
+        nn.init.zeros_(self.mlp[2].bias)
+
+    def forward(self, lam: torch.Tensor) -> torch.Tensor:
+        angles = (lam.float()[:, :, None] * self.frequencies).flatten(1)
+        return self.mlp(torch.cat([torch.sin(angles), torch.cos(angles)], dim=-1))
+
+
+class Rotary(nn.Module):
+    """Rotary position embedding over head dimension ``head_dim`` (half-split layout, as SEDD)."""
+
+    def __init__(self, head_dim: int, base: float = 10_000.0):
+        super().__init__()
+        inv_freq = 1.0 / (base ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim))
+        # Persistent so the name matches SEDD's state dict (rotary_emb.inv_freq).
+        self.register_buffer("inv_freq", inv_freq)
+
+    def forward(self, seq_len: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos, sin of shape (seq_len, head_dim), float32."""
+        positions = torch.arange(seq_len, dtype=torch.float32, device=self.inv_freq.device)
+        angles = torch.outer(positions, self.inv_freq)
+        angles = torch.cat([angles, angles], dim=-1)
+        return angles.cos(), angles.sin()
+
+
+def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate x (B, H, L, Dh) by position: pairs are (j, j + Dh/2)."""
+    first, second = x.chunk(2, dim=-1)
+    rotated_half = torch.cat([-second, first], dim=-1)
+    return x * cos.to(x.dtype) + rotated_half * sin.to(x.dtype)
+
+
+class DiTBlock(nn.Module):
+    """Pre-norm attention + MLP block; adaLN-zero shift/scale/gate from the conditioning."""
+
+    def __init__(self, config: DiTConfig):
+        super().__init__()
+        dim = config.hidden
+        self.n_heads = config.n_heads
+        self.dropout = config.dropout
+        self.norm1 = LayerNorm(dim)
+        self.attn_qkv = nn.Linear(dim, 3 * dim, bias=False)
+        self.attn_out = nn.Linear(dim, dim, bias=False)
+        self.norm2 = LayerNorm(dim)
+        self.mlp = nn.Sequential(nn.Linear(dim, config.mlp_ratio * dim), nn.GELU(approximate="tanh"),
+                                 nn.Linear(config.mlp_ratio * dim, dim))
+        # Zero modulation: every block starts as the identity (gates are 0).
+        self.adaLN_modulation = nn.Linear(config.cond_dim, 6 * dim)
+        nn.init.zeros_(self.adaLN_modulation.weight)
+        nn.init.zeros_(self.adaLN_modulation.bias)
+
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+        """x (B, L, D), c (B, cond_dim) -> (B, L, D)."""
+        batch, seq_len, dim = x.shape
+        shift_attn, scale_attn, gate_attn, shift_mlp, scale_mlp, gate_mlp = \
+            self.adaLN_modulation(c)[:, None].chunk(6, dim=-1)
+
+        h = modulate(self.norm1(x), shift_attn, scale_attn).to(x.dtype)
+        q, k, v = self.attn_qkv(h).view(batch, seq_len, 3, self.n_heads, dim // self.n_heads).permute(2, 0, 3, 1, 4)
+        attended = F.scaled_dot_product_attention(apply_rotary(q, cos, sin), apply_rotary(k, cos, sin), v)
+        attended = attended.transpose(1, 2).reshape(batch, seq_len, dim)
+        x = x + gate_attn * F.dropout(self.attn_out(attended), self.dropout, self.training)
+
+        h = modulate(self.norm2(x), shift_mlp, scale_mlp).to(x.dtype)
+        return x + gate_mlp * F.dropout(self.mlp(h), self.dropout, self.training)
+
+
+class OutputLayer(nn.Module):
+    """Final adaLN-modulated norm and projection to vocab_size logits, zero-initialised."""
+
+    def __init__(self, config: DiTConfig):
+        super().__init__()
+        self.norm_final = LayerNorm(config.hidden)
+        self.linear = nn.Linear(config.hidden, config.vocab_size)
+        self.adaLN_modulation = nn.Linear(config.cond_dim, 2 * config.hidden)
+        for layer in (self.linear, self.adaLN_modulation):
+            nn.init.zeros_(layer.weight)
+            nn.init.zeros_(layer.bias)
+
+    def forward(self, x: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+        shift, scale = self.adaLN_modulation(c)[:, None].chunk(2, dim=-1)
+        return self.linear(modulate(self.norm_final(x), shift, scale).to(x.dtype))
+
+
+class TokenEmbedding(nn.Module):
+    """A plain embedding table stored as ``embedding`` (SEDD's parameter name)."""
+
+    def __init__(self, vocab_size: int, dim: int):
+        super().__init__()
+        self.embedding = nn.Parameter(torch.empty(vocab_size, dim))
+        nn.init.kaiming_uniform_(self.embedding, a=math.sqrt(5))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.embedding[x]
+
+
+class DiT(nn.Module):
+    """Score network: ``forward(x, sigma, lam=None) -> log_score``; see the module docstring."""
+
+    def __init__(self, config: DiTConfig):
+        super().__init__()
+        if not isinstance(config, DiTConfig):
+            raise TypeError(f"config must be a DiTConfig, got {type(config).__name__}")
+        self.config = config
+        self.vocab_embed = TokenEmbedding(config.vocab_size, config.hidden)
+        self.sigma_map = SigmaEmbedder(config.cond_dim)
+        if config.latent_dim:
+            self.latent_map = LatentEmbedder(config.latent_dim, config.cond_dim)
+        self.rotary_emb = Rotary(config.hidden // config.n_heads)
+        self.blocks = nn.ModuleList(DiTBlock(config) for _ in range(config.n_blocks))
+        self.output_layer = OutputLayer(config)
+
+    def forward(self, x: torch.Tensor, sigma: torch.Tensor, lam: torch.Tensor | None = None) -> torch.Tensor:
+        """Log-scores of every single-token change.
+
+        x: LongTensor (B, L), tokens in [0, vocab_size) (not range-checked:
+            that would cost a host sync; out-of-range tokens fail in the embedding).
+        sigma: (B,) total noise tau(t) of each sequence (not t itself), > 0.
+        lam: latent of a mixture student, only when ``latent_dim > 0``:
+            (B, latent_dim), or (B,) when latent_dim == 1, values in [0, 1].
+            None means all zeros (the latent-free behaviour at initialisation).
+        Returns float32 (B, L, vocab_size), with ``out[b, i, x[b, i]] == 0``.
+
+        With ``scale_by_sigma`` (SEDD, absorbing graph), the raw output is
+        shifted by ``-log(e^sigma - 1) - log(vocab_size - 1)``: for a masked
+        position the true ratios are ``p(y | unmasked) / (e^sigma - 1)``, so
+        the network only has to learn a log-probability around
+        ``-log(vocab_size - 1)`` rather than the sigma-dependent scale.
+        """
+        batch = self._check_inputs(x, sigma, lam)
+        c = self.sigma_map(sigma)
+        if self.config.latent_dim:
+            if lam is None:
+                lam = torch.zeros(batch, self.config.latent_dim, device=x.device)
+            c = c + self.latent_map(lam.reshape(batch, self.config.latent_dim))
+        c = F.silu(c)
+
+        h = self.vocab_embed(x)
+        cos, sin = self.rotary_emb(x.shape[1])
+        for block in self.blocks:
+            h = block(h, cos, sin, c)
+        log_score = self.output_layer(h, c).float()
+
+        if self.config.scale_by_sigma:
+            sigma = sigma.float()
+            # expm1 is accurate for small sigma, where exp(sigma) - 1 cancels.
+            log_scale = torch.log(torch.expm1(sigma))[:, None, None] + math.log(self.config.vocab_size - 1)
+            log_score = log_score - log_scale
+        return torch.scatter(log_score, -1, x.long()[..., None], 0.0)
+
+    def _check_inputs(self, x, sigma, lam) -> int:
+        """Validate shapes and types; returns the batch size."""
+        if not isinstance(x, torch.Tensor) or x.dtype not in (torch.int64, torch.int32) or x.dim() != 2:
+            raise TypeError("x must be an integer LongTensor of shape (B, L)")
+        batch = x.shape[0]
+        if not isinstance(sigma, torch.Tensor) or sigma.shape != (batch,):
+            raise ValueError(f"sigma must be a tensor of shape ({batch},), got "
+                             f"{tuple(sigma.shape) if isinstance(sigma, torch.Tensor) else type(sigma).__name__}")
+        if lam is not None:
+            latent_dim = self.config.latent_dim
+            if not latent_dim:
+                raise ValueError("lam was given but this model has latent_dim=0")
+            allowed = {(batch, latent_dim)} | ({(batch,)} if latent_dim == 1 else set())
+            if tuple(lam.shape) not in allowed:
+                raise ValueError(f"lam must have shape {sorted(allowed)}, got {tuple(lam.shape)}")
+        return batch

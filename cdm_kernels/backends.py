@@ -1,0 +1,126 @@
+"""What is available where, and how a backend is chosen.
+
+Backends of every op:
+  ``reference``  pure PyTorch (cdm_kernels/reference.py), always available
+  ``cpp``        the C++ CPU kernels of ``cdm_kernels._C`` (CPU tensors)
+  ``cuda``       the CUDA C++ kernels of ``cdm_kernels._C`` (CUDA tensors, when built with CUDA)
+  ``triton``     the Triton kernels (CUDA tensors; CPU tensors only under TRITON_INTERPRET=1)
+
+Importing never fails because a backend is missing: a missing one is simply
+not listed by :func:`available_backends`, and asking for it explicitly raises
+a ``ValueError`` that says why.
+"""
+
+from __future__ import annotations
+
+import os
+import warnings
+from typing import List, Optional
+
+import torch
+
+BACKENDS = ("reference", "cpp", "cuda", "triton")
+
+# Order of preference for backend=None, per device type: the fastest measured
+# first (benchmarks/RESULTS.md).
+_PREFERENCE = {"cpu": ("cpp", "reference"), "cuda": ("triton", "cuda", "reference")}
+
+_C_ERROR: Optional[str] = None
+try:
+    from . import _C  # noqa: F401  (registers torch.ops.cdm_kernels.*)
+except ImportError as error:  # not built (e.g. a source checkout without `pip install`)
+    _C_ERROR = str(error)
+
+_TRITON_ERROR: Optional[str] = None
+try:
+    import triton  # noqa: F401
+except ImportError as error:
+    _TRITON_ERROR = str(error)
+
+
+def extension_loaded() -> bool:
+    """Whether the compiled extension ``cdm_kernels._C`` was imported."""
+    return _C_ERROR is None
+
+
+def triton_interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def _has_kernel(dispatch_key: str) -> bool:
+    if not extension_loaded():
+        return False
+    return torch._C._dispatch_has_kernel_for_dispatch_key("cdm_kernels::scores_to_posterior", dispatch_key)
+
+
+def _triton_ops_loaded() -> bool:
+    if _TRITON_ERROR is not None:
+        return False
+    from . import triton_kernels
+
+    return triton_kernels.load()
+
+
+def _why_unavailable(backend: str, device: torch.device) -> Optional[str]:
+    """None if ``backend`` can run on ``device``, else the reason."""
+    kind = device.type
+    if backend == "reference":
+        return None
+    if backend == "cpp":
+        if kind != "cpu":
+            return f"backend 'cpp' runs on CPU tensors, got {kind} tensors"
+        if not _has_kernel("CPU"):
+            return f"the C++ extension cdm_kernels._C is not built ({_C_ERROR or 'no CPU kernels'})"
+        return None
+    if backend == "cuda":
+        if kind != "cuda":
+            return f"backend 'cuda' runs on CUDA tensors, got {kind} tensors"
+        if not _has_kernel("CUDA"):
+            return "cdm_kernels._C was built without CUDA kernels (see setup.py: CDM_KERNELS_CUDA)"
+        return None
+    if backend == "triton":
+        if _TRITON_ERROR is not None:
+            return f"triton is not installed ({_TRITON_ERROR})"
+        if kind == "cpu" and not triton_interpreting():
+            return "backend 'triton' runs on CUDA tensors (or on CPU tensors under TRITON_INTERPRET=1)"
+        if kind not in ("cpu", "cuda"):
+            return f"backend 'triton' does not run on {kind} tensors"
+        if not _triton_ops_loaded():
+            return "the Triton kernels failed to load"
+        return None
+    return f"unknown backend {backend!r}; expected one of {BACKENDS}"
+
+
+def available_backends(device="cpu") -> List[str]:
+    """The backends that can run on ``device``, fastest first (the first is the default)."""
+    device = torch.device(device)
+    preference = _PREFERENCE.get(device.type, ("reference",))
+    extra = tuple(b for b in BACKENDS if b not in preference)
+    return [b for b in preference + extra if _why_unavailable(b, device) is None]
+
+
+def select_backend(backend: Optional[str], device: torch.device) -> str:
+    """Resolve ``backend`` (None = the default for ``device``) or raise a ``ValueError``."""
+    if backend is None:
+        return available_backends(device)[0]
+    if not isinstance(backend, str):
+        raise TypeError(f"backend must be a str or None, got {type(backend).__name__}")
+    reason = _why_unavailable(backend, device)
+    if reason is not None:
+        raise ValueError(f"backend {backend!r} is not available: {reason}")
+    return backend
+
+
+def kernel_op(name: str, backend: str):
+    """The registered custom op implementing ``name`` for a compiled backend."""
+    namespace = torch.ops.cdm_kernels
+    return getattr(namespace, f"triton_{name}" if backend == "triton" else name)
+
+
+if _C_ERROR is not None and os.environ.get("CDM_KERNELS_QUIET", "0") != "1":
+    warnings.warn(
+        f"cdm_kernels: the C++ extension is not available ({_C_ERROR}); using the reference backend on CPU. "
+        "Install with `pip install --no-build-isolation .` to build it.",
+        RuntimeWarning,
+        stacklevel=2,
+    )

@@ -1,0 +1,106 @@
+"""Argument checks shared by the ops: every bad input becomes a ``TypeError`` or
+``ValueError`` naming the argument, before any kernel runs.
+
+Checks on tensor *values* (token range, NaN/inf scores, tau >= 0) read the data,
+which costs a host synchronisation on a GPU; :func:`set_value_checks` turns
+them off for production GPU runs. They are skipped while ``torch.compile``
+traces (a data-dependent branch cannot be compiled into a graph).
+"""
+
+from __future__ import annotations
+
+import numbers
+from typing import Tuple
+
+import torch
+
+from ..graphs import Graph
+
+SCORE_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
+TOKEN_DTYPES = (torch.int64, torch.int32)
+
+_value_checks = True
+
+
+def set_value_checks(enabled: bool) -> None:
+    """Enable (default) or disable the checks that read tensor values."""
+    global _value_checks
+    _value_checks = bool(enabled)
+
+
+def value_checks_enabled() -> bool:
+    return _value_checks and not torch.compiler.is_compiling()
+
+
+def check_graph(graph) -> Graph:
+    if not isinstance(graph, Graph):
+        raise TypeError(f"graph must be a cdm_kernels Graph (UniformGraph, AbsorbingGraph, DenseGraph), got {type(graph).__name__}")
+    return graph
+
+
+def check_scores(scores, graph: Graph, name: str, allow_minus_inf: bool = False) -> torch.Tensor:
+    """``(..., N)`` floating tensor with finite values (``-inf`` allowed, as
+    probability 0, for log-probabilities when ``allow_minus_inf``)."""
+    if not isinstance(scores, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(scores).__name__}")
+    if scores.dtype not in SCORE_DTYPES:
+        raise TypeError(f"{name} must be float32, bfloat16, float16 or float64, got {scores.dtype}")
+    if scores.ndim < 1 or scores.shape[-1] != graph.num_states:
+        raise ValueError(
+            f"{name} must have shape (..., {graph.num_states}) for a graph with {graph.num_states} states, "
+            f"got {tuple(scores.shape)}"
+        )
+    if value_checks_enabled():
+        bad = torch.isnan(scores) | (scores == float("inf"))
+        if not allow_minus_inf:
+            bad |= scores == float("-inf")
+        if bad.any():
+            raise ValueError(f"{name} contains NaN or inf")
+    return scores
+
+
+def check_tokens(x, shape: torch.Size, num_states: int, device: torch.device, name: str = "x") -> torch.Tensor:
+    """Integer tokens of exactly ``shape`` in ``[0, num_states)``; returned as int64."""
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor of token ids, got {type(x).__name__}")
+    if x.dtype not in TOKEN_DTYPES:
+        raise TypeError(f"{name} must be int64 or int32 token ids, got {x.dtype}")
+    if x.shape != shape:
+        raise ValueError(f"{name} must have shape {tuple(shape)} (the scores' leading dims), got {tuple(x.shape)}")
+    if x.device != device:
+        raise ValueError(f"{name} is on {x.device} but the scores are on {device}")
+    if value_checks_enabled() and x.numel() > 0:
+        low, high = x.min().item(), x.max().item()
+        if low < 0 or high >= num_states:
+            raise ValueError(f"{name} holds token ids outside [0, {num_states}): min {low}, max {high}")
+    return x.long()
+
+
+def check_tau(tau, shape: torch.Size, device: torch.device, name: str = "tau", allow_negative: bool = False) -> torch.Tensor:
+    """A float or a tensor broadcastable to ``shape``; returned as float64 of ``shape``."""
+    if isinstance(tau, torch.Tensor):
+        if not (tau.dtype.is_floating_point or tau.dtype in TOKEN_DTYPES):
+            raise TypeError(f"{name} must be a real tensor or a float, got {tau.dtype}")
+        if tau.device != device and tau.numel() != 1:
+            raise ValueError(f"{name} is on {tau.device} but the inputs are on {device}")
+        tau = tau.to(device=device, dtype=torch.float64)
+    elif isinstance(tau, numbers.Real) and not isinstance(tau, bool):
+        tau = torch.tensor(float(tau), dtype=torch.float64, device=device)
+    else:
+        raise TypeError(f"{name} must be a float or a tensor, got {type(tau).__name__}")
+    try:
+        tau = torch.broadcast_to(tau, shape)
+    except RuntimeError:
+        raise ValueError(f"{name} of shape {tuple(tau.shape)} does not broadcast to {tuple(shape)}") from None
+    if value_checks_enabled():
+        if torch.isnan(tau).any() or torch.isinf(tau).any():
+            raise ValueError(f"{name} must be finite, got NaN or inf")
+        if not allow_negative and (tau < 0).any():
+            raise ValueError(f"{name} must be >= 0 (total noise), got a negative value")
+    return tau
+
+
+def flatten(tensor: torch.Tensor, trailing: int) -> Tuple[torch.Tensor, torch.Size]:
+    """``tensor`` as a contiguous ``(P, ...)`` view/copy keeping ``trailing`` dims, and its leading shape."""
+    lead = tensor.shape[: tensor.ndim - trailing]
+    return tensor.reshape((-1,) + tuple(tensor.shape[tensor.ndim - trailing :])).contiguous(), lead

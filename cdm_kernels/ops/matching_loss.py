@@ -1,0 +1,98 @@
+"""``conditional_matching_loss``: cross-entropy of a target against the student's
+inverted conditional, forward and backward fused."""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+from .. import reference
+from ..backends import kernel_op, select_backend
+from ._validation import check_graph, check_scores, check_tau, check_tokens, value_checks_enabled
+
+REDUCTIONS = ("mean", "sum", "none")
+
+
+def conditional_matching_loss(
+    graph,
+    student_log_score: torch.Tensor,
+    x_t: torch.Tensor,
+    tau_t,
+    target: torch.Tensor,
+    reduction: str = "mean",
+    *,
+    backend: Optional[str] = None,
+) -> torch.Tensor:
+    """``CE(target, p^student_0|t(. | x_t))`` per position, the student's conditional
+    coming from its log-scores through the inversion (MATH.md sections 2, 4).
+
+    Args:
+        student_log_score: ``(..., N)``, the only differentiable input.
+        x_t: ``(...)`` noisy tokens; ``tau_t``: total noise, broadcastable to ``x_t``.
+        target: ``(..., N)`` probabilities (e.g. the teacher's conditional at s),
+            non-negative, rows summing to 1; treated as a constant.
+        reduction: ``"mean"`` over positions, ``"sum"``, or ``"none"`` (``(...)``).
+
+    Returns float32. ``0 log 0 = 0``; a target with mass on a structural zero of
+    the student's conditional gives ``inf``. The fused backends recompute the
+    conditional in backward instead of keeping a float32 copy of it.
+    """
+    check_graph(graph)
+    if reduction not in REDUCTIONS:
+        raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
+    log_score = check_scores(student_log_score, graph, "student_log_score")
+    x_t = check_tokens(x_t, log_score.shape[:-1], graph.num_states, log_score.device, "x_t")
+    tau_t = check_tau(tau_t, x_t.shape, x_t.device, "tau_t")
+    target = check_scores(target, graph, "target")
+    if target.shape != log_score.shape:
+        raise ValueError(f"target must have the shape of student_log_score {tuple(log_score.shape)}, got {tuple(target.shape)}")
+    if target.requires_grad:
+        raise ValueError("target must not require grad: it is a fixed teacher target (detach it)")
+    if value_checks_enabled():
+        if (target < 0).any():
+            raise ValueError("target must be probabilities (non-negative)")
+        if ((target.float().sum(-1) - 1).abs() > 1e-2).any():
+            raise ValueError("target rows must sum to 1 (probabilities, not logits)")
+    chosen = select_backend(backend, log_score.device)
+    if chosen == "reference":
+        per_position = reference.conditional_matching_loss(graph, log_score, x_t, tau_t, target).float()
+    else:
+        op = kernel_op("conditional_matching_loss", chosen)
+        per_position = op(
+            *graph.descriptor(x_t.device),
+            log_score.reshape(-1, graph.num_states).contiguous(),
+            x_t.reshape(-1),
+            tau_t.reshape(-1).contiguous(),
+            target.reshape(-1, graph.num_states).contiguous(),
+        ).view(x_t.shape)
+    if reduction == "mean":
+        return per_position.mean()
+    if reduction == "sum":
+        return per_position.sum()
+    return per_position
+
+
+def register(prefix: str) -> None:
+    name = f"cdm_kernels::{prefix}conditional_matching_loss"
+
+    @torch.library.register_fake(name)
+    def _(family, evals, vecs, vecs_inv, log_score, x, tau, target):
+        return log_score.new_empty(log_score.shape[:1], dtype=torch.float32)
+
+    @torch.library.register_fake(f"{name}_backward")
+    def _(family, evals, vecs, vecs_inv, grad_loss, log_score, x, tau, target):
+        return torch.empty_like(log_score)
+
+    def setup_context(ctx, inputs, output):
+        ctx.graph_args = inputs[:4]
+        ctx.save_for_backward(*inputs[4:8])
+
+    def backward(ctx, grad_loss):
+        log_score, x, tau, target = ctx.saved_tensors
+        grad_score = getattr(torch.ops.cdm_kernels, f"{prefix}conditional_matching_loss_backward")(
+            *ctx.graph_args, grad_loss.contiguous(), log_score, x, tau, target
+        )
+        return None, None, None, None, grad_score, None, None, None
+
+    torch.library.register_autograd(name, backward, setup_context=setup_context)

@@ -1,0 +1,54 @@
+"""``posterior_to_scores``: the forward map from ``p_0|t`` back to concrete scores."""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+from .. import reference
+from ..backends import kernel_op, select_backend
+from ._validation import check_graph, check_scores, check_tau, check_tokens
+
+
+def posterior_to_scores(graph, log_p0: torch.Tensor, x: torch.Tensor, tau, *, backend: Optional[str] = None) -> torch.Tensor:
+    """Log-scores ``log r`` from the conditional ``log p_0|t(. | x)``:
+    ``r = K(tau)^T u`` with ``u(a) = q(a) / K(tau)[a, x]`` (MATH.md section 2), so
+    ``r_x = 1``. Where ``K(tau)[a, x] = 0`` (absorbing graph, ``x`` not the mask)
+    ``q`` says nothing about ``u(a)``, which is taken as 0. ``-inf`` in ``log_p0``
+    is probability 0. Differentiable in ``log_p0``."""
+    check_graph(graph)
+    log_p0 = check_scores(log_p0, graph, "log_p0", allow_minus_inf=True)
+    x = check_tokens(x, log_p0.shape[:-1], graph.num_states, log_p0.device)
+    tau = check_tau(tau, x.shape, x.device)
+    chosen = select_backend(backend, log_p0.device)
+    if chosen == "reference":
+        return reference.posterior_to_scores(graph, log_p0, x, tau)
+    op = kernel_op("posterior_to_scores", chosen)
+    flat = log_p0.reshape(-1, graph.num_states).contiguous()
+    return op(*graph.descriptor(x.device), flat, x.reshape(-1), tau.reshape(-1)).view(log_p0.shape)
+
+
+def register(prefix: str) -> None:
+    name = f"cdm_kernels::{prefix}posterior_to_scores"
+
+    @torch.library.register_fake(name)
+    def _(family, evals, vecs, vecs_inv, log_p0, x, tau):
+        return torch.empty_like(log_p0)
+
+    @torch.library.register_fake(f"{name}_backward")
+    def _(family, evals, vecs, vecs_inv, grad, log_p0, x, tau):
+        return torch.empty_like(log_p0)
+
+    def setup_context(ctx, inputs, output):
+        ctx.graph_args = inputs[:4]
+        ctx.save_for_backward(*inputs[4:7])
+
+    def backward(ctx, grad):
+        log_p0, x, tau = ctx.saved_tensors
+        grad_p0 = getattr(torch.ops.cdm_kernels, f"{prefix}posterior_to_scores_backward")(
+            *ctx.graph_args, grad.contiguous(), log_p0, x, tau
+        )
+        return None, None, None, None, grad_p0, None, None
+
+    torch.library.register_autograd(name, backward, setup_context=setup_context)
