@@ -128,6 +128,11 @@ class DenseGraph(Graph):
     symmetrisation ``D^1/2 Q D^-1/2``, ``D = diag(pi)``, which is exact and well
     conditioned; otherwise through ``eig``, refusing a complex spectrum or an
     ill-conditioned eigenbasis (the kernels would silently lose digits).
+
+    The inversion of scores (``K(tau)^-T r``) amplifies rounding in ``r`` by up
+    to ``e^{tau (lambda_max - lambda_min)}``: a wide spectrum (e.g. a
+    birth-death chain over many states) needs float64 scores at large tau.
+    The kernels themselves always work in float64 for dense graphs.
     """
 
     family_id = DENSE

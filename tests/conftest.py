@@ -8,3 +8,14 @@ import torch
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 os.environ.setdefault("CDM_KERNELS_QUIET", "1")
+
+import cdm_kernels  # noqa: E402  (after the environment above)
+
+# The fast CPU backends every op test runs on; Triton (interpreted, slow) has
+# its own test file.
+CPU_BACKENDS = [b for b in ("reference", "cpp") if b in cdm_kernels.available_backends("cpu")]
+
+
+def pytest_generate_tests(metafunc):
+    if "backend" in metafunc.fixturenames:
+        metafunc.parametrize("backend", CPU_BACKENDS)

@@ -23,7 +23,7 @@ log p_t(x with position i set to y) / p_t(x)``; the entry at the current token
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -96,9 +96,6 @@ class DiTConfig:
         sizes = dict(hidden=hidden, n_heads=n_heads, n_blocks=n_blocks, cond_dim=cond_dim)
         return cls(vocab_size=vocab_size, seq_len=seq_len, **{**sizes, **overrides})
 
-    def to_dict(self) -> dict:
-        return asdict(self)
-
 
 def modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
     """adaLN modulation: x (B, L, D), shift/scale (B, 1, D)."""
@@ -106,7 +103,7 @@ def modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch
 
 
 def sinusoidal_embedding(values: torch.Tensor, dim: int, max_period: float = 10_000.0) -> torch.Tensor:
-    """Sinusoidal features of real scalars: values (B,) -> float32 (B, dim), ``[cos | sin]``.
+    """Sinusoidal features of real scalars: values (B,) -> float32 (B, dim), ``[cos | sin]``, dim even.
 
     Frequencies ``max_period^(-k/half)``, k = 0..half-1, cosines first: the
     layout SEDD's sigma embedding was trained with.
@@ -114,8 +111,7 @@ def sinusoidal_embedding(values: torch.Tensor, dim: int, max_period: float = 10_
     half = dim // 2
     freqs = torch.exp(-math.log(max_period) * torch.arange(half, dtype=torch.float32, device=values.device) / half)
     angles = values.float()[:, None] * freqs[None]
-    embedding = torch.cat([torch.cos(angles), torch.sin(angles)], dim=-1)
-    return F.pad(embedding, (0, dim % 2))
+    return torch.cat([torch.cos(angles), torch.sin(angles)], dim=-1)
 
 
 class LayerNorm(nn.Module):
@@ -137,7 +133,8 @@ class SigmaEmbedder(nn.Module):
         self.mlp = nn.Sequential(nn.Linear(SIGMA_FREQUENCIES, cond_dim), nn.SiLU(), nn.Linear(cond_dim, cond_dim))
 
     def forward(self, sigma: torch.Tensor) -> torch.Tensor:
-        return self.mlp(sinusoidal_embedding(sigma, SIGMA_FREQUENCIES))
+        features = sinusoidal_embedding(sigma, SIGMA_FREQUENCIES)
+        return self.mlp(features.to(self.mlp[0].weight.dtype))
 
 
 class LatentEmbedder(nn.Module):
@@ -161,7 +158,8 @@ class LatentEmbedder(nn.Module):
 
     def forward(self, lam: torch.Tensor) -> torch.Tensor:
         angles = (lam.float()[:, :, None] * self.frequencies).flatten(1)
-        return self.mlp(torch.cat([torch.sin(angles), torch.cos(angles)], dim=-1))
+        features = torch.cat([torch.sin(angles), torch.cos(angles)], dim=-1)
+        return self.mlp(features.to(self.mlp[0].weight.dtype))
 
 
 class Rotary(nn.Module):
@@ -308,8 +306,10 @@ class DiT(nn.Module):
 
     def _check_inputs(self, x, sigma, lam) -> int:
         """Validate shapes and types; returns the batch size."""
-        if not isinstance(x, torch.Tensor) or x.dtype not in (torch.int64, torch.int32) or x.dim() != 2:
-            raise TypeError("x must be an integer LongTensor of shape (B, L)")
+        if not isinstance(x, torch.Tensor) or x.dtype not in (torch.int64, torch.int32):
+            raise TypeError("x must be an integer (int64/int32) tensor")
+        if x.dim() != 2:
+            raise ValueError(f"x must have shape (B, L), got {tuple(x.shape)}")
         batch = x.shape[0]
         if not isinstance(sigma, torch.Tensor) or sigma.shape != (batch,):
             raise ValueError(f"sigma must be a tensor of shape ({batch},), got "

@@ -1,0 +1,269 @@
+import json
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from cdm.models import (DiT, DiTConfig, dit_config_from_sedd, load_sedd_checkpoint, save_sedd_checkpoint,
+                        sedd_config, sedd_noise_schedule)
+from cdm.schedules import GeometricNoise, LogLinearNoise
+
+VOCAB, LENGTH = 11, 7
+
+
+def tiny_config(**overrides) -> DiTConfig:
+    return DiTConfig.preset("tiny", vocab_size=VOCAB, seq_len=LENGTH, **overrides)
+
+
+def randomised(model: DiT, seed: int = 0) -> DiT:
+    """Give every parameter (zero-initialised ones included) random values."""
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for parameter in model.parameters():
+            parameter.copy_(torch.randn(parameter.shape, generator=generator) * 0.2)
+    return model.eval()
+
+
+def inputs(batch: int = 3, seed: int = 0):
+    generator = torch.Generator().manual_seed(seed)
+    x = torch.randint(0, VOCAB, (batch, LENGTH), generator=generator)
+    sigma = torch.rand(batch, generator=generator) * 3 + 0.1
+    return x, sigma
+
+
+def sedd_reference(state: dict, config: DiTConfig, x: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
+    """SEDD's DDiT forward pass written out from its state dict, attention by explicit softmax."""
+    heads, dim = config.n_heads, config.hidden
+    head_dim = dim // heads
+
+    def linear(h, name, bias=True):
+        return F.linear(h, state[f"{name}.weight"], state[f"{name}.bias"] if bias else None)
+
+    def norm(h, name):
+        return F.layer_norm(h, (dim,)) * state[f"{name}.weight"]
+
+    half = 128
+    frequencies = torch.exp(-math.log(10_000) * torch.arange(half) / half)
+    angles = sigma[:, None] * frequencies
+    c = linear(F.silu(linear(torch.cat([angles.cos(), angles.sin()], -1), "sigma_map.mlp.0")), "sigma_map.mlp.2")
+    c = F.silu(c)
+
+    positions = torch.outer(torch.arange(x.shape[1]).float(), state["rotary_emb.inv_freq"])
+    cos, sin = torch.cat([positions, positions], -1).cos(), torch.cat([positions, positions], -1).sin()
+
+    def rotate(t):  # t: (B, L, H, Dh)
+        rotated = torch.cat([-t[..., head_dim // 2:], t[..., :head_dim // 2]], -1)
+        return t * cos[None, :, None] + rotated * sin[None, :, None]
+
+    h = state["vocab_embed.embedding"][x]
+    for i in range(config.n_blocks):
+        block = f"blocks.{i}"
+        shift1, scale1, gate1, shift2, scale2, gate2 = linear(c, f"{block}.adaLN_modulation")[:, None].chunk(6, -1)
+        qkv = linear(norm(h, f"{block}.norm1") * (1 + scale1) + shift1, f"{block}.attn_qkv", bias=False)
+        qkv = qkv.reshape(*x.shape, 3, heads, head_dim)
+        q, k, v = rotate(qkv[:, :, 0]), rotate(qkv[:, :, 1]), qkv[:, :, 2]
+        weights = torch.softmax(torch.einsum("blhd,bmhd->bhlm", q, k) / math.sqrt(head_dim), dim=-1)
+        attended = torch.einsum("bhlm,bmhd->blhd", weights, v).reshape(*x.shape, dim)
+        h = h + gate1 * linear(attended, f"{block}.attn_out", bias=False)
+        hidden = F.gelu(linear(norm(h, f"{block}.norm2") * (1 + scale2) + shift2, f"{block}.mlp.0"),
+                        approximate="tanh")
+        h = h + gate2 * linear(hidden, f"{block}.mlp.2")
+    shift, scale = linear(c, "output_layer.adaLN_modulation")[:, None].chunk(2, -1)
+    out = linear(norm(h, "output_layer.norm_final") * (1 + scale) + shift, "output_layer.linear")
+    if config.scale_by_sigma:
+        out = out - torch.log(torch.exp(sigma) - 1)[:, None, None] - math.log(out.shape[-1] - 1)
+    return torch.scatter(out, -1, x[..., None], 0.0)
+
+
+# --------------------------------------------------------------------------- DiT
+
+def test_output_shape_dtype_and_zero_init():
+    model = DiT(tiny_config())
+    x, sigma = inputs()
+    out = model(x, sigma)
+    assert out.shape == (3, LENGTH, VOCAB) and out.dtype == torch.float32
+    assert torch.equal(out, torch.zeros_like(out))  # zero-initialised output layer
+
+
+def test_current_token_entry_is_zero_for_any_weights():
+    model = randomised(DiT(tiny_config()))
+    x, sigma = inputs()
+    out = model(x, sigma)
+    assert torch.equal(out.gather(-1, x[..., None]), torch.zeros(3, LENGTH, 1))
+    assert (out != 0).float().mean() > 0.8
+
+
+def test_matches_reference_sedd_forward():
+    for config in (tiny_config(), tiny_config(scale_by_sigma=True, n_blocks=3)):
+        model = randomised(DiT(config))
+        x, sigma = inputs(batch=4)
+        expected = sedd_reference(model.state_dict(), config, x, sigma)
+        torch.testing.assert_close(model(x, sigma), expected, rtol=1e-4, atol=1e-4)
+
+
+def test_scale_by_sigma_shift_at_initialisation():
+    model = DiT(tiny_config(scale_by_sigma=True))
+    x, sigma = inputs()
+    out = model(x, sigma)
+    shift = -(torch.log(torch.expm1(sigma)) + math.log(VOCAB - 1))
+    off_current = torch.ones_like(out, dtype=torch.bool).scatter(-1, x[..., None], False)
+    torch.testing.assert_close(out, torch.where(off_current, shift[:, None, None].expand_as(out), 0.0))
+
+
+def test_time_conditioning_takes_effect_after_training_steps():
+    torch.manual_seed(0)
+    model = DiT(tiny_config())
+    x = torch.randint(0, VOCAB, (1, LENGTH)).repeat(2, 1)
+    sigma = torch.tensor([0.1, 3.0])
+    optimiser = torch.optim.Adam(model.parameters(), lr=1e-2)
+    target = torch.randn(2, LENGTH, VOCAB)
+    gaps = []
+    for _ in range(3):
+        out = model(x, sigma)
+        gaps.append((out[0] - out[1]).abs().max().item())
+        optimiser.zero_grad()
+        F.mse_loss(out, target).backward()
+        optimiser.step()
+    # adaLN-zero: at initialisation nothing depends on sigma, and the first
+    # step only moves the output projection (the modulation's gradient is
+    # multiplied by that zero projection); from the second step on sigma matters.
+    assert gaps[0] == 0.0 and gaps[1] == 0.0 and gaps[2] > 1e-4
+
+
+def test_bfloat16_model_returns_float32_close_to_float32_model():
+    model = randomised(DiT(tiny_config(scale_by_sigma=True)))
+    x, sigma = inputs()
+    expected = model(x, sigma)
+    out = model.to(torch.bfloat16)(x, sigma)
+    assert out.dtype == torch.float32
+    torch.testing.assert_close(out, expected, rtol=0.05, atol=0.1)
+
+
+def test_attention_is_bidirectional():
+    model = randomised(DiT(tiny_config()))
+    x, sigma = inputs(batch=1)
+    changed = x.clone()
+    changed[0, -1] = (x[0, -1] + 1) % VOCAB
+    assert not torch.allclose(model(x, sigma)[0, 0], model(changed, sigma)[0, 0])
+
+
+def test_latent_input_starts_inert_and_then_matters():
+    config = tiny_config(latent_dim=2)
+    model = DiT(config)
+    with torch.no_grad():
+        for name, parameter in model.named_parameters():
+            if not name.startswith("latent_map.mlp.2"):
+                parameter.normal_(0, 0.2)
+    x, sigma = inputs()
+    lam = torch.rand(3, 2)
+    # Zero-initialised last latent layer: a new latent student equals the non-latent net.
+    torch.testing.assert_close(model(x, sigma, lam), model(x, sigma))
+    randomised(model)
+    torch.testing.assert_close(model(x, sigma, None), model(x, sigma, torch.zeros(3, 2)))
+    assert not torch.allclose(model(x, sigma, lam), model(x, sigma, 1 - lam))
+
+
+def test_scalar_latent_shape():
+    model = randomised(DiT(tiny_config(latent_dim=1)))
+    x, sigma = inputs()
+    lam = torch.rand(3)
+    torch.testing.assert_close(model(x, sigma, lam), model(x, sigma, lam[:, None]))
+
+
+def test_forward_validates_inputs():
+    model = DiT(tiny_config())
+    x, sigma = inputs()
+    with pytest.raises(TypeError, match="x must"):
+        model(x.float(), sigma)
+    with pytest.raises(ValueError, match="x must"):
+        model(x[0], sigma)
+    with pytest.raises(ValueError, match="sigma must"):
+        model(x, sigma[:2])
+    with pytest.raises(ValueError, match="latent_dim=0"):
+        model(x, sigma, torch.rand(3))
+    with pytest.raises(ValueError, match="lam must"):
+        DiT(tiny_config(latent_dim=2))(x, sigma, torch.rand(3))
+
+
+def test_config_presets_and_validation():
+    tiny = DiT(tiny_config())
+    assert 100_000 <= sum(p.numel() for p in tiny.parameters()) <= 500_000
+    small = DiTConfig.preset("sedd-small", vocab_size=50258, seq_len=1024)
+    assert (small.hidden, small.n_heads, small.n_blocks, small.cond_dim) == (768, 12, 12, 128)
+    with pytest.raises(ValueError, match="hidden"):
+        DiTConfig(vocab_size=5, seq_len=4, hidden=66, n_heads=4)
+    with pytest.raises(ValueError, match="dropout"):
+        tiny_config(dropout=1.0)
+    with pytest.raises(ValueError, match="name"):
+        DiTConfig.preset("huge", vocab_size=5, seq_len=4)
+
+
+# --------------------------------------------------------------------------- SEDD checkpoints
+
+@pytest.mark.parametrize("safe_serialization", [True, False])
+def test_sedd_checkpoint_round_trip(tmp_path, safe_serialization):
+    config = tiny_config(scale_by_sigma=True)
+    model = randomised(DiT(config))
+    hub_config = sedd_config(config, graph="absorb")
+    save_sedd_checkpoint(model, hub_config, tmp_path, safe_serialization=safe_serialization)
+    loaded, loaded_hub_config = load_sedd_checkpoint(tmp_path)
+    assert loaded_hub_config == hub_config and loaded.config == config
+    assert loaded_hub_config["tokens"] == VOCAB - 1  # the mask token is not counted
+    x, sigma = inputs()
+    assert torch.equal(loaded(x, sigma), model(x, sigma))
+
+
+def test_sedd_config_translation():
+    hub = {"tokens": 50257, "graph": {"type": "absorb"},
+           "noise": {"type": "loglinear", "sigma_min": 1e-4, "sigma_max": 20},
+           "model": {"hidden_size": 768, "cond_dim": 128, "length": 1024, "n_blocks": 12, "n_heads": 12,
+                     "scale_by_sigma": True, "dropout": 0.1}}
+    config = dit_config_from_sedd(hub)
+    assert config == DiTConfig.preset("sedd-small", vocab_size=50258, seq_len=1024, dropout=0.1,
+                                      scale_by_sigma=True)
+    assert isinstance(sedd_noise_schedule(hub), LogLinearNoise)
+    hub["noise"]["type"] = "geometric"
+    assert isinstance(sedd_noise_schedule(hub), GeometricNoise)
+    del hub["model"]["n_heads"]
+    with pytest.raises(ValueError, match="model.n_heads"):
+        dit_config_from_sedd(hub)
+
+
+def test_sedd_loading_errors(tmp_path):
+    with pytest.raises(FileNotFoundError, match="no SEDD checkpoint"):
+        load_sedd_checkpoint(tmp_path / "absent")
+    config = tiny_config()
+    hub_config = sedd_config(config, graph="uniform", noise="geometric")
+    save_sedd_checkpoint(DiT(config), hub_config, tmp_path)
+
+    (tmp_path / "model.safetensors").unlink()
+    with pytest.raises(FileNotFoundError, match="pytorch_model.bin"):
+        load_sedd_checkpoint(tmp_path)
+
+    state = DiT(config).state_dict()
+    del state["blocks.1.attn_out.weight"]
+    state["extra.weight"] = torch.zeros(1)
+    torch.save(state, tmp_path / "pytorch_model.bin")
+    with pytest.raises(ValueError, match=r"missing parameters \['blocks.1.attn_out.weight'\].*extra.weight"):
+        load_sedd_checkpoint(tmp_path)
+
+    hub_config["model"]["hidden_size"] = 128
+    (tmp_path / "config.json").write_text(json.dumps(hub_config))
+    torch.save(DiT(config).state_dict(), tmp_path / "pytorch_model.bin")
+    with pytest.raises(ValueError, match="vocab_embed.embedding: checkpoint shape"):
+        load_sedd_checkpoint(tmp_path)
+
+
+def test_sedd_saving_rejects_inconsistent_config(tmp_path):
+    model = DiT(tiny_config())
+    with pytest.raises(ValueError, match="hidden"):
+        save_sedd_checkpoint(model, sedd_config(tiny_config(hidden=32), graph="uniform"), tmp_path)
+    hub_config = sedd_config(tiny_config(), graph="uniform")
+    hub_config["tokens"] -= 1
+    with pytest.raises(ValueError, match="vocab_size"):
+        save_sedd_checkpoint(model, hub_config, tmp_path)
+    with pytest.raises(ValueError, match="latent"):
+        sedd_config(tiny_config(latent_dim=1), graph="uniform")
+    with pytest.raises(ValueError, match="scale_by_sigma"):
+        sedd_config(tiny_config(scale_by_sigma=True), graph="uniform")
