@@ -1,0 +1,290 @@
+"""Exact conditional distribution matching (CDM): distilling a many-step teacher
+into a k-step student (seed 001; docs/MATH.md section 4).
+
+Both forms rest on the Markov decomposition through an intermediate time s < t,
+
+    p_0|t(x_0 | x_t) = sum_{x_s} p_0|s(x_0 | x_s) p_s|t(x_s | x_t),
+
+and on cross-entropy being linear in its target: one draw of x_s gives an
+unbiased gradient of the cross-entropy against the mixture.
+
+Per-token CDM (:func:`per_token_cdm_loss`), as seed 001 describes it: draw t on
+the student's k-step grid and ``s = t - Delta t``; noise clean data to x_t;
+draw x_s with a reverse step (``fused_euler_step``) of a chosen network; the
+target is the teacher's per-token conditional at s (``scores_to_posterior``,
+detached); the loss is ``conditional_matching_loss`` of the student's
+conditional at t. Its optimum (with x_s from the exact ``p_s|t``) is the
+per-token marginal of ``p_0|t``, so a factorised student built from it is the
+teacher's own factorised sampler: at k = 1 the product of the data marginals
+(the exact study in MATH.md and tests/test_cdm_exact.py).
+
+Joint CDM (:func:`joint_cdm_loss`): a mixture student
+``p(x_0 | x_t) = E_lambda prod_i p(x_0^i | x_t, lambda)`` is fitted by the
+mixture NLL ``-log (1/M) sum_m prod_i p(x_0^i | x_t, lambda_m)`` of x_0 drawn
+from the teacher's *joint* conditional: teacher steps from t down to a small
+s (the Markov decomposition, so correlations between tokens survive), then
+x_0 from the teacher's per-token conditional at s. This is the form that
+beats the teacher's factorised few-step sampler.
+
+Every hot path goes through the public ``cdm_kernels`` ops. The teacher is
+evaluated under ``torch.no_grad``; gradients reach the student only.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import math
+from typing import Callable, Optional, Union
+
+import torch
+from torch import nn
+
+import cdm_kernels as ck
+
+from ..sampling import add_noise, call_model, draw_latents, inversion_dtype, latent_dim, tau_of_time
+
+__all__ = [
+    "make_student",
+    "freeze",
+    "sample_times",
+    "teacher_chain",
+    "per_token_cdm_loss",
+    "joint_cdm_loss",
+]
+
+SAMPLERS = ("student", "teacher")
+T_DISTS = ("grid", "uniform")
+WEIGHTINGS = ("none", "rate")
+REDUCTIONS = ("mean", "none")
+
+
+# ----------------------------------------------------------------------------- students
+
+
+def make_student(teacher: nn.Module, latent_dim: int = 0) -> nn.Module:
+    """A student initialised from the teacher (seed 001: "student init from teacher").
+
+    ``latent_dim = 0``: a copy of the teacher. ``latent_dim > 0`` (a ``DiT``
+    teacher): a mixture student, the teacher's architecture plus a latent input
+    whose embedding starts at zero, so at initialisation it computes exactly
+    the teacher's scores for every lambda.
+    """
+    if latent_dim == 0:
+        student = copy.deepcopy(teacher)
+    else:
+        config = getattr(teacher, "config", None)
+        if config is None or not dataclasses.is_dataclass(config) or not hasattr(config, "latent_dim"):
+            raise TypeError("a mixture student needs a DiT-like teacher with a dataclass `config` that has `latent_dim`")
+        student = type(teacher)(dataclasses.replace(config, latent_dim=latent_dim))
+        missing, unexpected = student.load_state_dict(teacher.state_dict(), strict=False)
+        if unexpected or any(not name.startswith("latent_map.") for name in missing):
+            raise ValueError(f"teacher and student architectures differ: missing {missing}, unexpected {unexpected}")
+        student.to(next(teacher.parameters()).device)
+    for parameter in student.parameters():
+        parameter.requires_grad_(True)
+    return student.train()
+
+
+def freeze(model: nn.Module) -> nn.Module:
+    """Put a teacher in eval mode with gradients off; returns it."""
+    if isinstance(model, nn.Module):
+        model.eval()
+        for parameter in model.parameters():
+            parameter.requires_grad_(False)
+    return model
+
+
+# ----------------------------------------------------------------------------- shared pieces
+
+
+def _uniform(n: int, generator, device) -> torch.Tensor:
+    draw_device = generator.device if generator is not None else device
+    return torch.rand(n, generator=generator, dtype=torch.float64, device=draw_device).to(device)
+
+
+def sample_times(steps: int, batch: int, *, t_dist: str = "grid", generator: Optional[torch.Generator] = None,
+                 device="cpu") -> tuple[torch.Tensor, torch.Tensor]:
+    """Training times of a k-step student: ``(t, t_next)``, float64 (B,) each.
+
+    ``"grid"``: ``t = 1 - j/k`` with ``j ~ U{0..k-1}``, ``t_next = t - 1/k`` (the
+    times the k-step sampler visits). ``"uniform"``: ``t ~ U(1/k, 1]`` and
+    ``t_next = t - 1/k`` (a student for any grid of step 1/k).
+    """
+    if not isinstance(steps, int) or steps < 1:
+        raise ValueError(f"steps must be a positive int, got {steps!r}")
+    if t_dist not in T_DISTS:
+        raise ValueError(f"t_dist must be one of {T_DISTS}, got {t_dist!r}")
+    u = _uniform(batch, generator, device)
+    if t_dist == "grid":
+        j = torch.floor(u * steps).clamp_(max=steps - 1)
+        t = 1.0 - j / steps
+    else:
+        t = 1.0 - u * (1.0 - 1.0 / steps)
+    return t, (t - 1.0 / steps).clamp_min(0.0)
+
+
+def _scores(model, x, tau, lam=None, graph=None) -> torch.Tensor:
+    log_score = call_model(model, x, tau, lam)
+    return log_score.to(inversion_dtype(graph, log_score.dtype)) if graph is not None else log_score
+
+
+@torch.no_grad()
+def teacher_chain(model, graph: ck.Graph, noise, x_t: torch.Tensor, t: torch.Tensor, s: torch.Tensor, steps: int,
+                  *, method: str = "analytic", generator: Optional[torch.Generator] = None) -> torch.Tensor:
+    """``x_s`` from ``steps`` reverse steps of ``model`` from time t to time s
+    (per sequence, (B,) each, ``s < t``), equally spaced in time; ``s = 0``
+    ends at tau = 0 (clean tokens). Every step is one ``fused_euler_step``."""
+    if not isinstance(steps, int) or steps < 1:
+        raise ValueError(f"steps must be a positive int, got {steps!r}")
+    x = x_t
+    for m in range(steps):
+        t_from = t + (s - t) * (m / steps)
+        t_to = t + (s - t) * ((m + 1) / steps)
+        tau_from, tau_to = tau_of_time(noise, t_from), tau_of_time(noise, t_to)
+        log_score = _scores(model, x, tau_from, graph=graph)
+        x = ck.fused_euler_step(graph, log_score, x, tau_from[:, None].expand(x.shape),
+                                tau_to[:, None].expand(x.shape), method=method, generator=generator)
+    return x
+
+
+@torch.no_grad()
+def _teacher_target(teacher, graph: ck.Graph, x_s: torch.Tensor, tau_s: torch.Tensor) -> torch.Tensor:
+    """The teacher's per-token conditional ``p_0|s(. | x_s)`` (B, L, N) as probabilities;
+    at ``tau_s = 0`` it is the one-hot of ``x_s`` (no network call)."""
+    target = nn.functional.one_hot(x_s.long(), graph.num_states).to(torch.float64)
+    noisy = tau_s > 0
+    if bool(noisy.any()):
+        xs, taus = x_s[noisy], tau_s[noisy]
+        log_q = ck.scores_to_posterior(graph, _scores(teacher, xs, taus, graph=graph), xs, taus[:, None].expand(xs.shape))
+        target[noisy] = log_q.exp().to(torch.float64)
+    return target
+
+
+def _weights(weighting, noise, t: torch.Tensor) -> torch.Tensor:
+    if callable(weighting):
+        return torch.as_tensor(weighting(t), dtype=torch.float64, device=t.device)
+    if weighting == "none":
+        return torch.ones_like(t)
+    if weighting == "rate":
+        return noise.rate(t.clamp(0.0, 1.0))
+    raise ValueError(f"weighting must be one of {WEIGHTINGS} or a callable of t, got {weighting!r}")
+
+
+def _reduce(per_sequence: torch.Tensor, reduction: str) -> torch.Tensor:
+    if reduction == "mean":
+        return per_sequence.mean()
+    return per_sequence
+
+
+# ----------------------------------------------------------------------------- per-token CDM
+
+
+def per_token_cdm_loss(student, teacher, graph: ck.Graph, noise, x0: torch.Tensor, *, steps: int = 1,
+                       sampler: str = "student", sampler_steps: int = 1, delta: Union[str, float] = "uniform",
+                       t_dist: str = "grid", weighting: Union[str, Callable] = "none", method: str = "analytic",
+                       generator: Optional[torch.Generator] = None, reduction: str = "mean") -> torch.Tensor:
+    """Per-token CDM loss on clean data ``x0`` (B, L) for a ``steps``-step student.
+
+    Options (those seed 001 leaves open):
+      sampler: which network draws ``x_s`` from ``x_t``: ``"student"`` (the seed's
+        choice) or ``"teacher"``; ``sampler_steps`` reverse steps from t to s
+        (several teacher steps approach the exact joint ``p_s|t``).
+      delta: ``Delta t`` as a fraction of the student's step ``1/k``: a float in
+        (0, 1] (1.0: s is the next grid time) or ``"uniform"``: ``U(0, 1]``.
+      t_dist: ``"grid"`` (the k-step grid) or ``"uniform"`` (see :func:`sample_times`).
+      weighting: per-sequence weight ``w(t)``: ``"none"``, ``"rate"`` (the
+        schedule's ``d tau / dt``) or a callable of t.
+      method: the reverse step, ``"analytic"`` or ``"euler"``.
+    Returns the mean over the batch of ``w(t) * mean_i CE_i`` (``reduction="none"``: (B,)).
+    """
+    if sampler not in SAMPLERS:
+        raise ValueError(f"sampler must be one of {SAMPLERS}, got {sampler!r}")
+    if reduction not in REDUCTIONS:
+        raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
+    if x0.ndim != 2:
+        raise ValueError(f"x0 must have shape (B, L), got {tuple(x0.shape)}")
+    device, batch = x0.device, x0.shape[0]
+    t, t_next = sample_times(steps, batch, t_dist=t_dist, generator=generator, device=device)
+    if delta == "uniform":
+        fraction = 1.0 - _uniform(batch, generator, device)  # (0, 1]
+    elif isinstance(delta, (int, float)) and 0.0 < float(delta) <= 1.0:
+        fraction = torch.full_like(t, float(delta))
+    else:
+        raise ValueError(f"delta must be 'uniform' or a float in (0, 1], got {delta!r}")
+    s = (t - fraction * (t - t_next)).clamp_min(0.0)
+    tau_t, tau_s = tau_of_time(noise, t), tau_of_time(noise, s)
+
+    x_t = add_noise(graph, x0, tau_t[:, None], generator)
+    x_s = teacher_chain(student if sampler == "student" else teacher, graph, noise, x_t, t, s, sampler_steps,
+                        method=method, generator=generator)
+    target = _teacher_target(teacher, graph, x_s, tau_s)
+
+    log_score = _scores(student, x_t, tau_t, graph=graph)
+    per_position = ck.conditional_matching_loss(graph, log_score, x_t, tau_t[:, None].expand(x_t.shape),
+                                                target.to(log_score.dtype), reduction="none")
+    per_sequence = _weights(weighting, noise, t).to(per_position.dtype) * per_position.mean(-1)
+    return _reduce(per_sequence, reduction)
+
+
+# ----------------------------------------------------------------------------- joint CDM
+
+
+def joint_cdm_loss(student, teacher, graph: ck.Graph, noise, x0: torch.Tensor, *, steps: int = 1,
+                   num_latents: int = 8, teacher_steps: int = 16, s: Optional[float] = None, t_dist: str = "grid",
+                   stratified: bool = True, weighting: Union[str, Callable] = "none", method: str = "analytic",
+                   generator: Optional[torch.Generator] = None, reduction: str = "mean") -> torch.Tensor:
+    """Joint CDM loss on clean data ``x0`` (B, L) for a ``steps``-step mixture student.
+
+    For each sequence: t on the student's grid (``t_dist``), ``x_t`` by forward
+    noising, then a draw from the teacher's joint conditional
+    ``x_0' ~ p_0|t(. | x_t)`` through the Markov decomposition: the teacher's
+    ``teacher_steps``-step sampler run from t (``teacher_steps - 1`` steps down
+    to s, then one step to tau = 0, i.e. ``x_0'`` from the teacher's per-token
+    conditional at s). ``s`` (a time) defaults to ``t / teacher_steps``, which
+    makes the chain the teacher's own ``teacher_steps``-step grid restricted to
+    [0, t]; a given ``s >= t`` falls back to that default for the sequence.
+
+    The student is evaluated at ``(x_t, t)`` with ``num_latents`` (M) latent
+    draws per sequence (stratified in the first coordinate when ``stratified``),
+    and the loss is the mixture NLL per token,
+    ``-(logsumexp_m sum_i log p(x_0'^i | x_t, lambda_m) - log M) / L``,
+    through ``conditional_matching_loss`` with one-hot targets (the per-token
+    log-likelihoods of the student's inverted conditionals). A student without a
+    latent gets M = 1 (plain NLL of the teacher's joint samples).
+    Returns the batch mean of ``w(t) * NLL`` (``reduction="none"``: (B,)).
+    """
+    if reduction not in REDUCTIONS:
+        raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
+    if not isinstance(num_latents, int) or num_latents < 1:
+        raise ValueError(f"num_latents must be a positive int, got {num_latents!r}")
+    if not isinstance(teacher_steps, int) or teacher_steps < 1:
+        raise ValueError(f"teacher_steps must be a positive int, got {teacher_steps!r}")
+    if x0.ndim != 2:
+        raise ValueError(f"x0 must have shape (B, L), got {tuple(x0.shape)}")
+    device, (batch, seq_len) = x0.device, x0.shape
+    t, _ = sample_times(steps, batch, t_dist=t_dist, generator=generator, device=device)
+    tau_t = tau_of_time(noise, t)
+    x_t = add_noise(graph, x0, tau_t[:, None], generator)
+
+    default_s = t / teacher_steps
+    s_time = default_s if s is None else torch.where(torch.full_like(t, float(s)) < t, torch.full_like(t, float(s)), default_s)
+    with torch.no_grad():
+        x_s = x_t
+        if teacher_steps > 1:
+            x_s = teacher_chain(teacher, graph, noise, x_t, t, s_time, teacher_steps - 1, method=method, generator=generator)
+        x_clean = teacher_chain(teacher, graph, noise, x_s, s_time, torch.zeros_like(t), 1, method=method,
+                                generator=generator)
+
+    m = num_latents if latent_dim(student) else 1
+    x_rep = x_t.repeat_interleave(m, 0)
+    tau_rep = tau_t.repeat_interleave(m, 0)
+    lam = draw_latents(student, batch * m, generator, device, stratified_groups=m if (stratified and m > 1) else 0)
+    log_score = _scores(student, x_rep, tau_rep, lam, graph=graph)
+    target = nn.functional.one_hot(x_clean.repeat_interleave(m, 0), graph.num_states).to(log_score.dtype)
+    nll = ck.conditional_matching_loss(graph, log_score, x_rep, tau_rep[:, None].expand(x_rep.shape), target,
+                                       reduction="none")
+    log_lik = -nll.sum(-1).view(batch, m)
+    per_sequence = -(torch.logsumexp(log_lik, dim=1) - math.log(m)) / seq_len
+    per_sequence = _weights(weighting, noise, t).to(per_sequence.dtype) * per_sequence
+    return _reduce(per_sequence, reduction)

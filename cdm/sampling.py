@@ -1,0 +1,466 @@
+"""Samplers over ``cdm_kernels.fused_euler_step``, forward noising, and exact
+evaluation of samplers on enumerable state spaces (docs/MATH.md sections 1-4).
+
+Conventions
+-----------
+A *score model* is any callable ``model(x, sigma) -> log_score`` with ``x``
+LongTensor (B, L), ``sigma`` (B,) total noise and ``log_score`` (B, L, N) (the
+``cdm.models.DiT`` signature). A *mixture student* also takes a latent,
+``model(x, sigma, lam)`` with ``lam`` (B, latent_dim) in [0, 1]; it exposes
+``model.config.latent_dim > 0`` or a ``latent_dim`` attribute, and may define
+``sample_latent(n, generator) -> (n, latent_dim)`` to override the default
+``lam ~ U(0, 1)^latent_dim`` (a model with finitely many components does).
+
+Time grids: a k-step sampler visits ``t_j = 1 - j / k`` (j = 0..k) and takes
+the total noise from the schedule, ``tau_j = noise.total(t_j)``, except that
+the last point is ``tau_k = 0`` exactly: the last step samples the clean data
+from ``p_0|t`` (``fused_euler_step`` with ``tau_s = 0``). So k steps cost k
+network evaluations (NFE = k), and a 1-step sampler draws every token
+independently from the conditional at ``tau(1)``.
+
+Precision: for the uniform graph the inversion ``scores -> p_0|t`` subtracts
+nearly equal numbers (``alpha = e^-tau``; MATH.md section 2): float32 scores
+lose the conditional entirely at ``tau >~ 15`` (SEDD's geometric schedule ends
+at 20). Everything here therefore hands the kernels float64 log-scores for the
+uniform and dense graphs (``inversion_dtype``); the network itself stays in
+its own precision. Absorbing graphs use a softmax and stay in float32.
+
+Reproducibility: every random draw comes from the ``generator`` argument (a
+CPU generator may drive CUDA tensors); the same seed gives the same samples on
+the same backend.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Callable, Optional, Sequence
+
+import torch
+from torch import nn
+
+import cdm_kernels as ck
+
+__all__ = [
+    "inversion_dtype",
+    "rate_column",
+    "prior_distribution",
+    "prior_sample",
+    "add_noise",
+    "time_grid",
+    "tau_grid",
+    "tau_of_time",
+    "latent_dim",
+    "draw_latents",
+    "call_model",
+    "sample",
+    "sample_teacher",
+    "sample_student",
+    "step_distribution",
+    "exact_sample_distribution",
+    "EnumeratedScoreModel",
+    "TabularScoreModel",
+]
+
+METHODS = ("analytic", "euler")
+
+
+# ----------------------------------------------------------------------------- graph helpers
+
+
+def inversion_dtype(graph: ck.Graph, dtype: torch.dtype) -> torch.dtype:
+    """The dtype in which log-scores are handed to the kernels' inversion:
+    float64 for uniform and dense graphs (ill-conditioned at large tau), else
+    ``dtype`` promoted to at least float32."""
+    if graph.family in ("uniform", "dense"):
+        return torch.float64
+    return torch.promote_types(dtype, torch.float32)
+
+
+def rate_column(graph: ck.Graph, x: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """``out[..., y] = Q[y, x]`` for ``y != x`` and 0 at ``y = x``: the forward rate
+    into the current token from every other state, (..., N). These are SEDD's
+    score-entropy weights and the Euler step's jump rates (MATH.md section 3)."""
+    n = graph.num_states
+    onehot = nn.functional.one_hot(x.long(), n).to(dtype)
+    if graph.family == "uniform":
+        return (1.0 - onehot) / n
+    if graph.family == "absorbing":
+        is_mask = (x == n - 1).unsqueeze(-1).to(dtype)
+        return is_mask * (1.0 - onehot)  # only the mask is entered, at rate 1 from every real token
+    q = graph.rate_matrix().to(device=x.device, dtype=dtype)
+    return q.T[x.long()] * (1.0 - onehot)
+
+
+def prior_distribution(graph: ck.Graph, dtype=torch.float64) -> torch.Tensor:
+    """The limiting distribution of one token (N,): uniform for the uniform graph,
+    the mask for the absorbing one, and ``K(50)^T u`` for a dense graph (its
+    stationary law when it is irreducible; ``ordinal_graph`` has spectral gap 1)."""
+    n = graph.num_states
+    if graph.family == "uniform":
+        return torch.full((n,), 1.0 / n, dtype=dtype)
+    if graph.family == "absorbing":
+        out = torch.zeros(n, dtype=dtype)
+        out[-1] = 1.0
+        return out
+    uniform = torch.full((n,), 1.0 / n, dtype=torch.float64)
+    pi = ck.apply_kernel(graph, uniform, torch.tensor(50.0, dtype=torch.float64)).clamp_min(0)
+    return (pi / pi.sum()).to(dtype)
+
+
+def _uniforms(shape, generator: Optional[torch.Generator], device) -> torch.Tensor:
+    draw_device = generator.device if generator is not None else device
+    return torch.rand(shape, generator=generator, dtype=torch.float64, device=draw_device).to(device)
+
+
+def _categorical(probs: torch.Tensor, generator: Optional[torch.Generator]) -> torch.Tensor:
+    """Inverse-CDF draw of one index per row of ``probs`` (..., N)."""
+    cdf = probs.to(torch.float64).cumsum(-1)
+    u = _uniforms(probs.shape[:-1], generator, probs.device) * cdf[..., -1]
+    index = torch.searchsorted(cdf.contiguous(), u.unsqueeze(-1).contiguous(), right=True).squeeze(-1)
+    return index.clamp_(max=probs.shape[-1] - 1)
+
+
+def prior_sample(graph: ck.Graph, shape, generator: Optional[torch.Generator] = None, device="cpu") -> torch.Tensor:
+    """Draws from the prior (the start of every sampler): uniform tokens, all
+    mask (absorbing), or the dense graph's stationary law. LongTensor ``shape``."""
+    n = graph.num_states
+    shape = tuple(shape)
+    if graph.family == "absorbing":
+        return torch.full(shape, n - 1, dtype=torch.int64, device=device)
+    if graph.family == "uniform":
+        draw_device = generator.device if generator is not None else device
+        return torch.randint(0, n, shape, generator=generator, device=draw_device).to(device)
+    return _categorical(prior_distribution(graph).to(device).expand(*shape, n), generator)
+
+
+def add_noise(graph: ck.Graph, x0: torch.Tensor, tau, generator: Optional[torch.Generator] = None) -> torch.Tensor:
+    """Forward noising: ``x_t^i ~ K(tau)[x_0^i, :]`` independently per position.
+
+    tau: a float or a tensor broadcastable to ``x0`` (e.g. (B, 1) per sequence).
+    Uniform: with probability ``1 - e^-tau`` a token is redrawn uniformly;
+    absorbing: masked; dense: drawn from the row ``K(tau)[x0, :]``
+    (``apply_kernel`` on the one-hot of x0).
+    """
+    x0 = x0.long()
+    tau = torch.as_tensor(tau, dtype=torch.float64, device=x0.device)
+    tau = torch.broadcast_to(tau, x0.shape)
+    n = graph.num_states
+    if graph.family in ("uniform", "absorbing"):
+        move = _uniforms(x0.shape, generator, x0.device) < -torch.expm1(-tau)
+        if graph.family == "absorbing":
+            return torch.where(move, torch.full_like(x0, n - 1), x0)
+        draw_device = generator.device if generator is not None else x0.device
+        fresh = torch.randint(0, n, x0.shape, generator=generator, device=draw_device).to(x0.device)
+        return torch.where(move, fresh, x0)
+    row = ck.apply_kernel(graph, nn.functional.one_hot(x0, n).to(torch.float64), tau).clamp_min(0)
+    return _categorical(row, generator)
+
+
+# ----------------------------------------------------------------------------- time grids
+
+
+def time_grid(steps: int, t_start: float = 1.0, t_end: float = 0.0, device=None) -> torch.Tensor:
+    """``steps + 1`` times from ``t_start`` down to ``t_end``, equally spaced, float64."""
+    if not isinstance(steps, int) or steps < 1:
+        raise ValueError(f"steps must be a positive int, got {steps!r}")
+    return torch.linspace(t_start, t_end, steps + 1, dtype=torch.float64, device=device)
+
+
+def tau_of_time(noise, t: torch.Tensor) -> torch.Tensor:
+    """``noise.total(t)`` with ``t = 0`` mapped to ``tau = 0`` exactly (clean data)."""
+    t = torch.as_tensor(t, dtype=torch.float64)
+    tau = noise.total(t.clamp(0.0, 1.0))
+    return torch.where(t <= 0, torch.zeros_like(tau), tau)
+
+
+def tau_grid(noise, steps: int, device=None) -> torch.Tensor:
+    """Total noise on the k-step grid: ``tau(t_j)``, ``t_j = 1 - j/k``, with the last entry 0."""
+    return tau_of_time(noise, time_grid(steps, device=device))
+
+
+# ----------------------------------------------------------------------------- models
+
+
+def latent_dim(model) -> int:
+    """0 for a plain score model, else the size of the mixture latent."""
+    config = getattr(model, "config", None)
+    if config is not None and getattr(config, "latent_dim", 0):
+        return int(config.latent_dim)
+    return int(getattr(model, "latent_dim", 0) or 0)
+
+
+def draw_latents(model, n: int, generator: Optional[torch.Generator] = None, device="cpu",
+                 stratified_groups: int = 0) -> Optional[torch.Tensor]:
+    """``n`` latents for a mixture student ((n, latent_dim)), or None for a plain model.
+
+    ``model.sample_latent(n, generator)`` is used when defined; otherwise
+    ``lam ~ U(0, 1)^latent_dim``. ``stratified_groups = M > 0`` (n a multiple
+    of M): consecutive groups of M draws are stratified in the first
+    coordinate, ``lam_m = (m + u_m) / M``, which lowers the variance of a
+    mixture estimate over M draws (a model with M equal-weight components then
+    sees each component exactly once per group).
+    """
+    dim = latent_dim(model)
+    if dim == 0:
+        return None
+    if stratified_groups:
+        if n % stratified_groups:
+            raise ValueError(f"n={n} is not a multiple of stratified_groups={stratified_groups}")
+        lam = _uniforms((n, dim), generator, device)
+        strata = torch.arange(n, device=device) % stratified_groups
+        lam[:, 0] = (strata + lam[:, 0]) / stratified_groups
+        return lam.float()
+    sampler = getattr(model, "sample_latent", None)
+    if callable(sampler):
+        return sampler(n, generator).to(device)
+    return _uniforms((n, dim), generator, device).float()
+
+
+def call_model(model, x: torch.Tensor, tau: torch.Tensor, lam: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """``model(x, sigma[, lam])`` with ``sigma`` the per-sequence total noise (B,)."""
+    tau = torch.as_tensor(tau, dtype=torch.float64, device=x.device)
+    sigma = torch.broadcast_to(tau, x.shape[:1]).contiguous()
+    if lam is None:
+        return model(x, sigma)
+    return model(x, sigma, lam)
+
+
+def _model_device(model) -> torch.device:
+    if isinstance(model, nn.Module):
+        for tensor in model.parameters():
+            return tensor.device
+        for tensor in model.buffers():
+            return tensor.device
+    return torch.device("cpu")
+
+
+# ----------------------------------------------------------------------------- samplers
+
+
+@torch.no_grad()
+def sample(model, graph: ck.Graph, noise, num_samples: int, seq_len: int, steps: int, *,
+           method: str = "analytic", generator: Optional[torch.Generator] = None,
+           batch_size: Optional[int] = None, device=None, taus: Optional[torch.Tensor] = None,
+           autocast: bool = False) -> torch.Tensor:
+    """Draw ``num_samples`` sequences with a ``steps``-step sampler: LongTensor (num_samples, seq_len).
+
+    Starts from the prior, then ``x <- fused_euler_step(graph, model(x, tau_j), x,
+    tau_j, tau_{j+1})`` along ``tau_grid(noise, steps)`` (or the given ``taus``,
+    decreasing, ending at 0). A mixture student gets a fresh latent per step and
+    per sequence. ``method``: ``"analytic"`` or ``"euler"``; the last step
+    (to tau = 0) samples ``p_0|t`` in both. ``autocast``: bf16 autocast of the
+    network on CUDA.
+    """
+    if method not in METHODS:
+        raise ValueError(f"method must be one of {METHODS}, got {method!r}")
+    device = torch.device(device) if device is not None else _model_device(model)
+    taus = tau_grid(noise, steps, device=device) if taus is None else taus.to(device, torch.float64)
+    if taus.ndim != 1 or len(taus) < 2 or bool((taus[1:] >= taus[:-1]).any()):
+        raise ValueError("taus must be a strictly decreasing 1-D tensor of length >= 2")
+    was_training = model.training if isinstance(model, nn.Module) else None
+    if was_training:
+        model.eval()
+    batch_size = batch_size or num_samples
+    chunks = []
+    try:
+        for start in range(0, num_samples, batch_size):
+            b = min(batch_size, num_samples - start)
+            x = prior_sample(graph, (b, seq_len), generator, device)
+            for j in range(len(taus) - 1):
+                lam = draw_latents(model, b, generator, device)
+                with torch.autocast(device.type, dtype=torch.bfloat16, enabled=autocast and device.type == "cuda"):
+                    log_score = call_model(model, x, taus[j], lam)
+                log_score = log_score.to(inversion_dtype(graph, log_score.dtype))
+                x = ck.fused_euler_step(graph, log_score, x, taus[j], taus[j + 1], method=method, generator=generator)
+            chunks.append(x)
+    finally:
+        if was_training:
+            model.train()
+    return torch.cat(chunks)
+
+
+def sample_teacher(teacher, graph, noise, num_samples, seq_len, steps, **kwargs) -> torch.Tensor:
+    """A teacher's ``steps``-step sampler (any number of steps); see :func:`sample`."""
+    return sample(teacher, graph, noise, num_samples, seq_len, steps, **kwargs)
+
+
+def sample_student(student, graph, noise, num_samples, seq_len, steps, **kwargs) -> torch.Tensor:
+    """A (mixture) student's k-step sampler, lambda drawn per step and sequence; see :func:`sample`."""
+    return sample(student, graph, noise, num_samples, seq_len, steps, **kwargs)
+
+
+# ----------------------------------------------------------------------------- exact evaluation
+
+
+def step_distribution(graph: ck.Graph, log_score: torch.Tensor, x: torch.Tensor, tau_t, tau_s,
+                      method: str = "analytic") -> torch.Tensor:
+    """``P(x_s^i = y | x_t)`` per position (..., N), float64: the distribution that
+    ``fused_euler_step`` samples from (MATH.md section 3), built from the public
+    ops, for exact evaluation of samplers."""
+    if method not in METHODS:
+        raise ValueError(f"method must be one of {METHODS}, got {method!r}")
+    log_score = log_score.to(torch.float64)
+    tau_t = torch.broadcast_to(torch.as_tensor(tau_t, dtype=torch.float64, device=x.device), x.shape)
+    tau_s = torch.broadcast_to(torch.as_tensor(tau_s, dtype=torch.float64, device=x.device), x.shape)
+    log_q = ck.scores_to_posterior(graph, log_score, x, tau_t)
+    if method == "analytic":
+        column = ck.transition_column(graph, x, tau_t)
+        weights = torch.where(log_q > -math.inf, torch.exp(log_q - column.clamp_min(1e-300).log()), 0.0)
+        probs = ck.transition_column(graph, x, tau_t - tau_s) * ck.apply_kernel(graph, weights, tau_s)
+    else:
+        jumps = (tau_t - tau_s).unsqueeze(-1) * rate_column(graph, x, torch.float64) * log_score.exp()
+        stay = (1.0 - jumps.sum(-1, keepdim=True)).clamp_min(0)
+        probs = jumps + stay * nn.functional.one_hot(x.long(), graph.num_states)
+        probs = torch.where((tau_s == 0).unsqueeze(-1), log_q.exp(), probs)
+    probs = probs.clamp_min(0)
+    return probs / probs.sum(-1, keepdim=True)
+
+
+@torch.no_grad()
+def exact_sample_distribution(model, graph: ck.Graph, support: torch.Tensor, taus: torch.Tensor, *,
+                              method: str = "analytic", latents: Optional[torch.Tensor] = None,
+                              prior: Optional[torch.Tensor] = None, batch_size: int = 4096) -> torch.Tensor:
+    """The exact distribution of a sampler's output over an enumerated state space.
+
+    support: (S, L) every sequence the chain can visit (for the absorbing graph
+        include the masked ones), in the order of the returned vector.
+    taus: the decreasing total-noise grid, ending at 0 (e.g. ``tau_grid``).
+    latents: for a mixture student, (M, latent_dim) equally weighted latent
+        values; each step's transition is the average over them (exact for a
+        model with M components, a quadrature of ``E_lambda`` otherwise).
+    prior: (S,) start distribution; default the product of ``prior_distribution``.
+    Returns float64 (S,): the probability of each support sequence after the
+    last step. Cost: one (S, S) transition matrix per step and latent.
+    """
+    support = support.long()
+    size, seq_len = support.shape
+    device = support.device
+    if prior is None:
+        per_token = prior_distribution(graph).to(device)
+        prior = per_token[support].prod(-1)
+    dist = prior.to(torch.float64)
+    lam_values = [None] if latents is None else list(latents)
+    taus = taus.to(torch.float64)
+    for j in range(len(taus) - 1):
+        transition = torch.zeros(size, size, dtype=torch.float64, device=device)
+        for lam in lam_values:
+            for start in range(0, size, batch_size):
+                x = support[start:start + batch_size]
+                lam_b = None if lam is None else lam.reshape(1, -1).expand(len(x), -1)
+                log_score = call_model(model, x, taus[j], lam_b)
+                probs = step_distribution(graph, log_score, x, taus[j], taus[j + 1], method)  # (b, L, N)
+                block = torch.ones(len(x), size, dtype=torch.float64, device=device)
+                for i in range(seq_len):
+                    block *= probs[:, i, :][:, support[:, i]]
+                transition[start:start + batch_size] += block
+        dist = dist @ (transition / len(lam_values))
+    return dist
+
+
+class EnumeratedScoreModel(nn.Module):
+    """The exact concrete score of a distribution over an enumerated support (an
+    exact teacher for studies on small state spaces), in float64.
+
+    support (S, L) and probs (S,) define the clean data distribution. The exact
+    per-token conditional ``p(x_0^i = a | x_t)`` is computed by enumeration,
+    ``prop. to sum_s p(s) [s_i = a] prod_j K(tau)[s_j, x_j]`` (sums of positive
+    terms: no cancellation), and the log-scores from it with
+    ``posterior_to_scores`` (MATH.md section 2: ``r_i = K^T u_i`` holds exactly
+    for the joint). Differencing ``log p_tau`` of neighbouring sequences instead
+    would lose the conditional to rounding at large tau (uniform graph, tau = 20:
+    ``log r ~ 1e-9``).
+    """
+
+    def __init__(self, graph: ck.Graph, support: torch.Tensor, probs: torch.Tensor):
+        super().__init__()
+        self.graph = graph
+        self.register_buffer("support", support.long())
+        self.register_buffer("probs", probs.to(torch.float64))
+
+    def log_conditional(self, x: torch.Tensor, sigma: torch.Tensor, lam=None) -> torch.Tensor:
+        """``log p(x_0^i = a | x_t = x)`` at total noise ``sigma`` (B,): (B, L, N) float64."""
+        n, seq_len = self.graph.num_states, x.shape[1]
+        tau = sigma.to(torch.float64)[:, None].expand(x.shape).contiguous()
+        column = ck.transition_column(self.graph, x, tau)  # (B, L, N): K[a, x_i]
+        log_weight = self.probs.log().expand(x.shape[0], -1).clone()  # (B, S)
+        for i in range(seq_len):
+            log_weight += column[:, i, self.support[:, i]].clamp_min(1e-300).log()
+        log_weight -= torch.logsumexp(log_weight, dim=1, keepdim=True)
+        weight = log_weight.exp()
+        out = torch.zeros(x.shape[0], seq_len, n, dtype=torch.float64, device=x.device)
+        for i in range(seq_len):
+            out[:, i].index_add_(1, self.support[:, i], weight)
+        return torch.where(out > 0, out, 0.0).log()
+
+    def forward(self, x: torch.Tensor, sigma: torch.Tensor, lam=None) -> torch.Tensor:
+        tau = sigma.to(torch.float64)[:, None].expand(x.shape).contiguous()
+        log_score = ck.posterior_to_scores(self.graph, self.log_conditional(x, sigma), x, tau)
+        return log_score.clamp_min(-1e4)  # structural zeros as a finite log-score
+
+
+class TabularScoreModel(nn.Module):
+    """A table-based score model for enumerable studies: one free conditional
+    ``p(x_0^i | x_t, component)`` per (component, time on a grid, sequence,
+    position), exposed as log-scores through ``posterior_to_scores``.
+
+    It answers only at the total-noise values ``taus`` it was built for (the
+    student's grid; the nearest one is used). With ``components = M > 1`` it
+    is a mixture student with ``latent_dim = 1``: ``lam`` in [0, 1] selects
+    component ``floor(lam M)``, and ``sample_latent`` draws the component
+    centres uniformly, so every component has weight 1/M.
+    """
+
+    def __init__(self, graph: ck.Graph, support: torch.Tensor, taus: Sequence[float], components: int = 1):
+        super().__init__()
+        self.graph = graph
+        self.components = int(components)
+        self.latent_dim = 1 if self.components > 1 else 0
+        self.register_buffer("support", support.long())
+        self.register_buffer("taus", torch.as_tensor(list(taus), dtype=torch.float64))
+        size, seq_len = support.shape
+        n = graph.num_states
+        self.logits = nn.Parameter(torch.zeros(self.components, len(self.taus), size, seq_len, n, dtype=torch.float64))
+        self.vocab = n
+        powers = n ** torch.arange(seq_len - 1, -1, -1)
+        lookup = torch.full((n ** seq_len,), -1, dtype=torch.int64)
+        lookup[(self.support * powers).sum(1)] = torch.arange(size)
+        self.register_buffer("powers", powers)
+        self.register_buffer("lookup", lookup)
+
+    def _index(self, x, sigma, lam):
+        rows = self.lookup[(x.long() * self.powers).sum(1)]
+        if bool((rows < 0).any()):
+            raise ValueError("x holds a sequence outside the table's support")
+        grid = (sigma.to(torch.float64)[:, None] - self.taus[None]).abs().argmin(1)
+        if lam is None:
+            comp = torch.zeros_like(rows)
+        else:
+            comp = (lam.reshape(len(x), -1)[:, 0].to(torch.float64) * self.components).long().clamp(0, self.components - 1)
+        return comp, grid, rows
+
+    @torch.no_grad()
+    def init_from(self, model, noise_scale: float = 0.0, generator: Optional[torch.Generator] = None) -> None:
+        """Set every component's conditional to ``model``'s (e.g. the teacher), plus
+        Gaussian noise of ``noise_scale`` on the logits (breaks the symmetry of a mixture)."""
+        size = len(self.support)
+        for g, tau in enumerate(self.taus):
+            tau_b = tau.expand(size)
+            log_q = ck.scores_to_posterior(self.graph, call_model(model, self.support, tau_b).to(torch.float64),
+                                           self.support, tau_b[:, None].expand(self.support.shape).contiguous())
+            self.logits[:, g] = log_q.clamp_min(-60.0)
+        if noise_scale:
+            self.logits.add_(noise_scale * torch.randn(self.logits.shape, generator=generator, dtype=torch.float64))
+
+    def sample_latent(self, n: int, generator: Optional[torch.Generator] = None) -> torch.Tensor:
+        comp = torch.randint(0, self.components, (n, 1), generator=generator)
+        return ((comp + 0.5) / self.components).float()
+
+    def log_conditional(self, x, sigma, lam=None) -> torch.Tensor:
+        """``log p(x_0^i | x_t, component)`` (B, L, N), float64."""
+        comp, grid, rows = self._index(x, sigma, lam)
+        return torch.log_softmax(self.logits[comp, grid, rows], dim=-1)
+
+    def forward(self, x, sigma, lam=None) -> torch.Tensor:
+        tau = sigma.to(torch.float64)[:, None].expand(x.shape).contiguous()
+        log_score = ck.posterior_to_scores(self.graph, self.log_conditional(x, sigma, lam), x, tau)
+        return log_score.clamp_min(-1e4)  # structural zeros (absorbing graph) as a finite log-score

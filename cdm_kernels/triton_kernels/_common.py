@@ -1,0 +1,211 @@
+"""Shared pieces of the Triton kernels: launch/autotune plumbing, the per-family
+coefficient math and the streaming building blocks (online max/sum-exp,
+the inverse-CDF block scan).
+
+Layout conventions of every "row kernel": a program owns ``BLOCK_P`` positions
+(rows of the flattened ``(P, N)`` inputs) and streams the vocabulary in
+``BLOCK_N`` chunks, so ``N`` up to 256k never has to fit in registers. Row
+offsets are int64 (``P * N`` may exceed 2^31). Reductions run in float32 (or
+float64 for float64 inputs and dense graphs) whatever the storage dtype.
+
+On a GPU the block sizes are autotuned (``triton.autotune``, keyed on ``N``);
+under ``TRITON_INTERPRET=1`` (CPU tensors, no driver) one fixed small config is
+used, :data:`INTERPRET_BLOCKS`, small enough that every vocabulary loop runs
+more than once on test shapes.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Callable, Dict, List, Optional
+
+import torch
+import triton
+import triton.language as tl
+
+UNIFORM, ABSORBING, DENSE = 0, 1, 2
+FAMILIES = (UNIFORM, ABSORBING, DENSE)
+
+#: mirrors ``reference.POSTERIOR_FLOOR`` = 1 / FLOOR_INV (1e10 is exact in float32,
+#: so ``x / FLOOR_INV`` is the correctly rounded ``1e-10 x`` in either precision)
+FLOOR_INV = 1e10
+
+#: True when kernels run under Triton's CPU interpreter
+INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+#: the fixed config used under the interpreter (tests may change these dicts)
+INTERPRET_BLOCKS: Dict[str, int] = {"BLOCK_P": 4, "BLOCK_N": 16}
+INTERPRET_DENSE_BLOCKS: Dict[str, int] = {"BLOCK_P": 4, "BLOCK_I": 64, "BLOCK_J": 64}
+
+#: when a list, every launch appends (jit function, positional args, constexpr kwargs, kind):
+#: the ahead-of-time compilation test replays them for a GPU target
+RECORD: Optional[List[tuple]] = None
+
+
+# ----------------------------------------------------------------------------- configs
+
+
+def row_configs() -> List[triton.Config]:
+    """GPU configs of the row kernels: one long row per program for large
+    vocabularies, several short rows per program for small ones."""
+    configs = [
+        triton.Config({"BLOCK_P": 1, "BLOCK_N": 1024}, num_warps=4),
+        triton.Config({"BLOCK_P": 1, "BLOCK_N": 2048}, num_warps=8),
+        triton.Config({"BLOCK_P": 1, "BLOCK_N": 4096}, num_warps=8),
+        triton.Config({"BLOCK_P": 4, "BLOCK_N": 256}, num_warps=4),
+        triton.Config({"BLOCK_P": 16, "BLOCK_N": 64}, num_warps=4),
+        triton.Config({"BLOCK_P": 32, "BLOCK_N": 32}, num_warps=4),
+        triton.Config({"BLOCK_P": 64, "BLOCK_N": 16}, num_warps=4),
+    ]
+    return configs
+
+
+def prune_row_configs(configs, named_args, **kwargs):
+    """Drop blocks wider than the vocabulary and multi-row programs for long rows."""
+    n = int(named_args["N"])
+    width = max(16, triton.next_power_of_2(n))
+    kept = [
+        c
+        for c in configs
+        if c.kwargs["BLOCK_N"] <= width and (c.kwargs["BLOCK_P"] == 1 or n <= 4096)
+        and (c.kwargs["BLOCK_P"] > 1 or n > 256)
+    ]
+    return kept or [configs[0]]
+
+
+def dense_configs() -> List[triton.Config]:
+    return [
+        triton.Config({"BLOCK_P": 4, "BLOCK_I": 16, "BLOCK_J": 32}, num_warps=4),
+        triton.Config({"BLOCK_P": 8, "BLOCK_I": 16, "BLOCK_J": 64}, num_warps=4),
+        triton.Config({"BLOCK_P": 16, "BLOCK_I": 8, "BLOCK_J": 64}, num_warps=8),
+    ]
+
+
+class Kernel:
+    """A ``@triton.jit`` function plus, on a GPU, its autotuned wrapper."""
+
+    def __init__(self, fn, kind: str):
+        self.fn = fn  # the JITFunction (what the AOT test compiles)
+        self.kind = kind  # "row" or "dense"
+        self.tuned = None
+        if not INTERPRET:
+            if kind == "row":
+                self.tuned = triton.autotune(
+                    configs=row_configs(), key=["N"], prune_configs_by={"early_config_prune": prune_row_configs}
+                )(fn)
+            else:
+                self.tuned = triton.autotune(configs=dense_configs(), key=["N"])(fn)
+
+    def __call__(self, grid_rows: int, *args, grid_cols: int = 0, **constexprs):
+        """Launch over ``grid_rows`` positions (and, for dense kernels, ``grid_cols``
+        output columns); ``constexprs`` are the non-block compile-time arguments."""
+        if grid_rows == 0:
+            return
+        if RECORD is not None:
+            RECORD.append((self.fn, args, dict(constexprs), self.kind))
+        if INTERPRET:
+            blocks = INTERPRET_BLOCKS if self.kind == "row" else INTERPRET_DENSE_BLOCKS
+            grid = (triton.cdiv(grid_rows, blocks["BLOCK_P"]),)
+            if self.kind == "dense":
+                grid = grid + (triton.cdiv(grid_cols, blocks["BLOCK_J"]),)
+            self.fn[grid](*args, **constexprs, **blocks)
+            return
+        if self.kind == "row":
+
+            def grid(meta):
+                return (triton.cdiv(grid_rows, meta["BLOCK_P"]),)
+
+        else:
+
+            def grid(meta):
+                return (triton.cdiv(grid_rows, meta["BLOCK_P"]), triton.cdiv(grid_cols, meta["BLOCK_J"]))
+
+        self.tuned[grid](*args, **constexprs)
+
+
+def row_kernel(fn) -> Kernel:
+    return Kernel(fn, "row")
+
+
+def dense_kernel(fn) -> Kernel:
+    return Kernel(fn, "dense")
+
+
+# ----------------------------------------------------------------------------- host-side helpers
+
+
+def check_family(family: int, evals, vecs, vecs_inv, n: int, device) -> tuple:
+    """Validate the graph descriptor; returns float64 contiguous eigen tensors (dense) or Nones."""
+    if family not in FAMILIES:
+        raise ValueError(f"family must be 0 (uniform), 1 (absorbing) or 2 (dense), got {family}")
+    if family != DENSE:
+        return None, None, None
+    if evals is None or vecs is None or vecs_inv is None:
+        raise ValueError("a dense graph (family 2) needs evals, vecs and vecs_inv")
+    out = []
+    for t, shape in ((evals, (n,)), (vecs, (n, n)), (vecs_inv, (n, n))):
+        if tuple(t.shape) != shape:
+            raise ValueError(f"dense graph tensors must have shapes ({n},), ({n}, {n}); got {tuple(t.shape)}")
+        out.append(t.to(device=device, dtype=torch.float64).contiguous())
+    return tuple(out)
+
+
+def compute_f64(*tensors: torch.Tensor) -> bool:
+    """Whether the kernels accumulate in float64 (float64 storage)."""
+    return any(t.dtype == torch.float64 for t in tensors)
+
+
+# ----------------------------------------------------------------------------- device helpers
+
+
+@triton.jit
+def expm1_f64(t):
+    """``e^t - 1`` in float64, accurate for small ``|t|`` (Taylor below 1e-2)."""
+    poly = t * (1.0 + t / 2.0 * (1.0 + t / 3.0 * (1.0 + t / 4.0 * (1.0 + t / 5.0 * (
+        1.0 + t / 6.0 * (1.0 + t / 7.0 * (1.0 + t / 8.0)))))))
+    return tl.where(tl.abs(t) < 1e-2, poly, tl.exp(t) - 1.0)
+
+
+@triton.jit
+def decay_coefficients(tau):
+    """``alpha = e^-tau`` and ``1 - alpha = -expm1(-tau)`` (float64 in, float64 out)."""
+    tau = tau.to(tl.float64)
+    return tl.exp(-tau), -expm1_f64(-tau)
+
+
+@triton.jit
+def online_update(m, s, vals):
+    """One block of an online max / sum-exp: ``vals`` [BP, BN] (excluded entries -inf),
+    ``m``, ``s`` [BP]; returns the running max and ``sum exp(v - max)``.
+    One exp per element, one per row per block."""
+    m_new = tl.maximum(m, tl.max(vals, axis=1))
+    m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+    s = s * tl.exp(m - m_safe) + tl.sum(tl.exp(vals - m_safe[:, None]), axis=1)
+    return m_new, s
+
+
+@triton.jit
+def scan_step(p, cols, target, carry, found, result, lastpos):
+    """One block of the inverse-CDF search. ``p`` [BP, BN] non-negative masses
+    (0 outside the row), ``cols`` [BN] their state ids, ``target`` [BP] the
+    uniform times the row total, ``carry`` [BP] the mass before this block.
+    A state is picked where the running CDF first exceeds the target and its own
+    mass is positive (never a zero-probability state); ``lastpos`` tracks the
+    last state with mass for rows whose target rounding walks past the end."""
+    cdf = tl.cumsum(p, axis=1) + carry[:, None]
+    hit = (cdf > target[:, None]) & (p > 0)
+    first = tl.min(tl.where(hit, cols[None, :], 2147483647), axis=1)
+    newly = (found == 0) & (first < 2147483647)
+    result = tl.where(newly, first, result)
+    found = tl.where(newly, 1, found)
+    lastpos = tl.maximum(lastpos, tl.max(tl.where(p > 0, cols[None, :], -1), axis=1))
+    carry = carry + tl.sum(p, axis=1)
+    return carry, found, result, lastpos
+
+
+@triton.jit
+def finish_scan(found, result, lastpos, x):
+    """The picked state; falls back to the last state with mass, then to ``x``
+    (a row without any mass, which valid inputs never produce)."""
+    fallback = tl.where(lastpos >= 0, lastpos, x)
+    return tl.where(found != 0, result, fallback)

@@ -1,0 +1,211 @@
+"""The conditional-ratio inversion shared by scores_to_posterior (forward and
+backward), the matching loss (forward and backward) and the analytic step, for
+the uniform and dense families (the absorbing family has its own closed form
+in each op file).
+
+Per position, with ``r_y = exp(ls_y - M)`` (``ls_x := 0``, ``M = max_y ls_y >= 0``)
+and ``S = sum_y r_y``:
+
+* uniform: ``inv = r - beta S`` (``K(tau)^-T r`` up to the positive factor
+  ``1/alpha``, which the normalisation cancels), ``col = alpha e_x + beta``;
+* dense: ``inv`` and ``col`` come precomputed (float64 workspaces written by
+  the eigenbasis kernels in ``_dense.py``);
+
+then ``u = max(inv, POSTERIOR_FLOOR e^-M)``, ``q = col u / Z``, ``Z = sum col u``,
+so ``log q = log col + log u - log Z``: the normaliser needs no exp (``Z`` is a
+plain sum of ``col u``). Pass 1 streams the online max / sum-exp over ``y != x``
+(gives ``M`` and ``S``), pass 2 sums ``Z``, pass 3 writes: one exp per element
+per pass (plus one log in the pass that writes ``log u``).
+"""
+
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+from ._common import FLOOR_INV, decay_coefficients, online_update, row_kernel
+
+
+@triton.jit
+def excluded_x_block(ls_ptr, offs, msk, is_x, CT: tl.constexpr):
+    """Scores of one block with the entry at ``x`` (and padding) excluded (-inf)."""
+    v = tl.load(ls_ptr + offs, mask=msk, other=float("-inf")).to(CT)
+    return tl.where(is_x, float("-inf"), v)
+
+
+@triton.jit
+def inversion_scalars(m, s, tau, N, CT: tl.constexpr):
+    """Per-row constants after pass 1 (``m``, ``s``: max and sum-exp over ``y != x``)."""
+    M = tl.maximum(m, 0.0)
+    S = s * tl.exp(m - M) + tl.exp(-M)
+    thr = tl.exp(-M) / FLOOR_INV
+    alpha, oma = decay_coefficients(tau)
+    beta = (oma / N).to(CT)
+    colx = (alpha + oma / N).to(CT)
+    return M, S, thr, beta, colx, tl.log(colx), tl.log(beta)
+
+
+@triton.jit
+def inversion_block(ls_ptr, inv_ptr, col_ptr, offs, msk, is_x, M, S, thr, beta, colx, lcolx, lcolo,
+                    FAMILY: tl.constexpr, CT: tl.constexpr):
+    """``r`` (uniform only), ``inv``, clamped ``u``, ``col`` and ``log col`` of one block.
+    Padding lanes hold finite values; callers mask them out of every sum."""
+    if FAMILY == 0:
+        v = tl.load(ls_ptr + offs, mask=msk, other=0.0).to(CT)
+        r = tl.exp(tl.where(is_x, 0.0, v) - M[:, None])
+        inv = r - (beta * S)[:, None]
+        col = tl.where(is_x, colx[:, None], beta[:, None])
+        lcol = tl.where(is_x, lcolx[:, None], lcolo[:, None])
+    else:
+        inv = tl.load(inv_ptr + offs, mask=msk, other=1.0)
+        r = inv
+        col = tl.load(col_ptr + offs, mask=msk, other=0.0)
+        lcol = tl.log(col)
+    u = tl.maximum(inv, thr[:, None])
+    return r, inv, u, col, lcol
+
+
+@triton.jit
+def _posterior_kernel(ls_ptr, x_ptr, tau_ptr, inv_ptr, col_ptr, out_ptr, P, N,
+                      FAMILY: tl.constexpr, F64: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr):
+    """``log q`` (uniform or dense), written in ``out_ptr``'s dtype. Three passes."""
+    CT: tl.constexpr = tl.float64 if F64 else tl.float32
+    rows = tl.program_id(0) * BLOCK_P + tl.arange(0, BLOCK_P)
+    rmask = rows < P
+    base = rows.to(tl.int64) * N
+    x = tl.load(x_ptr + rows, mask=rmask, other=0)
+    tau = tl.load(tau_ptr + rows, mask=rmask, other=0.0)
+    m = tl.full([BLOCK_P], float("-inf"), CT)
+    s = tl.zeros([BLOCK_P], CT)
+    for start in range(0, N, BLOCK_N):
+        cols = start + tl.arange(0, BLOCK_N)
+        msk = rmask[:, None] & (cols[None, :] < N)
+        offs = base[:, None] + cols[None, :]
+        m, s = online_update(m, s, excluded_x_block(ls_ptr, offs, msk, cols[None, :] == x[:, None], CT))
+    M, S, thr, beta, colx, lcolx, lcolo = inversion_scalars(m, s, tau, N, CT)
+    Z = tl.zeros([BLOCK_P], CT)
+    for start in range(0, N, BLOCK_N):
+        cols = start + tl.arange(0, BLOCK_N)
+        msk = rmask[:, None] & (cols[None, :] < N)
+        offs = base[:, None] + cols[None, :]
+        r, inv, u, col, lcol = inversion_block(ls_ptr, inv_ptr, col_ptr, offs, msk, cols[None, :] == x[:, None],
+                                               M, S, thr, beta, colx, lcolx, lcolo, FAMILY, CT)
+        Z += tl.sum(tl.where(msk, col * u, 0.0), axis=1)
+    log_z = tl.log(Z)
+    for start in range(0, N, BLOCK_N):
+        cols = start + tl.arange(0, BLOCK_N)
+        msk = rmask[:, None] & (cols[None, :] < N)
+        offs = base[:, None] + cols[None, :]
+        r, inv, u, col, lcol = inversion_block(ls_ptr, inv_ptr, col_ptr, offs, msk, cols[None, :] == x[:, None],
+                                               M, S, thr, beta, colx, lcolx, lcolo, FAMILY, CT)
+        out = lcol + tl.log(u) - log_z[:, None]
+        tl.store(out_ptr + offs, out.to(out_ptr.dtype.element_ty), mask=msk)
+
+
+@triton.jit
+def _posterior_backward_kernel(g_ptr, gl_ptr, ls_ptr, x_ptr, tau_ptr, inv_ptr, col_ptr, out_ptr, P, N,
+                               FAMILY: tl.constexpr, F64: tl.constexpr, FROM_TARGET: tl.constexpr,
+                               BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr):
+    """Gradient through the inversion, recomputing the forward (no saved ``q``).
+
+    ``g`` is the gradient w.r.t. ``log q`` (``FROM_TARGET``: ``g = -grad_loss * target``,
+    the matching loss). With ``G = sum g`` (over every entry, as autograd of the
+    normalisation does), ``d log q / d u`` gives ``g_u = (g - q G) / u`` where ``u``
+    is not clamped (``q / u = col / Z``), 0 where it is. Uniform: ``g_r = g_u - beta
+    T`` with ``T = sum g_u = sum_unclamped g / u - G C / Z`` (``C`` = sum of ``col``
+    over unclamped entries), so the gradient ``r g_r`` (0 at ``x``) is written after
+    three passes. Dense: ``g_u`` is written (float64) and ``_dense.py`` applies
+    ``K(-tau)`` and the ``r`` factor.
+    """
+    CT: tl.constexpr = tl.float64 if F64 else tl.float32
+    rows = tl.program_id(0) * BLOCK_P + tl.arange(0, BLOCK_P)
+    rmask = rows < P
+    base = rows.to(tl.int64) * N
+    x = tl.load(x_ptr + rows, mask=rmask, other=0)
+    tau = tl.load(tau_ptr + rows, mask=rmask, other=0.0)
+    if FROM_TARGET:
+        gscale = -tl.load(gl_ptr + rows, mask=rmask, other=0.0).to(CT)
+    else:
+        gscale = tl.full([BLOCK_P], 1.0, CT)
+    m = tl.full([BLOCK_P], float("-inf"), CT)
+    s = tl.zeros([BLOCK_P], CT)
+    G = tl.zeros([BLOCK_P], CT)
+    for start in range(0, N, BLOCK_N):
+        cols = start + tl.arange(0, BLOCK_N)
+        msk = rmask[:, None] & (cols[None, :] < N)
+        offs = base[:, None] + cols[None, :]
+        m, s = online_update(m, s, excluded_x_block(ls_ptr, offs, msk, cols[None, :] == x[:, None], CT))
+        g = tl.load(g_ptr + offs, mask=msk, other=0.0).to(CT)
+        G += tl.sum(tl.where(msk, g, 0.0), axis=1)
+    G = G * gscale
+    M, S, thr, beta, colx, lcolx, lcolo = inversion_scalars(m, s, tau, N, CT)
+    Z = tl.zeros([BLOCK_P], CT)
+    T1 = tl.zeros([BLOCK_P], CT)
+    C = tl.zeros([BLOCK_P], CT)
+    for start in range(0, N, BLOCK_N):
+        cols = start + tl.arange(0, BLOCK_N)
+        msk = rmask[:, None] & (cols[None, :] < N)
+        offs = base[:, None] + cols[None, :]
+        r, inv, u, col, lcol = inversion_block(ls_ptr, inv_ptr, col_ptr, offs, msk, cols[None, :] == x[:, None],
+                                               M, S, thr, beta, colx, lcolx, lcolo, FAMILY, CT)
+        g = tl.load(g_ptr + offs, mask=msk, other=0.0).to(CT) * gscale[:, None]
+        free = msk & (inv > thr[:, None])
+        Z += tl.sum(tl.where(msk, col * u, 0.0), axis=1)
+        T1 += tl.sum(tl.where(free, g / u, 0.0), axis=1)
+        C += tl.sum(tl.where(free, col, 0.0), axis=1)
+    gz = G / Z
+    T = T1 - gz * C
+    for start in range(0, N, BLOCK_N):
+        cols = start + tl.arange(0, BLOCK_N)
+        msk = rmask[:, None] & (cols[None, :] < N)
+        offs = base[:, None] + cols[None, :]
+        is_x = cols[None, :] == x[:, None]
+        r, inv, u, col, lcol = inversion_block(ls_ptr, inv_ptr, col_ptr, offs, msk, is_x,
+                                               M, S, thr, beta, colx, lcolx, lcolo, FAMILY, CT)
+        g = tl.load(g_ptr + offs, mask=msk, other=0.0).to(CT) * gscale[:, None]
+        gu = tl.where(inv > thr[:, None], g / u - col * gz[:, None], 0.0)
+        if FAMILY == 0:
+            out = tl.where(is_x, 0.0, r * (gu - (beta * T)[:, None]))
+        else:
+            out = gu
+        tl.store(out_ptr + offs, out.to(out_ptr.dtype.element_ty), mask=msk)
+
+
+@triton.jit
+def _loss_kernel(ls_ptr, x_ptr, tau_ptr, t_ptr, inv_ptr, col_ptr, out_ptr, P, N,
+                 FAMILY: tl.constexpr, F64: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr):
+    """Per-position ``-sum_{t > 0} t log q = log Z sum t - sum_{t > 0} t (log col + log u)``. Two passes."""
+    CT: tl.constexpr = tl.float64 if F64 else tl.float32
+    rows = tl.program_id(0) * BLOCK_P + tl.arange(0, BLOCK_P)
+    rmask = rows < P
+    base = rows.to(tl.int64) * N
+    x = tl.load(x_ptr + rows, mask=rmask, other=0)
+    tau = tl.load(tau_ptr + rows, mask=rmask, other=0.0)
+    m = tl.full([BLOCK_P], float("-inf"), CT)
+    s = tl.zeros([BLOCK_P], CT)
+    for start in range(0, N, BLOCK_N):
+        cols = start + tl.arange(0, BLOCK_N)
+        msk = rmask[:, None] & (cols[None, :] < N)
+        offs = base[:, None] + cols[None, :]
+        m, s = online_update(m, s, excluded_x_block(ls_ptr, offs, msk, cols[None, :] == x[:, None], CT))
+    M, S, thr, beta, colx, lcolx, lcolo = inversion_scalars(m, s, tau, N, CT)
+    Z = tl.zeros([BLOCK_P], CT)
+    A = tl.zeros([BLOCK_P], CT)
+    Tt = tl.zeros([BLOCK_P], CT)
+    for start in range(0, N, BLOCK_N):
+        cols = start + tl.arange(0, BLOCK_N)
+        msk = rmask[:, None] & (cols[None, :] < N)
+        offs = base[:, None] + cols[None, :]
+        r, inv, u, col, lcol = inversion_block(ls_ptr, inv_ptr, col_ptr, offs, msk, cols[None, :] == x[:, None],
+                                               M, S, thr, beta, colx, lcolx, lcolo, FAMILY, CT)
+        t = tl.load(t_ptr + offs, mask=msk, other=0.0).to(CT)
+        Z += tl.sum(tl.where(msk, col * u, 0.0), axis=1)
+        A += tl.sum(tl.where(t > 0, t * (lcol + tl.log(u)), 0.0), axis=1)
+        Tt += tl.sum(tl.where(msk, t, 0.0), axis=1)
+    loss = Tt * tl.log(Z) - A
+    tl.store(out_ptr + rows, loss.to(out_ptr.dtype.element_ty), mask=rmask)
+
+
+posterior_kernel = row_kernel(_posterior_kernel)
+posterior_backward_kernel = row_kernel(_posterior_backward_kernel)
+loss_kernel = row_kernel(_loss_kernel)
