@@ -39,13 +39,17 @@ def build_cuda() -> bool:
 
 def extension():
     here = os.path.dirname(os.path.abspath(__file__))
-    sources = [os.path.relpath(p, here) for p in sorted(glob.glob(os.path.join(here, "csrc", "**", "*.cpp"), recursive=True))]
+
+    def files(*pattern):
+        return [os.path.relpath(p, here) for p in sorted(glob.glob(os.path.join(here, "csrc", *pattern)))]
+
+    sources = files("*.cpp") + files("cpu", "*.cpp")
     include_dirs = [os.path.join(here, "csrc")]
     openmp = ["-fopenmp"] if sys.platform != "darwin" else []
     cxx_flags = ["-O3", "-std=c++17", "-fno-math-errno", *openmp]
     extra_link = [*openmp]
     if build_cuda():
-        sources += [os.path.relpath(p, here) for p in sorted(glob.glob(os.path.join(here, "csrc", "cuda", "*.cu")))]
+        sources += files("cuda", "*.cpp") + files("cuda", "*.cu")
         nvcc_flags = ["-O3", "--use_fast_math", "-std=c++17", "-lineinfo"]
         return cpp_extension.CUDAExtension(
             "cdm_kernels._C",
