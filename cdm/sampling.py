@@ -181,8 +181,17 @@ def tau_grid(noise, steps: int, device=None) -> torch.Tensor:
 # ----------------------------------------------------------------------------- models
 
 
+def _unwrap(model):
+    """The model inside wrappers that keep it as ``.module`` (DistributedDataParallel, FSDP)."""
+    while isinstance(getattr(model, "module", None), nn.Module):
+        model = model.module
+    return model
+
+
 def latent_dim(model) -> int:
-    """0 for a plain score model, else the size of the mixture latent."""
+    """0 for a plain score model, else the size of the mixture latent (wrappers such
+    as DistributedDataParallel are looked through)."""
+    model = _unwrap(model)
     config = getattr(model, "config", None)
     if config is not None and getattr(config, "latent_dim", 0):
         return int(config.latent_dim)
@@ -210,7 +219,7 @@ def draw_latents(model, n: int, generator: Optional[torch.Generator] = None, dev
         strata = torch.arange(n, device=device) % stratified_groups
         lam[:, 0] = (strata + lam[:, 0]) / stratified_groups
         return lam.float()
-    sampler = getattr(model, "sample_latent", None)
+    sampler = getattr(_unwrap(model), "sample_latent", None)
     if callable(sampler):
         return sampler(n, generator).to(device)
     return _uniforms((n, dim), generator, device).float()
@@ -384,7 +393,8 @@ class EnumeratedScoreModel(nn.Module):
         column = ck.transition_column(self.graph, x, tau)  # (B, L, N): K[a, x_i]
         log_weight = self.probs.log().expand(x.shape[0], -1).clone()  # (B, S)
         for i in range(seq_len):
-            log_weight += column[:, i, self.support[:, i]].clamp_min(1e-300).log()
+            entry = column[:, i, self.support[:, i]]
+            log_weight += torch.where(entry > 0, entry, 1.0).log().masked_fill(entry <= 0, -math.inf)
         log_weight -= torch.logsumexp(log_weight, dim=1, keepdim=True)
         weight = log_weight.exp()
         out = torch.zeros(x.shape[0], seq_len, n, dtype=torch.float64, device=x.device)

@@ -99,14 +99,25 @@ def available_backends(device="cpu") -> List[str]:
     return [b for b in preference + extra if _why_unavailable(b, device) is None]
 
 
+@torch.compiler.assume_constant_result
+def _default_backend(device_type: str) -> str:
+    # a constant for torch.compile: availability does not change while a program runs
+    return available_backends(device_type)[0]
+
+
+@torch.compiler.assume_constant_result
+def _unavailable_reason(backend: str, device_type: str) -> str:
+    return _why_unavailable(backend, torch.device(device_type)) or ""
+
+
 def select_backend(backend: Optional[str], device: torch.device) -> str:
     """Resolve ``backend`` (None = the default for ``device``) or raise a ``ValueError``."""
     if backend is None:
-        return available_backends(device)[0]
+        return _default_backend(device.type)
     if not isinstance(backend, str):
         raise TypeError(f"backend must be a str or None, got {type(backend).__name__}")
-    reason = _why_unavailable(backend, device)
-    if reason is not None:
+    reason = _unavailable_reason(backend, device.type)
+    if reason:
         raise ValueError(f"backend {backend!r} is not available: {reason}")
     return backend
 

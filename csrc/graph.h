@@ -45,12 +45,15 @@ struct UniformCoeffs {
   CDM_HD double on() const { return alpha + beta; }  // K[x, x]
 };
 
-CDM_HD inline UniformCoeffs uniform_coeffs(double tau, int64_t num_states) {
-  Decay d = decay(tau);
+CDM_HD inline UniformCoeffs uniform_coeffs(const Decay& d, int64_t num_states) {
   UniformCoeffs c;
   c.alpha = d.alpha;
   c.beta = d.one_minus_alpha / static_cast<double>(num_states);
   return c;
+}
+
+CDM_HD inline UniformCoeffs uniform_coeffs(double tau, int64_t num_states) {
+  return uniform_coeffs(decay(tau), num_states);
 }
 
 // Absorbing graph: the column K[:, x] for x != mask is alpha e_x; the mask column is

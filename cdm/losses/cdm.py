@@ -150,14 +150,14 @@ def teacher_chain(model, graph: ck.Graph, noise, x_t: torch.Tensor, t: torch.Ten
 
 @torch.no_grad()
 def _teacher_target(teacher, graph: ck.Graph, x_s: torch.Tensor, tau_s: torch.Tensor) -> torch.Tensor:
-    """The teacher's per-token conditional ``p_0|s(. | x_s)`` (B, L, N) as probabilities;
+    """The teacher's per-token conditional ``p_0|s(. | x_s)`` (B, L, N) as float32 probabilities;
     at ``tau_s = 0`` it is the one-hot of ``x_s`` (no network call)."""
-    target = nn.functional.one_hot(x_s.long(), graph.num_states).to(torch.float64)
+    target = nn.functional.one_hot(x_s.long(), graph.num_states).to(torch.float32)
     noisy = tau_s > 0
     if bool(noisy.any()):
         xs, taus = x_s[noisy], tau_s[noisy]
         log_q = ck.scores_to_posterior(graph, _scores(teacher, xs, taus, graph=graph), xs, taus[:, None].expand(xs.shape))
-        target[noisy] = log_q.exp().to(torch.float64)
+        target[noisy] = log_q.exp().to(torch.float32)
     return target
 
 
@@ -207,7 +207,7 @@ def per_token_cdm_loss(student, teacher, graph: ck.Graph, noise, x0: torch.Tenso
     device, batch = x0.device, x0.shape[0]
     t, t_next = sample_times(steps, batch, t_dist=t_dist, generator=generator, device=device)
     if delta == "uniform":
-        fraction = 1.0 - _uniform(batch, generator, device)  # (0, 1]
+        fraction = (1.0 - _uniform(batch, generator, device)).clamp_min(1e-6)  # (0, 1]: s < t
     elif isinstance(delta, (int, float)) and 0.0 < float(delta) <= 1.0:
         fraction = torch.full_like(t, float(delta))
     else:
@@ -222,7 +222,7 @@ def per_token_cdm_loss(student, teacher, graph: ck.Graph, noise, x0: torch.Tenso
 
     log_score = _scores(student, x_t, tau_t, graph=graph)
     per_position = ck.conditional_matching_loss(graph, log_score, x_t, tau_t[:, None].expand(x_t.shape),
-                                                target.to(log_score.dtype), reduction="none")
+                                                target, reduction="none")
     per_sequence = _weights(weighting, noise, t).to(per_position.dtype) * per_position.mean(-1)
     return _reduce(per_sequence, reduction)
 
@@ -281,7 +281,8 @@ def joint_cdm_loss(student, teacher, graph: ck.Graph, noise, x0: torch.Tensor, *
     tau_rep = tau_t.repeat_interleave(m, 0)
     lam = draw_latents(student, batch * m, generator, device, stratified_groups=m if (stratified and m > 1) else 0)
     log_score = _scores(student, x_rep, tau_rep, lam, graph=graph)
-    target = nn.functional.one_hot(x_clean.repeat_interleave(m, 0), graph.num_states).to(log_score.dtype)
+    # one-hot targets are exact in float32 (a float64 copy would double the memory of the M-fold batch)
+    target = nn.functional.one_hot(x_clean.repeat_interleave(m, 0), graph.num_states).to(torch.float32)
     nll = ck.conditional_matching_loss(graph, log_score, x_rep, tau_rep[:, None].expand(x_rep.shape), target,
                                        reduction="none")
     log_lik = -nll.sum(-1).view(batch, m)

@@ -77,7 +77,7 @@ def check_tokens(x, shape: torch.Size, num_states: int, device: torch.device, na
 
 
 def check_tau(tau, shape: torch.Size, device: torch.device, name: str = "tau", allow_negative: bool = False) -> torch.Tensor:
-    """A float or a tensor broadcastable to ``shape``; returned as float64 of ``shape``."""
+    """A float or a tensor broadcastable to ``shape``; returned as contiguous float64 of ``shape``."""
     if isinstance(tau, torch.Tensor):
         if not (tau.dtype.is_floating_point or tau.dtype in TOKEN_DTYPES):
             raise TypeError(f"{name} must be a real tensor or a float, got {tau.dtype}")
@@ -97,7 +97,7 @@ def check_tau(tau, shape: torch.Size, device: torch.device, name: str = "tau", a
             raise ValueError(f"{name} must be finite, got NaN or inf")
         if not allow_negative and (tau < 0).any():
             raise ValueError(f"{name} must be >= 0 (total noise), got a negative value")
-    return tau
+    return tau.contiguous()
 
 
 def flatten(tensor: torch.Tensor, trailing: int) -> Tuple[torch.Tensor, torch.Size]:

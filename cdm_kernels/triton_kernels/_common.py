@@ -17,7 +17,7 @@ more than once on test shapes.
 from __future__ import annotations
 
 import os
-from typing import Callable, Dict, List, Optional
+from typing import Dict, List, Optional
 
 import torch
 import triton
@@ -28,14 +28,14 @@ FAMILIES = (UNIFORM, ABSORBING, DENSE)
 
 #: mirrors ``reference.POSTERIOR_FLOOR`` = 1 / FLOOR_INV (1e10 is exact in float32,
 #: so ``x / FLOOR_INV`` is the correctly rounded ``1e-10 x`` in either precision)
-FLOOR_INV = 1e10
+FLOOR_INV = tl.constexpr(1e10)
 
 #: True when kernels run under Triton's CPU interpreter
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 #: the fixed config used under the interpreter (tests may change these dicts)
-INTERPRET_BLOCKS: Dict[str, int] = {"BLOCK_P": 4, "BLOCK_N": 16}
-INTERPRET_DENSE_BLOCKS: Dict[str, int] = {"BLOCK_P": 4, "BLOCK_I": 64, "BLOCK_J": 64}
+INTERPRET_BLOCKS: Dict[str, int] = {"BLOCK_P": 8, "BLOCK_N": 32}
+INTERPRET_DENSE_BLOCKS: Dict[str, int] = {"BLOCK_P": 8, "BLOCK_I": 64, "BLOCK_J": 64}
 
 #: when a list, every launch appends (jit function, positional args, constexpr kwargs, kind):
 #: the ahead-of-time compilation test replays them for a GPU target
@@ -209,3 +209,24 @@ def finish_scan(found, result, lastpos, x):
     (a row without any mass, which valid inputs never produce)."""
     fallback = tl.where(lastpos >= 0, lastpos, x)
     return tl.where(found != 0, result, fallback)
+
+
+#: the interpreter converts float32 to bfloat16 by truncation (a GPU rounds to
+#: nearest even): under it, :func:`to_store` rounds by hand so that tests see the
+#: accuracy the GPU delivers
+_MANUAL_BF16_ROUNDING = tl.constexpr(INTERPRET)
+
+
+@triton.jit
+def to_store(val, ptr):
+    """``val`` cast to ``ptr``'s element type, rounding to nearest even; half types
+    go through float32 (the interpreter also mis-converts float64 to bfloat16)."""
+    ty: tl.constexpr = ptr.dtype.element_ty
+    if ty == tl.bfloat16 or ty == tl.float16:
+        val = val.to(tl.float32)
+    if ty == tl.bfloat16 and _MANUAL_BF16_ROUNDING:
+        bits = val.to(tl.uint32, bitcast=True)
+        bits = bits + 0x7FFF + ((bits >> 16) & 1)
+        rounded = ((bits >> 16) << 16).to(tl.float32, bitcast=True)
+        val = tl.where(val != val, val, rounded)  # NaN stays NaN
+    return val.to(ty)

@@ -23,7 +23,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from ._common import FLOOR_INV, decay_coefficients, online_update, row_kernel
+from ._common import FLOOR_INV, decay_coefficients, online_update, row_kernel, to_store
 
 
 @triton.jit
@@ -99,7 +99,7 @@ def _posterior_kernel(ls_ptr, x_ptr, tau_ptr, inv_ptr, col_ptr, out_ptr, P, N,
         r, inv, u, col, lcol = inversion_block(ls_ptr, inv_ptr, col_ptr, offs, msk, cols[None, :] == x[:, None],
                                                M, S, thr, beta, colx, lcolx, lcolo, FAMILY, CT)
         out = lcol + tl.log(u) - log_z[:, None]
-        tl.store(out_ptr + offs, out.to(out_ptr.dtype.element_ty), mask=msk)
+        tl.store(out_ptr + offs, to_store(out, out_ptr), mask=msk)
 
 
 @triton.jit
@@ -168,7 +168,7 @@ def _posterior_backward_kernel(g_ptr, gl_ptr, ls_ptr, x_ptr, tau_ptr, inv_ptr, c
             out = tl.where(is_x, 0.0, r * (gu - (beta * T)[:, None]))
         else:
             out = gu
-        tl.store(out_ptr + offs, out.to(out_ptr.dtype.element_ty), mask=msk)
+        tl.store(out_ptr + offs, to_store(out, out_ptr), mask=msk)
 
 
 @triton.jit
@@ -203,7 +203,7 @@ def _loss_kernel(ls_ptr, x_ptr, tau_ptr, t_ptr, inv_ptr, col_ptr, out_ptr, P, N,
         A += tl.sum(tl.where(t > 0, t * (lcol + tl.log(u)), 0.0), axis=1)
         Tt += tl.sum(tl.where(msk, t, 0.0), axis=1)
     loss = Tt * tl.log(Z) - A
-    tl.store(out_ptr + rows, loss.to(out_ptr.dtype.element_ty), mask=rmask)
+    tl.store(out_ptr + rows, to_store(loss, out_ptr), mask=rmask)
 
 
 posterior_kernel = row_kernel(_posterior_kernel)

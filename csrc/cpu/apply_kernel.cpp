@@ -22,39 +22,55 @@ struct ApplyKernel {
     void* out;
   };
 
-  template <class T>
+  // one row; in and out may alias (the scratch path); n0 = elements to read from `in`
+  template <class VV>
+  static CDM_INLINE void row(const Args& a, const Decay& d, const typename VV::T* in, typename VV::T* out) {
+    using T = typename VV::T;
+    const int64_t n = a.n, m = n - 1, full = n / VV::L * VV::L;
+    const T alpha = static_cast<T>(d.alpha);
+    const T vm = in[m];
+    T shift;
+    if (a.family == UNIFORM || a.transpose) {
+      const int64_t upto = a.family == UNIFORM ? n : m;  // absorbing K^T: real tokens only
+      const int64_t vfull = upto / VV::L * VV::L;
+      typename VV::Acc acc;
+      for (int64_t i = 0; i < vfull; i += VV::L) acc.add(VV::load(in + i));
+      double sum = acc.sum();
+      for (int64_t i = vfull; i < upto; ++i) sum += static_cast<double>(in[i]);
+      shift = a.family == UNIFORM ? static_cast<T>(d.one_minus_alpha / static_cast<double>(n) * sum) : T(0);
+      if (a.family == ABSORBING) shift = T(0);
+      const T mask_value = vm + static_cast<T>(d.one_minus_alpha * sum);
+      for (int64_t i = 0; i < full; i += VV::L) VV::store(out + i, VV::load(in + i) * alpha + shift);
+      for (int64_t i = full; i < n; ++i) out[i] = in[i] * alpha + shift;
+      if (a.family == ABSORBING) out[m] = mask_value;
+    } else {  // absorbing, K v
+      shift = static_cast<T>(d.one_minus_alpha) * vm;
+      for (int64_t i = 0; i < full; i += VV::L) VV::store(out + i, VV::load(in + i) * alpha + shift);
+      for (int64_t i = full; i < n; ++i) out[i] = in[i] * alpha + shift;
+      out[m] = vm;
+    }
+  }
+
+  template <class VV>
   static CDM_INLINE void rows(const Args& a, int64_t b, int64_t e) {
-    using VV = VT<T>;
-    using V = typename VV::V;
-    const int64_t n = a.n, np = round_up(n), m = n - 1;
+    using T = typename VV::T;
+    const int64_t n = a.n;
+    DecayCache dc;
+    const bool direct = (std::is_same<T, float>::value && a.dt == DT::F32) ||
+                        (std::is_same<T, double>::value && a.dt == DT::F64);
+    if (direct) {  // straight from the input to the output
+      const T* in = static_cast<const T*>(a.v);
+      T* out = static_cast<T*>(a.out);
+      for (int64_t p = b; p < e; ++p) row<VV>(a, dc(a.tau[p]), in + p * n, out + p * n);
+      return;
+    }
     Scratch<T> scratch(n, 1);
     T* s = scratch.row(0);
     for (int64_t p = b; p < e; ++p) {
-      load_row<T>(a.v, a.dt, p, n, s, T(0));
-      const Decay d = decay(a.tau[p]);
-      const T alpha = static_cast<T>(d.alpha);
-      if (a.family == UNIFORM || a.transpose) {
-        const T vm = s[m];
-        if (a.family == ABSORBING) s[m] = T(0);  // sum over real tokens only
-        vec::vd acc{};
-        for (int64_t i = 0; i < np; i += W) acc += VV::wide(VV::load(s + i));
-        const double sum = vec::hsum(acc);
-        if (a.family == UNIFORM) {
-          const T shift = static_cast<T>(d.one_minus_alpha / static_cast<double>(n) * sum);
-          for (int64_t i = 0; i < np; i += W) VV::store(s + i, VV::load(s + i) * alpha + shift);
-        } else {
-          for (int64_t i = 0; i < np; i += W) VV::store(s + i, VV::load(s + i) * alpha);
-          s[m] = vm + static_cast<T>(d.one_minus_alpha * sum);
-        }
-      } else {  // absorbing, K v
-        const T vm = s[m];
-        const T shift = static_cast<T>(d.one_minus_alpha) * vm;
-        for (int64_t i = 0; i < np; i += W) VV::store(s + i, VV::load(s + i) * alpha + shift);
-        s[m] = vm;
-      }
-      store_row<T>(a.out, a.dt, p, n, s);
+      load_row<VV>(a.v, a.dt, p, n, s, T(0));
+      row<VV>(a, dc(a.tau[p]), s, s);
+      store_row<VV>(a.out, a.dt, p, n, s);
     }
-    (void)sizeof(V);
   }
 };
 
@@ -65,7 +81,7 @@ at::Tensor apply_kernel_cpu(int64_t family, const c10::optional<at::Tensor>& eva
   const int64_t positions = v.size(0), n = v.size(1);
   const Dense g = check_graph(family, evals, vecs, vecs_inv, n);
   check_positions(tau, "tau", positions, at::kDouble);
-  at::Tensor out = at::empty_like(v);
+  at::Tensor out = empty_output_like(v);
   if (positions == 0) return out;
   const DT dt = dt_of(v);
   const double* tp = tau.data_ptr<double>();
@@ -85,9 +101,9 @@ at::Tensor apply_kernel_cpu(int64_t family, const c10::optional<at::Tensor>& eva
     const int64_t rows = e - b;
     Scratch<double> buf(rows * n + W, 3);
     double *src = buf.row(0), *dst = buf.row(1), *work = buf.row(2);
-    for (int64_t c = 0; c < rows; ++c) load_row<double>(in, dt, b + c, n, src + c * n, 0.0);
+    for (int64_t c = 0; c < rows; ++c) load_row<DenseVT>(in, dt, b + c, n, src + c * n, 0.0);
     dense_apply(g, src, tp + b, 1.0, rows, transpose, dst, work);
-    for (int64_t c = 0; c < rows; ++c) store_row<double>(o, dt, b + c, n, dst + c * n);
+    for (int64_t c = 0; c < rows; ++c) store_row<DenseVT>(o, dt, b + c, n, dst + c * n);
   });
   return out;
 }

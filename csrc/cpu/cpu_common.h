@@ -2,28 +2,35 @@
 // dtype conversion, vector traits, scratch rows and the dense (eigenbasis) helpers.
 //
 // How a kernel is laid out (every op file follows it):
-//   * `struct XxxKernel { struct Args {...}; template <class T> static CDM_INLINE void rows(const Args&, b, e); }`
-//     processes positions [b, e) from raw pointers; T is the compute type (float for
-//     float32/bfloat16/float16 inputs, double for float64 inputs).
+//   * `struct XxxKernel { using Args = ...; template <class VV> static CDM_INLINE void rows(const Args&, b, e); }`
+//     processes positions [b, e) from raw pointers. VV = VT<T, bytes> is the vector
+//     traits class: T the compute type (float for float32/bfloat16/float16 inputs,
+//     double for float64 inputs), `bytes` the native vector width of the ISA.
 //   * `run_rows<XxxKernel, T>(args, P)` parallelises over positions (at::parallel_for) and
 //     calls the variant of `rows` compiled for the active ISA: `rows` is always_inline, so
 //     it is compiled three times, inside wrappers carrying target("avx2,fma") and
-//     target("avx512f,...") attributes (see `IsaVariants`), and the 16-lane vector types
-//     of vec_math.h become AVX2 / AVX-512 code there. The default variant is portable x86-64.
+//     target("avx512f,...") attributes (`IsaVariants`), with 16-, 32- and 64-byte vectors.
+//     The default variant is portable x86-64 (SSE2).
 //   * The ISA is chosen once, at the first call, from CDM_KERNELS_CPU_ISA
 //     (auto | default | avx2 | avx512; default auto = the best the CPU supports), and
 //     can be changed at run time through torch.ops.cdm_kernels._cpu_isa (isa.cpp).
-//   * Rows are first copied (converted to T) into a padded, thread-local scratch row, so
-//     every later pass works on whole 16-lane vectors in L2.
+//     The variants compute the same values up to the order of float64 partial sums and
+//     multiply-add contraction (a few ulp).
+//   * Rows are first copied (converted to T) into a padded thread-local scratch row (a
+//     multiple of 16 elements), so every later pass works on whole vectors in L2.
 #pragma once
 
-// No multiply-add contraction in the kernel files: the ISA variants must agree bit for
-// bit (an FMA rounds once, a multiply then an add twice).
-#pragma GCC optimize("fp-contract=off")
-
-#include <ATen/ATen.h>
 #include <ATen/Parallel.h>
+#include <c10/util/BFloat16.h>
+#include <c10/util/Half.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/empty_like.h>
+#include <ATen/ops/from_blob.h>
+#include <ATen/ops/mm.h>
 #include <torch/library.h>
+
+#include <vector>
 
 #include <algorithm>
 #include <cmath>
@@ -31,6 +38,11 @@
 #include <cstdlib>
 #include <limits>
 #include <memory>
+#include <type_traits>
+
+#if defined(__linux__)
+#include <sys/mman.h>
+#endif
 
 #include "graph.h"
 #include "cpu/vec_math.h"
@@ -41,7 +53,7 @@
 namespace cdm {
 namespace cpu {
 
-using vec::W;
+constexpr int64_t W = 16;  // rows are padded to a multiple of W elements (the widest vector)
 
 // ----------------------------------------------------------------------------- ISA selection (isa.cpp)
 
@@ -52,12 +64,120 @@ bool isa_supported(Isa isa);  // can this CPU run the variant?
 const char* isa_name(Isa isa);
 void set_isa(Isa isa);  // errors when unsupported
 
+// ----------------------------------------------------------------------------- vector traits
+
+// VT<T, B>: B-byte vectors of T (B = 16 SSE2, 32 AVX2, 64 AVX-512).
+//   V vector of L = B / sizeof(T) lanes, M the integer vector comparisons give,
+//   Acc a float64 accumulator of L lanes, exp/log, masks and loads.
+template <class T, int B>
+struct VT;
+
+// float sums: 16 vector adds in float lanes, then the block is widened into float64
+// lanes (cheap per element, and a float64 total for long rows)
+#define CDM_VT_FLOAT(B_, FV, DV)                                                         \
+  template <>                                                                            \
+  struct VT<float, B_> {                                                                 \
+    using T = float;                                                                     \
+    static constexpr int L = B_ / 4;                                                     \
+    typedef vec::FV V;                                                                   \
+    typedef int32_t M __attribute__((vector_size(B_)));                                  \
+    typedef uint32_t U __attribute__((vector_size(B_)));                                 \
+    typedef uint16_t H __attribute__((vector_size(B_ / 2)));                             \
+    typedef vec::DV D;                                                                   \
+    struct Acc {                                                                         \
+      V f{};                                                                             \
+      D lo{}, hi{};                                                                      \
+      int k = 0;                                                                         \
+      CDM_INLINE void flush() {                                                          \
+        D a, b;                                                                          \
+        vec::widen(f, a, b);                                                             \
+        lo += a;                                                                         \
+        hi += b;                                                                         \
+        f = V{};                                                                         \
+        k = 0;                                                                           \
+      }                                                                                  \
+      CDM_INLINE void add(V v) {                                                         \
+        f += v;                                                                          \
+        if (++k == 16) flush();                                                          \
+      }                                                                                  \
+      CDM_INLINE double sum() {                                                          \
+        flush();                                                                         \
+        return vec::hsum(lo + hi);                                                       \
+      }                                                                                  \
+    };                                                                                   \
+    static CDM_INLINE V load(const float* p) { return vec::loadu<V>(p); }                \
+    static CDM_INLINE void store(float* p, V v) { vec::storeu(p, v); }                   \
+    static CDM_INLINE V splat(float a) { return V{} + a; }                               \
+    static CDM_INLINE V exp(V v) { return vec::exp_ps<V, M>(v); }                        \
+    static CDM_INLINE V log(V v) { return vec::log_ps<V, M>(v); }                        \
+    static CDM_INLINE M iota() {                                                         \
+      M m;                                                                               \
+      for (int i = 0; i < L; ++i) m[i] = i;                                              \
+      return m;                                                                          \
+    }                                                                                    \
+    static CDM_INLINE M below(int64_t c) { return iota() < static_cast<int32_t>(c); }    \
+    static CDM_INLINE M lane(int64_t k) { return iota() == static_cast<int32_t>(k); }    \
+    static CDM_INLINE float hmax(V v) { return vec::hmax(v); }                           \
+    static CDM_INLINE V load_bf16(const uint16_t* p) {                                   \
+      return vec::bf16_to_float<V, U, H>(vec::loadu<H>(p));                              \
+    }                                                                                    \
+    static CDM_INLINE V load_half(const uint16_t* p) {                                   \
+      return vec::half_to_float<V, U, H>(vec::loadu<H>(p));                              \
+    }                                                                                    \
+    static CDM_INLINE H to_bf16(V v) { return vec::float_to_bf16<V, U, H>(v); }          \
+    static CDM_INLINE H to_half(V v) { return vec::float_to_half<V, U, H>(v); }          \
+  };
+
+CDM_VT_FLOAT(16, f4, d2)
+CDM_VT_FLOAT(32, f8, d4)
+CDM_VT_FLOAT(64, f16, d8)
+#undef CDM_VT_FLOAT
+
+#define CDM_VT_DOUBLE(B_)                                                   \
+  template <>                                                               \
+  struct VT<double, B_> {                                                   \
+    using T = double;                                                       \
+    static constexpr int L = B_ / 8;                                        \
+    typedef double V __attribute__((vector_size(B_)));                      \
+    typedef int64_t M __attribute__((vector_size(B_)));                     \
+    struct Acc {                                                            \
+      V a{};                                                                \
+      CDM_INLINE void add(V v) { a += v; }                                  \
+      CDM_INLINE double sum() const { return vec::hsum(a); }                \
+    };                                                                      \
+    static CDM_INLINE V load(const double* p) { return vec::loadu<V>(p); }  \
+    static CDM_INLINE void store(double* p, V v) { vec::storeu(p, v); }     \
+    static CDM_INLINE V splat(double a) { return V{} + a; }                 \
+    static CDM_INLINE V exp(V v) { return vec::exp_pd<V, L>(v); }           \
+    static CDM_INLINE V log(V v) { return vec::log_pd<V, L>(v); }           \
+    static CDM_INLINE M iota() {                                            \
+      M m;                                                                  \
+      for (int i = 0; i < L; ++i) m[i] = i;                                 \
+      return m;                                                             \
+    }                                                                       \
+    static CDM_INLINE M below(int64_t c) { return iota() < c; }             \
+    static CDM_INLINE M lane(int64_t k) { return iota() == k; }             \
+    static CDM_INLINE double hmax(V v) { return vec::hmax(v); }             \
+  };
+
+CDM_VT_DOUBLE(16)
+CDM_VT_DOUBLE(32)
+CDM_VT_DOUBLE(64)
+#undef CDM_VT_DOUBLE
+
+template <class T>
+constexpr T kInf = std::numeric_limits<T>::infinity();
+
+// ----------------------------------------------------------------------------- dispatch
+
 template <class K, class T>
 struct IsaVariants {
   using Args = typename K::Args;
-  static void run_default(const Args& a, int64_t b, int64_t e) { K::template rows<T>(a, b, e); }
-  CDM_TARGET_AVX2 static void run_avx2(const Args& a, int64_t b, int64_t e) { K::template rows<T>(a, b, e); }
-  CDM_TARGET_AVX512 static void run_avx512(const Args& a, int64_t b, int64_t e) { K::template rows<T>(a, b, e); }
+  static void run_default(const Args& a, int64_t b, int64_t e) { K::template rows<VT<T, 16>>(a, b, e); }
+  CDM_TARGET_AVX2 static void run_avx2(const Args& a, int64_t b, int64_t e) { K::template rows<VT<T, 32>>(a, b, e); }
+  CDM_TARGET_AVX512 static void run_avx512(const Args& a, int64_t b, int64_t e) {
+    K::template rows<VT<T, 64>>(a, b, e);
+  }
   static void run(Isa isa, const Args& a, int64_t b, int64_t e) {
     switch (isa) {
       case Isa::Avx512:
@@ -84,6 +204,20 @@ void run_rows(const typename K::Args& args, int64_t positions, int64_t grain = 1
 // a grain giving tasks of at least ~16k elements (cheap rows are not worth a thread each)
 inline int64_t row_grain(int64_t n) { return std::max<int64_t>(1, 16384 / std::max<int64_t>(n, 1)); }
 
+// Memoised decay(tau): positions of a batch usually share tau, and exp + expm1 in
+// double cost more than a short row.
+struct DecayCache {
+  double tau = std::numeric_limits<double>::quiet_NaN();
+  Decay d{};
+  const Decay& operator()(double t) {
+    if (!(t == tau)) {
+      tau = t;
+      d = decay(t);
+    }
+    return d;
+  }
+};
+
 // ----------------------------------------------------------------------------- dtypes
 
 enum class DT : int { F32 = 0, F64 = 1, BF16 = 2, F16 = 3 };
@@ -106,44 +240,6 @@ inline DT dt_of(const at::Tensor& t) {
 
 inline int64_t round_up(int64_t n) { return (n + W - 1) / W * W; }
 
-// ----------------------------------------------------------------------------- vector traits
-
-template <class T>
-struct VT;
-
-template <>
-struct VT<float> {
-  using V = vec::vf;
-  using M = vec::vi;
-  static CDM_INLINE V load(const float* p) { return vec::loadu<V>(p); }
-  static CDM_INLINE void store(float* p, V v) { vec::storeu(p, v); }
-  static CDM_INLINE V splat(float a) { return vec::splat(a); }
-  static CDM_INLINE V exp(V v) { return vec::exp_ps(v); }
-  static CDM_INLINE V log(V v) { return vec::log_ps(v); }
-  static CDM_INLINE vec::vd wide(V v) { return vec::to_double(v); }
-  static CDM_INLINE M below(int64_t c) { return vec::iota_i() < static_cast<int32_t>(c); }
-  static CDM_INLINE M lane(int64_t k) { return vec::iota_i() == static_cast<int32_t>(k); }
-  static CDM_INLINE float hmax(V v) { return vec::hmax(v); }
-};
-
-template <>
-struct VT<double> {
-  using V = vec::vd;
-  using M = vec::vl;
-  static CDM_INLINE V load(const double* p) { return vec::loadu<V>(p); }
-  static CDM_INLINE void store(double* p, V v) { vec::storeu(p, v); }
-  static CDM_INLINE V splat(double a) { return vec::splat(a); }
-  static CDM_INLINE V exp(V v) { return vec::exp_pd(v); }
-  static CDM_INLINE V log(V v) { return vec::log_pd(v); }
-  static CDM_INLINE vec::vd wide(V v) { return v; }
-  static CDM_INLINE M below(int64_t c) { return vec::iota_l() < c; }
-  static CDM_INLINE M lane(int64_t k) { return vec::iota_l() == k; }
-  static CDM_INLINE double hmax(V v) { return vec::hmax(v); }
-};
-
-template <class T>
-constexpr T kInf = std::numeric_limits<T>::infinity();
-
 // ----------------------------------------------------------------------------- scratch rows
 
 // One thread's scratch: `count` rows of round_up(n) elements of T (64-byte aligned).
@@ -164,117 +260,118 @@ struct Scratch {
 
 // ----------------------------------------------------------------------------- row I/O
 
-// Copy row `row` of a (P, n) tensor of dtype `dt` into dst (as T), padding dst to a whole
-// number of vectors with `pad`.
-template <class T>
-CDM_INLINE void load_row(const void* base, DT dt, int64_t row, int64_t n, T* dst, T pad) {
-  using V = typename VT<T>::V;
-  const int64_t full = n / W * W;
+inline float scalar_to_float(const void* base, DT dt, int64_t i) {
   switch (dt) {
-    case DT::F32: {
-      const float* src = static_cast<const float*>(base) + row * n;
-      for (int64_t i = 0; i < full; i += W) {
-        vec::vf v = vec::loadu<vec::vf>(src + i);
-        if constexpr (std::is_same<T, float>::value) {
-          VT<T>::store(dst + i, v);
-        } else {
-          VT<T>::store(dst + i, vec::to_double(v));
-        }
-      }
-      for (int64_t i = full; i < n; ++i) dst[i] = static_cast<T>(src[i]);
-      break;
-    }
-    case DT::F64: {
-      const double* src = static_cast<const double*>(base) + row * n;
-      for (int64_t i = 0; i < full; i += W) {
-        vec::vd v = vec::loadu<vec::vd>(src + i);
-        if constexpr (std::is_same<T, double>::value) {
-          VT<T>::store(dst + i, v);
-        } else {
-          VT<T>::store(dst + i, vec::to_float(v));
-        }
-      }
-      for (int64_t i = full; i < n; ++i) dst[i] = static_cast<T>(src[i]);
-      break;
-    }
+    case DT::F32:
+      return static_cast<const float*>(base)[i];
+    case DT::F64:
+      return static_cast<float>(static_cast<const double*>(base)[i]);
     case DT::BF16:
-    case DT::F16: {
-      const uint16_t* src = static_cast<const uint16_t*>(base) + row * n;
-      const bool bf = dt == DT::BF16;
-      for (int64_t i = 0; i < n; i += W) {
-        vec::vh h{};
-        const int64_t c = std::min<int64_t>(W, n - i);
-        if (c == W) {
-          h = vec::loadu<vec::vh>(src + i);
-        } else {
-          for (int64_t j = 0; j < c; ++j) h[j] = src[i + j];
-        }
-        vec::vf v = bf ? vec::bf16_to_float(h) : vec::half_to_float(h);
-        if constexpr (std::is_same<T, float>::value) {
-          VT<T>::store(dst + i, v);
-        } else {
-          VT<T>::store(dst + i, vec::to_double(v));
-        }
-      }
-      break;
-    }
+      return static_cast<float>(static_cast<const c10::BFloat16*>(base)[i]);
+    default:
+      return static_cast<float>(static_cast<const c10::Half*>(base)[i]);
   }
-  for (int64_t i = n; i < round_up(n); ++i) dst[i] = pad;
-  (void)sizeof(V);
 }
 
-// Write n elements of src (T) into row `row` of a (P, n) tensor of dtype `dt`.
 template <class T>
-CDM_INLINE void store_row(void* base, DT dt, int64_t row, int64_t n, const T* src) {
-  const int64_t full = n / W * W;
+inline T scalar_load(const void* base, DT dt, int64_t i) {
+  if (dt == DT::F64) return static_cast<T>(static_cast<const double*>(base)[i]);
+  return static_cast<T>(scalar_to_float(base, dt, i));
+}
+
+template <class T>
+inline void scalar_store(void* base, DT dt, int64_t i, T v) {
   switch (dt) {
-    case DT::F32: {
-      float* dst = static_cast<float*>(base) + row * n;
-      for (int64_t i = 0; i < full; i += W) {
-        if constexpr (std::is_same<T, float>::value) {
-          vec::storeu(dst + i, vec::loadu<vec::vf>(src + i));
-        } else {
-          vec::storeu(dst + i, vec::to_float(vec::loadu<vec::vd>(src + i)));
-        }
-      }
-      for (int64_t i = full; i < n; ++i) dst[i] = static_cast<float>(src[i]);
+    case DT::F32:
+      static_cast<float*>(base)[i] = static_cast<float>(v);
       break;
-    }
-    case DT::F64: {
-      double* dst = static_cast<double*>(base) + row * n;
-      for (int64_t i = 0; i < full; i += W) {
-        if constexpr (std::is_same<T, double>::value) {
-          vec::storeu(dst + i, vec::loadu<vec::vd>(src + i));
-        } else {
-          vec::storeu(dst + i, vec::to_double(vec::loadu<vec::vf>(src + i)));
-        }
-      }
-      for (int64_t i = full; i < n; ++i) dst[i] = static_cast<double>(src[i]);
+    case DT::F64:
+      static_cast<double*>(base)[i] = static_cast<double>(v);
       break;
-    }
     case DT::BF16:
-    case DT::F16: {
-      uint16_t* dst = static_cast<uint16_t*>(base) + row * n;
-      const bool bf = dt == DT::BF16;
-      for (int64_t i = 0; i < n; i += W) {
-        vec::vf v;
-        if constexpr (std::is_same<T, float>::value) {
-          v = vec::loadu<vec::vf>(src + i);  // src is padded to whole vectors
-        } else {
-          v = vec::to_float(vec::loadu<vec::vd>(src + i));
-        }
-        vec::vh h = bf ? vec::float_to_bf16(v) : vec::float_to_half(v);
-        const int64_t c = std::min<int64_t>(W, n - i);
-        if (c == W) {
-          vec::storeu(dst + i, h);
-        } else {
-          for (int64_t j = 0; j < c; ++j) dst[i + j] = h[j];
-        }
-      }
+      static_cast<c10::BFloat16*>(base)[i] = c10::BFloat16(static_cast<float>(v));
       break;
-    }
+    default:
+      static_cast<c10::Half*>(base)[i] = c10::Half(static_cast<float>(v));
   }
 }
+
+// Copy row `row` of a (P, n) tensor of dtype `dt` into dst (as VV::T), padding dst to a
+// multiple of W elements with `pad`. Vectorised for float32/bfloat16/float16 -> float
+// and float64 -> double; other pairs convert element by element.
+template <class VV>
+CDM_INLINE void load_row(const void* base, DT dt, int64_t row, int64_t n, typename VV::T* dst, typename VV::T pad) {
+  using T = typename VV::T;
+  constexpr int L = VV::L;
+  if (std::is_same<T, float>::value && dt == DT::F32) {
+    std::memcpy(dst, static_cast<const float*>(base) + row * n, n * sizeof(float));
+  } else if (std::is_same<T, double>::value && dt == DT::F64) {
+    std::memcpy(dst, static_cast<const double*>(base) + row * n, n * sizeof(double));
+  } else {
+    int64_t i = 0;
+    if constexpr (std::is_same<T, float>::value) {
+      if (dt == DT::BF16 || dt == DT::F16) {
+        const uint16_t* src = static_cast<const uint16_t*>(base) + row * n;
+        const int64_t full = n / L * L;
+        if (dt == DT::BF16) {
+          for (; i < full; i += L) VV::store(dst + i, VV::load_bf16(src + i));
+        } else {
+          for (; i < full; i += L) VV::store(dst + i, VV::load_half(src + i));
+        }
+      }
+    }
+    for (; i < n; ++i) dst[i] = scalar_load<T>(base, dt, row * n + i);
+  }
+  for (int64_t i = n; i < round_up(n); ++i) dst[i] = pad;
+}
+
+// Write n elements of src (padded to a multiple of W) into row `row` of a (P, n) tensor.
+template <class VV>
+CDM_INLINE void store_row(void* base, DT dt, int64_t row, int64_t n, const typename VV::T* src) {
+  using T = typename VV::T;
+  constexpr int L = VV::L;
+  if (std::is_same<T, float>::value && dt == DT::F32) {
+    std::memcpy(static_cast<float*>(base) + row * n, src, n * sizeof(float));
+  } else if (std::is_same<T, double>::value && dt == DT::F64) {
+    std::memcpy(static_cast<double*>(base) + row * n, src, n * sizeof(double));
+  } else {
+    int64_t i = 0;
+    if constexpr (std::is_same<T, float>::value) {
+      if (dt == DT::BF16 || dt == DT::F16) {
+        uint16_t* dst = static_cast<uint16_t*>(base) + row * n;
+        const int64_t full = n / L * L;
+        if (dt == DT::BF16) {
+          for (; i < full; i += L) vec::storeu(dst + i, VV::to_bf16(VV::load(src + i)));
+        } else {
+          for (; i < full; i += L) vec::storeu(dst + i, VV::to_half(VV::load(src + i)));
+        }
+      }
+    }
+    for (; i < n; ++i) scalar_store<T>(base, dt, row * n + i, src[i]);
+  }
+}
+
+// the traits the (non-ISA) dense code uses for row I/O
+using DenseVT = VT<double, 16>;
+
+// ----------------------------------------------------------------------------- outputs
+
+// at::empty, and for a large output a request for transparent huge pages on it before
+// anything touches it: first-touch page faults on 4 KiB pages otherwise cost more than
+// the kernels themselves (about 1 ms per MB here). Linux only; harmless elsewhere.
+inline at::Tensor empty_output(at::IntArrayRef sizes, const at::TensorOptions& options) {
+  at::Tensor out = at::empty(sizes, options);
+#if defined(__linux__) && defined(MADV_HUGEPAGE)
+  constexpr uintptr_t kHuge = uintptr_t(2) << 20;
+  const uintptr_t begin = reinterpret_cast<uintptr_t>(out.data_ptr());
+  const uintptr_t end = begin + out.nbytes();
+  const uintptr_t first = (begin + kHuge - 1) & ~(kHuge - 1), last = end & ~(kHuge - 1);
+  if (last >= first + 2 * kHuge) madvise(reinterpret_cast<void*>(first), last - first, MADV_HUGEPAGE);
+#endif
+  return out;
+}
+
+inline at::Tensor empty_output_like(const at::Tensor& t) { return empty_output(t.sizes(), t.options()); }
 
 // ----------------------------------------------------------------------------- checks
 

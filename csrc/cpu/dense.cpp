@@ -90,9 +90,17 @@ void dense_apply(const Dense& g, const double* in, const double* tau, double sig
 }
 
 at::Tensor dense_rate_matrix(const Dense& g) {
-  at::Tensor q = at::mm(g.vecs * g.evals.unsqueeze(0), g.vecs_inv);
-  const double scale = q.abs().max().item<double>();
-  return at::where(q.abs() < 1e-12 * scale, at::zeros_like(q), q).contiguous();
+  const int64_t n = g.n;
+  at::Tensor scaled = at::empty({n, n}, g.vecs.options());
+  double* sv = scaled.data_ptr<double>();
+  for (int64_t a = 0; a < n; ++a)
+    for (int64_t k = 0; k < n; ++k) sv[a * n + k] = g.v[a * n + k] * g.lam[k];
+  at::Tensor q = at::mm(scaled, g.vecs_inv).contiguous();
+  double* qv = q.data_ptr<double>();
+  double scale = 0.0;
+  for (int64_t i = 0; i < n * n; ++i) scale = std::max(scale, std::abs(qv[i]));
+  for (int64_t i = 0; i < n * n; ++i) qv[i] = std::abs(qv[i]) < 1e-12 * scale ? 0.0 : qv[i];
+  return q;
 }
 
 void dense_log_posterior(const Dense& g, const void* log_score, DT dt, const int64_t* x, const double* tau, int64_t p0,
@@ -101,7 +109,7 @@ void dense_log_posterior(const Dense& g, const void* log_score, DT dt, const int
   const double inf = std::numeric_limits<double>::infinity();
   for (int64_t c = 0; c < rows; ++c) {  // in order: each row's padding spills into the next, rewritten after
     double* r = R + c * n;
-    load_row<double>(log_score, dt, p0 + c, n, r, -inf);
+    load_row<DenseVT>(log_score, dt, p0 + c, n, r, -inf);
     r[x[c]] = 0.0;  // r_x := 1
     double m = -inf;
     for (int64_t b = 0; b < n; ++b) m = r[b] > m ? r[b] : m;

@@ -7,6 +7,8 @@
 // the max) and derives the per-row scalars of the clamped inversion
 //   u_b = max(r_b - beta S, floor),  floor = POSTERIOR_FLOOR e^-M,
 // with r = e^{log_score' - M} (every map is homogeneous in r; the scale e^-M cancels).
+// All helpers take the vector traits VV = VT<T, bytes> (cpu_common.h) and loop over the
+// padded row (a multiple of 16 elements, hence of every VV::L).
 #pragma once
 
 #include "cpu/cpu_common.h"
@@ -14,49 +16,80 @@
 namespace cdm {
 namespace cpu {
 
-template <class T>
-CDM_INLINE T row_max(const T* s, int64_t np) {
-  using VV = VT<T>;
-  typename VV::V m = VV::splat(-kInf<T>);
-  for (int64_t i = 0; i < np; i += W) {
-    typename VV::V v = VV::load(s + i);
+inline int64_t dt_size(DT dt) { return dt == DT::F64 ? 8 : (dt == DT::F32 ? 4 : 2); }
+
+// Software prefetch of the next position's input rows (up to two tensors), issued from
+// the compute-heavy pass of the current row so that its copy into scratch finds them in
+// cache: one prefetch per vector of the current row, at the same relative position.
+struct Prefetch {
+  const char* p0 = nullptr;
+  int64_t s0 = 0;  // bytes per element
+  const char* p1 = nullptr;
+  int64_t s1 = 0;
+  CDM_INLINE void at(int64_t i) const {
+    if (p0) __builtin_prefetch(p0 + i * s0, 0, 3);
+    if (p1) __builtin_prefetch(p1 + i * s1, 0, 3);
+  }
+};
+
+// rows p + 1 of (P, n) tensors a (and b), or nothing at the last row of a task
+inline Prefetch next_rows(int64_t p, int64_t end, int64_t n, const void* a, DT da, const void* b = nullptr,
+                          DT db = DT::F32) {
+  Prefetch pf;
+  if (p + 1 >= end) return pf;
+  pf.p0 = static_cast<const char*>(a) + (p + 1) * n * dt_size(da);
+  pf.s0 = dt_size(da);
+  if (b) {
+    pf.p1 = static_cast<const char*>(b) + (p + 1) * n * dt_size(db);
+    pf.s1 = dt_size(db);
+  }
+  return pf;
+}
+
+template <class VV>
+CDM_INLINE typename VV::T row_max(const typename VV::T* s, int64_t np) {
+  using V = typename VV::V;
+  V m = VV::splat(-kInf<typename VV::T>);
+  for (int64_t i = 0; i < np; i += VV::L) {
+    const V v = VV::load(s + i);
     m = v > m ? v : m;
   }
   return VV::hmax(m);
 }
 
-template <class T>
-CDM_INLINE double exp_shift_store(T* s, int64_t np, T shift) {
-  using VV = VT<T>;
-  vec::vd acc{};
-  for (int64_t i = 0; i < np; i += W) {
-    typename VV::V r = VV::exp(VV::load(s + i) - shift);
+template <class VV>
+CDM_INLINE double exp_shift_store(typename VV::T* s, int64_t np, typename VV::T shift, const Prefetch& pf = {}) {
+  typename VV::Acc acc;
+  for (int64_t i = 0; i < np; i += VV::L) {
+    pf.at(i);
+    const typename VV::V r = VV::exp(VV::load(s + i) - shift);
     VV::store(s + i, r);
-    acc += VV::wide(r);
+    acc.add(r);
   }
-  return vec::hsum(acc);
+  return acc.sum();
 }
 
-template <class T>
-CDM_INLINE double exp_shift_sum(const T* s, int64_t np, T shift) {
-  using VV = VT<T>;
-  vec::vd acc{};
-  for (int64_t i = 0; i < np; i += W) acc += VV::wide(VV::exp(VV::load(s + i) - shift));
-  return vec::hsum(acc);
+template <class VV>
+CDM_INLINE double exp_shift_sum(const typename VV::T* s, int64_t np, typename VV::T shift, const Prefetch& pf = {}) {
+  typename VV::Acc acc;
+  for (int64_t i = 0; i < np; i += VV::L) {
+    pf.at(i);
+    acc.add(VV::exp(VV::load(s + i) - shift));
+  }
+  return acc.sum();
 }
 
-template <class T>
-CDM_INLINE double row_sum(const T* s, int64_t np) {
-  using VV = VT<T>;
-  vec::vd acc{};
-  for (int64_t i = 0; i < np; i += W) acc += VV::wide(VV::load(s + i));
-  return vec::hsum(acc);
+template <class VV>
+CDM_INLINE double row_sum(const typename VV::T* s, int64_t np) {
+  typename VV::Acc acc;
+  for (int64_t i = 0; i < np; i += VV::L) acc.add(VV::load(s + i));
+  return acc.sum();
 }
 
 // u = max(d, floor), propagating NaN from d
-template <class V, class S>
-CDM_INLINE V clamp_floor(V d, S floor) {
-  return d < floor ? V{} + floor : d;
+template <class VV>
+CDM_INLINE typename VV::V clamp_floor(typename VV::V d, typename VV::T floor) {
+  return d < floor ? VV::splat(floor) : d;
 }
 template <class T>
 CDM_INLINE T clamp_floor_scalar(T d, T floor) {
@@ -75,19 +108,83 @@ struct UniformRow {
 };
 
 // s: a log-score row loaded with -inf padding. Leaves r in s.
-template <class T>
-CDM_INLINE UniformRow<T> uniform_ratios(T* s, int64_t n, int64_t x, double tau) {
+template <class VV>
+CDM_INLINE UniformRow<typename VV::T> uniform_ratios(typename VV::T* s, int64_t n, int64_t x, const UniformCoeffs& c,
+                                                     const Prefetch& pf = {}) {
+  using T = typename VV::T;
   const int64_t np = round_up(n);
   UniformRow<T> row;
   s[x] = T(0);  // r_x := 1
-  row.M = row_max(s, np);
-  row.S = exp_shift_store(s, np, row.M);
-  row.c = uniform_coeffs(tau, n);
+  row.M = row_max<VV>(s, np);
+  row.S = exp_shift_store<VV>(s, np, row.M, pf);
+  row.c = c;
   row.cs = static_cast<T>(row.c.beta * row.S);
-  row.floor = static_cast<T>(POSTERIOR_FLOOR * std::exp(-static_cast<double>(row.M)));
+  row.floor = static_cast<T>(POSTERIOR_FLOOR) * std::exp(-row.M);  // as reference.py, in T
   row.r_x = s[x];
   row.u_x = clamp_floor_scalar<T>(row.r_x - row.cs, row.floor);
   return row;
+}
+
+// Uniform backward given G (the gradient of log q) in g, padded with 0. Leaves
+// dL/dlog_score in s (s: the log-score row loaded with -inf padding; h: scratch).
+//   dL/du_b = w_b (G_b / u_b - K[b, x] sum(G) / Z)   (w: 1 unclamped, 0 clamped, 1/2 on a tie)
+//   dL/dlog_score_b = r_b (dL/du_b - beta sum dL/du),  0 at b = x
+template <class VV>
+CDM_INLINE void uniform_backward_row(int64_t n, int64_t x, const UniformCoeffs& c, typename VV::T* s, const typename VV::T* g,
+                                     typename VV::T* h, const Prefetch& pf = {}) {
+  using T = typename VV::T;
+  using V = typename VV::V;
+  const int64_t np = round_up(n);
+  const double sum_g = row_sum<VV>(g, np);
+  const UniformRow<T> row = uniform_ratios<VV>(s, n, x, c, pf);
+  const V one = VV::splat(T(1)), half = VV::splat(T(0.5)), zero{};
+  typename VV::Acc acc_u, acc_h, acc_w;
+  for (int64_t i = 0; i < np; i += VV::L) {
+    const V d = VV::load(s + i) - row.cs;
+    V u = clamp_floor<VV>(d, row.floor);
+    V w = (d > row.floor ? one : zero) + (d == row.floor ? half : zero);
+    if (CDM_UNLIKELY(i + VV::L > n)) {
+      const auto valid = VV::below(n - i);
+      u = valid ? u : zero;
+      w = valid ? w : zero;
+    }
+    const V hv = w != zero ? w * (VV::load(g + i) / u) : zero;  // w G / u
+    VV::store(h + i, hv);
+    acc_u.add(u);
+    acc_h.add(hv);
+    acc_w.add(w);
+  }
+  const double z = row.c.beta * acc_u.sum() + row.c.alpha * static_cast<double>(row.u_x);
+  const double k1 = sum_g / z;  // dL/du_b = h_b - w_b K[b, x] k1
+  const T dx = row.r_x - row.cs;
+  const double w_x = dx > row.floor ? 1.0 : (dx == row.floor ? 0.5 : 0.0);
+  // sum_b dL/du_b = sum h - k1 (beta sum w + alpha w_x)
+  const double sum_du = acc_h.sum() - k1 * (row.c.beta * acc_w.sum() + row.c.alpha * w_x);
+  const T bk = static_cast<T>(row.c.beta * k1);
+  const T bs = static_cast<T>(row.c.beta * sum_du);
+  for (int64_t i = 0; i < np; i += VV::L) {
+    const V r = VV::load(s + i);
+    const V d = r - row.cs;
+    const V w = (d > row.floor ? one : zero) + (d == row.floor ? half : zero);
+    // b != x: K[b, x] = beta; dL/dr_b = dL/du_b - beta sum dL/du
+    VV::store(s + i, r * ((VV::load(h + i) - w * bk) - bs));
+  }
+  s[x] = T(0);
+}
+
+// Absorbing backward (x = mask) given G in g: G_b - softmax_b sum_all(G) on real tokens
+// (sum_all includes the mask entry, as log_softmax's backward), 0 on the mask. Result in s.
+template <class VV>
+CDM_INLINE void absorbing_backward_row(int64_t n, typename VV::T* s, const typename VV::T* g, const Prefetch& pf = {}) {
+  using T = typename VV::T;
+  const int64_t np = round_up(n), m = n - 1;
+  const double sum_g = row_sum<VV>(g, np);
+  s[m] = -kInf<T>;
+  const T mx = row_max<VV>(s, np);
+  const double total = exp_shift_store<VV>(s, np, mx, pf);
+  const T k = static_cast<T>(sum_g / total);
+  for (int64_t i = 0; i < np; i += VV::L) VV::store(s + i, VV::load(g + i) - VV::load(s + i) * k);
+  s[m] = T(0);
 }
 
 }  // namespace cpu

@@ -103,16 +103,18 @@ struct VecMathKernel {
     int64_t n;
     int64_t fn;
   };
-  template <class T>
+  template <class VV>
   static CDM_INLINE void rows(const Args& a, int64_t b, int64_t e) {
-    // "rows" of 16 elements: [b, e) indexes vectors
-    for (int64_t v = b; v < e; ++v) {
-      const int64_t i = v * W;
-      const int64_t c = std::min<int64_t>(W, a.n - i);
-      vec::vf in = vec::splat(1.0f);
-      for (int64_t j = 0; j < c; ++j) in[j] = a.in[i + j];
-      vec::vf out = a.fn == 0 ? vec::exp_ps(in) : vec::log_ps(in);
-      for (int64_t j = 0; j < c; ++j) a.out[i + j] = out[j];
+    // "rows" of W elements: [b, e) indexes blocks of W
+    using V = typename VV::V;
+    for (int64_t blk = b; blk < e; ++blk) {
+      for (int64_t i = blk * W; i < std::min(a.n, (blk + 1) * W); i += VV::L) {
+        const int64_t c = std::min<int64_t>(VV::L, a.n - i);
+        V in = VV::splat(1.0f);
+        for (int64_t j = 0; j < c; ++j) in[j] = a.in[i + j];
+        const V out = a.fn == 0 ? VV::exp(in) : VV::log(in);
+        for (int64_t j = 0; j < c; ++j) a.out[i + j] = out[j];
+      }
     }
   }
 };
@@ -126,7 +128,7 @@ at::Tensor cpu_vec_math_op(const at::Tensor& x, int64_t fn) {
   TORCH_CHECK(x.scalar_type() == at::kFloat && x.device().is_cpu(), "_cpu_vec_math: x must be a float32 CPU tensor");
   TORCH_CHECK(fn == 0 || fn == 1, "_cpu_vec_math: fn must be 0 (exp) or 1 (log)");
   at::Tensor in = x.contiguous();
-  at::Tensor out = at::empty_like(in);
+  at::Tensor out = empty_output_like(in);
   VecMathKernel::Args args{in.data_ptr<float>(), out.data_ptr<float>(), in.numel(), fn};
   run_rows<VecMathKernel, float>(args, (in.numel() + W - 1) / W, 256);
   return out;

@@ -36,141 +36,106 @@ struct PosteriorArgs {
   DT grad_dt;
 };
 
-template <class T>
-CDM_INLINE void uniform_forward_row(const PosteriorArgs& a, int64_t p, T* s) {
-  using VV = VT<T>;
+// coefficients and their logs, memoised on tau
+struct UniformLogCache {
+  double tau = std::numeric_limits<double>::quiet_NaN();
+  UniformCoeffs c{};
+  double log_off = 0.0, log_on = 0.0;
+  const UniformLogCache& operator()(double t, int64_t n) {
+    if (!(t == tau)) {
+      tau = t;
+      c = uniform_coeffs(t, n);
+      log_off = std::log(c.off());
+      log_on = std::log(c.on());
+    }
+    return *this;
+  }
+};
+
+template <class VV>
+CDM_INLINE void uniform_forward_row(const PosteriorArgs& a, int64_t p, typename VV::T* s, const Prefetch& pf,
+                                    UniformLogCache& cache) {
+  using T = typename VV::T;
   using V = typename VV::V;
   const int64_t n = a.n, np = round_up(n), x = a.x[p];
-  load_row<T>(a.ls, a.dt, p, n, s, -kInf<T>);
-  const UniformRow<T> row = uniform_ratios(s, n, x, a.tau[p]);
-  vec::vd acc{};
-  for (int64_t i = 0; i < np; i += W) {
-    V u = clamp_floor(VV::load(s + i) - row.cs, row.floor);
+  load_row<VV>(a.ls, a.dt, p, n, s, -kInf<T>);
+  const UniformLogCache& c = cache(a.tau[p], n);
+  const UniformRow<T> row = uniform_ratios<VV>(s, n, x, c.c, pf);
+  typename VV::Acc acc;
+  for (int64_t i = 0; i < np; i += VV::L) {
+    V u = clamp_floor<VV>(VV::load(s + i) - row.cs, row.floor);
     VV::store(s + i, VV::log(u));
-    if (CDM_UNLIKELY(i + W > n)) u = VV::below(n - i) ? u : V{};
-    acc += VV::wide(u);
+    if (CDM_UNLIKELY(i + VV::L > n)) u = VV::below(n - i) ? u : V{};
+    acc.add(u);
   }
-  const double z = row.c.beta * vec::hsum(acc) + row.c.alpha * static_cast<double>(row.u_x);
+  const double z = row.c.beta * acc.sum() + row.c.alpha * static_cast<double>(row.u_x);
   const double lz = std::log(z);
-  const T off = static_cast<T>(std::log(row.c.off()) - lz);
-  const T on = static_cast<T>(std::log(row.c.on()) - lz);
+  const T off = static_cast<T>(c.log_off - lz);
+  const T on = static_cast<T>(c.log_on - lz);
   const T lx = s[x];
-  for (int64_t i = 0; i < np; i += W) VV::store(s + i, VV::load(s + i) + off);
+  for (int64_t i = 0; i < np; i += VV::L) VV::store(s + i, VV::load(s + i) + off);
   s[x] = lx + on;
 }
 
-template <class T>
-CDM_INLINE void absorbing_forward_row(const PosteriorArgs& a, int64_t p, T* s) {
-  using VV = VT<T>;
+template <class VV>
+CDM_INLINE void absorbing_forward_row(const PosteriorArgs& a, int64_t p, typename VV::T* s, const Prefetch& pf) {
+  using T = typename VV::T;
   const int64_t n = a.n, np = round_up(n), x = a.x[p], m = n - 1;
   if (x != m) {
     for (int64_t i = 0; i < np; ++i) s[i] = -kInf<T>;
     s[x] = T(0);
     return;
   }
-  load_row<T>(a.ls, a.dt, p, n, s, -kInf<T>);
+  load_row<VV>(a.ls, a.dt, p, n, s, -kInf<T>);
   s[m] = -kInf<T>;
-  const T mx = row_max(s, np);
-  const T lsum = static_cast<T>(std::log(exp_shift_sum(s, np, mx)));
-  for (int64_t i = 0; i < np; i += W) VV::store(s + i, (VV::load(s + i) - mx) - lsum);
+  const T mx = row_max<VV>(s, np);
+  const T lsum = static_cast<T>(std::log(exp_shift_sum<VV>(s, np, mx, pf)));
+  for (int64_t i = 0; i < np; i += VV::L) VV::store(s + i, (VV::load(s + i) - mx) - lsum);
 }
 
 struct PosteriorForward {
   using Args = PosteriorArgs;
-  template <class T>
+  template <class VV>
   static CDM_INLINE void rows(const Args& a, int64_t b, int64_t e) {
-    Scratch<T> scratch(a.n, 1);
-    T* s = scratch.row(0);
+    Scratch<typename VV::T> scratch(a.n, 1);
+    auto* s = scratch.row(0);
+    UniformLogCache cache;
     for (int64_t p = b; p < e; ++p) {
+      const Prefetch pf = next_rows(p, e, a.n, a.ls, a.dt);
       if (a.family == UNIFORM) {
-        uniform_forward_row<T>(a, p, s);
+        uniform_forward_row<VV>(a, p, s, pf, cache);
       } else {
-        absorbing_forward_row<T>(a, p, s);
+        absorbing_forward_row<VV>(a, p, s, pf);
       }
-      store_row<T>(a.out, a.dt, p, a.n, s);
+      store_row<VV>(a.out, a.dt, p, a.n, s);
     }
   }
 };
 
-// Uniform backward given G already in g (padded with 0). Leaves dL/dlog_score in s.
-// s: the log-score row loaded with -inf padding; h: scratch.
-template <class T>
-CDM_INLINE void uniform_backward_row(int64_t n, int64_t x, double tau, T* s, const T* g, T* h) {
-  using VV = VT<T>;
-  using V = typename VV::V;
-  const int64_t np = round_up(n);
-  const double sum_g = row_sum(g, np);
-  const UniformRow<T> row = uniform_ratios(s, n, x, tau);
-  const V one = VV::splat(T(1)), half = VV::splat(T(0.5)), zero{};
-  vec::vd acc_u{}, acc_h{}, acc_w{};
-  for (int64_t i = 0; i < np; i += W) {
-    const V d = VV::load(s + i) - row.cs;
-    V u = clamp_floor(d, row.floor);
-    V w = d > row.floor ? one : (d == row.floor ? half : zero);
-    if (CDM_UNLIKELY(i + W > n)) {
-      const auto valid = VV::below(n - i);
-      u = valid ? u : zero;
-      w = valid ? w : zero;
-    }
-    const V hv = w != zero ? w * (VV::load(g + i) / u) : zero;  // w (G / u)
-    VV::store(h + i, hv);
-    acc_u += VV::wide(u);
-    acc_h += VV::wide(hv);
-    acc_w += VV::wide(w);
-  }
-  const double z = row.c.beta * vec::hsum(acc_u) + row.c.alpha * static_cast<double>(row.u_x);
-  const double k1 = sum_g / z;  // dL/du_b = h_b - w_b K[b, x] k1
-  const T dx = row.r_x - row.cs;
-  const double w_x = dx > row.floor ? 1.0 : (dx == row.floor ? 0.5 : 0.0);
-  // sum_b dL/du_b = sum h - k1 (beta sum w + alpha w_x)
-  const double sum_du = vec::hsum(acc_h) - k1 * (row.c.beta * vec::hsum(acc_w) + row.c.alpha * w_x);
-  const T bk = static_cast<T>(row.c.beta * k1);
-  const T bs = static_cast<T>(row.c.beta * sum_du);
-  for (int64_t i = 0; i < np; i += W) {
-    const V r = VV::load(s + i);
-    const V d = r - row.cs;
-    const V w = d > row.floor ? one : (d == row.floor ? half : zero);
-    // b != x: K[b, x] = beta; dL/dr_b = dL/du_b - beta sum dL/du
-    VV::store(s + i, r * ((VV::load(h + i) - w * bk) - bs));
-  }
-  s[x] = T(0);
-}
-
-// Absorbing backward (x = mask) given G in g. Leaves the gradient in s.
-template <class T>
-CDM_INLINE void absorbing_backward_row(int64_t n, T* s, const T* g) {
-  using VV = VT<T>;
-  const int64_t np = round_up(n), m = n - 1;
-  const double sum_g = row_sum(g, np);
-  s[m] = -kInf<T>;
-  const T mx = row_max(s, np);
-  const double total = exp_shift_store(s, np, mx);
-  const T k = static_cast<T>(sum_g / total);
-  for (int64_t i = 0; i < np; i += W) VV::store(s + i, VV::load(g + i) - VV::load(s + i) * k);
-  s[m] = T(0);
-}
-
 struct PosteriorBackward {
   using Args = PosteriorArgs;
-  template <class T>
+  template <class VV>
   static CDM_INLINE void rows(const Args& a, int64_t b, int64_t e) {
+    using T = typename VV::T;
     const int64_t n = a.n, np = round_up(n);
     Scratch<T> scratch(n, 3);
     T *s = scratch.row(0), *g = scratch.row(1), *h = scratch.row(2);
+    DecayCache dc;
     for (int64_t p = b; p < e; ++p) {
       const int64_t x = a.x[p];
       if (a.family == ABSORBING && x != n - 1) {
         for (int64_t i = 0; i < np; ++i) s[i] = T(0);
       } else {
-        load_row<T>(a.ls, a.dt, p, n, s, -kInf<T>);
-        load_row<T>(a.grad, a.grad_dt, p, n, g, T(0));
+        load_row<VV>(a.ls, a.dt, p, n, s, -kInf<T>);
+        load_row<VV>(a.grad, a.grad_dt, p, n, g, T(0));
+        const Prefetch pf = next_rows(p, e, n, a.ls, a.dt, a.grad, a.grad_dt);
         if (a.family == UNIFORM) {
-          uniform_backward_row<T>(n, x, a.tau[p], s, g, h);
+          uniform_backward_row<VV>(n, x, uniform_coeffs(dc(a.tau[p]), n), s, g, h, pf);
         } else {
-          absorbing_backward_row<T>(n, s, g);
+          absorbing_backward_row<VV>(n, s, g, pf);
         }
       }
-      store_row<T>(a.out, a.dt, p, n, s);
+      store_row<VV>(a.out, a.dt, p, n, s);
     }
   }
 };
@@ -185,7 +150,7 @@ void dense_forward(const Dense& g, const PosteriorArgs& a, int64_t positions) {
     std::vector<double> mx(rows);
     dense_log_posterior(g, a.ls, a.dt, a.x + b, a.tau + b, b, rows, buf.row(0), buf.row(1), buf.row(2), buf.row(3),
                         mx.data());
-    for (int64_t c = 0; c < rows; ++c) store_row<double>(a.out, a.dt, b + c, n, buf.row(2) + c * n);
+    for (int64_t c = 0; c < rows; ++c) store_row<DenseVT>(a.out, a.dt, b + c, n, buf.row(2) + c * n);
   });
 }
 
@@ -197,7 +162,7 @@ void dense_backward(const Dense& g, const PosteriorArgs& a, int64_t positions) {
     double *r = buf.row(0), *u = buf.row(1), *l = buf.row(2), *work = buf.row(3), *gr = buf.row(4);
     std::vector<double> mx(rows);
     dense_log_posterior(g, a.ls, a.dt, a.x + b, a.tau + b, b, rows, r, u, l, work, mx.data());
-    for (int64_t c = 0; c < rows; ++c) load_row<double>(a.grad, a.grad_dt, b + c, n, gr + c * n, 0.0);
+    for (int64_t c = 0; c < rows; ++c) load_row<DenseVT>(a.grad, a.grad_dt, b + c, n, gr + c * n, 0.0);
     for (int64_t c = 0; c < rows; ++c) {
       double* gc = gr + c * n;
       const double* lc = l + c * n;
@@ -218,7 +183,7 @@ void dense_backward(const Dense& g, const PosteriorArgs& a, int64_t positions) {
       const double* rc = r + c * n;
       for (int64_t k = 0; k < n; ++k) o[k] *= rc[k];
       o[a.x[b + c]] = 0.0;
-      store_row<double>(a.out, a.dt, b + c, n, o);
+      store_row<DenseVT>(a.out, a.dt, b + c, n, o);
     }
   });
 }
@@ -238,7 +203,7 @@ at::Tensor scores_to_posterior_cpu(int64_t family, const c10::optional<at::Tenso
   check_inputs(log_score, x, tau);
   const int64_t positions = log_score.size(0), n = log_score.size(1);
   const Dense g = check_graph(family, evals, vecs, vecs_inv, n);
-  at::Tensor out = at::empty_like(log_score);
+  at::Tensor out = empty_output_like(log_score);
   if (positions == 0) return out;
   const DT dt = dt_of(log_score);
   PosteriorArgs args{family, n, log_score.data_ptr(), dt, x.data_ptr<int64_t>(), tau.data_ptr<double>(),
@@ -262,7 +227,7 @@ at::Tensor scores_to_posterior_backward_cpu(int64_t family, const c10::optional<
   check_same_shape(grad, log_score, "grad");
   const int64_t positions = log_score.size(0), n = log_score.size(1);
   const Dense g = check_graph(family, evals, vecs, vecs_inv, n);
-  at::Tensor out = at::empty_like(log_score);
+  at::Tensor out = empty_output_like(log_score);
   if (positions == 0) return out;
   const DT dt = dt_of(log_score);
   PosteriorArgs args{family, n, log_score.data_ptr(), dt, x.data_ptr<int64_t>(), tau.data_ptr<double>(),

@@ -13,8 +13,9 @@ namespace {
 template <class T>
 void closed_form_columns(int64_t family, const int64_t* x, const double* tau, int64_t positions, int64_t n, T* out) {
   at::parallel_for(0, positions, row_grain(n), [&](int64_t b, int64_t e) {
+    DecayCache dc;
     for (int64_t p = b; p < e; ++p) {
-      const Decay d = decay(tau[p]);
+      const Decay d = dc(tau[p]);
       const T alpha = static_cast<T>(d.alpha), oma = static_cast<T>(d.one_minus_alpha);
       const int64_t xp = x[p];
       T* o = out + p * n;
@@ -43,7 +44,7 @@ at::Tensor transition_column_cpu(int64_t family, const c10::optional<at::Tensor>
   check_positions(x, "x", positions, at::kLong);
   check_positions(tau, "tau", positions, at::kDouble);
   const auto dtype = out_float64 ? at::kDouble : at::kFloat;
-  at::Tensor out = at::empty({positions, n}, x.options().dtype(dtype));
+  at::Tensor out = empty_output({positions, n}, x.options().dtype(dtype));
   if (positions == 0) return out;
   const int64_t* xp = x.data_ptr<int64_t>();
   const double* tp = tau.data_ptr<double>();

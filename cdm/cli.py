@@ -1,0 +1,278 @@
+"""The ``cdm`` command: ``pretrain``, ``distill``, ``sample``, ``eval``.
+
+``cdm distill`` with no arguments runs the whole pipeline on the default data
+(a seeded Markov chain with an exact likelihood) with the teacher that ships
+in the package: the teacher's metric at 1..256 steps, per-token and joint CDM
+students at 1, 2 and 4 steps, one table, ``results.json`` and plots.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from dataclasses import asdict
+from pathlib import Path
+
+import torch
+
+from .experiment import (
+    PRIMARY_METRIC,
+    Setup,
+    data_reference,
+    default_teacher_path,
+    ensure_dir,
+    evaluate,
+    load_model,
+    new_model,
+    result_row,
+    save_model,
+)
+from .losses import get_loss, make_student
+from .train import TrainConfig, Trainer
+
+DISTILL_METHODS = {"per-token": "cdm_per_token", "joint": "cdm_joint"}
+
+
+def _int_list(text: str) -> list[int]:
+    try:
+        values = [int(v) for v in text.split(",") if v]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
+    if not values or min(values) < 1:
+        raise argparse.ArgumentTypeError(f"expected positive integers, got {text!r}")
+    return values
+
+
+def _options(pairs: list[str]) -> dict:
+    """``key=value`` pairs; values parsed as JSON when they parse (numbers, bools)."""
+    options = {}
+    for pair in pairs or []:
+        key, sep, value = pair.partition("=")
+        if not sep or not key:
+            raise SystemExit(f"error: options are key=value, got {pair!r}")
+        try:
+            options[key] = json.loads(value)
+        except json.JSONDecodeError:
+            options[key] = value
+    return options
+
+
+def _train_config(args, steps: int) -> TrainConfig:
+    return TrainConfig(steps=steps, batch_size=args.batch_size, lr=args.lr, warmup=args.warmup,
+                       ema=args.ema, seed=args.seed, progress=not args.quiet)
+
+
+def _add_training_options(parser, steps: int, batch_size: int, lr: float, ema: float) -> None:
+    parser.add_argument("--steps", type=int, default=steps, help="training steps (per student for distill)")
+    parser.add_argument("--batch-size", type=int, default=batch_size)
+    parser.add_argument("--lr", type=float, default=lr)
+    parser.add_argument("--warmup", type=int, default=50)
+    parser.add_argument("--ema", type=float, default=ema, help="EMA decay of the weights (0: off)")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--resume", action="store_true", help="continue from the checkpoints in --out")
+    parser.add_argument("--quiet", action="store_true", help="no progress bars")
+
+
+# ----------------------------------------------------------------------------- pretrain
+
+
+def pretrain(args) -> None:
+    setup = Setup(data=args.data, data_options=_options(args.data_option), graph=args.graph, noise=args.noise)
+    model = new_model(setup, args.model)
+    out = ensure_dir(args.out)
+    loss = get_loss("score_entropy", setup.kernel_graph, setup.schedule)
+    metadata = {"name": "pretrain", "setup": setup.to_json(), "model": asdict(model.config)}
+    trainer = Trainer(model, loss, setup.dataset.sample, _train_config(args, args.steps), out, metadata)
+    if args.resume and trainer.resume():
+        print(f"resumed at step {trainer.step}")
+    teacher = trainer.fit()
+    if trainer.rank == 0:
+        save_model(out / "teacher.safetensors", teacher, setup, "teacher", train_steps=args.steps)
+        metrics, _ = evaluate(teacher, setup, 64, 1024, seed=args.seed)
+        print(f"teacher written to {out / 'teacher.safetensors'}; 64-step sampler: {_format(metrics)}")
+
+
+# ----------------------------------------------------------------------------- distill
+
+
+def distill(args) -> None:
+    teacher_path = args.teacher or default_teacher_path()
+    if teacher_path is None:
+        raise SystemExit("error: no --teacher given and no teacher ships with this installation")
+    teacher, setup, _ = load_model(teacher_path)
+    out = ensure_dir(args.out)
+    graph, noise = setup.kernel_graph, setup.schedule
+    started = time.perf_counter()
+    rows = []
+    for nfe in args.teacher_nfe:
+        metrics, _ = evaluate(teacher, setup, nfe, args.num_samples, seed=args.seed)
+        rows.append(result_row("teacher", "analytic", nfe, metrics))
+    best_samples = {}
+    for method in args.methods:
+        for k in args.student_steps:
+            student = make_student(teacher, latent_dim=args.latent_dim if method == "joint" else 0)
+            options = {"steps": k}
+            if method == "joint":
+                options.update(num_latents=args.num_latents, teacher_steps=args.teacher_steps)
+            loss = get_loss(DISTILL_METHODS[method], graph, noise, teacher=teacher, **options)
+            name = f"{method}-k{k}"
+            metadata = {"name": name, "setup": setup.to_json(), "model": asdict(student.config), "method": method, "k": k}
+            trainer = Trainer(student, loss, setup.dataset.sample, _train_config(args, args.steps), out / name, metadata)
+            if args.resume:
+                trainer.resume()
+            student = trainer.fit().eval()
+            if trainer.rank != 0:
+                continue
+            save_model(out / f"student-{name}.safetensors", student, setup, "student", method=method, k=k)
+            metrics, samples = evaluate(student, setup, k, args.num_samples, seed=args.seed)
+            rows.append(result_row("student", f"cdm-{method}", k, metrics))
+            best_samples[name] = samples
+    if rows and (not torch.distributed.is_initialized() or torch.distributed.get_rank() == 0):
+        reference = data_reference(setup)
+        _write_results(out, setup, rows, reference, best_samples)
+        print(_table(setup, rows, reference))
+        print(f"\n{len(rows)} rows in {time.perf_counter() - started:.0f} s; wrote {out / 'results.json'}, {out / 'metric_vs_nfe.png'}")
+
+
+def _format(metrics: dict) -> str:
+    return ", ".join(f"{k}={v:.4f}" for k, v in metrics.items())
+
+
+def _table(setup: Setup, rows: list[dict], reference: dict) -> str:
+    metric, lower_is_better = PRIMARY_METRIC[setup.data]
+    names = list(rows[0]["metrics"])
+    header = f"{'model':8} {'method':14} {'NFE':>4}  " + "  ".join(f"{n:>18}" for n in names)
+    lines = [f"{setup.data} data, {setup.graph} graph; primary metric: {metric} ({'lower' if lower_is_better else 'higher'} is better)", header, "-" * len(header)]
+    for row in rows:
+        lines.append(f"{row['model']:8} {row['method']:14} {row['nfe']:>4}  " + "  ".join(f"{row['metrics'][n]:>18.4f}" for n in names))
+    lines.append(f"{'data':8} {'(held out)':14} {'':>4}  " + "  ".join(f"{reference.get(n, float('nan')):>18.4f}" for n in names))
+    return "\n".join(lines)
+
+
+def _write_results(out: Path, setup: Setup, rows: list[dict], reference: dict, samples: dict) -> None:
+    (out / "results.json").write_text(json.dumps(rows, indent=1))
+    (out / "data_reference.json").write_text(json.dumps(reference, indent=1))
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    metric, _ = PRIMARY_METRIC[setup.data]
+    fig, ax = plt.subplots(figsize=(6, 4))
+    teacher = [r for r in rows if r["model"] == "teacher"]
+    ax.plot([r["nfe"] for r in teacher], [r["metrics"][metric] for r in teacher], "o-", color="black", label="teacher")
+    for method in sorted({r["method"] for r in rows if r["model"] == "student"}):
+        points = [r for r in rows if r["method"] == method and r["model"] == "student"]
+        ax.plot([r["nfe"] for r in points], [r["metrics"][metric] for r in points], "s--", label=f"student ({method})")
+    if metric in reference:
+        ax.axhline(reference[metric], color="gray", linestyle=":", label="held-out data")
+    ax.set_xscale("log", base=2)
+    ax.set_xlabel("NFE (network evaluations per sample)")
+    ax.set_ylabel(metric)
+    ax.set_title(f"{setup.data} / {setup.graph}")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(out / "metric_vs_nfe.png", dpi=120)
+    plt.close(fig)
+    if setup.data == "digits" and samples:
+        _sample_grid(out / "samples.png", setup, samples)
+
+
+def _sample_grid(path: Path, setup: Setup, samples: dict) -> None:
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(len(samples), 1, figsize=(8, 1.3 * len(samples)), squeeze=False)
+    for ax, (name, tokens) in zip(axes[:, 0], samples.items()):
+        images = setup.dataset.to_images(tokens[:16]).float()
+        ax.imshow(torch.cat(list(images), dim=1), cmap="gray_r")
+        ax.set_title(name, fontsize=8)
+        ax.axis("off")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+# ----------------------------------------------------------------------------- sample / eval
+
+
+def sample_command(args) -> None:
+    model, setup, _ = load_model(args.checkpoint)
+    metrics, samples = evaluate(model, setup, args.steps, args.num_samples, seed=args.seed, method=args.method)
+    if setup.data == "words":
+        print("\n".join(setup.dataset.decode(samples)))
+    else:
+        for row in samples.tolist():
+            print(" ".join(map(str, row)))
+    if args.out:
+        torch.save(samples, args.out)
+
+
+def eval_command(args) -> None:
+    model, setup, _ = load_model(args.checkpoint)
+    rows = []
+    for steps in args.steps:
+        metrics, _ = evaluate(model, setup, steps, args.num_samples, seed=args.seed, method=args.method)
+        rows.append(result_row("model", args.method, steps, metrics))
+    print(_table(setup, rows, data_reference(setup)))
+
+
+# ----------------------------------------------------------------------------- parser
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="cdm", description=__doc__.split("\n\n")[0])
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    p = commands.add_parser("pretrain", help="train a teacher with SEDD's score entropy")
+    p.add_argument("--data", default="markov", choices=["markov", "digits", "words"])
+    p.add_argument("--data-option", action="append", metavar="KEY=VALUE", help="data set option (repeatable)")
+    p.add_argument("--graph", default="uniform", choices=["uniform", "absorbing", "ordinal"])
+    p.add_argument("--noise", default="geometric", choices=["geometric", "loglinear"])
+    p.add_argument("--model", default="tiny", help="DiT preset (tiny, mini, base, sedd-small, ...)")
+    p.add_argument("--out", default="runs/teacher")
+    _add_training_options(p, steps=3000, batch_size=256, lr=2e-3, ema=0.999)
+    p.set_defaults(run=pretrain)
+
+    p = commands.add_parser("distill", help="distil a teacher into 1-4 step students and compare")
+    p.add_argument("--teacher", help="teacher model file (default: the one shipped with the package)")
+    p.add_argument("--methods", default="per-token,joint", type=lambda s: [m for m in s.split(",") if m])
+    p.add_argument("--student-steps", default=[1, 2, 4], type=_int_list, help="NFEs of the students")
+    p.add_argument("--teacher-nfe", default=[1, 2, 4, 8, 16, 32, 64, 128, 256], type=_int_list)
+    p.add_argument("--num-samples", type=int, default=4096, help="samples per evaluated sampler")
+    p.add_argument("--latent-dim", type=int, default=4, help="latent size of the joint (mixture) student")
+    p.add_argument("--num-latents", type=int, default=8, help="lambda draws per example (joint CDM)")
+    p.add_argument("--teacher-steps", type=int, default=16, help="teacher steps from t to 0 for joint CDM targets")
+    p.add_argument("--out", default="runs/distill")
+    _add_training_options(p, steps=400, batch_size=128, lr=1e-3, ema=0.99)
+    p.set_defaults(run=distill)
+
+    for name, run in (("sample", sample_command), ("eval", eval_command)):
+        p = commands.add_parser(name, help=f"{name} a model file's k-step sampler")
+        p.add_argument("--checkpoint", required=True, help="a teacher or student model file")
+        p.add_argument("--steps", type=int if name == "sample" else _int_list, default=4 if name == "sample" else [1, 4, 16, 64])
+        p.add_argument("--num-samples", type=int, default=16 if name == "sample" else 4096)
+        p.add_argument("--method", default="analytic", choices=["analytic", "euler"])
+        p.add_argument("--seed", type=int, default=0)
+        if name == "sample":
+            p.add_argument("--out", help="also save the samples (torch.save) here")
+        p.set_defaults(run=run)
+    return parser
+
+
+def main(argv=None) -> None:
+    args = build_parser().parse_args(argv)
+    if args.command == "distill":
+        unknown = [m for m in args.methods if m not in DISTILL_METHODS]
+        if unknown:
+            raise SystemExit(f"error: --methods must be among {sorted(DISTILL_METHODS)}, got {unknown}")
+    try:
+        args.run(args)
+    except (ValueError, FileNotFoundError, TypeError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        raise SystemExit(2) from None
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,158 @@
+"""What a run is made of (data, graph, noise schedule, network), how a trained
+network is stored with it, and how samplers are evaluated: the glue between
+the CLI and the library pieces.
+
+A model file (``*.safetensors``) holds the network's weights and, as metadata,
+everything needed to rebuild the run around it: ``{"kind", "setup", "model",
+...}``. ``load_model`` checks that the file matches what it claims.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Optional
+
+import torch
+
+import cdm_kernels as ck
+
+from .checkpoint import check_metadata, load_checkpoint, save_checkpoint
+from .data import get_dataset
+from .models.dit import DiT, DiTConfig
+from .sampling import sample
+from .schedules import get_noise
+
+GRAPHS = ("uniform", "absorbing", "ordinal")
+ASSETS = Path(__file__).parent / "assets"
+DEFAULT_TEACHER = ASSETS / "teacher-markov.safetensors"
+
+
+@dataclass
+class Setup:
+    """The data, forward process and schedule of a run (JSON-serialisable)."""
+
+    data: str = "markov"
+    data_options: dict = field(default_factory=dict)
+    graph: str = "uniform"
+    noise: str = "geometric"
+    noise_options: dict = field(default_factory=dict)
+
+    def __post_init__(self):
+        if self.graph not in GRAPHS:
+            raise ValueError(f"graph must be one of {GRAPHS}, got {self.graph!r}")
+
+    @property
+    def dataset(self):
+        if not hasattr(self, "_dataset"):
+            self._dataset = get_dataset(self.data, **self.data_options)
+        return self._dataset
+
+    @property
+    def kernel_graph(self) -> ck.Graph:
+        vocab = self.dataset.vocab_size
+        if self.graph == "uniform":
+            return ck.UniformGraph(vocab)
+        if self.graph == "absorbing":
+            return ck.AbsorbingGraph(vocab + 1)  # the mask is an extra state
+        return ck.ordinal_graph(vocab)
+
+    @property
+    def schedule(self):
+        return get_noise(self.noise, **self.noise_options)
+
+    def to_json(self) -> dict:
+        return {k: v for k, v in asdict(self).items()}
+
+
+def new_model(setup: Setup, preset: str = "tiny", **overrides) -> DiT:
+    config = DiTConfig.preset(preset, setup.kernel_graph.num_states, setup.dataset.seq_len, **overrides)
+    return DiT(config)
+
+
+def save_model(path, model: DiT, setup: Setup, kind: str, **extra) -> None:
+    """Weights plus the metadata :func:`load_model` needs to rebuild everything."""
+    metadata = {"kind": kind, "setup": setup.to_json(), "model": asdict(model.config), **extra}
+    save_checkpoint(path, dict(model.state_dict()), metadata)
+
+
+def load_model(path, device="cpu") -> tuple[DiT, Setup, dict]:
+    """``(model, setup, metadata)`` from a model file written by :func:`save_model`."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"no model file at {path}")
+    tensors, metadata = load_checkpoint(path, device=device)
+    for key in ("kind", "setup", "model"):
+        if key not in metadata:
+            raise ValueError(f"{path} is not a cdm model file (its metadata lacks {key!r})")
+    setup = Setup(**metadata["setup"])
+    config = DiTConfig(**metadata["model"])
+    check_metadata({"vocab_size": config.vocab_size, "seq_len": config.seq_len},
+                   {"vocab_size": setup.kernel_graph.num_states, "seq_len": setup.dataset.seq_len},
+                   what=f"model file {path}")
+    model = DiT(config)
+    missing, unexpected = model.load_state_dict(tensors, strict=False)
+    if missing or unexpected:
+        raise ValueError(f"{path}: weights do not match the stored config (missing {missing}, unexpected {unexpected})")
+    return model.to(device).eval(), setup, metadata
+
+
+# ----------------------------------------------------------------------------- evaluation
+
+
+def sample_metrics(setup: Setup, samples: torch.Tensor) -> dict[str, float]:
+    """The metrics of a set of samples for the run's data set (see cdm.metrics)."""
+    from . import metrics
+
+    data = setup.dataset
+    if setup.data == "markov":
+        nll = -data.log_prob(samples) / data.seq_len
+        return {
+            "nll": nll.mean().item(),
+            "nll_stderr": (nll.std() / math.sqrt(len(nll))).item(),
+            "entropy_per_token": metrics.sample_entropy(samples, per_token=True),
+        }
+    if setup.data == "words":
+        return metrics.words_metrics(samples, data)
+    if setup.data == "digits":
+        return metrics.digits_metrics(samples, data)
+    raise ValueError(f"no metrics for data set {setup.data!r}")
+
+
+#: the metric each data set is judged by, and whether lower is better
+PRIMARY_METRIC = {"markov": ("nll", True), "words": ("real_word_rate", False), "digits": ("frechet_distance", True)}
+
+
+def data_reference(setup: Setup) -> dict[str, float]:
+    """The metrics of held-out data itself: what a perfect sampler scores."""
+    generator = torch.Generator().manual_seed(12345)
+    data = setup.dataset
+    reference = data.sample(4096, generator) if setup.data == "markov" else getattr(data, "test")
+    return sample_metrics(setup, reference)
+
+
+def evaluate(model, setup: Setup, steps: int, num_samples: int, *, seed: int = 0, method: str = "analytic",
+             batch_size: int = 4096) -> tuple[dict[str, float], torch.Tensor]:
+    """Metrics of ``num_samples`` draws of the ``steps``-step sampler, and the draws."""
+    generator = torch.Generator().manual_seed(seed)
+    samples = sample(model, setup.kernel_graph, setup.schedule, num_samples, setup.dataset.seq_len, steps,
+                     method=method, generator=generator, batch_size=batch_size)
+    if setup.graph == "absorbing" and int(samples.max()) >= setup.dataset.vocab_size:
+        raise RuntimeError("a sampler ended on the mask token; the final step must go to tau = 0")
+    return sample_metrics(setup, samples), samples
+
+
+def result_row(model: str, method: str, nfe: int, metrics: dict[str, float], **extra) -> dict:
+    """One row of results.json."""
+    return {"model": model, "method": method, "nfe": int(nfe), "metrics": metrics, **extra}
+
+
+def default_teacher_path() -> Optional[Path]:
+    return DEFAULT_TEACHER if DEFAULT_TEACHER.is_file() else None
+
+
+def ensure_dir(path) -> Path:
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    return path

@@ -1,0 +1,210 @@
+"""The training loop, shared by teacher pre-training and every distillation
+method: AdamW with linear warmup, gradient clipping, an EMA of the weights,
+bf16 autocast on GPU, a progress bar, JSONL logs, atomic safetensors
+checkpoints and exact resumption (model, EMA, optimiser and RNG state).
+
+Under ``torchrun`` (``torch.distributed`` initialised by :func:`setup_distributed`)
+the model is wrapped in DistributedDataParallel; each rank draws its own
+batch share from a rank-specific generator, and rank 0 alone logs and saves.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import math
+import os
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Callable, Optional
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from .checkpoint import load_checkpoint, save_checkpoint
+
+#: loss_fn(model, x0, generator) -> scalar loss; the model may be DDP-wrapped
+LossFn = Callable[[nn.Module, torch.Tensor, torch.Generator], torch.Tensor]
+#: sample_batch(batch_size, generator) -> clean data (B, L) on the CPU
+BatchFn = Callable[[int, torch.Generator], torch.Tensor]
+
+
+@dataclass
+class TrainConfig:
+    steps: int = 1000
+    batch_size: int = 128  # global: split across ranks
+    lr: float = 1e-3
+    warmup: int = 50
+    weight_decay: float = 0.0
+    grad_clip: float = 1.0
+    ema: float = 0.99  # 0 disables the EMA
+    log_every: int = 25
+    save_every: int = 250
+    seed: int = 0
+    progress: bool = True
+
+    def __post_init__(self):
+        for name in ("steps", "batch_size", "log_every", "save_every"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name} must be a positive int, got {value!r}")
+        if not (self.lr > 0 and math.isfinite(self.lr)):
+            raise ValueError(f"lr must be a positive float, got {self.lr!r}")
+        if not 0 <= self.ema < 1:
+            raise ValueError(f"ema must be in [0, 1), got {self.ema!r}")
+        if self.warmup < 0 or self.grad_clip <= 0:
+            raise ValueError("warmup must be >= 0 and grad_clip > 0")
+
+
+def setup_distributed() -> tuple[int, int]:
+    """Join the process group when launched by ``torchrun`` (gloo on CPU, nccl
+    on GPU); returns ``(rank, world_size)``, ``(0, 1)`` for a plain run."""
+    if "RANK" not in os.environ or dist.is_initialized():
+        return (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
+    backend = "nccl" if torch.cuda.is_available() else "gloo"
+    dist.init_process_group(backend)
+    if torch.cuda.is_available():
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
+    return dist.get_rank(), dist.get_world_size()
+
+
+def learning_rate(step: int, config: TrainConfig) -> float:
+    return config.lr * min(1.0, (step + 1) / max(1, config.warmup))
+
+
+def _optimizer_tensors(optimizer: torch.optim.Optimizer) -> dict[str, torch.Tensor]:
+    """AdamW's per-parameter state as a flat dict (safetensors holds tensors only)."""
+    flat = {}
+    for index, state in optimizer.state_dict()["state"].items():
+        for key, value in state.items():
+            flat[f"optim.{index}.{key}"] = value if torch.is_tensor(value) else torch.tensor(value)
+    return flat
+
+
+def _restore_optimizer(optimizer: torch.optim.Optimizer, tensors: dict[str, torch.Tensor]) -> None:
+    state = optimizer.state_dict()
+    restored: dict[int, dict] = {}
+    for name, value in tensors.items():
+        if name.startswith("optim."):
+            _, index, key = name.split(".", 2)
+            restored.setdefault(int(index), {})[key] = value
+    state["state"] = restored
+    optimizer.load_state_dict(state)
+
+
+class Trainer:
+    """Owns the model, its EMA, the optimiser, the RNG and the output folder."""
+
+    def __init__(self, model: nn.Module, loss_fn: LossFn, sample_batch: BatchFn, config: TrainConfig,
+                 out_dir: str | os.PathLike, metadata: Optional[dict] = None, device="cpu"):
+        self.rank, self.world = setup_distributed()
+        if config.batch_size % self.world:
+            raise ValueError(f"batch_size {config.batch_size} must be divisible by the {self.world} ranks")
+        self.config, self.loss_fn, self.sample_batch = config, loss_fn, sample_batch
+        self.device = torch.device(device)
+        self.model = model.to(self.device)
+        self.ema = copy.deepcopy(self.model).requires_grad_(False) if config.ema > 0 else None
+        self.module = (
+            nn.parallel.DistributedDataParallel(self.model, device_ids=[self.device.index] if self.device.type == "cuda" else None)
+            if self.world > 1 else self.model
+        )
+        trainable = [p for p in self.model.parameters() if p.requires_grad]
+        self.optimizer = torch.optim.AdamW(trainable, lr=config.lr, weight_decay=config.weight_decay)
+        # one stream per rank, so ranks see different batches and noise
+        self.generator = torch.Generator().manual_seed(config.seed * 1_000_003 + self.rank)
+        self.step = 0
+        self.out_dir = Path(out_dir)
+        self.metadata = dict(metadata or {})
+        self.checkpoint_path = self.out_dir / "checkpoint.safetensors"
+
+    # -------------------------------------------------------------- checkpoints
+
+    def state_tensors(self) -> dict[str, torch.Tensor]:
+        tensors = {f"model.{k}": v for k, v in self.model.state_dict().items()}
+        if self.ema is not None:
+            tensors.update({f"ema.{k}": v for k, v in self.ema.state_dict().items()})
+        tensors.update(_optimizer_tensors(self.optimizer))
+        states = [self.generator.get_state()]
+        if self.world > 1:  # every rank's stream, so that a resume replays each exactly
+            states = [None] * self.world
+            dist.all_gather_object(states, self.generator.get_state())
+        tensors.update({f"rng.{rank}": state for rank, state in enumerate(states)})
+        return tensors
+
+    def save(self) -> None:
+        """Write the checkpoint (a collective under torchrun: every rank calls it; rank 0 writes)."""
+        tensors = self.state_tensors()
+        if self.rank != 0:
+            return
+        metadata = {**self.metadata, "step": self.step, "train_config": asdict(self.config)}
+        save_checkpoint(self.checkpoint_path, tensors, metadata)
+
+    def resume(self) -> bool:
+        """Load the last checkpoint in ``out_dir`` if there is one; True if resumed."""
+        if not self.checkpoint_path.exists():
+            return False
+        tensors, metadata = load_checkpoint(self.checkpoint_path, device="cpu")
+        expected = {k: v for k, v in self.metadata.items() if k in metadata}
+        mismatched = {k for k, v in expected.items() if metadata[k] != v}
+        if mismatched:
+            raise ValueError(f"--resume: the checkpoint in {self.out_dir} was written with other settings: {sorted(mismatched)}")
+        self.model.load_state_dict({k[6:]: v for k, v in tensors.items() if k.startswith("model.")})
+        if self.ema is not None:
+            self.ema.load_state_dict({k[4:]: v for k, v in tensors.items() if k.startswith("ema.")})
+        _restore_optimizer(self.optimizer, tensors)
+        if f"rng.{self.rank}" not in tensors:
+            raise ValueError(f"--resume: the checkpoint holds no RNG state for rank {self.rank} (saved with fewer ranks)")
+        self.generator.set_state(tensors[f"rng.{self.rank}"])
+        self.step = int(metadata["step"])
+        return True
+
+    # -------------------------------------------------------------- the loop
+
+    def fit(self) -> nn.Module:
+        """Train to ``config.steps``; returns the EMA model (or the model without EMA)."""
+        config = self.config
+        self.out_dir.mkdir(parents=True, exist_ok=True)
+        log = open(self.out_dir / "log.jsonl", "a") if self.rank == 0 else None
+        progress = None
+        if config.progress and self.rank == 0:
+            from tqdm.auto import tqdm
+
+            progress = tqdm(total=config.steps, initial=self.step, desc=self.metadata.get("name", "train"), leave=False)
+        self.model.train()
+        start, local_batch = time.perf_counter(), config.batch_size // self.world
+        try:
+            while self.step < config.steps:
+                for group in self.optimizer.param_groups:
+                    group["lr"] = learning_rate(self.step, config)
+                x0 = self.sample_batch(local_batch, self.generator).to(self.device)
+                with torch.autocast("cuda", dtype=torch.bfloat16, enabled=self.device.type == "cuda"):
+                    loss = self.loss_fn(self.module, x0, self.generator)
+                if not torch.isfinite(loss):
+                    raise FloatingPointError(f"non-finite loss {loss.item()} at step {self.step}")
+                self.optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                grad_norm = nn.utils.clip_grad_norm_(self.model.parameters(), config.grad_clip)
+                self.optimizer.step()
+                if self.ema is not None:
+                    with torch.no_grad():
+                        for averaged, current in zip(self.ema.parameters(), self.model.parameters()):
+                            averaged.lerp_(current, 1 - config.ema)
+                self.step += 1
+                if progress is not None:
+                    progress.update(1)
+                    progress.set_postfix(loss=f"{loss.item():.4f}")
+                if log is not None and (self.step % config.log_every == 0 or self.step == config.steps):
+                    record = {"step": self.step, "loss": loss.item(), "grad_norm": grad_norm.item(),
+                              "lr": learning_rate(self.step - 1, config), "seconds": time.perf_counter() - start}
+                    log.write(json.dumps(record) + "\n")
+                    log.flush()
+                if self.step % config.save_every == 0 or self.step == config.steps:
+                    self.save()
+        finally:
+            if progress is not None:
+                progress.close()
+            if log is not None:
+                log.close()
+        return self.ema if self.ema is not None else self.model

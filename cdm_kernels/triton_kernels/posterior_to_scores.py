@@ -1,0 +1,105 @@
+"""``triton_posterior_to_scores``: ``log r`` with ``r = K(tau)^T u``,
+``u(a) = q(a) / K(tau)[a, x]`` (``u = 0`` where ``q = 0``).
+
+Uniform / absorbing: two passes (the sum ``K^T`` needs, then the write; one exp
+per element per pass, one log in the write). ``K(tau)[a, x]`` takes two values
+per position, so its logs are per-position scalars. As in the reference, a
+positive ``q`` on a structural zero of the column (``log col`` clamped at
+``-1e30``) gives ``u = inf``. Dense: the float64 eigenbasis pipeline.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import triton
+import triton.language as tl
+
+from . import _dense
+from ._common import DENSE, check_family, compute_f64, decay_coefficients, row_kernel, to_store
+
+SCHEMA = (
+    "(int family, Tensor? evals, Tensor? vecs, Tensor? vecs_inv, "
+    "Tensor log_p0, Tensor x, Tensor tau) -> Tensor"
+)
+
+
+@triton.jit
+def column_logs(x, tau, N, FAMILY: tl.constexpr, CT: tl.constexpr):
+    """Per position: ``K`` coefficients ``alpha``, ``1 - alpha`` and the two values of
+    ``max(log K(tau)[a, x], -1e30)``: at ``a = x`` and elsewhere."""
+    alpha, oma = decay_coefficients(tau)
+    alpha = alpha.to(CT)
+    oma = oma.to(CT)
+    if FAMILY == 0:
+        l_on = tl.log(alpha + oma / N)
+        l_off = tl.log(oma / N)
+    else:  # absorbing: x the mask: 1 on it, 1 - alpha off it; else alpha on x, 0 off it
+        is_mask = x == N - 1
+        l_on = tl.where(is_mask, 0.0, tl.log(alpha))
+        l_off = tl.where(is_mask, tl.log(oma), float("-inf"))
+    return alpha, oma, tl.maximum(l_on, -1e30), tl.maximum(l_off, -1e30)
+
+
+@triton.jit
+def weights_block(lq_ptr, offs, msk, is_x, l_on, l_off, CT: tl.constexpr):
+    """``u = exp(log q - log col)`` where ``log q > -inf``, else 0 (padding: 0)."""
+    lq = tl.load(lq_ptr + offs, mask=msk, other=float("-inf")).to(CT)
+    lcol = tl.where(is_x, l_on[:, None], l_off[:, None])
+    return lq, tl.where(lq > float("-inf"), tl.exp(lq - lcol), 0.0)
+
+
+@triton.jit
+def _posterior_to_scores_kernel(lq_ptr, x_ptr, tau_ptr, out_ptr, P, N, FAMILY: tl.constexpr, F64: tl.constexpr,
+                                BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr):
+    CT: tl.constexpr = tl.float64 if F64 else tl.float32
+    rows = tl.program_id(0) * BLOCK_P + tl.arange(0, BLOCK_P)
+    rmask = rows < P
+    base = rows.to(tl.int64) * N
+    x = tl.load(x_ptr + rows, mask=rmask, other=0)
+    tau = tl.load(tau_ptr + rows, mask=rmask, other=0.0)
+    alpha, oma, l_on, l_off = column_logs(x, tau, N, FAMILY, CT)
+    total = tl.zeros([BLOCK_P], CT)  # uniform: sum u; absorbing: sum of u over the real tokens
+    for start in range(0, N, BLOCK_N):
+        cols = start + tl.arange(0, BLOCK_N)
+        msk = rmask[:, None] & (cols[None, :] < N)
+        lq, u = weights_block(lq_ptr, base[:, None] + cols[None, :], msk, cols[None, :] == x[:, None], l_on, l_off, CT)
+        if FAMILY == 1:
+            u = tl.where(cols[None, :] < N - 1, u, 0.0)
+        total += tl.sum(u, axis=1)
+    if FAMILY == 0:
+        add = oma / N * total
+    else:
+        add = oma * total
+    for start in range(0, N, BLOCK_N):
+        cols = start + tl.arange(0, BLOCK_N)
+        msk = rmask[:, None] & (cols[None, :] < N)
+        offs = base[:, None] + cols[None, :]
+        lq, u = weights_block(lq_ptr, offs, msk, cols[None, :] == x[:, None], l_on, l_off, CT)
+        if FAMILY == 0:
+            r = alpha[:, None] * u + add[:, None]
+        else:
+            r = tl.where(cols[None, :] == N - 1, u + add[:, None], alpha[:, None] * u)
+        out = tl.where(r > 0, tl.log(r), float("-inf"))
+        tl.store(out_ptr + offs, to_store(out, out_ptr), mask=msk)
+
+
+posterior_to_scores_kernel = row_kernel(_posterior_to_scores_kernel)
+
+
+@torch.library.custom_op("cdm_kernels::triton_posterior_to_scores", mutates_args=(), schema=SCHEMA)
+def posterior_to_scores(family: int, evals: Optional[torch.Tensor], vecs: Optional[torch.Tensor],
+                        vecs_inv: Optional[torch.Tensor], log_p0: torch.Tensor, x: torch.Tensor,
+                        tau: torch.Tensor) -> torch.Tensor:
+    p, n = log_p0.shape
+    graph = check_family(family, evals, vecs, vecs_inv, n, log_p0.device)
+    log_p0 = log_p0.contiguous()
+    x = x.contiguous().long()
+    tau = tau.to(torch.float64).contiguous()
+    if family == DENSE:
+        u = _dense.weights(log_p0, _dense.column(x, tau, graph, n))
+        return _dense.apply(u, tau, graph, transpose=True, out_dtype=log_p0.dtype, out_log=True)
+    out = torch.empty_like(log_p0)
+    posterior_to_scores_kernel(p, log_p0, x, tau, out, p, n, FAMILY=family, F64=compute_f64(log_p0))
+    return out

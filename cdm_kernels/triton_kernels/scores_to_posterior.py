@@ -1,0 +1,82 @@
+"""``triton_scores_to_posterior``: ``log p_0|t(. | x)`` from log-scores.
+
+Uniform / dense: the clamped inversion of ``_inversion.py`` (three passes:
+online max / sum-exp, the normaliser ``Z = sum col u``, the write; one exp per
+element per pass and one log in the last). Absorbing: the closed form, a
+log-softmax over the real tokens where ``x`` is the mask (two passes) and
+``log e_x`` elsewhere (a write only, the scores are not read).
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import triton
+import triton.language as tl
+
+from . import _dense
+from ._common import ABSORBING, DENSE, check_family, compute_f64, online_update, row_kernel, to_store
+from ._inversion import posterior_kernel
+
+SCHEMA = (
+    "(int family, Tensor? evals, Tensor? vecs, Tensor? vecs_inv, "
+    "Tensor log_score, Tensor x, Tensor tau) -> Tensor"
+)
+
+
+@triton.jit
+def _absorbing_posterior_kernel(ls_ptr, x_ptr, out_ptr, P, N, F64: tl.constexpr,
+                                BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr):
+    CT: tl.constexpr = tl.float64 if F64 else tl.float32
+    rows = tl.program_id(0) * BLOCK_P + tl.arange(0, BLOCK_P)
+    rmask = rows < P
+    base = rows.to(tl.int64) * N
+    x = tl.load(x_ptr + rows, mask=rmask, other=0)
+    masked = rmask & (x == N - 1)  # only these rows read their scores
+    m = tl.full([BLOCK_P], float("-inf"), CT)
+    s = tl.zeros([BLOCK_P], CT)
+    for start in range(0, N - 1, BLOCK_N):
+        cols = start + tl.arange(0, BLOCK_N)
+        msk = masked[:, None] & (cols[None, :] < N - 1)
+        v = tl.load(ls_ptr + base[:, None] + cols[None, :], mask=msk, other=float("-inf")).to(CT)
+        m, s = online_update(m, s, v)
+    lse = m + tl.log(s)
+    for start in range(0, N, BLOCK_N):
+        cols = start + tl.arange(0, BLOCK_N)
+        msk = rmask[:, None] & (cols[None, :] < N)
+        real = cols[None, :] < N - 1
+        v = tl.load(ls_ptr + base[:, None] + cols[None, :], mask=msk & masked[:, None] & real, other=0.0).to(CT)
+        out_masked = tl.where(real, v - lse[:, None], float("-inf"))
+        out_real = tl.where(cols[None, :] == x[:, None], 0.0, float("-inf"))
+        out = tl.where(masked[:, None], out_masked, out_real)
+        tl.store(out_ptr + base[:, None] + cols[None, :], to_store(out, out_ptr), mask=msk)
+
+
+absorbing_posterior_kernel = row_kernel(_absorbing_posterior_kernel)
+
+
+def posterior(family: int, graph, log_score: torch.Tensor, x: torch.Tensor, tau: torch.Tensor,
+              out_dtype: torch.dtype) -> torch.Tensor:
+    """``log q`` in ``out_dtype`` (shared with the dense analytic step, which wants float64)."""
+    p, n = log_score.shape
+    out = torch.empty((p, n), dtype=out_dtype, device=log_score.device)
+    if family == ABSORBING:
+        absorbing_posterior_kernel(p, log_score, x, out, p, n, F64=compute_f64(log_score))
+    elif family == DENSE:
+        _, inv, col = _dense.inversion_workspaces(log_score, x, tau, graph)
+        posterior_kernel(p, log_score, x, tau, inv, col, out, p, n, FAMILY=DENSE, F64=True)
+    else:
+        posterior_kernel(p, log_score, x, tau, log_score, log_score, out, p, n, FAMILY=family,
+                         F64=compute_f64(log_score))
+    return out
+
+
+@torch.library.custom_op("cdm_kernels::triton_scores_to_posterior", mutates_args=(), schema=SCHEMA)
+def scores_to_posterior(family: int, evals: Optional[torch.Tensor], vecs: Optional[torch.Tensor],
+                        vecs_inv: Optional[torch.Tensor], log_score: torch.Tensor, x: torch.Tensor,
+                        tau: torch.Tensor) -> torch.Tensor:
+    n = log_score.shape[1]
+    graph = check_family(family, evals, vecs, vecs_inv, n, log_score.device)
+    return posterior(family, graph, log_score.contiguous(), x.contiguous().long(),
+                     tau.to(torch.float64).contiguous(), log_score.dtype)

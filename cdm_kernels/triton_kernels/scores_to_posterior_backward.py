@@ -1,0 +1,102 @@
+"""``triton_scores_to_posterior_backward``: the gradient w.r.t. ``log_score`` of
+``<grad, scores_to_posterior(...)>``, recomputing the forward (nothing saved).
+
+Uniform / dense: ``_inversion._posterior_backward_kernel`` (three passes; dense
+then applies ``K(-tau)`` and the ``r`` factor in the eigenbasis). Absorbing: the
+log-softmax backward ``g - softmax * sum(g)`` over the real tokens where ``x``
+is the mask (two passes), zero elsewhere (``sum(g)`` runs over every entry, as
+autograd of the reference does).
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import triton
+import triton.language as tl
+
+from . import _dense
+from ._common import ABSORBING, DENSE, check_family, compute_f64, online_update, row_kernel, to_store
+from ._inversion import posterior_backward_kernel
+
+SCHEMA = (
+    "(int family, Tensor? evals, Tensor? vecs, Tensor? vecs_inv, "
+    "Tensor grad, Tensor log_score, Tensor x, Tensor tau) -> Tensor"
+)
+
+
+@triton.jit
+def _absorbing_backward_kernel(g_ptr, gl_ptr, ls_ptr, x_ptr, out_ptr, P, N, F64: tl.constexpr,
+                               FROM_TARGET: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr):
+    """``FROM_TARGET``: ``g = -grad_loss * target`` (the matching loss's backward)."""
+    CT: tl.constexpr = tl.float64 if F64 else tl.float32
+    rows = tl.program_id(0) * BLOCK_P + tl.arange(0, BLOCK_P)
+    rmask = rows < P
+    base = rows.to(tl.int64) * N
+    x = tl.load(x_ptr + rows, mask=rmask, other=0)
+    masked = rmask & (x == N - 1)
+    if FROM_TARGET:
+        gscale = -tl.load(gl_ptr + rows, mask=rmask, other=0.0).to(CT)
+    else:
+        gscale = tl.full([BLOCK_P], 1.0, CT)
+    m = tl.full([BLOCK_P], float("-inf"), CT)
+    s = tl.zeros([BLOCK_P], CT)
+    G = tl.zeros([BLOCK_P], CT)
+    for start in range(0, N, BLOCK_N):
+        cols = start + tl.arange(0, BLOCK_N)
+        msk = masked[:, None] & (cols[None, :] < N)
+        offs = base[:, None] + cols[None, :]
+        v = tl.load(ls_ptr + offs, mask=msk & (cols[None, :] < N - 1), other=float("-inf")).to(CT)
+        m, s = online_update(m, s, v)
+        g = tl.load(g_ptr + offs, mask=msk, other=0.0).to(CT)
+        G += tl.sum(tl.where(msk, g, 0.0), axis=1)
+    G = G * gscale
+    m_safe = tl.where(m == float("-inf"), 0.0, m)
+    coef = G / s  # softmax_y * G = exp(ls_y - m) * G / s
+    for start in range(0, N, BLOCK_N):
+        cols = start + tl.arange(0, BLOCK_N)
+        msk = rmask[:, None] & (cols[None, :] < N)
+        offs = base[:, None] + cols[None, :]
+        real = masked[:, None] & (cols[None, :] < N - 1)
+        v = tl.load(ls_ptr + offs, mask=msk & real, other=float("-inf")).to(CT)
+        g = tl.load(g_ptr + offs, mask=msk & real, other=0.0).to(CT) * gscale[:, None]
+        out = tl.where(real, g - tl.exp(v - m_safe[:, None]) * coef[:, None], 0.0)
+        tl.store(out_ptr + offs, to_store(out, out_ptr), mask=msk)
+
+
+absorbing_backward_kernel = row_kernel(_absorbing_backward_kernel)
+
+
+def posterior_backward(family: int, graph, g: torch.Tensor, grad_loss: Optional[torch.Tensor],
+                       log_score: torch.Tensor, x: torch.Tensor, tau: torch.Tensor) -> torch.Tensor:
+    """Shared with the matching loss: ``grad_loss`` given means ``g`` is the target
+    and the upstream gradient w.r.t. ``log q`` is ``-grad_loss * target``."""
+    p, n = log_score.shape
+    from_target = grad_loss is not None
+    gl = grad_loss if from_target else g
+    out = torch.empty_like(log_score)
+    f64 = compute_f64(log_score, g)
+    if family == ABSORBING:
+        absorbing_backward_kernel(p, g, gl, log_score, x, out, p, n, F64=f64, FROM_TARGET=from_target)
+    elif family == DENSE:
+        r, inv, col = _dense.inversion_workspaces(log_score, x, tau, graph)
+        gu = torch.empty((p, n), dtype=torch.float64, device=log_score.device)
+        posterior_backward_kernel(p, g, gl, log_score, x, tau, inv, col, gu, p, n, FAMILY=DENSE, F64=True,
+                                  FROM_TARGET=from_target)
+        # g_r = K(-tau) g_u, then the gradient r * g_r, 0 at x
+        out = _dense.apply(gu, tau, graph, transpose=False, out_dtype=log_score.dtype, sign=-1, mul=r, x=x)
+    else:
+        posterior_backward_kernel(p, g, gl, log_score, x, tau, log_score, log_score, out, p, n, FAMILY=family,
+                                  F64=f64, FROM_TARGET=from_target)
+    return out
+
+
+@torch.library.custom_op("cdm_kernels::triton_scores_to_posterior_backward", mutates_args=(), schema=SCHEMA)
+def scores_to_posterior_backward(family: int, evals: Optional[torch.Tensor], vecs: Optional[torch.Tensor],
+                                 vecs_inv: Optional[torch.Tensor], grad: torch.Tensor, log_score: torch.Tensor,
+                                 x: torch.Tensor, tau: torch.Tensor) -> torch.Tensor:
+    n = log_score.shape[1]
+    graph = check_family(family, evals, vecs, vecs_inv, n, log_score.device)
+    return posterior_backward(family, graph, grad.contiguous(), None, log_score.contiguous(),
+                              x.contiguous().long(), tau.to(torch.float64).contiguous())

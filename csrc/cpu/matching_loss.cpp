@@ -1,0 +1,284 @@
+// conditional_matching_loss (+ backward) on the CPU: per-position cross-entropy
+//   loss_p = -sum_a [t_a > 0] t_a log q_a,   q = scores_to_posterior(log_score, x, tau)
+// without materialising log q. Uniform graph, with u the clamped inversion (posterior.cpp):
+//   log q_a = log K[a, x] + log u_a - log Z,  Z = beta U + alpha u_x
+//   sum_a t_a log q_a = sum_a t_a log u_a + log(beta) T_off + log(alpha + beta) t_x - T log Z
+// (T = sum of the positive targets, T_off the part off x): 1 exp + 1 log per element, in
+// float32 (float64 for float64 inputs), sums in float64. Absorbing: the log-softmax over
+// real tokens on mask rows (1 exp / element); log e_x on the others (+inf if the target
+// puts mass off x). The loss is float32 for every input dtype (the schema's contract; a
+// float64 input is computed in float64 and rounded once).
+// Backward: G = -grad_loss [t > 0] t is the gradient of log q; the posterior's backward
+// (dL/du_a = (T q_a - t_a) grad_loss / u_a on unclamped entries, ...) follows.
+#include "cpu/cpu_common.h"
+#include "cpu/inversion.h"
+
+namespace cdm {
+namespace cpu {
+
+namespace {
+
+struct LossArgs {
+  int64_t family, n;
+  const void* ls;
+  DT dt;
+  const int64_t* x;
+  const double* tau;
+  const void* target;
+  DT target_dt;
+  void* loss;  // forward: (P,) float32 or float64
+  bool loss_f64;
+  const void* grad_loss;  // backward: (P,) float32 or float64
+  bool grad_f64;
+  void* out;  // backward: (P, N) in log_score's dtype
+};
+
+template <class VV>
+CDM_INLINE typename VV::V positive_part(typename VV::V t) {
+  using T = typename VV::T;
+  return t > T(0) ? t : typename VV::V{};  // NaN -> 0, as torch.where(target > 0, ...)
+}
+
+template <class VV>
+CDM_INLINE double uniform_loss_row(const LossArgs& a, int64_t p, typename VV::T* s, typename VV::T* t,
+                                   const Prefetch& pf, DecayCache& dc) {
+  using T = typename VV::T;
+  using V = typename VV::V;
+  const int64_t n = a.n, np = round_up(n), x = a.x[p];
+  load_row<VV>(a.ls, a.dt, p, n, s, -kInf<T>);
+  load_row<VV>(a.target, a.target_dt, p, n, t, T(0));
+  const UniformRow<T> row = uniform_ratios<VV>(s, n, x, uniform_coeffs(dc(a.tau[p]), n), pf);
+  const V zero{};
+  typename VV::Acc acc_u, acc_t, acc_tl;
+  for (int64_t i = 0; i < np; i += VV::L) {
+    V u = clamp_floor<VV>(VV::load(s + i) - row.cs, row.floor);
+    if (CDM_UNLIKELY(i + VV::L > n)) u = VV::below(n - i) ? u : zero;
+    const V tp = positive_part<VV>(VV::load(t + i));
+    const V tl = tp > zero ? tp * VV::log(u) : zero;
+    acc_u.add(u);
+    acc_t.add(tp);
+    acc_tl.add(tl);
+  }
+  const double z = row.c.beta * acc_u.sum() + row.c.alpha * static_cast<double>(row.u_x);
+  const double total = acc_t.sum();
+  const double t_x = t[x] > T(0) ? static_cast<double>(t[x]) : 0.0;
+  const double t_off = total - t_x;
+  double sum = acc_tl.sum();
+  if (t_off > 0.0) sum += std::log(row.c.off()) * t_off;
+  if (t_x > 0.0) sum += std::log(row.c.on()) * t_x;
+  if (total > 0.0) sum -= std::log(z) * total;
+  return -sum;
+}
+
+template <class VV>
+CDM_INLINE double absorbing_loss_row(const LossArgs& a, int64_t p, typename VV::T* s, typename VV::T* t,
+                                     const Prefetch& pf) {
+  using T = typename VV::T;
+  using V = typename VV::V;
+  const int64_t n = a.n, np = round_up(n), x = a.x[p], m = n - 1;
+  const double inf = std::numeric_limits<double>::infinity();
+  load_row<VV>(a.target, a.target_dt, p, n, t, T(0));
+  if (x != m) {  // log q = log e_x
+    for (int64_t b = 0; b < n; ++b)
+      if (b != x && t[b] > T(0)) return inf;
+    return -0.0;
+  }
+  if (t[m] > T(0)) return inf;  // the mask has probability 0
+  load_row<VV>(a.ls, a.dt, p, n, s, -kInf<T>);
+  s[m] = -kInf<T>;
+  const T mx = row_max<VV>(s, np);
+  const T lsum = static_cast<T>(std::log(exp_shift_sum<VV>(s, np, mx, pf)));
+  const V zero{};
+  typename VV::Acc acc;
+  for (int64_t i = 0; i < np; i += VV::L) {
+    const V tp = positive_part<VV>(VV::load(t + i));
+    const V lq = (VV::load(s + i) - mx) - lsum;
+    acc.add(tp > zero ? tp * lq : zero);
+  }
+  return -acc.sum();
+}
+
+struct LossForward {
+  using Args = LossArgs;
+  template <class VV>
+  static CDM_INLINE void rows(const Args& a, int64_t b, int64_t e) {
+    Scratch<typename VV::T> scratch(a.n, 2);
+    DecayCache dc;
+    for (int64_t p = b; p < e; ++p) {
+      const Prefetch pf = next_rows(p, e, a.n, a.ls, a.dt, a.target, a.target_dt);
+      const double loss = a.family == UNIFORM ? uniform_loss_row<VV>(a, p, scratch.row(0), scratch.row(1), pf, dc)
+                                              : absorbing_loss_row<VV>(a, p, scratch.row(0), scratch.row(1), pf);
+      if (a.loss_f64) {
+        static_cast<double*>(a.loss)[p] = loss;
+      } else {
+        static_cast<float*>(a.loss)[p] = static_cast<float>(loss);
+      }
+    }
+  }
+};
+
+struct LossBackward {
+  using Args = LossArgs;
+  template <class VV>
+  static CDM_INLINE void rows(const Args& a, int64_t b, int64_t e) {
+    using T = typename VV::T;
+    const int64_t n = a.n, np = round_up(n);
+    Scratch<T> scratch(n, 3);
+    T *s = scratch.row(0), *g = scratch.row(1), *h = scratch.row(2);
+    DecayCache dc;
+    for (int64_t p = b; p < e; ++p) {
+      const int64_t x = a.x[p];
+      const double gl = a.grad_f64 ? static_cast<const double*>(a.grad_loss)[p]
+                                   : static_cast<double>(static_cast<const float*>(a.grad_loss)[p]);
+      if (a.family == ABSORBING && x != n - 1) {
+        for (int64_t i = 0; i < np; ++i) s[i] = T(0);
+      } else {
+        load_row<VV>(a.ls, a.dt, p, n, s, -kInf<T>);
+        load_row<VV>(a.target, a.target_dt, p, n, g, T(0));
+        const T scale = static_cast<T>(-gl);
+        for (int64_t i = 0; i < np; i += VV::L) VV::store(g + i, positive_part<VV>(VV::load(g + i)) * scale);
+        const Prefetch pf = next_rows(p, e, n, a.ls, a.dt, a.target, a.target_dt);
+        if (a.family == UNIFORM) {
+          uniform_backward_row<VV>(n, x, uniform_coeffs(dc(a.tau[p]), n), s, g, h, pf);
+        } else {
+          absorbing_backward_row<VV>(n, s, g, pf);
+        }
+      }
+      store_row<VV>(a.out, a.dt, p, n, s);
+    }
+  }
+};
+
+// ----------------------------------------------------------------------------- dense
+
+void dense_loss(const Dense& g, const LossArgs& a, int64_t positions, bool backward) {
+  const int64_t n = a.n;
+  dense_blocks(positions, dense_block_rows(n), [&](int64_t b, int64_t e) {
+    const int64_t rows = e - b;
+    Scratch<double> buf(rows * n + W, 5);
+    double *r = buf.row(0), *u = buf.row(1), *l = buf.row(2), *work = buf.row(3), *t = buf.row(4);
+    std::vector<double> mx(rows);
+    dense_log_posterior(g, a.ls, a.dt, a.x + b, a.tau + b, b, rows, r, u, l, work, mx.data());
+    for (int64_t c = 0; c < rows; ++c) load_row<DenseVT>(a.target, a.target_dt, b + c, n, t + c * n, 0.0);
+    if (!backward) {
+      for (int64_t c = 0; c < rows; ++c) {
+        double sum = 0.0;
+        for (int64_t k = 0; k < n; ++k) {
+          const double tk = t[c * n + k];
+          if (tk > 0.0) sum += tk * l[c * n + k];
+        }
+        if (a.loss_f64) {
+          static_cast<double*>(a.loss)[b + c] = -sum;
+        } else {
+          static_cast<float*>(a.loss)[b + c] = static_cast<float>(-sum);
+        }
+      }
+      return;
+    }
+    // G = -grad_loss t+, dL/dlog q_unnorm = G - q sum G, dL/du = w (.) / u, dL/dr = K(-tau) dL/du
+    for (int64_t c = 0; c < rows; ++c) {
+      const int64_t p = b + c;
+      const double gl = a.grad_f64 ? static_cast<const double*>(a.grad_loss)[p]
+                                   : static_cast<double>(static_cast<const float*>(a.grad_loss)[p]);
+      double* tc = t + c * n;
+      double sum_g = 0.0;
+      for (int64_t k = 0; k < n; ++k) {
+        tc[k] = tc[k] > 0.0 ? -gl * tc[k] : 0.0;
+        sum_g += tc[k];
+      }
+      const double floor = POSTERIOR_FLOOR * std::exp(-mx[c]);
+      for (int64_t k = 0; k < n; ++k) {
+        const double uk = u[c * n + k];
+        const double dl = tc[k] - std::exp(l[c * n + k]) * sum_g;
+        const double w = uk > floor ? 1.0 : (uk == floor ? 0.5 : 0.0);
+        tc[k] = w != 0.0 ? w * dl / (uk < floor ? floor : uk) : 0.0;
+      }
+    }
+    dense_apply(g, t, a.tau + b, -1.0, rows, /*transpose=*/false, work, l);
+    for (int64_t c = 0; c < rows; ++c) {
+      double* o = work + c * n;
+      for (int64_t k = 0; k < n; ++k) o[k] *= r[c * n + k];
+      o[a.x[b + c]] = 0.0;
+      store_row<DenseVT>(a.out, a.dt, b + c, n, o);
+    }
+  });
+}
+
+// ----------------------------------------------------------------------------- ops
+
+LossArgs make_args(int64_t family, const at::Tensor& log_score, const at::Tensor& x, const at::Tensor& tau,
+                   const at::Tensor& target) {
+  check_rows(log_score, "log_score");
+  const int64_t positions = log_score.size(0);
+  check_positions(x, "x", positions, at::kLong);
+  check_positions(tau, "tau", positions, at::kDouble);
+  check_rows(target, "target");
+  check_same_shape(target, log_score, "target");
+  LossArgs a{};
+  a.family = family;
+  a.n = log_score.size(1);
+  a.ls = log_score.data_ptr();
+  a.dt = dt_of(log_score);
+  a.x = x.data_ptr<int64_t>();
+  a.tau = tau.data_ptr<double>();
+  a.target = target.data_ptr();
+  a.target_dt = dt_of(target);
+  return a;
+}
+
+at::Tensor loss_cpu(int64_t family, const c10::optional<at::Tensor>& evals, const c10::optional<at::Tensor>& vecs,
+                    const c10::optional<at::Tensor>& vecs_inv, const at::Tensor& log_score, const at::Tensor& x,
+                    const at::Tensor& tau, const at::Tensor& target) {
+  LossArgs a = make_args(family, log_score, x, tau, target);
+  const int64_t positions = log_score.size(0);
+  const Dense g = check_graph(family, evals, vecs, vecs_inv, a.n);
+  a.loss_f64 = false;  // the schema's contract: (P,) float32 for every input dtype
+  at::Tensor loss = at::empty({positions}, log_score.options().dtype(at::kFloat));
+  if (positions == 0) return loss;
+  a.loss = loss.data_ptr();
+  if (family == DENSE) {
+    dense_loss(g, a, positions, false);
+  } else if (a.dt == DT::F64) {
+    run_rows<LossForward, double>(a, positions, row_grain(a.n));
+  } else {
+    run_rows<LossForward, float>(a, positions, row_grain(a.n));
+  }
+  return loss;
+}
+
+at::Tensor loss_backward_cpu(int64_t family, const c10::optional<at::Tensor>& evals,
+                             const c10::optional<at::Tensor>& vecs, const c10::optional<at::Tensor>& vecs_inv,
+                             const at::Tensor& grad_loss, const at::Tensor& log_score, const at::Tensor& x,
+                             const at::Tensor& tau, const at::Tensor& target) {
+  LossArgs a = make_args(family, log_score, x, tau, target);
+  const int64_t positions = log_score.size(0);
+  const Dense g = check_graph(family, evals, vecs, vecs_inv, a.n);
+  TORCH_CHECK(grad_loss.dim() == 1 && grad_loss.size(0) == positions && grad_loss.is_contiguous() &&
+                  grad_loss.device().is_cpu() &&
+                  (grad_loss.scalar_type() == at::kFloat || grad_loss.scalar_type() == at::kDouble),
+              "cdm_kernels: grad_loss must be a contiguous (", positions, ",) float32 or float64 CPU tensor, got ",
+              grad_loss.sizes(), " ", grad_loss.scalar_type());
+  a.grad_loss = grad_loss.data_ptr();
+  a.grad_f64 = grad_loss.scalar_type() == at::kDouble;
+  at::Tensor out = empty_output_like(log_score);
+  if (positions == 0) return out;
+  a.out = out.data_ptr();
+  if (family == DENSE) {
+    dense_loss(g, a, positions, true);
+  } else if (a.dt == DT::F64) {
+    run_rows<LossBackward, double>(a, positions, row_grain(a.n));
+  } else {
+    run_rows<LossBackward, float>(a, positions, row_grain(a.n));
+  }
+  return out;
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(cdm_kernels, CPU, m) {
+  m.impl("conditional_matching_loss", &loss_cpu);
+  m.impl("conditional_matching_loss_backward", &loss_backward_cpu);
+}
+
+}  // namespace cpu
+}  // namespace cdm

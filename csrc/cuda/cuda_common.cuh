@@ -1,0 +1,661 @@
+// Shared plumbing of the CUDA kernels (csrc/cuda/*.cu): row layout, vectorised row I/O,
+// warp / row-group reductions, the inverse-CDF sampler and the host-side launch helpers.
+//
+// Layout of every row kernel (one "row group" of threads per position p):
+//   * W = 1 (N <= kSmallRow): a row group is one warp, 8 rows per 256-thread block;
+//     W = 8 (larger N): a row group is the whole 256-thread block, one row per block.
+//     Control flow is uniform inside a row group (every branch depends on per-row
+//     values only), so group barriers are __syncwarp (W = 1) or __syncthreads (W = 8).
+//   * The vocabulary is cut into segments of kSeg = 256 states: warp w of a group owns
+//     segments w, w + W, ... and lane l holds kEPT = 8 states of each. When the row
+//     start is 16-byte aligned and N * sizeof(S) % 16 == 0 ("aligned") lane l holds the
+//     contiguous states [seg*256 + 8l, +8) and moves them with 16-byte loads/stores
+//     (one for bf16/fp16, two for fp32, four for fp64); otherwise lane l holds states
+//     seg*256 + 32k + l (k < 8), scalar but still coalesced.
+//   * Reductions run in the compute type C (float for fp32/bf16/fp16 storage, double for
+//     fp64) inside a thread, and in double across threads (per-row scalars in double).
+//   * A row that is read by several passes is cached in shared memory (its storage
+//     dtype) by the first pass when it fits the budget (kCacheBudget per block, so at
+//     least two blocks stay resident per SM); later passes then read shared memory.
+//   * Offsets are int64 (P * N may exceed 2^31). No host synchronisation anywhere:
+//     launches go on the current stream, the Philox seed/offset come from a CPU tensor.
+//
+// CDM_CUDA_EMULATE compiles these kernels as plain C++ against cuda/emulate.h (one OS
+// thread per CUDA thread, barriers for __syncthreads / shuffles): the algorithms can then
+// be tested on a machine without a GPU. Nothing below may depend on which one is used.
+#pragma once
+
+#include <ATen/ATen.h>
+#include <c10/util/BFloat16.h>
+#include <c10/util/Half.h>
+#include <torch/library.h>
+
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <limits>
+#include <type_traits>
+
+#ifdef CDM_CUDA_EMULATE
+#include "cuda/emulate.h"
+#define CDM_DEV inline
+#define CDM_GLOBAL
+#define CDM_BOUNDS(n)
+#define CDM_DECLARE_SMEM(name) unsigned char* name = ::emu::shared_memory()
+#define CDM_CUDA_IMPL(m) TORCH_LIBRARY_IMPL(cdm_emu, CPU, m)
+#else
+#include <ATen/cuda/CUDAContext.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <cuda_runtime.h>
+#define CDM_DEV __device__ __forceinline__
+#define CDM_GLOBAL __global__
+#define CDM_BOUNDS(n) __launch_bounds__(n)
+#define CDM_DECLARE_SMEM(name) extern __shared__ __align__(16) unsigned char name[]
+#define CDM_CUDA_IMPL(m) TORCH_LIBRARY_IMPL(cdm_kernels, CUDA, m)
+#endif
+
+#include "graph.h"
+#include "philox.h"
+#include "cuda/dense.h"
+
+namespace cdm {
+namespace gpu {
+
+constexpr unsigned kFull = 0xffffffffu;
+constexpr int kEPT = 8;             // states per lane per segment
+constexpr int kSeg = 32 * kEPT;     // states per segment (one warp)
+constexpr int64_t kSmallRow = 1024;  // up to this N a row group is one warp
+constexpr int64_t kCacheBudget = 100 * 1024;  // bytes of row cache per block
+constexpr int kRedSlots = 32;       // doubles of reduction scratch per row group
+constexpr int64_t kNone = int64_t(1) << 62;  // "no index" (exact as a double)
+
+template <class S>
+struct Compute {
+  using type = float;
+};
+template <>
+struct Compute<double> {
+  using type = double;
+};
+
+template <class T>
+CDM_DEV T pos_inf() {
+  return static_cast<T>(INFINITY);
+}
+
+// Fast transcendentals: expf/logf become ex2.approx/lg2.approx under --use_fast_math
+// (about 2 ulp); double stays exact-rounded (per-row scalars and float64 storage).
+CDM_DEV float fexp(float v) { return expf(v); }
+CDM_DEV double fexp(double v) { return exp(v); }
+CDM_DEV float flog(float v) { return logf(v); }
+CDM_DEV double flog(double v) { return log(v); }
+
+template <class T>
+CDM_DEV T tmax(T a, T b) {
+  return a > b ? a : b;
+}
+template <class T>
+CDM_DEV T tmin(T a, T b) {
+  return a < b ? a : b;
+}
+
+// ----------------------------------------------------------------------------- warp level
+
+template <class T>
+CDM_DEV T warp_sum(T v) {
+#pragma unroll
+  for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(kFull, v, o);
+  return v;  // bitwise identical in every lane (each step is a commutative pair sum)
+}
+
+template <class T>
+CDM_DEV T warp_max(T v) {
+#pragma unroll
+  for (int o = 16; o > 0; o >>= 1) v = tmax(v, __shfl_xor_sync(kFull, v, o));
+  return v;
+}
+
+template <class T>
+CDM_DEV T warp_min(T v) {
+#pragma unroll
+  for (int o = 16; o > 0; o >>= 1) v = tmin(v, __shfl_xor_sync(kFull, v, o));
+  return v;
+}
+
+// inclusive prefix sum over the lanes of a warp
+CDM_DEV double warp_inclusive_scan(double v, int lane) {
+#pragma unroll
+  for (int o = 1; o < 32; o <<= 1) {
+    const double y = __shfl_up_sync(kFull, v, o);
+    if (lane >= o) v += y;
+  }
+  return v;
+}
+
+// ----------------------------------------------------------------------------- row groups
+
+template <int W>
+struct Group {
+  static constexpr int kThreads = 32 * W;
+  static constexpr int kRows = W == 1 ? 8 : 1;  // rows per block
+  static constexpr int kBlock = kThreads * kRows;
+
+  int tid;      // thread within the row group
+  int lane;     // lane within the warp
+  int warp;     // warp within the row group
+  int slot;     // row group within the block
+  double* red;  // kRedSlots doubles of shared scratch owned by this group
+
+  CDM_DEV void sync() const {
+    if (W == 1) {
+      __syncwarp();
+    } else {
+      __syncthreads();
+    }
+  }
+
+  // Group-wide reductions; every thread gets the identical result.
+  template <class T>
+  CDM_DEV T sum(T v) const {
+    v = warp_sum(v);
+    if (W == 1) return v;
+    sync();
+    if (lane == 0) red[warp] = static_cast<double>(v);
+    sync();
+    double t = 0.0;
+    for (int w = 0; w < W; ++w) t += red[w];
+    return static_cast<T>(t);
+  }
+  template <class T>
+  CDM_DEV T max(T v) const {
+    v = warp_max(v);
+    if (W == 1) return v;
+    sync();
+    if (lane == 0) red[warp] = static_cast<double>(v);
+    sync();
+    double t = red[0];
+    for (int w = 1; w < W; ++w) t = tmax(t, red[w]);
+    return static_cast<T>(t);
+  }
+  template <class T>
+  CDM_DEV T min(T v) const {
+    v = warp_min(v);
+    if (W == 1) return v;
+    sync();
+    if (lane == 0) red[warp] = static_cast<double>(v);
+    sync();
+    double t = red[0];
+    for (int w = 1; w < W; ++w) t = tmin(t, red[w]);
+    return static_cast<T>(t);
+  }
+  // exclusive prefix of v over threads in tid order; `total` gets the sum of all
+  CDM_DEV double exclusive_scan(double v, double& total) const {
+    const double incl = warp_inclusive_scan(v, lane);
+    double excl = __shfl_up_sync(kFull, incl, 1);
+    if (lane == 0) excl = 0.0;
+    const double warp_total = __shfl_sync(kFull, incl, 31);
+    if (W == 1) {
+      total = warp_total;
+      return excl;
+    }
+    sync();
+    if (lane == 0) red[warp] = warp_total;
+    sync();
+    double before = 0.0, all = 0.0;
+    for (int w = 0; w < W; ++w) {
+      if (w < warp) before += red[w];
+      all += red[w];
+    }
+    total = all;
+    return before + excl;
+  }
+};
+
+// ----------------------------------------------------------------------------- shared memory plan
+
+// Per row group: [reduction scratch][segment stats (optional)][row caches (optional)].
+struct SmemPlan {
+  int64_t group_bytes = 0;  // bytes per row group
+  int64_t stats_off = 0;    // segment stats: C seg_m[nseg], C seg_s[nseg], double mass[nseg]
+  int64_t cache_off = 0;    // `cache_rows` rows of nseg * kSeg storage elements
+  int64_t cache_stride = 0;  // bytes between cached rows
+  int cache_rows = 0;        // 0: no cache (later passes read global memory)
+  int64_t block_bytes = 0;   // dynamic shared memory of a block
+};
+
+inline int64_t host_align16(int64_t b) { return (b + 15) / 16 * 16; }
+CDM_HD inline int64_t num_segments(int64_t n) { return (n + kSeg - 1) / kSeg; }
+
+template <class S, int W>
+SmemPlan plan_smem(int64_t n, bool stats, int cache_rows_wanted) {
+  using C = typename Compute<S>::type;
+  const int64_t nseg = num_segments(n);
+  SmemPlan plan;
+  int64_t bytes = kRedSlots * sizeof(double);
+  plan.stats_off = bytes;
+  if (stats) bytes += host_align16(nseg * 2 * static_cast<int64_t>(sizeof(C))) + host_align16(nseg * 8);
+  bytes = host_align16(bytes);
+  plan.cache_off = bytes;
+  plan.cache_stride = host_align16(nseg * kSeg * static_cast<int64_t>(sizeof(S)));
+  const int64_t with_cache = bytes + cache_rows_wanted * plan.cache_stride;
+  if (cache_rows_wanted > 0 && with_cache * Group<W>::kRows <= kCacheBudget) {
+    plan.cache_rows = cache_rows_wanted;
+    bytes = with_cache;
+  }
+  plan.group_bytes = bytes;
+  plan.block_bytes = bytes * Group<W>::kRows;
+  return plan;
+}
+
+// Device view of a row group's shared memory (see SmemPlan).
+template <class C>
+struct SegStats {
+  C* m;          // per segment: max of the (non-excluded) log-scores
+  C* s;          // per segment: sum of exp(v - m)
+  double* mass;  // per segment: probability mass (sampling)
+};
+
+template <class C>
+CDM_DEV SegStats<C> segment_stats(unsigned char* group_smem, const SmemPlan& plan, int64_t nseg) {
+  unsigned char* base = group_smem + plan.stats_off;
+  SegStats<C> st;
+  st.m = reinterpret_cast<C*>(base);
+  st.s = st.m + nseg;
+  const int64_t mass_off = (nseg * 2 * static_cast<int64_t>(sizeof(C)) + 15) / 16 * 16;
+  st.mass = reinterpret_cast<double*>(base + mass_off);
+  return st;
+}
+
+template <class S>
+CDM_DEV S* cache_row(unsigned char* group_smem, const SmemPlan& plan, int r) {
+  return r < plan.cache_rows ? reinterpret_cast<S*>(group_smem + plan.cache_off + r * plan.cache_stride) : nullptr;
+}
+
+// ----------------------------------------------------------------------------- row I/O
+
+// Index of slot k of `lane` in segment `seg` (see the layout note at the top).
+template <bool AL>
+CDM_DEV int64_t slot_index(int64_t seg, int lane, int k) {
+  return AL ? seg * kSeg + lane * kEPT + k : seg * kSeg + k * 32 + lane;
+}
+
+// Load the kEPT storage values of (seg, lane); slots at or past n get S(0).
+// `raw` must be 16-byte aligned (declare it `alignas(16) S raw[kEPT]`).
+template <class S, bool AL>
+CDM_DEV void load_raw(const S* src, int64_t n, int64_t seg, int lane, S* raw) {
+  if (AL) {
+    const int64_t i0 = seg * kSeg + lane * kEPT;
+    if (i0 + kEPT <= n) {
+      constexpr int kVec = kEPT * sizeof(S) / 16;
+      constexpr int kPer = 16 / sizeof(S);
+      const uint4* s4 = reinterpret_cast<const uint4*>(src + i0);
+#pragma unroll
+      for (int j = 0; j < kVec; ++j) {
+        const uint4 v = s4[j];
+        memcpy(raw + j * kPer, &v, 16);
+      }
+      return;
+    }
+  }
+#pragma unroll
+  for (int k = 0; k < kEPT; ++k) {
+    const int64_t i = slot_index<AL>(seg, lane, k);
+    raw[k] = i < n ? src[i] : S(0.0f);
+  }
+}
+
+// Store the slots of (seg, lane) that lie below n.
+template <class S, bool AL>
+CDM_DEV void store_raw(S* dst, int64_t n, int64_t seg, int lane, const S* raw) {
+  if (AL) {
+    const int64_t i0 = seg * kSeg + lane * kEPT;
+    if (i0 + kEPT <= n) {
+      constexpr int kVec = kEPT * sizeof(S) / 16;
+      constexpr int kPer = 16 / sizeof(S);
+      uint4* d4 = reinterpret_cast<uint4*>(dst + i0);
+#pragma unroll
+      for (int j = 0; j < kVec; ++j) {
+        uint32_t w[4];
+        memcpy(w, raw + j * kPer, 16);
+#ifdef CDM_CUDA_EMULATE
+        d4[j] = make_uint4(w[0], w[1], w[2], w[3]);
+#else
+        // one 16-byte store (generic addressing: dst is global memory or the shared row cache);
+        // nvcc otherwise splits the uint4 store into four 4-byte stores here
+        asm volatile("st.v4.b32 [%0], {%1, %2, %3, %4};" ::"l"(d4 + j), "r"(w[0]), "r"(w[1]), "r"(w[2]), "r"(w[3])
+                     : "memory");
+#endif
+      }
+      return;
+    }
+  }
+#pragma unroll
+  for (int k = 0; k < kEPT; ++k) {
+    const int64_t i = slot_index<AL>(seg, lane, k);
+    if (i < n) dst[i] = raw[k];
+  }
+}
+
+template <class C, class S>
+CDM_DEV C to_compute(S v) {
+  return static_cast<C>(static_cast<typename std::conditional<std::is_same<S, double>::value, double, float>::type>(v));
+}
+
+template <class S, class C>
+CDM_DEV S to_storage(C v) {
+  return S(v);
+}
+template <>
+CDM_DEV c10::BFloat16 to_storage<c10::BFloat16, double>(double v) {
+  return c10::BFloat16(static_cast<float>(v));
+}
+template <>
+CDM_DEV c10::Half to_storage<c10::Half, double>(double v) {
+  return c10::Half(static_cast<float>(v));
+}
+
+// Write `at_x` at state x and `elsewhere` at every other state of the row.
+template <class S, bool AL, int W>
+CDM_DEV void fill_row(const Group<W>& g, S* out, int64_t n, int64_t x, typename Compute<S>::type at_x,
+                      typename Compute<S>::type elsewhere) {
+  const int64_t nseg = num_segments(n);
+  for (int64_t seg = g.warp; seg < nseg; seg += W) {
+    alignas(16) S o[kEPT];
+#pragma unroll
+    for (int k = 0; k < kEPT; ++k) o[k] = to_storage<S>(slot_index<AL>(seg, g.lane, k) == x ? at_x : elsewhere);
+    store_raw<S, AL>(out, n, seg, g.lane, o);
+  }
+}
+
+// ----------------------------------------------------------------------------- row passes
+
+// Running (max, sum exp(v - max)) of one thread, folded segment by segment.
+template <class C>
+struct RunningMS {
+  C m = -pos_inf<C>();
+  C s = C(0);
+  CDM_DEV void fold(C seg_m, C seg_s) {
+    if (!(seg_s > C(0))) return;  // empty segment (every state excluded)
+    if (seg_m > m) {
+      s = s * fexp(m - seg_m) + seg_s;
+      m = seg_m;
+    } else {
+      s += seg_s * fexp(seg_m - m);
+    }
+  }
+};
+
+// (max, sum exp(v - max)) of a warp's segment: one exp per state (max first, then the
+// exps relative to the segment max). v = -inf marks excluded states.
+template <class C>
+CDM_DEV void segment_ms(const C* v, C& seg_m, C& seg_s) {
+  C lm = v[0];
+#pragma unroll
+  for (int k = 1; k < kEPT; ++k) lm = tmax(lm, v[k]);
+  seg_m = warp_max(lm);
+  C ls = C(0);
+  if (seg_m > -pos_inf<C>()) {
+#pragma unroll
+    for (int k = 0; k < kEPT; ++k) ls += fexp(v[k] - seg_m);
+  }
+  seg_s = warp_sum(ls);
+}
+
+struct NoExtra {
+  CDM_DEV void operator()(int64_t) const {}
+};
+
+// Pass 1 of the inversion kernels: m = max_{y != x} log_score_y and
+// s = sum_{y != x} exp(log_score_y - m) (double, group-uniform). Optionally stores the
+// segment stats (seg_m, seg_s) and fills the row cache; `extra(seg)` runs once per
+// segment in every lane (to stream a second row alongside).
+template <class S, bool AL, int W, class Extra>
+CDM_DEV void pass_max_sumexp(const Group<W>& g, const S* row, S* cache, int64_t n, int64_t x,
+                             typename Compute<S>::type* seg_m, typename Compute<S>::type* seg_s, double& m_out,
+                             double& s_out, Extra&& extra) {
+  using C = typename Compute<S>::type;
+  const int64_t nseg = num_segments(n);
+  RunningMS<C> run;
+  for (int64_t seg = g.warp; seg < nseg; seg += W) {
+    alignas(16) S raw[kEPT];
+    load_raw<S, AL>(row, n, seg, g.lane, raw);
+    if (cache != nullptr) store_raw<S, AL>(cache, n, seg, g.lane, raw);
+    C v[kEPT];
+#pragma unroll
+    for (int k = 0; k < kEPT; ++k) {
+      const int64_t i = slot_index<AL>(seg, g.lane, k);
+      v[k] = (i < n && i != x) ? to_compute<C>(raw[k]) : -pos_inf<C>();
+    }
+    C sm, ss;
+    segment_ms(v, sm, ss);
+    if (seg_m != nullptr && g.lane == 0) {
+      seg_m[seg] = sm;
+      seg_s[seg] = ss;
+    }
+    run.fold(sm, ss);
+    extra(seg);
+  }
+  // (run.m, run.s) are warp-uniform: combine one copy per warp
+  const double m = g.max(static_cast<double>(run.m));
+  double part = 0.0;
+  if (g.lane == 0 && run.s > C(0)) part = static_cast<double>(run.s) * exp(static_cast<double>(run.m) - m);
+  s_out = g.sum(part);
+  m_out = m;
+}
+
+// ----------------------------------------------------------------------------- sampling
+
+// Inverse-CDF draw from the masses of a row: mass[seg] (shared, nseg entries, written
+// before the call and visible to the group) is the total probability of segment seg,
+// p_of(i) (double) the probability of state i, computed on the same basis. With
+// target = u * sum(mass), the pick is the first state whose running CDF exceeds the
+// target among states of positive probability (never a zero-probability state); when
+// rounding leaves the target past the end, the last state with positive probability.
+// Segment level: every thread scans a contiguous run of segments (exclusive scan over
+// the group); state level: warp 0 scans the 256 states of the picked segment in index
+// order. Returns the state in warp 0 (other warps get -1); x if the row has no mass.
+template <int W, class PFn>
+CDM_DEV int64_t sample_row(const Group<W>& g, const double* mass, int64_t n, int64_t x, float uniform, PFn&& p_of) {
+  const int64_t nseg = num_segments(n);
+  const int64_t per = (nseg + Group<W>::kThreads - 1) / Group<W>::kThreads;
+  const int64_t b = tmin<int64_t>(nseg, g.tid * per), e = tmin<int64_t>(nseg, b + per);
+  double local = 0.0;
+  for (int64_t j = b; j < e; ++j) local += mass[j];
+  double total;
+  const double prefix = g.exclusive_scan(local, total);
+  const double target = static_cast<double>(uniform) * total;
+  int64_t cand = kNone, last = -1;
+  double cand_carry = 0.0, cum = prefix;
+  for (int64_t j = b; j < e; ++j) {
+    const double mj = mass[j];
+    if (mj > 0.0) {
+      last = j;
+      if (cand == kNone && cum + mj > target) {
+        cand = j;
+        cand_carry = cum;
+      }
+    }
+    cum += mj;
+  }
+  const int64_t seg = g.min(cand);
+  const int64_t last_seg = g.max(last);
+  if (seg != kNone && cand == seg) g.red[kRedSlots - 1] = cand_carry;  // one owner: runs are disjoint
+  g.sync();
+  int64_t pick_seg;
+  double tgt;
+  if (seg != kNone) {
+    pick_seg = seg;
+    tgt = target - g.red[kRedSlots - 1];
+  } else if (last_seg >= 0) {
+    pick_seg = last_seg;
+    tgt = pos_inf<double>();  // no crossing: take the last state with mass
+  } else {
+    return g.warp == 0 ? x : -1;
+  }
+  if (g.warp != 0) return -1;
+  double carry = 0.0;
+  int64_t found = -1, last_pos = -1;
+  for (int k = 0; k < kEPT; ++k) {
+    const int64_t base = pick_seg * kSeg + k * 32;
+    const int64_t i = base + g.lane;
+    const double pv = i < n ? p_of(i) : 0.0;
+    const double incl = warp_inclusive_scan(pv, g.lane) + carry;
+    const unsigned hit = __ballot_sync(kFull, pv > 0.0 && incl > tgt);
+    const unsigned pos = __ballot_sync(kFull, pv > 0.0);
+    if (found < 0 && hit != 0u) found = base + (__ffs(static_cast<int>(hit)) - 1);
+    if (pos != 0u) last_pos = base + (31 - __clz(static_cast<int>(pos)));
+    carry = __shfl_sync(kFull, incl, 31);
+  }
+  if (found >= 0) return found;
+  return last_pos >= 0 ? last_pos : x;
+}
+
+// ----------------------------------------------------------------------------- kernel prologue
+
+// Sets up the row group of this thread; false when its row is past the end (the whole
+// group leaves together).
+template <int W>
+CDM_DEV bool row_setup(unsigned char* smem, const SmemPlan& plan, int64_t positions, Group<W>& g, int64_t& p,
+                       unsigned char*& group_smem) {
+  const int t = static_cast<int>(threadIdx.x);
+  g.slot = t / Group<W>::kThreads;
+  g.tid = t % Group<W>::kThreads;
+  g.lane = t % 32;
+  g.warp = g.tid / 32;
+  p = static_cast<int64_t>(blockIdx.x) * Group<W>::kRows + g.slot;
+  group_smem = smem + g.slot * plan.group_bytes;
+  g.red = reinterpret_cast<double*>(group_smem);
+  return p < positions;
+}
+
+// ----------------------------------------------------------------------------- host side
+
+enum class Storage : int { F32 = 0, F64 = 1, BF16 = 2, F16 = 3 };
+
+inline bool is_aligned_rows(const at::Tensor& t) {
+  const int64_t n = t.size(1);
+  const auto addr = reinterpret_cast<uintptr_t>(t.data_ptr());
+  return addr % 16 == 0 && (n * static_cast<int64_t>(t.element_size())) % 16 == 0;
+}
+
+// Calls f(S{}, aligned_tag, warps_tag) with S the storage type of `dtype`, aligned_tag a
+// std::integral_constant<bool, ...> and warps_tag a std::integral_constant<int, W>.
+template <class F>
+void dispatch_rows(at::ScalarType dtype, bool aligned, int64_t n, F&& f) {
+  auto with_warps = [&](auto s_tag, auto al_tag) {
+    if (n <= kSmallRow) {
+      f(s_tag, al_tag, std::integral_constant<int, 1>{});
+    } else {
+      f(s_tag, al_tag, std::integral_constant<int, 8>{});
+    }
+  };
+  auto with_align = [&](auto s_tag) {
+    if (aligned) {
+      with_warps(s_tag, std::true_type{});
+    } else {
+      with_warps(s_tag, std::false_type{});
+    }
+  };
+  switch (dtype) {
+    case at::kFloat:
+      with_align(float{});
+      break;
+    case at::kDouble:
+      with_align(double{});
+      break;
+    case at::kBFloat16:
+      with_align(c10::BFloat16{});
+      break;
+    case at::kHalf:
+      with_align(c10::Half{});
+      break;
+    default:
+      TORCH_CHECK(false, "cdm_kernels (CUDA): unsupported dtype ", dtype);
+  }
+}
+
+inline int64_t max_dynamic_smem() {
+#ifdef CDM_CUDA_EMULATE
+  return 227 * 1024;
+#else
+  return static_cast<int64_t>(at::cuda::getCurrentDeviceProperties()->sharedMemPerBlockOptin);
+#endif
+}
+
+// Launches kernel<<<ceil(positions / rows per block), block>>>(args) on the current stream.
+template <int W, class Args>
+void launch_rows(void (*kernel)(Args), const Args& args, int64_t positions, const SmemPlan& plan) {
+  if (positions == 0) return;
+  const int64_t blocks = (positions + Group<W>::kRows - 1) / Group<W>::kRows;
+  TORCH_CHECK(blocks <= std::numeric_limits<int>::max(), "cdm_kernels (CUDA): too many positions (", positions, ")");
+  TORCH_CHECK(plan.block_bytes <= max_dynamic_smem(), "cdm_kernels (CUDA): a row of this many states needs ",
+              plan.block_bytes, " bytes of shared memory, more than the device's ", max_dynamic_smem());
+#ifdef CDM_CUDA_EMULATE
+  ::emu::launch(static_cast<unsigned>(blocks), Group<W>::kBlock, static_cast<size_t>(plan.block_bytes),
+                [&]() { kernel(args); });
+#else
+  const void* fn = reinterpret_cast<const void*>(kernel);
+  if (plan.block_bytes > 48 * 1024) {
+    C10_CUDA_CHECK(cudaFuncSetAttribute(fn, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                        static_cast<int>(plan.block_bytes)));
+  }
+  Args copy = args;
+  void* params[] = {&copy};
+  C10_CUDA_CHECK(cudaLaunchKernel(fn, dim3(static_cast<unsigned>(blocks)), dim3(Group<W>::kBlock), params,
+                                  static_cast<size_t>(plan.block_bytes), at::cuda::getCurrentCUDAStream().stream()));
+#endif
+}
+
+// ----------------------------------------------------------------------------- argument checks
+
+#ifdef CDM_CUDA_EMULATE
+#define CDM_DEVICE_GUARD(t) (void)(t)
+inline void check_device(const at::Tensor&, const char*) {}
+#else
+#define CDM_DEVICE_GUARD(t) const c10::cuda::CUDAGuard cdm_device_guard((t).device())
+inline void check_device(const at::Tensor& t, const char* what) {
+  TORCH_CHECK(t.is_cuda(), "cdm_kernels (CUDA): ", what, " must be a CUDA tensor, got ", t.device());
+}
+#endif
+
+inline void check_rows(const at::Tensor& t, const char* what) {
+  check_device(t, what);
+  TORCH_CHECK(t.dim() == 2, "cdm_kernels: ", what, " must be (P, N), got ", t.sizes());
+  TORCH_CHECK(t.is_contiguous(), "cdm_kernels: ", what, " must be contiguous");
+  const auto s = t.scalar_type();
+  TORCH_CHECK(s == at::kFloat || s == at::kDouble || s == at::kBFloat16 || s == at::kHalf, "cdm_kernels: ", what,
+              " must be float32, float64, bfloat16 or float16, got ", s);
+  TORCH_CHECK(t.size(1) >= 2, "cdm_kernels: ", what, " needs at least 2 states, got ", t.size(1));
+}
+
+inline void check_positions(const at::Tensor& t, const at::Tensor& like, const char* what, int64_t positions,
+                            at::ScalarType dtype) {
+  check_device(t, what);
+  TORCH_CHECK(t.device() == like.device(), "cdm_kernels: ", what, " is on ", t.device(), " but the rows are on ",
+              like.device());
+  TORCH_CHECK(t.dim() == 1 && t.size(0) == positions, "cdm_kernels: ", what, " must be (", positions, ",), got ",
+              t.sizes());
+  TORCH_CHECK(t.scalar_type() == dtype, "cdm_kernels: ", what, " must be ", dtype, ", got ", t.scalar_type());
+}
+
+inline void check_family(int64_t family) {
+  TORCH_CHECK(family == UNIFORM || family == ABSORBING || family == DENSE,
+              "cdm_kernels: family must be 0 (uniform), 1 (absorbing) or 2 (dense), got ", family);
+}
+
+// The float64 eigen-decomposition of a dense graph, validated and on the rows' device.
+inline dense::Eigen check_dense(const c10::optional<at::Tensor>& evals, const c10::optional<at::Tensor>& vecs,
+                              const c10::optional<at::Tensor>& vecs_inv, int64_t n, const at::Device& device) {
+  TORCH_CHECK(evals.has_value() && vecs.has_value() && vecs_inv.has_value(),
+              "cdm_kernels: a dense graph (family 2) needs evals, vecs and vecs_inv");
+  TORCH_CHECK(evals->dim() == 1 && evals->size(0) == n, "cdm_kernels: evals must be (", n, ",), got ", evals->sizes());
+  TORCH_CHECK(vecs->dim() == 2 && vecs->size(0) == n && vecs->size(1) == n, "cdm_kernels: vecs must be (", n, ", ", n,
+              "), got ", vecs->sizes());
+  TORCH_CHECK(vecs_inv->dim() == 2 && vecs_inv->size(0) == n && vecs_inv->size(1) == n,
+              "cdm_kernels: vecs_inv must be (", n, ", ", n, "), got ", vecs_inv->sizes());
+  const auto opts = at::TensorOptions().dtype(at::kDouble).device(device);
+  return {evals->to(opts).contiguous(), vecs->to(opts).contiguous(), vecs_inv->to(opts).contiguous()};
+}
+
+}  // namespace gpu
+}  // namespace cdm

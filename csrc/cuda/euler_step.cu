@@ -1,0 +1,240 @@
+// euler_step on CUDA: one fused reverse step (kernel evaluation, inversion, sampling).
+//
+// Every closed-form case is one of two shapes (derived from reference.step_probabilities;
+// Delta = tau_t - tau_s, e_y = exp(ls_y - m), m / s = max / sum-exp over y != x):
+//   A  p_y = K e_y (y != x), p_x = px            ("exclusive": only pass 1 reads the row)
+//      uniform euler (tau_s > 0):  log-rate lr = log(Delta / N), scale = max(lr + m, 0),
+//                                  K = e^{lr + m - scale}, px = max(e^-scale - K s, 0)
+//      absorbing, x = mask:        analytic  K = (1 - e^-Delta) e^-tau_s / s, px = 1 - e^-tau_s
+//                                  euler     as uniform with lr = log(Delta); tau_s = 0: K = 1/s, px = 0
+//      absorbing, x != mask:       x (no read)
+//   B  p_y = c1 u_y + c0 + [y = x] (d1 u_y + d0), u the clamped inversion (posterior.cuh)
+//      uniform analytic:           c1 = beta_D alpha_s, c0 = beta_D beta_s U, d1 = alpha_D alpha_s,
+//                                  d0 = alpha_D beta_s U (U = sum u); tau_s = 0 gives q itself,
+//                                  which is also the euler step's tau_s = 0 rule
+// Passes: 1 = per-segment (max, sum-exp) stats (1 exp / state, stored in shared memory);
+// B adds pass 2 = per-segment sums of u (1 exp / state; the row is cached in shared memory
+// by pass 1 when it fits). Sampling (cuda_common.cuh: sample_row) then needs no pass over
+// the row: segment masses come from the stats, one 256-state segment is recomputed.
+// One Philox uniform per position: philox_uniform(seed, offset, p), as Triton's tl.rand.
+// Dense graphs: float64 step probabilities (dense.cpp), sampled by sample_probs_kernel.
+#include "cuda/posterior.cuh"
+
+namespace cdm {
+namespace gpu {
+namespace {
+
+template <class S>
+struct StepArgs {
+  const S* ls;
+  const int64_t* x;
+  const double* tau_t;
+  const double* tau_s;
+  int64_t* out;
+  int64_t positions, n, family, method;
+  int64_t seed, offset;
+  SmemPlan plan;
+};
+
+template <class S, bool AL, int W>
+CDM_GLOBAL void CDM_BOUNDS(Group<W>::kBlock) euler_step_kernel(const StepArgs<S> a) {
+  using C = typename Compute<S>::type;
+  CDM_DECLARE_SMEM(smem);
+  Group<W> g;
+  int64_t p;
+  unsigned char* gs;
+  if (!row_setup<W>(smem, a.plan, a.positions, g, p, gs)) return;
+  const int64_t n = a.n, nseg = num_segments(n), x = a.x[p];
+  if (a.family == ABSORBING && x != n - 1) {  // an unmasked token stays
+    if (g.tid == 0) a.out[p] = x;
+    return;
+  }
+  const double tau_t = a.tau_t[p], tau_s = a.tau_s[p];
+  const double delta = tau_t - tau_s;
+  const bool inversion = a.family == UNIFORM && (a.method == 0 || tau_s == 0.0);
+  const S* row = a.ls + p * n;
+  S* cache = inversion ? cache_row<S>(gs, a.plan, 0) : nullptr;
+  const SegStats<C> st = segment_stats<C>(gs, a.plan, nseg);
+  double m, s;
+  pass_max_sumexp<S, AL, W>(g, row, cache, n, x, st.m, st.s, m, s, NoExtra{});
+  g.sync();  // the segment stats and the row cache, written per warp, are read by the whole group
+  const float uniform = philox_uniform(a.seed, a.offset, p);
+  int64_t pick;
+  if (!inversion) {  // shape A
+    double K, px;
+    if (a.family == ABSORBING && a.method == 0) {
+      const Decay dd = decay(delta), ds = decay(tau_s);
+      K = dd.one_minus_alpha * ds.alpha / s;
+      px = ds.one_minus_alpha;
+    } else if (a.family == ABSORBING && tau_s == 0.0) {
+      K = 1.0 / s;
+      px = 0.0;
+    } else {  // euler, tau_s > 0: Delta Q[y, x] r_y, scaled by e^-scale so nothing overflows
+      const double lr = log(a.family == UNIFORM ? delta / static_cast<double>(n) : delta);
+      const double scale = tmax(lr + m, 0.0);
+      K = exp(lr + m - scale);
+      px = tmax(exp(-scale) - K * s, 0.0);
+    }
+    for (int64_t j = g.tid; j < nseg; j += Group<W>::kThreads) {  // segment masses (stats: pass 1)
+      double mass = st.s[j] > C(0) ? K * exp(static_cast<double>(st.m[j]) - m) * static_cast<double>(st.s[j]) : 0.0;
+      if (x / kSeg == j) mass += px;
+      st.mass[j] = mass;
+    }
+    g.sync();
+    pick = sample_row<W>(g, st.mass, n, x, uniform, [&](int64_t i) -> double {
+      if (i == x) return px;
+      const int64_t j = i / kSeg;
+      if (!(st.s[j] > C(0))) return 0.0;
+      const C e = fexp(to_compute<C>(row[i]) - st.m[j]);  // same basis as the segment's mass
+      return K * exp(static_cast<double>(st.m[j]) - m) * static_cast<double>(e);
+    });
+  } else {  // shape B
+    const UniformCoeffs c = uniform_coeffs(tau_t, n);
+    const Inversion<C> inv = uniform_inversion<C>(m, s, c);
+    const S* src = cache != nullptr ? cache : row;
+    C acc = C(0);
+    for (int64_t seg = g.warp; seg < nseg; seg += W) {  // pass 2: per-segment sums of u
+      alignas(16) S raw[kEPT];
+      load_raw<S, AL>(src, n, seg, g.lane, raw);
+      C part = C(0);
+#pragma unroll
+      for (int k = 0; k < kEPT; ++k) {
+        const int64_t i = slot_index<AL>(seg, g.lane, k);
+        if (i < n) part += inv.u_of(i == x ? C(0) : to_compute<C>(raw[k]));
+      }
+      acc += part;
+      part = warp_sum(part);
+      if (g.lane == 0) st.mass[seg] = static_cast<double>(part);
+    }
+    const double U = g.sum(static_cast<double>(acc));
+    g.sync();  // st.mass (lane 0 of each segment's warp) visible to the group
+    const Decay dd = decay(delta), ds = decay(tau_s);
+    const double beta_d = dd.one_minus_alpha / static_cast<double>(n), beta_s = ds.one_minus_alpha / static_cast<double>(n);
+    const double c1 = beta_d * ds.alpha, c0 = beta_d * beta_s * U;
+    const double d1 = dd.alpha * ds.alpha, d0 = dd.alpha * beta_s * U;
+    const double ux = static_cast<double>(inv.u_of(C(0)));
+    for (int64_t j = g.tid; j < nseg; j += Group<W>::kThreads) {
+      const double count = static_cast<double>(tmin<int64_t>(kSeg, n - j * kSeg));
+      double mass = c1 * st.mass[j] + c0 * count;
+      if (x / kSeg == j) mass += d1 * ux + d0;
+      st.mass[j] = mass;
+    }
+    g.sync();
+    pick = sample_row<W>(g, st.mass, n, x, uniform, [&](int64_t i) -> double {
+      const double u = static_cast<double>(inv.u_of(i == x ? C(0) : to_compute<C>(src[i])));
+      return c1 * u + c0 + (i == x ? d1 * u + d0 : 0.0);
+    });
+  }
+  if (g.tid == 0) a.out[p] = pick;
+}
+
+// Dense graphs: inverse-CDF draw from explicit float64 probabilities (P, N).
+struct ProbsArgs {
+  const double* probs;
+  const int64_t* x;
+  int64_t* out;
+  int64_t positions, n;
+  int64_t seed, offset;
+  SmemPlan plan;
+};
+
+template <bool AL, int W>
+CDM_GLOBAL void CDM_BOUNDS(Group<W>::kBlock) sample_probs_kernel(const ProbsArgs a) {
+  CDM_DECLARE_SMEM(smem);
+  Group<W> g;
+  int64_t p;
+  unsigned char* gs;
+  if (!row_setup<W>(smem, a.plan, a.positions, g, p, gs)) return;
+  const int64_t n = a.n, nseg = num_segments(n), x = a.x[p];
+  const double* row = a.probs + p * n;
+  const SegStats<double> st = segment_stats<double>(gs, a.plan, nseg);
+  for (int64_t seg = g.warp; seg < nseg; seg += W) {
+    alignas(16) double raw[kEPT];
+    load_raw<double, AL>(row, n, seg, g.lane, raw);
+    double part = 0.0;
+#pragma unroll
+    for (int k = 0; k < kEPT; ++k) part += tmax(raw[k], 0.0);  // slots past n hold 0
+    part = warp_sum(part);
+    if (g.lane == 0) st.mass[seg] = part;
+  }
+  g.sync();
+  const float uniform = philox_uniform(a.seed, a.offset, p);
+  const int64_t pick = sample_row<W>(g, st.mass, n, x, uniform, [&](int64_t i) -> double { return tmax(row[i], 0.0); });
+  if (g.tid == 0) a.out[p] = pick;
+}
+
+at::Tensor euler_step_cuda(int64_t family, const c10::optional<at::Tensor>& evals,
+                           const c10::optional<at::Tensor>& vecs, const c10::optional<at::Tensor>& vecs_inv,
+                           const at::Tensor& log_score, const at::Tensor& x_in, const at::Tensor& tau_t_in,
+                           const at::Tensor& tau_s_in, int64_t method, const at::Tensor& seed_offset) {
+  CDM_DEVICE_GUARD(log_score);
+  check_family(family);
+  check_rows(log_score, "log_score");
+  TORCH_CHECK(method == 0 || method == 1, "cdm_kernels: method must be 0 (analytic) or 1 (euler), got ", method);
+  const int64_t positions = log_score.size(0), n = log_score.size(1);
+  check_positions(x_in, log_score, "x", positions, at::kLong);
+  check_positions(tau_t_in, log_score, "tau_t", positions, at::kDouble);
+  check_positions(tau_s_in, log_score, "tau_s", positions, at::kDouble);
+  TORCH_CHECK(seed_offset.device().is_cpu() && seed_offset.scalar_type() == at::kLong && seed_offset.numel() == 2,
+              "cdm_kernels: seed_offset must be a CPU int64 tensor [seed, offset]");
+  const at::Tensor so = seed_offset.contiguous();
+  const int64_t seed = so.data_ptr<int64_t>()[0], offset = so.data_ptr<int64_t>()[1];  // host memory: no sync
+  TORCH_CHECK(offset >= 0, "cdm_kernels: the Philox offset must be non-negative, got ", offset);
+  const at::Tensor x = x_in.contiguous(), tau_t = tau_t_in.contiguous(), tau_s = tau_s_in.contiguous();
+  at::Tensor out = at::empty({positions}, x.options());
+  if (positions == 0) return out;
+  if (family == DENSE) {
+    const dense::Eigen eg = check_dense(evals, vecs, vecs_inv, n, log_score.device());
+    const at::Tensor probs = dense::step_probabilities(eg, log_score, x, tau_t, tau_s, method).contiguous();
+    ProbsArgs a;
+    a.probs = probs.data_ptr<double>();
+    a.x = x.data_ptr<int64_t>();
+    a.out = out.data_ptr<int64_t>();
+    a.positions = positions;
+    a.n = n;
+    a.seed = seed;
+    a.offset = offset;
+    const bool aligned = is_aligned_rows(probs);
+    auto go = [&](auto al_tag, auto w_tag) {
+      constexpr bool AL = decltype(al_tag)::value;
+      constexpr int W = decltype(w_tag)::value;
+      a.plan = plan_smem<double, W>(n, /*stats=*/true, /*cache_rows=*/0);
+      launch_rows<W>(&sample_probs_kernel<AL, W>, a, positions, a.plan);
+    };
+    if (n <= kSmallRow) {
+      aligned ? go(std::true_type{}, std::integral_constant<int, 1>{}) : go(std::false_type{}, std::integral_constant<int, 1>{});
+    } else {
+      aligned ? go(std::true_type{}, std::integral_constant<int, 8>{}) : go(std::false_type{}, std::integral_constant<int, 8>{});
+    }
+    return out;
+  }
+  dispatch_rows(log_score.scalar_type(), is_aligned_rows(log_score), n, [&](auto s_tag, auto al_tag, auto w_tag) {
+    using S = decltype(s_tag);
+    constexpr bool AL = decltype(al_tag)::value;
+    constexpr int W = decltype(w_tag)::value;
+    StepArgs<S> a;
+    a.ls = static_cast<const S*>(log_score.data_ptr());
+    a.x = x.data_ptr<int64_t>();
+    a.tau_t = tau_t.data_ptr<double>();
+    a.tau_s = tau_s.data_ptr<double>();
+    a.out = out.data_ptr<int64_t>();
+    a.positions = positions;
+    a.n = n;
+    a.family = family;
+    a.method = method;
+    a.seed = seed;
+    a.offset = offset;
+    // the row is re-read only by the inversion (uniform analytic, or tau_s = 0)
+    const int cache_rows = (family == UNIFORM && method == 0) ? 1 : 0;
+    a.plan = plan_smem<S, W>(n, /*stats=*/true, cache_rows);
+    launch_rows<W>(&euler_step_kernel<S, AL, W>, a, positions, a.plan);
+  });
+  return out;
+}
+
+}  // namespace
+
+CDM_CUDA_IMPL(m) { m.impl("euler_step", &euler_step_cuda); }
+
+}  // namespace gpu
+}  // namespace cdm

@@ -1,0 +1,197 @@
+// conditional_matching_loss (+ backward) on CUDA: per-position cross-entropy
+// -sum_{t > 0} t log q of a target row against the inverted conditional, float32 out.
+//
+// Uniform: log q = log K[y, x] + log u - log Z, so
+//   loss = (sum_{t>0} t) log Z - sum_{t>0} t (log K[y, x] + log u)
+//   pass 1  m, s over y != x (log-scores; the row is cached in shared memory when it fits)
+//   pass 2  U = sum u, A = sum_{t>0} t (log K + log u), T = sum_{t>0} t   (1 exp + 1 log / state)
+// Absorbing: x != mask: 0, or inf when the target has mass off x (one pass over the target);
+// x = mask: loss = T log s - sum_{t>0, y != mask} t (ls_y - m), inf with mass on the mask.
+// The target is read in the log-scores' dtype (reference.py converts it to log q's dtype).
+// Backward: the inversion backward of posterior.cuh with g = -grad_loss * target (t > 0).
+#include "cuda/posterior.cuh"
+
+namespace cdm {
+namespace gpu {
+namespace {
+
+template <class S>
+struct LossArgs {
+  const S* ls;
+  const S* target;
+  const int64_t* x;
+  const double* tau;
+  float* out;  // (P,)
+  int64_t positions, n, family;
+  SmemPlan plan;
+};
+
+template <class S, bool AL, int W>
+CDM_GLOBAL void CDM_BOUNDS(Group<W>::kBlock) loss_kernel(const LossArgs<S> a) {
+  using C = typename Compute<S>::type;
+  CDM_DECLARE_SMEM(smem);
+  Group<W> g;
+  int64_t p;
+  unsigned char* gs;
+  if (!row_setup<W>(smem, a.plan, a.positions, g, p, gs)) return;
+  const int64_t n = a.n, nseg = num_segments(n), x = a.x[p];
+  const S* row = a.ls + p * n;
+  const S* trow = a.target + p * n;
+  if (a.family == ABSORBING && x != n - 1) {  // q = e_x
+    int bad = 0;
+    for (int64_t seg = g.warp; seg < nseg; seg += W) {
+      alignas(16) S traw[kEPT];
+      load_raw<S, AL>(trow, n, seg, g.lane, traw);
+#pragma unroll
+      for (int k = 0; k < kEPT; ++k) {
+        const int64_t i = slot_index<AL>(seg, g.lane, k);
+        if (i < n && i != x && to_compute<C>(traw[k]) > C(0)) bad = 1;
+      }
+    }
+    bad = g.max(bad);
+    if (g.tid == 0) a.out[p] = bad ? INFINITY : 0.0f;
+    return;
+  }
+  S* cache = cache_row<S>(gs, a.plan, 0);
+  double m, s;
+  pass_max_sumexp<S, AL, W>(g, row, cache, n, x, nullptr, nullptr, m, s, NoExtra{});
+  const S* src = cache != nullptr ? cache : row;
+  C acc_a = C(0), acc_t = C(0), acc_u = C(0);
+  int bad = 0;
+  if (a.family == ABSORBING) {  // x = mask: q = softmax over the real tokens, q(mask) = 0
+    const C mc = static_cast<C>(m);
+    for (int64_t seg = g.warp; seg < nseg; seg += W) {
+      alignas(16) S lraw[kEPT], traw[kEPT];
+      load_raw<S, AL>(src, n, seg, g.lane, lraw);
+      load_raw<S, AL>(trow, n, seg, g.lane, traw);
+#pragma unroll
+      for (int k = 0; k < kEPT; ++k) {
+        const int64_t i = slot_index<AL>(seg, g.lane, k);
+        const C t = to_compute<C>(traw[k]);
+        if (i < n && t > C(0)) {
+          if (i == x) {
+            bad = 1;
+          } else {
+            acc_a += t * (to_compute<C>(lraw[k]) - mc);
+            acc_t += t;
+          }
+        }
+      }
+    }
+    const double A = g.sum(static_cast<double>(acc_a));
+    const double T = g.sum(static_cast<double>(acc_t));
+    bad = g.max(bad);
+    if (g.tid == 0) a.out[p] = bad ? INFINITY : static_cast<float>(T * log(s) - A);
+    return;
+  }
+  const UniformCoeffs c = uniform_coeffs(a.tau[p], n);
+  const Inversion<C> inv = uniform_inversion<C>(m, s, c);
+  const C log_off = static_cast<C>(log(c.off())), log_on = static_cast<C>(log(c.on()));
+  for (int64_t seg = g.warp; seg < nseg; seg += W) {
+    alignas(16) S lraw[kEPT], traw[kEPT];
+    load_raw<S, AL>(src, n, seg, g.lane, lraw);
+    load_raw<S, AL>(trow, n, seg, g.lane, traw);
+#pragma unroll
+    for (int k = 0; k < kEPT; ++k) {
+      const int64_t i = slot_index<AL>(seg, g.lane, k);
+      if (i < n) {
+        const C u = inv.u_of(i == x ? C(0) : to_compute<C>(lraw[k]));
+        acc_u += u;
+        const C t = to_compute<C>(traw[k]);
+        if (t > C(0)) {  // 0 log 0 = 0
+          acc_a += t * ((i == x ? log_on : log_off) + flog(u));
+          acc_t += t;
+        }
+      }
+    }
+  }
+  const double U = g.sum(static_cast<double>(acc_u));
+  const double A = g.sum(static_cast<double>(acc_a));
+  const double T = g.sum(static_cast<double>(acc_t));
+  const double z = c.beta * U + c.alpha * static_cast<double>(inv.u_of(C(0)));
+  if (g.tid == 0) a.out[p] = static_cast<float>(T * log(z) - A);
+}
+
+struct Inputs {
+  int64_t positions, n;
+  at::Tensor x, tau, target;
+};
+
+Inputs check_inputs(int64_t family, const at::Tensor& log_score, const at::Tensor& x, const at::Tensor& tau,
+                    const at::Tensor& target) {
+  check_family(family);
+  check_rows(log_score, "log_score");
+  check_rows(target, "target");
+  TORCH_CHECK(target.sizes() == log_score.sizes(), "cdm_kernels: target must have shape ", log_score.sizes(),
+              ", got ", target.sizes());
+  const int64_t positions = log_score.size(0);
+  check_positions(x, log_score, "x", positions, at::kLong);
+  check_positions(tau, log_score, "tau", positions, at::kDouble);
+  return {positions, log_score.size(1), x.contiguous(), tau.contiguous(),
+          target.to(log_score.scalar_type()).contiguous()};
+}
+
+at::Tensor conditional_matching_loss_cuda(int64_t family, const c10::optional<at::Tensor>& evals,
+                                          const c10::optional<at::Tensor>& vecs,
+                                          const c10::optional<at::Tensor>& vecs_inv, const at::Tensor& log_score,
+                                          const at::Tensor& x, const at::Tensor& tau, const at::Tensor& target) {
+  CDM_DEVICE_GUARD(log_score);
+  const Inputs in = check_inputs(family, log_score, x, tau, target);
+  if (family == DENSE) {
+    const dense::Eigen eg = check_dense(evals, vecs, vecs_inv, in.n, log_score.device());
+    return dense::matching_loss(eg, log_score, in.x, in.tau, in.target);
+  }
+  at::Tensor out = at::empty({in.positions}, log_score.options().dtype(at::kFloat));
+  if (in.positions == 0) return out;
+  const bool aligned = is_aligned_rows(log_score) && is_aligned_rows(in.target);
+  dispatch_rows(log_score.scalar_type(), aligned, in.n, [&](auto s_tag, auto al_tag, auto w_tag) {
+    using S = decltype(s_tag);
+    constexpr bool AL = decltype(al_tag)::value;
+    constexpr int W = decltype(w_tag)::value;
+    LossArgs<S> a;
+    a.ls = static_cast<const S*>(log_score.data_ptr());
+    a.target = static_cast<const S*>(in.target.data_ptr());
+    a.x = in.x.data_ptr<int64_t>();
+    a.tau = in.tau.data_ptr<double>();
+    a.out = out.data_ptr<float>();
+    a.positions = in.positions;
+    a.n = in.n;
+    a.family = family;
+    a.plan = plan_smem<S, W>(in.n, /*stats=*/false, /*cache_rows=*/1);
+    launch_rows<W>(&loss_kernel<S, AL, W>, a, in.positions, a.plan);
+  });
+  return out;
+}
+
+at::Tensor conditional_matching_loss_backward_cuda(int64_t family, const c10::optional<at::Tensor>& evals,
+                                                   const c10::optional<at::Tensor>& vecs,
+                                                   const c10::optional<at::Tensor>& vecs_inv,
+                                                   const at::Tensor& grad_loss, const at::Tensor& log_score,
+                                                   const at::Tensor& x, const at::Tensor& tau,
+                                                   const at::Tensor& target) {
+  CDM_DEVICE_GUARD(log_score);
+  const Inputs in = check_inputs(family, log_score, x, tau, target);
+  check_device(grad_loss, "grad_loss");
+  TORCH_CHECK(grad_loss.dim() == 1 && grad_loss.size(0) == in.positions, "cdm_kernels: grad_loss must be (",
+              in.positions, ",), got ", grad_loss.sizes());
+  if (family == DENSE) {
+    const dense::Eigen eg = check_dense(evals, vecs, vecs_inv, in.n, log_score.device());
+    return dense::matching_loss_backward(eg, grad_loss, log_score, in.x, in.tau, in.target)
+        .to(log_score.scalar_type());
+  }
+  at::Tensor out = at::empty_like(log_score);
+  if (in.positions == 0) return out;
+  const at::Tensor gl = grad_loss.to(at::kFloat).contiguous();
+  launch_posterior_backward(family, log_score, in.target, gl.data_ptr<float>(), in.x, in.tau, out);
+  return out;
+}
+
+}  // namespace
+
+CDM_CUDA_IMPL(m) {
+  m.impl("conditional_matching_loss", &conditional_matching_loss_cuda);
+  m.impl("conditional_matching_loss_backward", &conditional_matching_loss_backward_cuda);
+}
+
+}  // namespace gpu
+}  // namespace cdm

@@ -1,0 +1,236 @@
+// The inversion kernels shared by scores_to_posterior (posterior.cu) and the matching
+// loss (matching_loss.cu): the forward log p_0|t, and its backward (from a gradient
+// row, or from a target row and a per-position grad_loss).
+//
+// Uniform graph, per row (r = exp(log_score' - M), log_score' = log_score with 0 at x,
+// M = max(m, 0), m = max_{y != x} log_score_y; S = sum r; u = max(r - beta S, floor),
+// floor = POSTERIOR_FLOOR e^-M; q = K[:, x] u / Z, Z = beta sum(u) + alpha u_x):
+//   forward    pass 1  m, s = sum_{y != x} e^{ls_y - m} (1 exp / state)     -> M, S = s e^{m-M} + e^-M
+//              pass 2  U = sum u                           (1 exp / state)     -> Z
+//              pass 3  out = log u + log K[y, x] - log Z  (1 exp + 1 log / state)
+//   backward   (g = dL/dlog q; as csrc/cpu/posterior.cpp)
+//              pass 1  m, s and G = sum g
+//              pass 2  U, H = sum w g / u, Wt = sum w  (w = 1 unclamped, 1/2 on a tie, 0 clamped)
+//              pass 3  out_y = r_y (w_y (g_y / u_y - beta G / Z) - beta (H - G/Z (beta Wt + alpha w_x))), 0 at x
+// Absorbing graph: x != mask: log e_x (forward), 0 (backward). x = mask: a log-softmax over
+// the real tokens (pass 1 = m, s over y != mask; pass 2 writes ls - m - log s, or for the
+// backward g - softmax sum(g), sum over every entry as log_softmax's backward).
+// Rows read by several passes are cached in shared memory when they fit (cuda_common.cuh).
+#pragma once
+
+#include "cuda/cuda_common.cuh"
+
+namespace cdm {
+namespace gpu {
+
+template <class S>
+struct InversionArgs {
+  const S* ls;       // (P, N) log-scores
+  const S* second;   // backward: the gradient rows, or the target rows (from_target)
+  const float* gl;   // from_target: grad_loss (P,)
+  const int64_t* x;  // (P,)
+  const double* tau;  // (P,)
+  S* out;            // (P, N)
+  int64_t positions, n, family;
+  int from_target;
+  SmemPlan plan;
+};
+
+// u = max(e^{v - M} - beta S, floor) and its clamp weight (torch.maximum's gradient split)
+template <class C>
+struct Inversion {
+  C Mc, cs, fl;
+  CDM_DEV C d_of(C v) const { return fexp(v - Mc) - cs; }
+  CDM_DEV C u_of(C v) const {
+    const C d = d_of(v);
+    return d < fl ? fl : d;
+  }
+  CDM_DEV C w_of(C d) const { return d > fl ? C(1) : (d == fl ? C(0.5) : C(0)); }
+};
+
+// Row scalars of the uniform inversion from pass 1's (m, s) over y != x.
+template <class C>
+CDM_DEV Inversion<C> uniform_inversion(double m, double s, const UniformCoeffs& c) {
+  const double M = tmax(m, 0.0);
+  const double S_total = s * exp(m - M) + exp(-M);  // r_x = e^-M
+  Inversion<C> inv;
+  inv.Mc = static_cast<C>(M);
+  inv.cs = static_cast<C>(c.beta * S_total);
+  inv.fl = static_cast<C>(POSTERIOR_FLOOR * exp(-M));
+  return inv;
+}
+
+template <class S, bool AL, int W>
+CDM_GLOBAL void CDM_BOUNDS(Group<W>::kBlock) posterior_forward_kernel(const InversionArgs<S> a) {
+  using C = typename Compute<S>::type;
+  CDM_DECLARE_SMEM(smem);
+  Group<W> g;
+  int64_t p;
+  unsigned char* gs;
+  if (!row_setup<W>(smem, a.plan, a.positions, g, p, gs)) return;
+  const int64_t n = a.n, nseg = num_segments(n), x = a.x[p];
+  const S* row = a.ls + p * n;
+  S* out = a.out + p * n;
+  if (a.family == ABSORBING && x != n - 1) {
+    fill_row<S, AL, W>(g, out, n, x, C(0), -pos_inf<C>());
+    return;
+  }
+  S* cache = cache_row<S>(gs, a.plan, 0);
+  double m, s;
+  pass_max_sumexp<S, AL, W>(g, row, cache, n, x, nullptr, nullptr, m, s, NoExtra{});
+  const S* src = cache != nullptr ? cache : row;
+  if (a.family == ABSORBING) {  // x = mask: log-softmax over the real tokens
+    const C mc = static_cast<C>(m), lsum = static_cast<C>(log(s));
+    for (int64_t seg = g.warp; seg < nseg; seg += W) {
+      alignas(16) S raw[kEPT];
+      load_raw<S, AL>(src, n, seg, g.lane, raw);
+#pragma unroll
+      for (int k = 0; k < kEPT; ++k) {
+        const int64_t i = slot_index<AL>(seg, g.lane, k);
+        raw[k] = to_storage<S>(i == x ? -pos_inf<C>() : (to_compute<C>(raw[k]) - mc) - lsum);
+      }
+      store_raw<S, AL>(out, n, seg, g.lane, raw);
+    }
+    return;
+  }
+  const UniformCoeffs c = uniform_coeffs(a.tau[p], n);
+  const Inversion<C> inv = uniform_inversion<C>(m, s, c);
+  C acc = C(0);
+  for (int64_t seg = g.warp; seg < nseg; seg += W) {
+    alignas(16) S raw[kEPT];
+    load_raw<S, AL>(src, n, seg, g.lane, raw);
+#pragma unroll
+    for (int k = 0; k < kEPT; ++k) {
+      const int64_t i = slot_index<AL>(seg, g.lane, k);
+      if (i < n) acc += inv.u_of(i == x ? C(0) : to_compute<C>(raw[k]));
+    }
+  }
+  const double U = g.sum(static_cast<double>(acc));
+  const double z = c.beta * U + c.alpha * static_cast<double>(inv.u_of(C(0)));
+  const double lz = log(z);
+  const C off = static_cast<C>(log(c.off()) - lz), on = static_cast<C>(log(c.on()) - lz);
+  for (int64_t seg = g.warp; seg < nseg; seg += W) {
+    alignas(16) S raw[kEPT];
+    load_raw<S, AL>(src, n, seg, g.lane, raw);
+#pragma unroll
+    for (int k = 0; k < kEPT; ++k) {
+      const int64_t i = slot_index<AL>(seg, g.lane, k);
+      const C v = i == x ? C(0) : to_compute<C>(raw[k]);
+      raw[k] = to_storage<S>(flog(inv.u_of(v)) + (i == x ? on : off));
+    }
+    store_raw<S, AL>(out, n, seg, g.lane, raw);
+  }
+}
+
+// Gradient w.r.t. log_score of <G, log q>, recomputing the forward. G is the `second`
+// row, or (from_target) -grad_loss[p] * target where target > 0 (the matching loss).
+template <class S, bool AL, int W>
+CDM_GLOBAL void CDM_BOUNDS(Group<W>::kBlock) posterior_backward_kernel(const InversionArgs<S> a) {
+  using C = typename Compute<S>::type;
+  CDM_DECLARE_SMEM(smem);
+  Group<W> g;
+  int64_t p;
+  unsigned char* gs;
+  if (!row_setup<W>(smem, a.plan, a.positions, g, p, gs)) return;
+  const int64_t n = a.n, nseg = num_segments(n), x = a.x[p];
+  S* out = a.out + p * n;
+  if (a.family == ABSORBING && x != n - 1) {
+    fill_row<S, AL, W>(g, out, n, x, C(0), C(0));
+    return;
+  }
+  const S* row = a.ls + p * n;
+  const S* grow = a.second + p * n;
+  S* cache_l = cache_row<S>(gs, a.plan, 0);
+  S* cache_g = cache_row<S>(gs, a.plan, 1);
+  const bool from_target = a.from_target != 0;
+  const C scale = from_target ? static_cast<C>(-a.gl[p]) : C(1);
+  auto gval = [&](C t) -> C { return from_target ? (t > C(0) ? scale * t : C(0)) : t; };
+  C gacc = C(0);
+  auto stream_grad = [&](int64_t seg) {
+    alignas(16) S raw[kEPT];
+    load_raw<S, AL>(grow, n, seg, g.lane, raw);
+    if (cache_g != nullptr) store_raw<S, AL>(cache_g, n, seg, g.lane, raw);
+#pragma unroll
+    for (int k = 0; k < kEPT; ++k) {
+      if (slot_index<AL>(seg, g.lane, k) < n) gacc += gval(to_compute<C>(raw[k]));
+    }
+  };
+  double m, s;
+  pass_max_sumexp<S, AL, W>(g, row, cache_l, n, x, nullptr, nullptr, m, s, stream_grad);
+  const double G = g.sum(static_cast<double>(gacc));
+  const S* lsrc = cache_l != nullptr ? cache_l : row;
+  const S* gsrc = cache_g != nullptr ? cache_g : grow;
+  if (a.family == ABSORBING) {  // x = mask
+    const C mc = static_cast<C>(m), k_soft = static_cast<C>(G / s);
+    for (int64_t seg = g.warp; seg < nseg; seg += W) {
+      alignas(16) S lraw[kEPT], graw[kEPT];
+      load_raw<S, AL>(lsrc, n, seg, g.lane, lraw);
+      load_raw<S, AL>(gsrc, n, seg, g.lane, graw);
+#pragma unroll
+      for (int k = 0; k < kEPT; ++k) {
+        const int64_t i = slot_index<AL>(seg, g.lane, k);
+        const C gv = gval(to_compute<C>(graw[k]));
+        lraw[k] = to_storage<S>(i == x ? C(0) : gv - fexp(to_compute<C>(lraw[k]) - mc) * k_soft);
+      }
+      store_raw<S, AL>(out, n, seg, g.lane, lraw);
+    }
+    return;
+  }
+  const UniformCoeffs c = uniform_coeffs(a.tau[p], n);
+  const Inversion<C> inv = uniform_inversion<C>(m, s, c);
+  C acc_u = C(0), acc_h = C(0), acc_w = C(0);
+  for (int64_t seg = g.warp; seg < nseg; seg += W) {
+    alignas(16) S lraw[kEPT], graw[kEPT];
+    load_raw<S, AL>(lsrc, n, seg, g.lane, lraw);
+    load_raw<S, AL>(gsrc, n, seg, g.lane, graw);
+#pragma unroll
+    for (int k = 0; k < kEPT; ++k) {
+      const int64_t i = slot_index<AL>(seg, g.lane, k);
+      if (i < n) {
+        const C d = inv.d_of(i == x ? C(0) : to_compute<C>(lraw[k]));
+        const C u = d < inv.fl ? inv.fl : d;
+        const C w = inv.w_of(d);
+        acc_u += u;
+        acc_w += w;
+        if (w != C(0)) acc_h += w * (gval(to_compute<C>(graw[k])) / u);
+      }
+    }
+  }
+  const double U = g.sum(static_cast<double>(acc_u));
+  const double H = g.sum(static_cast<double>(acc_h));
+  const double Wt = g.sum(static_cast<double>(acc_w));
+  const C dx = inv.d_of(C(0));
+  const double ux = static_cast<double>(dx < inv.fl ? inv.fl : dx);
+  const double wx = static_cast<double>(inv.w_of(dx));
+  const double z = c.beta * U + c.alpha * ux;
+  const double k1 = G / z;                                     // dL/du_b = w_b (g_b / u_b - K[b, x] k1)
+  const double sum_du = H - k1 * (c.beta * Wt + c.alpha * wx);  // sum_b dL/du_b
+  const C bk = static_cast<C>(c.beta * k1), bs = static_cast<C>(c.beta * sum_du);
+  for (int64_t seg = g.warp; seg < nseg; seg += W) {
+    alignas(16) S lraw[kEPT], graw[kEPT];
+    load_raw<S, AL>(lsrc, n, seg, g.lane, lraw);
+    load_raw<S, AL>(gsrc, n, seg, g.lane, graw);
+#pragma unroll
+    for (int k = 0; k < kEPT; ++k) {
+      const int64_t i = slot_index<AL>(seg, g.lane, k);
+      C o = C(0);
+      if (i != x) {  // b != x: K[b, x] = beta; dL/dr_b = dL/du_b - beta sum dL/du; r_x := 1 is no input
+        const C r = fexp(to_compute<C>(lraw[k]) - inv.Mc);
+        const C d = r - inv.cs;
+        const C u = d < inv.fl ? inv.fl : d;
+        const C w = inv.w_of(d);
+        const C h = w != C(0) ? w * (gval(to_compute<C>(graw[k])) / u) : C(0);
+        o = r * ((h - w * bk) - bs);
+      }
+      lraw[k] = to_storage<S>(o);
+    }
+    store_raw<S, AL>(out, n, seg, g.lane, lraw);
+  }
+}
+
+// Host: launch the backward kernel (grad rows, or target rows with grad_loss); posterior.cu.
+void launch_posterior_backward(int64_t family, const at::Tensor& log_score, const at::Tensor& second,
+                               const float* grad_loss, const at::Tensor& x, const at::Tensor& tau, at::Tensor& out);
+
+}  // namespace gpu
+}  // namespace cdm

@@ -1,0 +1,288 @@
+// posterior_to_scores (+ backward) on CUDA: log r from log p_0|t (reference.py):
+//   u_a = q_a / K[a, x] = exp(log q_a - log K[a, x])   (0 where q_a = 0; log K clamped at -1e30)
+//   r = K^T u   uniform: alpha u + beta sum(u); absorbing: alpha u_a (a < m), u_m + (1 - alpha) sum_{a<m} u_a
+//   out = log r (-inf where r = 0)
+// Forward: pass 1 sum(u), pass 2 writes (1 exp + 1 log / state).
+// Backward (g = dL/dlog r): gr = g / r (0 where r = 0), dL/du = K gr, dL/dlog q = u dL/du:
+//   uniform   pass 1 sum(u), pass 2 sum(gr), pass 3 writes u (alpha gr + beta sum(gr))
+//   absorbing pass 1 sum_{a<m} u, pass 2 writes u_a (alpha gr_a + (1 - alpha) gr_m), u_m gr_m
+// Rows read by several passes are cached in shared memory when they fit. Dense: dense.cpp.
+#include "cuda/cuda_common.cuh"
+
+namespace cdm {
+namespace gpu {
+namespace {
+
+template <class S>
+struct ToScoresArgs {
+  const S* lq;    // (P, N) log p_0|t
+  const S* grad;  // backward only
+  const int64_t* x;
+  const double* tau;
+  S* out;
+  int64_t positions, n, family;
+  SmemPlan plan;
+};
+
+// log K[a, x] (clamped at -1e30) and the kernel's coefficients for one row
+template <class C>
+struct Column {
+  int64_t at;    // the state whose log-column is `lon`
+  C lon, loff;   // log K[at, x], log K[a, x] for a != at
+  C alpha;       // e^-tau
+  double oma;    // 1 - e^-tau
+  CDM_DEV C lcol(int64_t i) const { return i == at ? lon : loff; }
+  CDM_DEV C u_of(C lq, int64_t i) const { return lq > -pos_inf<C>() ? fexp(lq - lcol(i)) : C(0); }
+};
+
+template <class C>
+CDM_DEV Column<C> make_column(int64_t family, int64_t n, int64_t x, double tau) {
+  const Decay d = decay(tau);
+  auto clog = [](double v) -> C { return static_cast<C>(tmax(log(v), -1e30)); };
+  Column<C> col;
+  col.alpha = static_cast<C>(d.alpha);
+  col.oma = d.one_minus_alpha;
+  if (family == UNIFORM) {
+    const UniformCoeffs c = uniform_coeffs(tau, n);
+    col.at = x;
+    col.lon = clog(c.on());
+    col.loff = clog(c.off());
+  } else if (x == n - 1) {  // absorbing, mask column: 1 - alpha on real tokens, 1 on the mask
+    col.at = n - 1;
+    col.lon = C(0);
+    col.loff = clog(d.one_minus_alpha);
+  } else {  // absorbing, alpha e_x
+    col.at = x;
+    col.lon = clog(d.alpha);
+    col.loff = static_cast<C>(-1e30);
+  }
+  return col;
+}
+
+template <class C>
+CDM_DEV C safe_log(C r) {
+  return r > C(0) ? flog(r) : -pos_inf<C>();
+}
+
+template <class S, bool AL, int W>
+CDM_GLOBAL void CDM_BOUNDS(Group<W>::kBlock) to_scores_kernel(const ToScoresArgs<S> a) {
+  using C = typename Compute<S>::type;
+  CDM_DECLARE_SMEM(smem);
+  Group<W> g;
+  int64_t p;
+  unsigned char* gs;
+  if (!row_setup<W>(smem, a.plan, a.positions, g, p, gs)) return;
+  const int64_t n = a.n, nseg = num_segments(n), x = a.x[p], m = n - 1;
+  const bool uniform = a.family == UNIFORM;
+  const S* row = a.lq + p * n;
+  S* out = a.out + p * n;
+  const Column<C> col = make_column<C>(a.family, n, x, a.tau[p]);
+  S* cache = cache_row<S>(gs, a.plan, 0);
+  C acc = C(0);
+  for (int64_t seg = g.warp; seg < nseg; seg += W) {
+    alignas(16) S raw[kEPT];
+    load_raw<S, AL>(row, n, seg, g.lane, raw);
+    if (cache != nullptr) store_raw<S, AL>(cache, n, seg, g.lane, raw);
+#pragma unroll
+    for (int k = 0; k < kEPT; ++k) {
+      const int64_t i = slot_index<AL>(seg, g.lane, k);
+      if (i < n && (uniform || i != m)) acc += col.u_of(to_compute<C>(raw[k]), i);
+    }
+  }
+  const double U = g.sum(static_cast<double>(acc));
+  const S* src = cache != nullptr ? cache : row;
+  const C shift = uniform ? static_cast<C>(col.oma / static_cast<double>(n) * U) : C(0);
+  const C mask_add = static_cast<C>(col.oma * U);
+  for (int64_t seg = g.warp; seg < nseg; seg += W) {
+    alignas(16) S raw[kEPT];
+    load_raw<S, AL>(src, n, seg, g.lane, raw);
+#pragma unroll
+    for (int k = 0; k < kEPT; ++k) {
+      const int64_t i = slot_index<AL>(seg, g.lane, k);
+      const C u = col.u_of(to_compute<C>(raw[k]), i);
+      const C r = uniform ? col.alpha * u + shift : (i == m ? u + mask_add : col.alpha * u);
+      raw[k] = to_storage<S>(safe_log(r));
+    }
+    store_raw<S, AL>(out, n, seg, g.lane, raw);
+  }
+}
+
+template <class S, bool AL, int W>
+CDM_GLOBAL void CDM_BOUNDS(Group<W>::kBlock) to_scores_backward_kernel(const ToScoresArgs<S> a) {
+  using C = typename Compute<S>::type;
+  CDM_DECLARE_SMEM(smem);
+  Group<W> g;
+  int64_t p;
+  unsigned char* gs;
+  if (!row_setup<W>(smem, a.plan, a.positions, g, p, gs)) return;
+  const int64_t n = a.n, nseg = num_segments(n), x = a.x[p], m = n - 1;
+  const bool uniform = a.family == UNIFORM;
+  const S* row = a.lq + p * n;
+  const S* grow = a.grad + p * n;
+  S* out = a.out + p * n;
+  const Column<C> col = make_column<C>(a.family, n, x, a.tau[p]);
+  S* cache_l = cache_row<S>(gs, a.plan, 0);
+  S* cache_g = cache_row<S>(gs, a.plan, 1);
+  C acc = C(0);
+  for (int64_t seg = g.warp; seg < nseg; seg += W) {  // pass 1: sum(u)
+    alignas(16) S raw[kEPT];
+    load_raw<S, AL>(row, n, seg, g.lane, raw);
+    if (cache_l != nullptr) store_raw<S, AL>(cache_l, n, seg, g.lane, raw);
+#pragma unroll
+    for (int k = 0; k < kEPT; ++k) {
+      const int64_t i = slot_index<AL>(seg, g.lane, k);
+      if (i < n && (uniform || i != m)) acc += col.u_of(to_compute<C>(raw[k]), i);
+    }
+  }
+  const double U = g.sum(static_cast<double>(acc));
+  const S* lsrc = cache_l != nullptr ? cache_l : row;
+  if (uniform) {
+    const C shift = static_cast<C>(col.oma / static_cast<double>(n) * U);
+    C acc_g = C(0);
+    for (int64_t seg = g.warp; seg < nseg; seg += W) {  // pass 2: sum(g / r)
+      alignas(16) S lraw[kEPT], graw[kEPT];
+      load_raw<S, AL>(lsrc, n, seg, g.lane, lraw);
+      load_raw<S, AL>(grow, n, seg, g.lane, graw);
+      if (cache_g != nullptr) store_raw<S, AL>(cache_g, n, seg, g.lane, graw);
+#pragma unroll
+      for (int k = 0; k < kEPT; ++k) {
+        const int64_t i = slot_index<AL>(seg, g.lane, k);
+        if (i < n) {
+          const C r = col.alpha * col.u_of(to_compute<C>(lraw[k]), i) + shift;
+          if (r > C(0)) acc_g += to_compute<C>(graw[k]) / r;
+        }
+      }
+    }
+    const double SG = g.sum(static_cast<double>(acc_g));
+    const C bsg = static_cast<C>(col.oma / static_cast<double>(n) * SG);
+    const S* gsrc = cache_g != nullptr ? cache_g : grow;
+    for (int64_t seg = g.warp; seg < nseg; seg += W) {  // pass 3
+      alignas(16) S lraw[kEPT], graw[kEPT];
+      load_raw<S, AL>(lsrc, n, seg, g.lane, lraw);
+      load_raw<S, AL>(gsrc, n, seg, g.lane, graw);
+#pragma unroll
+      for (int k = 0; k < kEPT; ++k) {
+        const int64_t i = slot_index<AL>(seg, g.lane, k);
+        const C lq = to_compute<C>(lraw[k]);
+        const C u = col.u_of(lq, i);
+        const C r = col.alpha * u + shift;
+        const C gr = r > C(0) ? to_compute<C>(graw[k]) / r : C(0);
+        lraw[k] = to_storage<S>(lq > -pos_inf<C>() ? u * (col.alpha * gr + bsg) : C(0));
+      }
+      store_raw<S, AL>(out, n, seg, g.lane, lraw);
+    }
+    return;
+  }
+  // absorbing: gr_m = g_m / r_m with r_m = u_m + (1 - alpha) sum_{a<m} u_a
+  const C lq_m = to_compute<C>(row[m]);
+  const C u_m = col.u_of(lq_m, m);
+  const C r_m = u_m + static_cast<C>(col.oma * U);
+  const C gr_m = r_m > C(0) ? to_compute<C>(grow[m]) / r_m : C(0);
+  const C oma = static_cast<C>(col.oma);
+  for (int64_t seg = g.warp; seg < nseg; seg += W) {
+    alignas(16) S lraw[kEPT], graw[kEPT];
+    load_raw<S, AL>(lsrc, n, seg, g.lane, lraw);
+    load_raw<S, AL>(grow, n, seg, g.lane, graw);
+#pragma unroll
+    for (int k = 0; k < kEPT; ++k) {
+      const int64_t i = slot_index<AL>(seg, g.lane, k);
+      const C lq = to_compute<C>(lraw[k]);
+      C o = C(0);
+      if (lq > -pos_inf<C>()) {
+        const C u = col.u_of(lq, i);
+        if (i == m) {
+          o = u * gr_m;
+        } else {
+          const C r = col.alpha * u;
+          const C gr = r > C(0) ? to_compute<C>(graw[k]) / r : C(0);
+          o = u * (col.alpha * gr + oma * gr_m);
+        }
+      }
+      lraw[k] = to_storage<S>(o);
+    }
+    store_raw<S, AL>(out, n, seg, g.lane, lraw);
+  }
+}
+
+struct Inputs {
+  int64_t positions, n;
+  at::Tensor x, tau;
+};
+
+Inputs check_inputs(int64_t family, const at::Tensor& log_p0, const at::Tensor& x, const at::Tensor& tau) {
+  check_family(family);
+  check_rows(log_p0, "log_p0");
+  const int64_t positions = log_p0.size(0);
+  check_positions(x, log_p0, "x", positions, at::kLong);
+  check_positions(tau, log_p0, "tau", positions, at::kDouble);
+  return {positions, log_p0.size(1), x.contiguous(), tau.contiguous()};
+}
+
+template <bool kBackward>
+void launch(int64_t family, const at::Tensor& log_p0, const at::Tensor* grad, const Inputs& in, at::Tensor& out) {
+  bool aligned = is_aligned_rows(log_p0) && is_aligned_rows(out);
+  if (grad != nullptr) aligned = aligned && is_aligned_rows(*grad);
+  dispatch_rows(log_p0.scalar_type(), aligned, in.n, [&](auto s_tag, auto al_tag, auto w_tag) {
+    using S = decltype(s_tag);
+    constexpr bool AL = decltype(al_tag)::value;
+    constexpr int W = decltype(w_tag)::value;
+    ToScoresArgs<S> a;
+    a.lq = static_cast<const S*>(log_p0.data_ptr());
+    a.grad = grad != nullptr ? static_cast<const S*>(grad->data_ptr()) : nullptr;
+    a.x = in.x.data_ptr<int64_t>();
+    a.tau = in.tau.data_ptr<double>();
+    a.out = static_cast<S*>(out.data_ptr());
+    a.positions = in.positions;
+    a.n = in.n;
+    a.family = family;
+    a.plan = plan_smem<S, W>(in.n, /*stats=*/false, /*cache_rows=*/kBackward ? 2 : 1);
+    if (kBackward) {
+      launch_rows<W>(&to_scores_backward_kernel<S, AL, W>, a, in.positions, a.plan);
+    } else {
+      launch_rows<W>(&to_scores_kernel<S, AL, W>, a, in.positions, a.plan);
+    }
+  });
+}
+
+at::Tensor posterior_to_scores_cuda(int64_t family, const c10::optional<at::Tensor>& evals,
+                                    const c10::optional<at::Tensor>& vecs, const c10::optional<at::Tensor>& vecs_inv,
+                                    const at::Tensor& log_p0, const at::Tensor& x, const at::Tensor& tau) {
+  CDM_DEVICE_GUARD(log_p0);
+  const Inputs in = check_inputs(family, log_p0, x, tau);
+  if (family == DENSE) {
+    const dense::Eigen eg = check_dense(evals, vecs, vecs_inv, in.n, log_p0.device());
+    return dense::posterior_to_scores(eg, log_p0, in.x, in.tau).to(log_p0.scalar_type());
+  }
+  at::Tensor out = at::empty_like(log_p0);
+  if (in.positions > 0) launch<false>(family, log_p0, nullptr, in, out);
+  return out;
+}
+
+at::Tensor posterior_to_scores_backward_cuda(int64_t family, const c10::optional<at::Tensor>& evals,
+                                             const c10::optional<at::Tensor>& vecs,
+                                             const c10::optional<at::Tensor>& vecs_inv, const at::Tensor& grad,
+                                             const at::Tensor& log_p0, const at::Tensor& x, const at::Tensor& tau) {
+  CDM_DEVICE_GUARD(log_p0);
+  const Inputs in = check_inputs(family, log_p0, x, tau);
+  check_rows(grad, "grad");
+  TORCH_CHECK(grad.sizes() == log_p0.sizes(), "cdm_kernels: grad must have shape ", log_p0.sizes(), ", got ",
+              grad.sizes());
+  if (family == DENSE) {
+    const dense::Eigen eg = check_dense(evals, vecs, vecs_inv, in.n, log_p0.device());
+    return dense::posterior_to_scores_backward(eg, grad, log_p0, in.x, in.tau).to(log_p0.scalar_type());
+  }
+  at::Tensor out = at::empty_like(log_p0);
+  const at::Tensor g = grad.to(log_p0.scalar_type()).contiguous();
+  if (in.positions > 0) launch<true>(family, log_p0, &g, in, out);
+  return out;
+}
+
+}  // namespace
+
+CDM_CUDA_IMPL(m) {
+  m.impl("posterior_to_scores", &posterior_to_scores_cuda);
+  m.impl("posterior_to_scores_backward", &posterior_to_scores_backward_cuda);
+}
+
+}  // namespace gpu
+}  // namespace cdm

@@ -1,0 +1,90 @@
+// transition_column on CUDA: out[p, a] = K(tau_p)[a, x_p], float32 or float64.
+// Uniform and absorbing columns take two values (graph.h), written in one pass: memory
+// bound. Computed as reference.py does in the output dtype (alpha and 1 - alpha rounded
+// from double, then (1 - alpha) / N in that dtype), as the CPU kernel. Dense: dense.cpp.
+#include "cuda/cuda_common.cuh"
+
+namespace cdm {
+namespace gpu {
+namespace {
+
+template <class T>
+struct ColumnArgs {
+  const int64_t* x;
+  const double* tau;
+  T* out;
+  int64_t positions, n, family;
+  SmemPlan plan;
+};
+
+template <class T, bool AL, int W>
+CDM_GLOBAL void CDM_BOUNDS(Group<W>::kBlock) column_kernel(const ColumnArgs<T> a) {
+  CDM_DECLARE_SMEM(smem);
+  Group<W> g;
+  int64_t p;
+  unsigned char* gs;
+  if (!row_setup<W>(smem, a.plan, a.positions, g, p, gs)) return;
+  const int64_t n = a.n, x = a.x[p];
+  const Decay d = decay(a.tau[p]);
+  const T alpha = static_cast<T>(d.alpha), oma = static_cast<T>(d.one_minus_alpha);
+  T on, off;
+  int64_t at = x;
+  if (a.family == UNIFORM) {
+    off = oma / static_cast<T>(n);
+    on = alpha + off;
+  } else if (x == n - 1) {  // absorbing, the mask column
+    off = oma;
+    on = T(1);
+  } else {
+    off = T(0);
+    on = alpha;
+  }
+  fill_row<T, AL, W>(g, a.out + p * n, n, at, on, off);
+}
+
+at::Tensor transition_column_cuda(int64_t family, const c10::optional<at::Tensor>& evals,
+                                  const c10::optional<at::Tensor>& vecs, const c10::optional<at::Tensor>& vecs_inv,
+                                  const at::Tensor& x_in, const at::Tensor& tau_in, int64_t num_states,
+                                  bool out_float64) {
+  CDM_DEVICE_GUARD(x_in);
+  check_family(family);
+  TORCH_CHECK(num_states >= 2, "cdm_kernels: num_states must be >= 2, got ", num_states);
+  TORCH_CHECK(x_in.dim() == 1, "cdm_kernels: x must be (P,), got ", x_in.sizes());
+  const int64_t positions = x_in.size(0), n = num_states;
+  check_positions(x_in, x_in, "x", positions, at::kLong);
+  check_positions(tau_in, x_in, "tau", positions, at::kDouble);
+  const at::Tensor x = x_in.contiguous(), tau = tau_in.contiguous();
+  const auto dtype = out_float64 ? at::kDouble : at::kFloat;
+  if (family == DENSE) {
+    const dense::Eigen eg = check_dense(evals, vecs, vecs_inv, n, x.device());
+    return dense::column(eg, x, tau).to(dtype);
+  }
+  at::Tensor out = at::empty({positions, n}, x.options().dtype(dtype));
+  if (positions == 0) return out;
+  auto go = [&](auto t_tag, auto al_tag, auto w_tag) {
+    using T = decltype(t_tag);
+    constexpr bool AL = decltype(al_tag)::value;
+    constexpr int W = decltype(w_tag)::value;
+    ColumnArgs<T> a;
+    a.x = x.data_ptr<int64_t>();
+    a.tau = tau.data_ptr<double>();
+    a.out = out.data_ptr<T>();
+    a.positions = positions;
+    a.n = n;
+    a.family = family;
+    a.plan = plan_smem<T, W>(n, /*stats=*/false, /*cache_rows=*/0);
+    launch_rows<W>(&column_kernel<T, AL, W>, a, positions, a.plan);
+  };
+  dispatch_rows(dtype, is_aligned_rows(out), n, [&](auto s_tag, auto al_tag, auto w_tag) {
+    using S = decltype(s_tag);
+    if constexpr (std::is_same<S, float>::value || std::is_same<S, double>::value) go(s_tag, al_tag, w_tag);
+  });
+  return out;
+}
+
+}  // namespace
+
+CDM_CUDA_IMPL(m) { m.impl("transition_column", &transition_column_cuda); }
+
+}  // namespace gpu
+}  // namespace cdm
