@@ -45,7 +45,7 @@ class E2EConfig:
         return f"N{self.vocab}-L{self.seq_len}-B{self.batch}"
 
 
-DEFAULT_CONFIGS = (E2EConfig(vocab=1024, seq_len=128, batch=16, samples=8),)
+DEFAULT_CONFIGS = (E2EConfig(vocab=1024, seq_len=128, batch=16, samples=4),)
 FULL_CONFIGS = DEFAULT_CONFIGS + (
     E2EConfig(vocab=17, seq_len=64, batch=64, samples=64),
     E2EConfig(vocab=50257, seq_len=128, batch=4, samples=2),

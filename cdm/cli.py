@@ -79,7 +79,8 @@ def _add_training_options(parser, steps: int, batch_size: int, lr: float, ema: f
 
 
 def pretrain(args) -> None:
-    setup = Setup(data=args.data, data_options=_options(args.data_option), graph=args.graph, noise=args.noise)
+    setup = Setup(data=args.data, data_options=_options(args.data_option), graph=args.graph, noise=args.noise,
+                  noise_options=_options(args.noise_option))
     model = new_model(setup, args.model)
     out = ensure_dir(args.out)
     loss = get_loss("score_entropy", setup.kernel_graph, setup.schedule)
@@ -230,6 +231,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data-option", action="append", metavar="KEY=VALUE", help="data set option (repeatable)")
     p.add_argument("--graph", default="uniform", choices=["uniform", "absorbing", "ordinal"])
     p.add_argument("--noise", default="geometric", choices=["geometric", "loglinear"])
+    p.add_argument("--noise-option", action="append", metavar="KEY=VALUE",
+                   help="schedule option, e.g. sigma_max=8 (repeatable)")
     p.add_argument("--model", default="tiny", help="DiT preset (tiny, mini, base, sedd-small, ...)")
     p.add_argument("--out", default="runs/teacher")
     _add_training_options(p, steps=3000, batch_size=256, lr=2e-3, ema=0.999)

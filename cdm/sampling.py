@@ -33,12 +33,13 @@ the same backend.
 from __future__ import annotations
 
 import math
-from typing import Callable, Optional, Sequence
+from typing import Optional, Sequence
 
 import torch
 from torch import nn
 
 import cdm_kernels as ck
+from cdm_kernels import reference
 
 __all__ = [
     "inversion_dtype",
@@ -80,15 +81,7 @@ def rate_column(graph: ck.Graph, x: torch.Tensor, dtype: torch.dtype = torch.flo
     """``out[..., y] = Q[y, x]`` for ``y != x`` and 0 at ``y = x``: the forward rate
     into the current token from every other state, (..., N). These are SEDD's
     score-entropy weights and the Euler step's jump rates (MATH.md section 3)."""
-    n = graph.num_states
-    onehot = nn.functional.one_hot(x.long(), n).to(dtype)
-    if graph.family == "uniform":
-        return (1.0 - onehot) / n
-    if graph.family == "absorbing":
-        is_mask = (x == n - 1).unsqueeze(-1).to(dtype)
-        return is_mask * (1.0 - onehot)  # only the mask is entered, at rate 1 from every real token
-    q = graph.rate_matrix().to(device=x.device, dtype=dtype)
-    return q.T[x.long()] * (1.0 - onehot)
+    return reference.rate_column(graph, x, dtype).clamp_min(0)  # the diagonal is the only negative entry
 
 
 def prior_distribution(graph: ck.Graph, dtype=torch.float64) -> torch.Tensor:
@@ -112,14 +105,6 @@ def _uniforms(shape, generator: Optional[torch.Generator], device) -> torch.Tens
     return torch.rand(shape, generator=generator, dtype=torch.float64, device=draw_device).to(device)
 
 
-def _categorical(probs: torch.Tensor, generator: Optional[torch.Generator]) -> torch.Tensor:
-    """Inverse-CDF draw of one index per row of ``probs`` (..., N)."""
-    cdf = probs.to(torch.float64).cumsum(-1)
-    u = _uniforms(probs.shape[:-1], generator, probs.device) * cdf[..., -1]
-    index = torch.searchsorted(cdf.contiguous(), u.unsqueeze(-1).contiguous(), right=True).squeeze(-1)
-    return index.clamp_(max=probs.shape[-1] - 1)
-
-
 def prior_sample(graph: ck.Graph, shape, generator: Optional[torch.Generator] = None, device="cpu") -> torch.Tensor:
     """Draws from the prior (the start of every sampler): uniform tokens, all
     mask (absorbing), or the dense graph's stationary law. LongTensor ``shape``."""
@@ -130,7 +115,7 @@ def prior_sample(graph: ck.Graph, shape, generator: Optional[torch.Generator] = 
     if graph.family == "uniform":
         draw_device = generator.device if generator is not None else device
         return torch.randint(0, n, shape, generator=generator, device=draw_device).to(device)
-    return _categorical(prior_distribution(graph).to(device).expand(*shape, n), generator)
+    return reference.sample_categorical(prior_distribution(graph).to(device).expand(*shape, n), generator)
 
 
 def add_noise(graph: ck.Graph, x0: torch.Tensor, tau, generator: Optional[torch.Generator] = None) -> torch.Tensor:
@@ -153,7 +138,7 @@ def add_noise(graph: ck.Graph, x0: torch.Tensor, tau, generator: Optional[torch.
         fresh = torch.randint(0, n, x0.shape, generator=generator, device=draw_device).to(x0.device)
         return torch.where(move, fresh, x0)
     row = ck.apply_kernel(graph, nn.functional.one_hot(x0, n).to(torch.float64), tau).clamp_min(0)
-    return _categorical(row, generator)
+    return reference.sample_categorical(row, generator)
 
 
 # ----------------------------------------------------------------------------- time grids
@@ -303,26 +288,14 @@ def sample_student(student, graph, noise, num_samples, seq_len, steps, **kwargs)
 
 def step_distribution(graph: ck.Graph, log_score: torch.Tensor, x: torch.Tensor, tau_t, tau_s,
                       method: str = "analytic") -> torch.Tensor:
-    """``P(x_s^i = y | x_t)`` per position (..., N), float64: the distribution that
-    ``fused_euler_step`` samples from (MATH.md section 3), built from the public
-    ops, for exact evaluation of samplers."""
+    """``P(x_s^i = y | x_t)`` per position (..., N), float64: the law that
+    ``fused_euler_step`` samples from (its definition in ``cdm_kernels.reference``),
+    for exact evaluation of samplers."""
     if method not in METHODS:
         raise ValueError(f"method must be one of {METHODS}, got {method!r}")
-    log_score = log_score.to(torch.float64)
     tau_t = torch.broadcast_to(torch.as_tensor(tau_t, dtype=torch.float64, device=x.device), x.shape)
     tau_s = torch.broadcast_to(torch.as_tensor(tau_s, dtype=torch.float64, device=x.device), x.shape)
-    log_q = ck.scores_to_posterior(graph, log_score, x, tau_t)
-    if method == "analytic":
-        column = ck.transition_column(graph, x, tau_t)
-        weights = torch.where(log_q > -math.inf, torch.exp(log_q - column.clamp_min(1e-300).log()), 0.0)
-        probs = ck.transition_column(graph, x, tau_t - tau_s) * ck.apply_kernel(graph, weights, tau_s)
-    else:
-        jumps = (tau_t - tau_s).unsqueeze(-1) * rate_column(graph, x, torch.float64) * log_score.exp()
-        stay = (1.0 - jumps.sum(-1, keepdim=True)).clamp_min(0)
-        probs = jumps + stay * nn.functional.one_hot(x.long(), graph.num_states)
-        probs = torch.where((tau_s == 0).unsqueeze(-1), log_q.exp(), probs)
-    probs = probs.clamp_min(0)
-    return probs / probs.sum(-1, keepdim=True)
+    return reference.step_probabilities(graph, log_score.to(torch.float64), x.long(), tau_t, tau_s, method)
 
 
 @torch.no_grad()

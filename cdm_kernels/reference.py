@@ -13,8 +13,8 @@ and validate before calling in here).
 
 Clamping (MATH.md section 2, "Numerics"): the inversion ``u = K(tau)^-T r`` of
 imperfect scores can go negative. Entries are clamped from below at
-``POSTERIOR_FLOOR`` times ``r_x`` (= 1 by definition), then the conditional is
-renormalised, so ``q`` is a distribution and ``log q`` stays finite away from
+``POSTERIOR_FLOOR`` times ``r_x`` (= 1 by definition; never below the dtype's
+smallest normal number), then the conditional is renormalised, so ``q`` is a distribution and ``log q`` stays finite away from
 structural zeros (which are ``-inf``: e.g. the absorbing mask, or every state
 but ``x`` when ``x`` is not the mask).
 """
@@ -133,13 +133,19 @@ def scores_to_posterior(graph: Graph, log_score: torch.Tensor, x: torch.Tensor, 
 
     work_dtype = torch.float64 if graph.family_id == DENSE else log_score.dtype
     ratios, shift = _shifted_ratios(log_score.to(work_dtype), x)
+    floor = POSTERIOR_FLOOR * torch.exp(-shift)  # relative to r_x = 1, on the shifted scale
     if graph.family_id == UNIFORM:
-        # K(-tau)^T r = (r - beta S) / alpha; the positive factor 1/alpha cancels in the normalisation
-        beta = (-torch.expm1(-tau.to(torch.float64)) / n).unsqueeze(-1).to(work_dtype)
+        # K(-tau)^T r = (r - beta S) / alpha; the positive factor 1/alpha cancels in the
+        # normalisation, so it is left out (it overflows past tau ~ 87), and the floor
+        # is scaled by alpha to clamp the same entries
+        tau64 = tau.to(torch.float64).unsqueeze(-1)
+        beta = (-torch.expm1(-tau64) / n).to(work_dtype)
         inverted = ratios - beta * ratios.sum(-1, keepdim=True)
+        floor = floor * torch.exp(-tau64).to(work_dtype)
     else:
         inverted = apply_kernel(graph, ratios, -tau)
-    inverted = torch.maximum(inverted, POSTERIOR_FLOOR * torch.exp(-shift))
+    # never exactly 0, so that the normaliser cannot vanish whatever the scores
+    inverted = torch.maximum(inverted, floor.clamp_min(torch.finfo(work_dtype).tiny))
     log_q = _safe_log(transition_column(graph, x, tau, work_dtype)) + inverted.log()
     return (log_q - torch.logsumexp(log_q, dim=-1, keepdim=True)).to(log_score.dtype)
 

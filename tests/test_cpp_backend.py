@@ -166,8 +166,12 @@ def test_isa_variants_agree(restore_isa):
                 continue
             finite = torch.isfinite(a.double())
             assert torch.equal(finite, torch.isfinite(b.double())), isa
-            tol = {torch.float64: 1e-10, torch.float32: 2e-5, torch.bfloat16: 2e-2}[a.dtype]
-            torch.testing.assert_close(b.double()[finite], a.double()[finite], rtol=tol, atol=tol, msg=isa)
+            # float64 partial sums in another order and FMA contraction: a few ulp, amplified by
+            # the inversion's conditioning (1/alpha); measured against each row's scale
+            x, y = torch.where(finite, a.double(), 0.0), torch.where(finite, b.double(), 0.0)
+            scale = x.abs() + (x.abs().amax(-1, keepdim=True) if x.dim() > 1 else x.abs())
+            tol = {torch.float64: 1e-10, torch.float32: 2e-4, torch.bfloat16: 4e-3}[a.dtype]
+            assert ((x - y).abs() <= tol * scale).all(), (isa, ((x - y).abs() / scale.clamp_min(1e-300)).max())
         assert mismatched_draws <= 2, isa
 
 
@@ -202,8 +206,9 @@ def test_fast_exp_log_accuracy(restore_isa):
         ops._cpu_isa(isa)
         e = ops._cpu_vec_math(finite, 0).double()
         truth = finite.double().exp()
-        normal = truth >= 2**-126
-        rel = ((e - truth).abs() / truth)[normal & torch.isfinite(truth)]
+        normal = (truth >= 2**-126) & (truth <= torch.finfo(torch.float32).max)
+        rel = ((e - truth).abs() / truth)[normal]
+        assert torch.isinf(e[truth > 3.5e38]).all()
         assert rel.max() < 2.5e-7, (isa, rel.max())
         # subnormal results: within one subnormal ulp (2^-149) of the truth
         sub = (truth < 2**-126) & (truth > 0)

@@ -28,6 +28,20 @@ def test_exact_ratios_give_exact_posterior(backend, tau, dtype):
         assert torch.allclose(log_q.double().exp(), truth.posterior, atol=tol), graph
 
 
+@pytest.mark.parametrize("tau", [12.0, 20.0])
+def test_exact_ratios_at_sedd_largest_noise(backend, tau):
+    # alpha = e^-tau is tiny: the clamp must act on the scale of the inverted ratios, or
+    # small but real probabilities get floored (a one-token closed form, in float64)
+    graph = ck.UniformGraph(4)
+    p0 = torch.tensor([0.999, 2.4e-5, 1e-3 - 2.4e-5, 0.0], dtype=torch.float64)
+    marginal = p0 @ graph.kernel(tau)  # p_t(y)
+    x = torch.arange(4)
+    log_ratio = (marginal[None, :] / marginal[x][:, None]).log()
+    posterior = p0[:, None] * graph.kernel(tau)[:, x] / marginal[x][None, :]  # p(a | x), column per x
+    log_q = ck.scores_to_posterior(graph, log_ratio, x, tau, backend=backend)
+    assert torch.allclose(log_q.exp(), posterior.T, rtol=1e-3, atol=1e-9)  # (the floor: < 1e-10)
+
+
 @pytest.mark.parametrize("tau", TAUS)
 def test_forward_map_gives_exact_ratios(backend, tau):
     for graph in small_graphs(4):

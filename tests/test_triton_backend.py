@@ -11,6 +11,7 @@ actually used, for Hopper (sm_90), so a kernel that would not lower fails.
 
 from __future__ import annotations
 
+import functools
 import math
 
 import pytest
@@ -33,7 +34,9 @@ DTYPES = [torch.float32, torch.bfloat16]
 SLACK = {torch.float32: 2e-5, torch.bfloat16: 4e-3, torch.float16: 1e-3, torch.float64: 1e-9}
 
 
+@functools.lru_cache(maxsize=None)
 def make_graph(family: str, n: int):
+    """Graphs are immutable; dense ones are worth caching (an eigendecomposition each)."""
     if family == "uniform":
         return ck.UniformGraph(n)
     if family == "absorbing":
@@ -337,7 +340,8 @@ def test_euler_step_distribution(family, method, monkeypatch):
         assert chi2 < dof + 5 * math.sqrt(2 * dof) + 10, f"row {row}: chi2 {chi2:.1f} with {dof} dof"
 
 
-def test_euler_step_matches_cpp():
+@pytest.mark.parametrize("family", FAMILIES)
+def test_euler_step_matches_cpp(family):
     """Same Philox stream, same inverse CDF: the C++ CPU backend draws the same states."""
     if (
         DEVICE != "cpu"
@@ -345,11 +349,15 @@ def test_euler_step_matches_cpp():
         or not torch._C._dispatch_has_kernel_for_dispatch_key("cdm_kernels::euler_step", "CPU")
     ):
         pytest.skip("needs the C++ CPU euler_step and the interpreter")
-    graph, log_score, x, tau_t, tau_s = _step_case("uniform", 7, 130, seed=13)
-    args = (*graph.descriptor("cpu"), log_score, x, tau_t, tau_s, 0, torch.tensor([2**35 + 5, 3]))
-    ours = torch.ops.cdm_kernels.triton_euler_step(*args)
-    theirs = torch.ops.cdm_kernels.euler_step(*args)
-    assert (ours == theirs).float().mean() > 0.99
+    graph, log_score, x, tau_t, tau_s = _step_case(family, 32, 130, seed=13)
+    for method in (0, 1):
+        for dtype in DTYPES:
+            args = (*graph.descriptor("cpu"), log_score.to(dtype), x, tau_t, tau_s, method,
+                    torch.tensor([2**35 + 5, 3]))
+            ours = torch.ops.cdm_kernels.triton_euler_step(*args)
+            theirs = torch.ops.cdm_kernels.euler_step(*args)
+            # identical up to rounding-level ties of the two accumulation orders
+            assert (ours == theirs).float().mean() > 0.95, (method, dtype, ours, theirs)
 
 
 # ----------------------------------------------------------------------------- other dtypes, long rows
@@ -434,7 +442,7 @@ def test_torch_compile():
     s = log_score.clone().requires_grad_(True)
     loss, draw = torch.compile(step, backend="aot_eager", fullgraph=True)(s, x, tau)
     loss.backward()
-    s_ref = log_score.clone().requires_grad_(True)
+    s_ref = log_score.detach().cpu().clone().requires_grad_(True)
     reference.conditional_matching_loss(graph, s_ref, x.cpu(), tau.cpu(), target.cpu()).float().mean().backward()
     assert torch.allclose(s.grad.cpu(), s_ref.grad, atol=1e-5) and draw.shape == x.shape
 

@@ -10,8 +10,8 @@ float64 for float64 inputs and dense graphs) whatever the storage dtype.
 
 On a GPU the block sizes are autotuned (``triton.autotune``, keyed on ``N``);
 under ``TRITON_INTERPRET=1`` (CPU tensors, no driver) one fixed small config is
-used, :data:`INTERPRET_BLOCKS`, small enough that every vocabulary loop runs
-more than once on test shapes.
+used, :data:`INTERPRET_BLOCKS` (32-wide vocabulary blocks, so the loops run
+several times on the tests' N = 130).
 """
 
 from __future__ import annotations
@@ -32,6 +32,21 @@ FLOOR_INV = tl.constexpr(1e10)
 
 #: True when kernels run under Triton's CPU interpreter
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def _version(text: str) -> tuple:
+    return tuple(int(part) for part in text.split("+")[0].split(".")[:2] if part.isdigit())
+
+
+if INTERPRET:
+    import numpy
+
+    if _version(triton.__version__) < (3, 7) and _version(numpy.__version__) >= (2, 4):
+        # its interpreter calls range() on a 1-element array: every vocabulary loop fails
+        raise ImportError(
+            f"the interpreter of triton {triton.__version__} cannot run loops with a runtime bound under "
+            f"numpy {numpy.__version__}; use triton >= 3.7 or numpy < 2.4 (GPU runs are unaffected)"
+        )
 
 #: the fixed config used under the interpreter (tests may change these dicts)
 INTERPRET_BLOCKS: Dict[str, int] = {"BLOCK_P": 8, "BLOCK_N": 32}
@@ -164,6 +179,14 @@ def expm1_f64(t):
     poly = t * (1.0 + t / 2.0 * (1.0 + t / 3.0 * (1.0 + t / 4.0 * (1.0 + t / 5.0 * (
         1.0 + t / 6.0 * (1.0 + t / 7.0 * (1.0 + t / 8.0)))))))
     return tl.where(tl.abs(t) < 1e-2, poly, tl.exp(t) - 1.0)
+
+
+@triton.jit
+def tiny(CT: tl.constexpr):
+    """The smallest normal number of ``CT``: the floor never drops to 0."""
+    if CT == tl.float64:
+        return tl.full([], 2.2250738585072014e-308, tl.float64)
+    return tl.full([], 1.1754943508222875e-38, tl.float32)
 
 
 @triton.jit

@@ -23,7 +23,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from ._common import FLOOR_INV, decay_coefficients, online_update, row_kernel, to_store
+from ._common import FLOOR_INV, decay_coefficients, online_update, row_kernel, tiny, to_store
 
 
 @triton.jit
@@ -34,12 +34,15 @@ def excluded_x_block(ls_ptr, offs, msk, is_x, CT: tl.constexpr):
 
 
 @triton.jit
-def inversion_scalars(m, s, tau, N, CT: tl.constexpr):
+def inversion_scalars(m, s, tau, N, FAMILY: tl.constexpr, CT: tl.constexpr):
     """Per-row constants after pass 1 (``m``, ``s``: max and sum-exp over ``y != x``)."""
     M = tl.maximum(m, 0.0)
     S = s * tl.exp(m - M) + tl.exp(-M)
-    thr = tl.exp(-M) / FLOOR_INV
     alpha, oma = decay_coefficients(tau)
+    thr = tl.exp(-M) / FLOOR_INV
+    if FAMILY == 0:  # the uniform inversion leaves out 1/alpha: scale the floor alike
+        thr = thr * alpha.to(CT)
+    thr = tl.maximum(thr, tiny(CT))
     beta = (oma / N).to(CT)
     colx = (alpha + oma / N).to(CT)
     return M, S, thr, beta, colx, tl.log(colx), tl.log(beta)
@@ -82,7 +85,7 @@ def _posterior_kernel(ls_ptr, x_ptr, tau_ptr, inv_ptr, col_ptr, out_ptr, P, N,
         msk = rmask[:, None] & (cols[None, :] < N)
         offs = base[:, None] + cols[None, :]
         m, s = online_update(m, s, excluded_x_block(ls_ptr, offs, msk, cols[None, :] == x[:, None], CT))
-    M, S, thr, beta, colx, lcolx, lcolo = inversion_scalars(m, s, tau, N, CT)
+    M, S, thr, beta, colx, lcolx, lcolo = inversion_scalars(m, s, tau, N, FAMILY, CT)
     Z = tl.zeros([BLOCK_P], CT)
     for start in range(0, N, BLOCK_N):
         cols = start + tl.arange(0, BLOCK_N)
@@ -138,7 +141,7 @@ def _posterior_backward_kernel(g_ptr, gl_ptr, ls_ptr, x_ptr, tau_ptr, inv_ptr, c
         g = tl.load(g_ptr + offs, mask=msk, other=0.0).to(CT)
         G += tl.sum(tl.where(msk, g, 0.0), axis=1)
     G = G * gscale
-    M, S, thr, beta, colx, lcolx, lcolo = inversion_scalars(m, s, tau, N, CT)
+    M, S, thr, beta, colx, lcolx, lcolo = inversion_scalars(m, s, tau, N, FAMILY, CT)
     Z = tl.zeros([BLOCK_P], CT)
     T1 = tl.zeros([BLOCK_P], CT)
     C = tl.zeros([BLOCK_P], CT)
@@ -188,7 +191,7 @@ def _loss_kernel(ls_ptr, x_ptr, tau_ptr, t_ptr, inv_ptr, col_ptr, out_ptr, P, N,
         msk = rmask[:, None] & (cols[None, :] < N)
         offs = base[:, None] + cols[None, :]
         m, s = online_update(m, s, excluded_x_block(ls_ptr, offs, msk, cols[None, :] == x[:, None], CT))
-    M, S, thr, beta, colx, lcolx, lcolo = inversion_scalars(m, s, tau, N, CT)
+    M, S, thr, beta, colx, lcolx, lcolo = inversion_scalars(m, s, tau, N, FAMILY, CT)
     Z = tl.zeros([BLOCK_P], CT)
     A = tl.zeros([BLOCK_P], CT)
     Tt = tl.zeros([BLOCK_P], CT)

@@ -33,10 +33,19 @@ struct ApplyKernel {
     if (a.family == UNIFORM || a.transpose) {
       const int64_t upto = a.family == UNIFORM ? n : m;  // absorbing K^T: real tokens only
       const int64_t vfull = upto / VV::L * VV::L;
-      typename VV::Acc acc;
-      for (int64_t i = 0; i < vfull; i += VV::L) acc.add(VV::load(in + i));
-      double sum = acc.sum();
-      for (int64_t i = vfull; i < upto; ++i) sum += static_cast<double>(in[i]);
+      double sum;
+      if (upto <= 4 * VV::L) {  // a short row: one vector register of partial sums
+        typename VV::V acc{};
+        for (int64_t i = 0; i < vfull; i += VV::L) acc += VV::load(in + i);
+        T tail = T(0);
+        for (int64_t i = vfull; i < upto; ++i) tail += in[i];
+        sum = static_cast<double>(vec::hsum(acc) + tail);
+      } else {
+        typename VV::Acc acc;
+        for (int64_t i = 0; i < vfull; i += VV::L) acc.add(VV::load(in + i));
+        sum = acc.sum();
+        for (int64_t i = vfull; i < upto; ++i) sum += static_cast<double>(in[i]);
+      }
       shift = a.family == UNIFORM ? static_cast<T>(d.one_minus_alpha / static_cast<double>(n) * sum) : T(0);
       if (a.family == ABSORBING) shift = T(0);
       const T mask_value = vm + static_cast<T>(d.one_minus_alpha * sum);

@@ -110,6 +110,7 @@ struct VT;
     static CDM_INLINE V splat(float a) { return V{} + a; }                               \
     static CDM_INLINE V exp(V v) { return vec::exp_ps<V, M>(v); }                        \
     static CDM_INLINE V log(V v) { return vec::log_ps<V, M>(v); }                        \
+    static CDM_INLINE V log_normal(V v) { return vec::log_normal_ps<V, M>(v); }          \
     static CDM_INLINE M iota() {                                                         \
       M m;                                                                               \
       for (int i = 0; i < L; ++i) m[i] = i;                                              \
@@ -150,6 +151,7 @@ CDM_VT_FLOAT(64, f16, d8)
     static CDM_INLINE V splat(double a) { return V{} + a; }                 \
     static CDM_INLINE V exp(V v) { return vec::exp_pd<V, L>(v); }           \
     static CDM_INLINE V log(V v) { return vec::log_pd<V, L>(v); }           \
+    static CDM_INLINE V log_normal(V v) { return vec::log_pd<V, L>(v); }    \
     static CDM_INLINE M iota() {                                            \
       M m;                                                                  \
       for (int i = 0; i < L; ++i) m[i] = i;                                 \

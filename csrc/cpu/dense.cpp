@@ -119,7 +119,8 @@ void dense_log_posterior(const Dense& g, const void* log_score, DT dt, const int
   dense_apply(g, R, tau, -1.0, rows, /*transpose=*/true, Uraw, work);
   dense_column(g, x, tau, rows, L, work);  // L holds the column until overwritten below
   for (int64_t c = 0; c < rows; ++c) {
-    const double floor = POSTERIOR_FLOOR * std::exp(-M[c]);
+    // POSTERIOR_FLOOR e^-M, never below the smallest normal double (reference.py)
+    const double floor = std::max(POSTERIOR_FLOOR * std::exp(-M[c]), std::numeric_limits<double>::min());
     double* l = L + c * n;
     const double* u = Uraw + c * n;
     double lmax = -inf;

@@ -19,6 +19,7 @@
 // P is 0/0) falls back to q (absorbing) or stays at x.
 #include "cpu/cpu_common.h"
 #include "cpu/inversion.h"
+#include "cpu/lanes.h"
 #include "philox.h"
 
 namespace cdm {
@@ -200,11 +201,167 @@ struct StepKernel {
     return y >= 0 ? y : x;
   }
 
+  // ---- lanes layout (short rows): one position per lane
+
+  enum Mode : int { kStay = 0, kUniformAnalytic = 1, kUniformEuler = 2, kAbsorbingAnalytic = 3, kAbsorbingEuler = 4 };
+
+  static Mode mode_of(const Args& a, int64_t p) {
+    const bool euler = a.method == 1 && a.tau_s[p] != 0.0;
+    if (a.family == ABSORBING && a.x[p] != a.n - 1) return kStay;
+    if (euler && !(a.tau_t[p] - a.tau_s[p] > 0.0)) return kStay;
+    if (a.family == UNIFORM) return euler ? kUniformEuler : kUniformAnalytic;
+    return euler ? kAbsorbingEuler : kAbsorbingAnalytic;
+  }
+
+  // Samples a group whose lanes all share `mode` (or stay); the result per lane into out.
+  template <class VV>
+  static CDM_INLINE void group_step(const Args& a, const Group<VV>& g, Mode mode, typename VV::T* t, Coeffs& co) {
+    using T = typename VV::T;
+    using V = typename VV::V;
+    using M = typename VV::M;
+    using E = typename Group<VV>::E;
+    const int64_t n = a.n, m = n - 1;
+    const V zero{}, ninf = VV::splat(-kInf<T>);
+    g.load(a.ls, a.dt, t);
+    const M xv = g.lanes_index(a.x);
+    V c1, c2, c3, c4, c5;  // per-lane coefficients (meaning depends on the mode)
+    for (int j = 0; j < VV::L; ++j) {
+      const int64_t p = g.row(j);
+      co.update(a.tau_t[p], a.tau_s[p]);
+      const double delta = a.tau_t[p] - a.tau_s[p];
+      if (mode == kUniformAnalytic) {
+        const UniformCoeffs ct = uniform_coeffs(co.dt, n), cs = uniform_coeffs(co.ds, n), cd = uniform_coeffs(co.dd, n);
+        c1[j] = static_cast<T>(ct.beta);
+        c2[j] = static_cast<T>(cs.alpha);
+        c3[j] = static_cast<T>(cs.beta);
+        c4[j] = static_cast<T>(cd.alpha);
+        c5[j] = static_cast<T>(cd.beta);
+      } else if (mode == kAbsorbingAnalytic) {
+        c1[j] = static_cast<T>(co.dd.one_minus_alpha * co.ds.alpha);  // real tokens (times q)
+        c2[j] = static_cast<T>(co.ds.one_minus_alpha);                // the mask
+      } else if (mode == kUniformEuler || mode == kAbsorbingEuler) {
+        c1[j] = static_cast<T>(std::log(delta / (mode == kUniformEuler ? static_cast<double>(n) : 1.0)));
+      }
+    }
+    // weights P_b = w1 * t_b + (b == special ? w2 : 0), t_b = e^{...} or u_b (uniform analytic: + w3)
+    V w1, w2, w3 = zero;
+    M special;
+    if (mode == kUniformAnalytic) {
+      g.set_at(t, a.x, T(0));
+      V mx = ninf;
+      for (int64_t b = 0; b < n; ++b) mx = g.at(t, b) > mx ? g.at(t, b) : mx;
+      V S{};
+      for (int64_t b = 0; b < n; ++b) {
+        const V r = VV::exp(g.at(t, b) - mx);
+        g.put(t, b, r);
+        S += r;
+      }
+      const V cs = c1 * S;
+      V alpha_t;
+      for (int j = 0; j < VV::L; ++j) {
+        co.update(a.tau_t[g.row(j)], a.tau_s[g.row(j)]);
+        alpha_t[j] = static_cast<T>(co.dt.alpha);
+      }
+      const V floor = posterior_floor_v<VV>(mx, alpha_t);
+      V U{}, ux{};
+      for (int64_t b = 0; b < n; ++b) {
+        const V d = g.at(t, b) - cs;
+        const V u = d < floor ? floor : d;
+        g.put(t, b, u);
+        U += u;
+        ux = Group<VV>::eq(xv, b) ? u : ux;
+      }
+      // P_b = beta_D alpha_s u_b + beta_D beta_s U + [b = x] alpha_D (alpha_s u_x + beta_s U)
+      w1 = c5 * c2;
+      w3 = c5 * c3 * U;
+      w2 = c4 * (c2 * ux + c3 * U);
+      special = xv;
+    } else {
+      const bool euler = mode != kAbsorbingAnalytic;
+      if (mode == kUniformEuler) {
+        g.set_at(t, a.x, -kInf<T>);  // no jump x -> x
+      } else {
+        g.put(t, m, ninf);  // the mask has no exponential
+      }
+      V mx = ninf;
+      for (int64_t b = 0; b < n; ++b) mx = g.at(t, b) > mx ? g.at(t, b) : mx;
+      V shift = mx;
+      V scale{};
+      if (euler) {  // logits = log(Delta Q) + log_score, scale = max(0, max logit)
+        scale = c1 + mx;
+        scale = scale > zero ? scale : zero;
+        shift = scale - c1;
+      }
+      V S{};
+      for (int64_t b = 0; b < n; ++b) {
+        const V e = VV::exp(g.at(t, b) - shift);
+        g.put(t, b, e);
+        S += e;
+      }
+      if (euler) {
+        w1 = VV::splat(T(1));
+        const V stay = VV::exp(-scale) - S;
+        w2 = stay > zero ? stay : zero;
+        special = mode == kUniformEuler ? xv : typename VV::M{} + static_cast<E>(m);
+      } else {
+        w1 = c1 / S;
+        w2 = c2;
+        const auto has_mass = (w1 > zero) | (w2 > zero);  // else 0/0 (tau_t = tau_s = 0): sample q
+        w1 = has_mass ? w1 : VV::splat(T(1)) / S;
+        special = typename VV::M{} + static_cast<E>(m);
+      }
+    }
+    // inverse CDF: total, then the first state whose cumulative weight exceeds u * total
+    V total{};
+    for (int64_t b = 0; b < n; ++b) total += w1 * g.at(t, b) + w3 + (Group<VV>::eq(special, b) ? w2 : zero);
+    V draw;
+    for (int j = 0; j < VV::L; ++j) draw[j] = static_cast<T>(philox_uniform(a.seed, a.offset, g.row(j)));
+    const V target = draw * total;
+    const M none = typename VV::M{} - 1;
+    M pick = none, last = none;
+    V cum{};
+    for (int64_t b = 0; b < n; ++b) {
+      const V w = w1 * g.at(t, b) + w3 + (Group<VV>::eq(special, b) ? w2 : zero);
+      cum += w;
+      const M bv = typename VV::M{} + static_cast<E>(b);
+      pick = ((cum > target) & (pick < 0)) ? bv : pick;
+      last = w > zero ? bv : last;
+    }
+    pick = pick < 0 ? last : pick;
+    pick = pick < 0 ? xv : pick;
+    for (int j = 0; j < g.cnt; ++j) {
+      const int64_t p = g.p0 + j;
+      a.out[p] = mode_of(a, p) == kStay ? a.x[p] : static_cast<int64_t>(pick[j]);
+    }
+  }
+
   template <class VV>
   static CDM_INLINE void rows(const Args& a, int64_t b, int64_t e) {
     Scratch<typename VV::T> scratch(a.n, 1);
     std::vector<double> bs(num_blocks(a.n) + 1);
     Coeffs co;
+    if (a.n <= kLanesMaxN) {
+      Scratch<typename VV::T> tile(a.n * VV::L, 1);
+      for (int64_t p0 = b; p0 < e; p0 += VV::L) {
+        const Group<VV> g = make_group<VV>(p0, e, a.n);
+        Mode mode = kStay;
+        bool mixed = false;
+        for (int j = 0; j < g.cnt; ++j) {
+          const Mode mj = mode_of(a, p0 + j);
+          if (mj == kStay) continue;
+          if (mode != kStay && mj != mode) mixed = true;
+          mode = mj;
+        }
+        if (mode == kStay) {
+          for (int j = 0; j < g.cnt; ++j) a.out[p0 + j] = a.x[p0 + j];
+        } else if (!mixed) {
+          group_step<VV>(a, g, mode, tile.row(0), co);
+        } else {  // positions of a group taking different kinds of step (rare): one by one
+          for (int j = 0; j < g.cnt; ++j) a.out[p0 + j] = row_step<VV>(a, p0 + j, scratch.row(0), bs.data(), {}, co);
+        }
+      }
+      return;
+    }
     for (int64_t p = b; p < e; ++p) {
       a.out[p] = row_step<VV>(a, p, scratch.row(0), bs.data(), next_rows(p, e, a.n, a.ls, a.dt), co);
     }

@@ -11,6 +11,7 @@
 // Dense graphs: float64 through the eigenbasis (dense.cpp).
 #include "cpu/cpu_common.h"
 #include "cpu/inversion.h"
+#include "cpu/lanes.h"
 
 namespace cdm {
 namespace cpu {
@@ -110,15 +111,114 @@ CDM_INLINE double inverted_row(const typename VV::T* q, typename VV::T* s, int64
   return acc.sum();
 }
 
+// ----------------------------------------------------------------------------- lanes layout (short rows)
+
+// u = e^{log q - log K[:, x]} into tu (from the log q tile tq); returns the per-lane sums
+// of u over b < upto; fills the per-lane alpha and 1 - alpha
+template <class VV>
+CDM_INLINE typename VV::V inverted_group(const ForwardMapArgs& a, const Group<VV>& g, const typename VV::T* tq,
+                                         typename VV::T* tu, int64_t upto, LogColumnCache<typename VV::T>& cache,
+                                         typename VV::V& alpha, typename VV::V& oma) {
+  using T = typename VV::T;
+  using V = typename VV::V;
+  using M = typename VV::M;
+  V on, off;
+  for (int j = 0; j < VV::L; ++j) {
+    const int64_t p = g.row(j);
+    const LogColumn<T>& c = cache(a.family, a.n, a.x[p], a.tau[p]);
+    on[j] = c.on;
+    off[j] = c.off;
+    alpha[j] = static_cast<T>(cache.d.alpha);
+    oma[j] = static_cast<T>(cache.d.one_minus_alpha);
+  }
+  const M xv = g.lanes_index(a.x);
+  const V zero{};
+  V U{};
+  for (int64_t b = 0; b < g.n; ++b) {
+    const V lq = g.at(tq, b);
+    const V lc = Group<VV>::eq(xv, b) ? on : off;
+    const V u = lq > -kInf<T> ? VV::exp(lq - lc) : zero;
+    g.put(tu, b, u);
+    if (b < upto) U += u;
+  }
+  return U;
+}
+
+template <class VV>
+CDM_INLINE void forward_map_group(const ForwardMapArgs& a, const Group<VV>& g, typename VV::T* tq,
+                                  LogColumnCache<typename VV::T>& cache) {
+  using T = typename VV::T;
+  using V = typename VV::V;
+  const int64_t n = a.n, m = n - 1;
+  const bool uniform = a.family == UNIFORM;
+  g.load(a.lq, a.dt, tq);
+  V alpha, oma;
+  const V U = inverted_group<VV>(a, g, tq, tq, uniform ? n : m, cache, alpha, oma);
+  if (uniform) {
+    const V shift = oma * (U / static_cast<T>(n));
+    for (int64_t b = 0; b < n; ++b) g.put(tq, b, safe_log<VV>(g.at(tq, b) * alpha + shift));
+  } else {
+    const V rm = g.at(tq, m) + oma * U;
+    for (int64_t b = 0; b < m; ++b) g.put(tq, b, safe_log<VV>(g.at(tq, b) * alpha));
+    g.put(tq, m, safe_log<VV>(rm));
+  }
+  g.store(a.out, a.dt, tq);
+}
+
+template <class VV>
+CDM_INLINE void forward_map_backward_group(const ForwardMapArgs& a, const Group<VV>& g, typename VV::T* tq,
+                                           typename VV::T* tu, typename VV::T* tg, LogColumnCache<typename VV::T>& cache) {
+  using T = typename VV::T;
+  using V = typename VV::V;
+  const int64_t n = a.n, m = n - 1;
+  const bool uniform = a.family == UNIFORM;
+  const V zero{};
+  g.load(a.lq, a.dt, tq);
+  g.load(a.grad, a.grad_dt, tg);
+  V alpha, oma;
+  const V U = inverted_group<VV>(a, g, tq, tu, uniform ? n : m, cache, alpha, oma);
+  V bias;  // dL/du = alpha h + bias
+  if (uniform) {
+    const V shift = oma * (U / static_cast<T>(n));
+    V H{};
+    for (int64_t b = 0; b < n; ++b) {  // h = G / r (0 where r <= 0), into tg
+      const V r = g.at(tu, b) * alpha + shift;
+      const V h = r > zero ? g.at(tg, b) / r : zero;
+      g.put(tg, b, h);
+      H += h;
+    }
+    bias = oma * (H / static_cast<T>(n));
+  } else {
+    for (int64_t b = 0; b < m; ++b) {
+      const V r = g.at(tu, b) * alpha;
+      g.put(tg, b, r > zero ? g.at(tg, b) / r : zero);
+    }
+    const V rm = g.at(tu, m) + oma * U;
+    const V hm = rm > zero ? g.at(tg, m) / rm : zero;
+    g.put(tg, m, hm);
+    bias = oma * hm;
+  }
+  for (int64_t b = 0; b < n; ++b) {
+    const V du = (!uniform && b == m) ? g.at(tg, b) : g.at(tg, b) * alpha + bias;
+    g.put(tq, b, g.at(tq, b) > -kInf<T> ? g.at(tu, b) * du : zero);
+  }
+  g.store(a.out, a.dt, tq);
+}
+
 struct ForwardMapForward {
   using Args = ForwardMapArgs;
   template <class VV>
   static CDM_INLINE void rows(const Args& a, int64_t b, int64_t e) {
     using T = typename VV::T;
     const int64_t n = a.n, np = round_up(n), m = n - 1;
+    LogColumnCache<T> cache;
+    if (n <= kLanesMaxN) {
+      Scratch<T> tile(n * VV::L, 1);
+      for (int64_t p0 = b; p0 < e; p0 += VV::L) forward_map_group<VV>(a, make_group<VV>(p0, e, n), tile.row(0), cache);
+      return;
+    }
     Scratch<T> scratch(n, 2);
     T *q = scratch.row(0), *s = scratch.row(1);
-    LogColumnCache<T> cache;
     for (int64_t p = b; p < e; ++p) {
       const int64_t x = a.x[p];
       const LogColumn<T> col = cache(a.family, n, x, a.tau[p]);
@@ -148,10 +248,17 @@ struct ForwardMapBackward {
     using T = typename VV::T;
     using V = typename VV::V;
     const int64_t n = a.n, np = round_up(n), m = n - 1;
+    LogColumnCache<T> cache;
+    if (n <= kLanesMaxN) {
+      Scratch<T> tiles(n * VV::L, 3);
+      for (int64_t p0 = b; p0 < e; p0 += VV::L) {
+        forward_map_backward_group<VV>(a, make_group<VV>(p0, e, n), tiles.row(0), tiles.row(1), tiles.row(2), cache);
+      }
+      return;
+    }
     Scratch<T> scratch(n, 4);
     T *q = scratch.row(0), *s = scratch.row(1), *g = scratch.row(2), *h = scratch.row(3);
     const V zero{};
-    LogColumnCache<T> cache;
     for (int64_t p = b; p < e; ++p) {
       const int64_t x = a.x[p];
       const LogColumn<T> col = cache(a.family, n, x, a.tau[p]);

@@ -4,14 +4,17 @@
 //   row_max             M = max_b s_b                              (1 compare / element)
 //   exp_shift_store     s_b <- exp(s_b - M), returns S = sum_b s_b (1 exp / element)
 // For the uniform graph `uniform_ratios` does both with the r_x := 1 rule (s_x = 0 before
-// the max) and derives the per-row scalars of the clamped inversion
-//   u_b = max(r_b - beta S, floor),  floor = POSTERIOR_FLOOR e^-M,
-// with r = e^{log_score' - M} (every map is homogeneous in r; the scale e^-M cancels).
+// the max) and derives the per-row scalars of the clamped inversion (reference.py)
+//   u_b = max(r_b - beta S, floor),  floor = max(POSTERIOR_FLOOR e^-M alpha, smallest normal),
+// with r = e^{log_score' - M} (every map is homogeneous in r; the scale e^-M cancels, and
+// so does the factor 1/alpha of K(-tau)^T r = (r - beta S) / alpha, which is why the floor
+// carries alpha).
 // All helpers take the vector traits VV = VT<T, bytes> (cpu_common.h) and loop over the
 // padded row (a multiple of 16 elements, hence of every VV::L).
 #pragma once
 
 #include "cpu/cpu_common.h"
+#include "cpu/lanes.h"
 
 namespace cdm {
 namespace cpu {
@@ -96,13 +99,46 @@ CDM_INLINE T clamp_floor_scalar(T d, T floor) {
   return d < floor ? floor : d;
 }
 
+// coefficients and their logs, memoised on tau
+struct UniformLogCache {
+  double tau = std::numeric_limits<double>::quiet_NaN();
+  UniformCoeffs c{};
+  double log_off = 0.0, log_on = 0.0;
+  const UniformLogCache& operator()(double t, int64_t n) {
+    if (!(t == tau)) {
+      tau = t;
+      c = uniform_coeffs(t, n);
+      log_off = std::log(c.off());
+      log_on = std::log(c.on());
+    }
+    return *this;
+  }
+};
+
+// The clamp of reference.scores_to_posterior, in the work dtype T: POSTERIOR_FLOOR e^-M
+// (times alpha = e^-tau for the uniform graph, whose inversion leaves 1/alpha out), never
+// below the smallest normal number of T.
+template <class T>
+CDM_INLINE T posterior_floor(T M, T alpha = T(1)) {
+  const T f = (static_cast<T>(POSTERIOR_FLOOR) * std::exp(-M)) * alpha;
+  const T tiny = std::numeric_limits<T>::min();
+  return f < tiny ? tiny : f;
+}
+template <class VV>
+CDM_INLINE typename VV::V posterior_floor_v(typename VV::V M, typename VV::V alpha) {
+  using T = typename VV::T;
+  const typename VV::V f = (VV::exp(-M) * static_cast<T>(POSTERIOR_FLOOR)) * alpha;
+  const T tiny = std::numeric_limits<T>::min();
+  return f < tiny ? VV::splat(tiny) : f;
+}
+
 template <class T>
 struct UniformRow {
   UniformCoeffs c;
   T M;       // row max of log_score' (>= 0: it includes the 0 at x)
   double S;  // sum of r
   T cs;      // beta S, rounded to T: u_b = max(r_b - cs, floor)
-  T floor;   // POSTERIOR_FLOOR e^-M
+  T floor;   // max(POSTERIOR_FLOOR e^-M alpha, smallest normal)
   T r_x;     // e^-M
   T u_x;     // max(r_x - cs, floor)
 };
@@ -119,7 +155,7 @@ CDM_INLINE UniformRow<typename VV::T> uniform_ratios(typename VV::T* s, int64_t 
   row.S = exp_shift_store<VV>(s, np, row.M, pf);
   row.c = c;
   row.cs = static_cast<T>(row.c.beta * row.S);
-  row.floor = static_cast<T>(POSTERIOR_FLOOR) * std::exp(-row.M);  // as reference.py, in T
+  row.floor = posterior_floor<T>(row.M, static_cast<T>(c.alpha));
   row.r_x = s[x];
   row.u_x = clamp_floor_scalar<T>(row.r_x - row.cs, row.floor);
   return row;
@@ -185,6 +221,89 @@ CDM_INLINE void absorbing_backward_row(int64_t n, typename VV::T* s, const typen
   const T k = static_cast<T>(sum_g / total);
   for (int64_t i = 0; i < np; i += VV::L) VV::store(s + i, VV::load(g + i) - VV::load(s + i) * k);
   s[m] = T(0);
+}
+
+// ----------------------------------------------------------------------------- lanes layout
+
+// Uniform backward for a group (lanes layout): t the log-score tile, gt the tile of G,
+// h a scratch tile; coefficient vectors alpha, beta per lane. Gradient left in t.
+template <class VV>
+CDM_INLINE void uniform_backward_group(const Group<VV>& g, const int64_t* x, typename VV::V alpha,
+                                       typename VV::V beta, typename VV::T* t, const typename VV::T* gt,
+                                       typename VV::T* h) {
+  using T = typename VV::T;
+  using V = typename VV::V;
+  using M = typename VV::M;
+  const int64_t n = g.n;
+  const V one = VV::splat(T(1)), half = VV::splat(T(0.5)), zero{};
+  g.set_at(t, x, T(0));
+  const M xv = g.lanes_index(x);
+  V sum_g{}, mx = VV::splat(-kInf<T>);
+  for (int64_t b = 0; b < n; ++b) {
+    sum_g += g.at(gt, b);
+    const V v = g.at(t, b);
+    mx = v > mx ? v : mx;
+  }
+  V S{};
+  for (int64_t b = 0; b < n; ++b) {
+    const V r = VV::exp(g.at(t, b) - mx);
+    g.put(t, b, r);
+    S += r;
+  }
+  const V cs = beta * S;
+  const V floor = posterior_floor_v<VV>(mx, alpha);
+  V U{}, H{}, Wt{}, ux{}, wx{};
+  for (int64_t b = 0; b < n; ++b) {
+    const V d = g.at(t, b) - cs;
+    const V u = d < floor ? floor : d;
+    const V w = (d > floor ? one : zero) + (d == floor ? half : zero);
+    const V hv = w != zero ? w * (g.at(gt, b) / u) : zero;
+    g.put(h, b, hv);
+    U += u;
+    H += hv;
+    Wt += w;
+    const M here = Group<VV>::eq(xv, b);
+    ux = here ? u : ux;
+    wx = here ? w : wx;
+  }
+  const V k1 = sum_g / (beta * U + alpha * ux);
+  const V sum_du = H - k1 * (beta * Wt + alpha * wx);
+  const V bk = beta * k1, bs = beta * sum_du;
+  for (int64_t b = 0; b < n; ++b) {
+    const V r = g.at(t, b);
+    const V d = r - cs;
+    const V w = (d > floor ? one : zero) + (d == floor ? half : zero);
+    const V out = r * ((g.at(h, b) - w * bk) - bs);
+    g.put(t, b, Group<VV>::eq(xv, b) ? zero : out);
+  }
+}
+
+// Absorbing backward for a group: rows with x != mask get 0. Gradient left in t.
+template <class VV>
+CDM_INLINE void absorbing_backward_group(const Group<VV>& g, const int64_t* x, typename VV::T* t,
+                                         const typename VV::T* gt) {
+  using T = typename VV::T;
+  using V = typename VV::V;
+  using M = typename VV::M;
+  const int64_t n = g.n, m = n - 1;
+  const V zero{};
+  const M real = Group<VV>::ne(g.lanes_index(x), m);
+  g.put(t, m, VV::splat(-kInf<T>));
+  V sum_g{}, mx = VV::splat(-kInf<T>);
+  for (int64_t b = 0; b < n; ++b) {
+    sum_g += g.at(gt, b);
+    const V v = g.at(t, b);
+    mx = v > mx ? v : mx;
+  }
+  V S{};
+  for (int64_t b = 0; b < n; ++b) {
+    const V e = VV::exp(g.at(t, b) - mx);
+    g.put(t, b, e);
+    S += e;
+  }
+  const V k = sum_g / S;
+  for (int64_t b = 0; b < m; ++b) g.put(t, b, real ? zero : g.at(gt, b) - g.at(t, b) * k);
+  g.put(t, m, zero);
 }
 
 }  // namespace cpu

@@ -54,7 +54,7 @@ CDM_INLINE double uniform_loss_row(const LossArgs& a, int64_t p, typename VV::T*
     V u = clamp_floor<VV>(VV::load(s + i) - row.cs, row.floor);
     if (CDM_UNLIKELY(i + VV::L > n)) u = VV::below(n - i) ? u : zero;
     const V tp = positive_part<VV>(VV::load(t + i));
-    const V tl = tp > zero ? tp * VV::log(u) : zero;
+    const V tl = tp > zero ? tp * VV::log_normal(u) : zero;
     acc_u.add(u);
     acc_t.add(tp);
     acc_tl.add(tl);
@@ -98,10 +98,117 @@ CDM_INLINE double absorbing_loss_row(const LossArgs& a, int64_t p, typename VV::
   return -acc.sum();
 }
 
+// ----------------------------------------------------------------------------- lanes layout (short rows)
+
+template <class VV>
+CDM_INLINE typename VV::V uniform_loss_group(const LossArgs& a, const Group<VV>& g, typename VV::T* t,
+                                             typename VV::T* tg, UniformLogCache& cache) {
+  using T = typename VV::T;
+  using V = typename VV::V;
+  using M = typename VV::M;
+  const int64_t n = a.n;
+  g.load(a.ls, a.dt, t);
+  g.load(a.target, a.target_dt, tg);
+  g.set_at(t, a.x, T(0));
+  V alpha, beta, loff, lon;
+  for (int j = 0; j < VV::L; ++j) {
+    const UniformLogCache& c = cache(a.tau[g.row(j)], n);
+    alpha[j] = static_cast<T>(c.c.alpha);
+    beta[j] = static_cast<T>(c.c.beta);
+    loff[j] = static_cast<T>(c.log_off);
+    lon[j] = static_cast<T>(c.log_on);
+  }
+  const M xv = g.lanes_index(a.x);
+  const V zero{};
+  V mx = VV::splat(-kInf<T>);
+  for (int64_t b = 0; b < n; ++b) {
+    const V v = g.at(t, b);
+    mx = v > mx ? v : mx;
+  }
+  V S{};
+  for (int64_t b = 0; b < n; ++b) {
+    const V r = VV::exp(g.at(t, b) - mx);
+    g.put(t, b, r);
+    S += r;
+  }
+  const V cs = beta * S;
+  const V floor = posterior_floor_v<VV>(mx, alpha);
+  V U{}, ux{}, total{}, tl{}, tx{};
+  for (int64_t b = 0; b < n; ++b) {
+    const V d = g.at(t, b) - cs;
+    const V u = d < floor ? floor : d;
+    const V tv = g.at(tg, b);
+    const V tp = tv > zero ? tv : zero;
+    U += u;
+    total += tp;
+    tl += tp > zero ? tp * VV::log_normal(u) : zero;
+    const M here = Group<VV>::eq(xv, b);
+    ux = here ? u : ux;
+    tx = here ? tp : tx;
+  }
+  const V lz = VV::log(beta * U + alpha * ux);
+  const V t_off = total - tx;
+  V sum = tl + (t_off > zero ? loff * t_off : zero) + (tx > zero ? lon * tx : zero);
+  sum = sum - (total > zero ? lz * total : zero);
+  return -sum;
+}
+
+template <class VV>
+CDM_INLINE typename VV::V absorbing_loss_group(const LossArgs& a, const Group<VV>& g, typename VV::T* t,
+                                               typename VV::T* tg) {
+  using T = typename VV::T;
+  using V = typename VV::V;
+  using M = typename VV::M;
+  const int64_t n = a.n, m = n - 1;
+  g.load(a.ls, a.dt, t);
+  g.load(a.target, a.target_dt, tg);
+  const M xv = g.lanes_index(a.x);
+  const M real = Group<VV>::ne(xv, m);
+  const V zero{}, inf = VV::splat(kInf<T>);
+  g.put(t, m, VV::splat(-kInf<T>));
+  V mx = VV::splat(-kInf<T>);
+  V off_mass{};  // real rows: target mass off x
+  for (int64_t b = 0; b < n; ++b) {
+    const V v = g.at(t, b);
+    mx = v > mx ? v : mx;
+    const V tv = g.at(tg, b);
+    off_mass += (Group<VV>::ne(xv, b) & (tv > zero)) ? VV::splat(T(1)) : zero;
+  }
+  V S{};
+  for (int64_t b = 0; b < n; ++b) S += VV::exp(g.at(t, b) - mx);
+  const V ls = VV::log(S);
+  V acc{};
+  for (int64_t b = 0; b < m; ++b) {
+    const V tv = g.at(tg, b);
+    acc += tv > zero ? tv * ((g.at(t, b) - mx) - ls) : zero;
+  }
+  const V on_mask = g.at(tg, m) > zero ? inf : -acc;
+  const V on_real = off_mass > zero ? inf : VV::splat(-T(0));
+  return real ? on_real : on_mask;
+}
+
 struct LossForward {
   using Args = LossArgs;
   template <class VV>
   static CDM_INLINE void rows(const Args& a, int64_t b, int64_t e) {
+    if (a.n <= kLanesMaxN) {
+      Scratch<typename VV::T> tiles(a.n * VV::L, 2);
+      UniformLogCache cache;
+      for (int64_t p0 = b; p0 < e; p0 += VV::L) {
+        const Group<VV> g = make_group<VV>(p0, e, a.n);
+        const typename VV::V loss = a.family == UNIFORM
+                                        ? uniform_loss_group<VV>(a, g, tiles.row(0), tiles.row(1), cache)
+                                        : absorbing_loss_group<VV>(a, g, tiles.row(0), tiles.row(1));
+        for (int j = 0; j < g.cnt; ++j) {
+          if (a.loss_f64) {
+            static_cast<double*>(a.loss)[p0 + j] = static_cast<double>(loss[j]);
+          } else {
+            static_cast<float*>(a.loss)[p0 + j] = static_cast<float>(loss[j]);
+          }
+        }
+      }
+      return;
+    }
     Scratch<typename VV::T> scratch(a.n, 2);
     DecayCache dc;
     for (int64_t p = b; p < e; ++p) {
@@ -123,9 +230,39 @@ struct LossBackward {
   static CDM_INLINE void rows(const Args& a, int64_t b, int64_t e) {
     using T = typename VV::T;
     const int64_t n = a.n, np = round_up(n);
+    DecayCache dc;
+    if (n <= kLanesMaxN) {
+      Scratch<T> tiles(n * VV::L, 3);
+      T *t = tiles.row(0), *gt = tiles.row(1), *h = tiles.row(2);
+      for (int64_t p0 = b; p0 < e; p0 += VV::L) {
+        const Group<VV> grp = make_group<VV>(p0, e, n);
+        grp.load(a.ls, a.dt, t);
+        grp.load(a.target, a.target_dt, gt);
+        const typename VV::V scale = grp.lanes([&](int64_t p) {
+          return -(a.grad_f64 ? static_cast<const double*>(a.grad_loss)[p]
+                              : static_cast<double>(static_cast<const float*>(a.grad_loss)[p]));
+        });
+        for (int64_t k = 0; k < n; ++k) {
+          const typename VV::V tv = grp.at(gt, k);
+          grp.put(gt, k, (tv > T(0) ? tv : typename VV::V{}) * scale);
+        }
+        if (a.family == UNIFORM) {
+          typename VV::V alpha, beta;
+          for (int j = 0; j < VV::L; ++j) {
+            const UniformCoeffs c = uniform_coeffs(dc(a.tau[grp.row(j)]), n);
+            alpha[j] = static_cast<T>(c.alpha);
+            beta[j] = static_cast<T>(c.beta);
+          }
+          uniform_backward_group<VV>(grp, a.x, alpha, beta, t, gt, h);
+        } else {
+          absorbing_backward_group<VV>(grp, a.x, t, gt);
+        }
+        grp.store(a.out, a.dt, t);
+      }
+      return;
+    }
     Scratch<T> scratch(n, 3);
     T *s = scratch.row(0), *g = scratch.row(1), *h = scratch.row(2);
-    DecayCache dc;
     for (int64_t p = b; p < e; ++p) {
       const int64_t x = a.x[p];
       const double gl = a.grad_f64 ? static_cast<const double*>(a.grad_loss)[p]
@@ -186,7 +323,7 @@ void dense_loss(const Dense& g, const LossArgs& a, int64_t positions, bool backw
         tc[k] = tc[k] > 0.0 ? -gl * tc[k] : 0.0;
         sum_g += tc[k];
       }
-      const double floor = POSTERIOR_FLOOR * std::exp(-mx[c]);
+      const double floor = posterior_floor<double>(mx[c]);
       for (int64_t k = 0; k < n; ++k) {
         const double uk = u[c * n + k];
         const double dl = tc[k] - std::exp(l[c * n + k]) * sum_g;

@@ -36,22 +36,6 @@ struct PosteriorArgs {
   DT grad_dt;
 };
 
-// coefficients and their logs, memoised on tau
-struct UniformLogCache {
-  double tau = std::numeric_limits<double>::quiet_NaN();
-  UniformCoeffs c{};
-  double log_off = 0.0, log_on = 0.0;
-  const UniformLogCache& operator()(double t, int64_t n) {
-    if (!(t == tau)) {
-      tau = t;
-      c = uniform_coeffs(t, n);
-      log_off = std::log(c.off());
-      log_on = std::log(c.on());
-    }
-    return *this;
-  }
-};
-
 template <class VV>
 CDM_INLINE void uniform_forward_row(const PosteriorArgs& a, int64_t p, typename VV::T* s, const Prefetch& pf,
                                     UniformLogCache& cache) {
@@ -64,7 +48,7 @@ CDM_INLINE void uniform_forward_row(const PosteriorArgs& a, int64_t p, typename 
   typename VV::Acc acc;
   for (int64_t i = 0; i < np; i += VV::L) {
     V u = clamp_floor<VV>(VV::load(s + i) - row.cs, row.floor);
-    VV::store(s + i, VV::log(u));
+    VV::store(s + i, VV::log_normal(u));  // u >= floor >= FLT_MIN
     if (CDM_UNLIKELY(i + VV::L > n)) u = VV::below(n - i) ? u : V{};
     acc.add(u);
   }
@@ -93,13 +77,98 @@ CDM_INLINE void absorbing_forward_row(const PosteriorArgs& a, int64_t p, typenam
   for (int64_t i = 0; i < np; i += VV::L) VV::store(s + i, (VV::load(s + i) - mx) - lsum);
 }
 
+// ----------------------------------------------------------------------------- lanes layout (short rows)
+
+template <class VV>
+CDM_INLINE void uniform_forward_group(const PosteriorArgs& a, const Group<VV>& g, typename VV::T* t,
+                                      UniformLogCache& cache) {
+  using T = typename VV::T;
+  using V = typename VV::V;
+  using M = typename VV::M;
+  const int64_t n = a.n;
+  g.load(a.ls, a.dt, t);
+  g.set_at(t, a.x, T(0));  // r_x := 1
+  V alpha, beta, loff, lon;
+  for (int j = 0; j < VV::L; ++j) {
+    const UniformLogCache& c = cache(a.tau[g.row(j)], n);
+    alpha[j] = static_cast<T>(c.c.alpha);
+    beta[j] = static_cast<T>(c.c.beta);
+    loff[j] = static_cast<T>(c.log_off);
+    lon[j] = static_cast<T>(c.log_on);
+  }
+  const M xv = g.lanes_index(a.x);
+  V mx = VV::splat(-kInf<T>);
+  for (int64_t b = 0; b < n; ++b) {
+    const V v = g.at(t, b);
+    mx = v > mx ? v : mx;
+  }
+  V S{};
+  for (int64_t b = 0; b < n; ++b) {
+    const V r = VV::exp(g.at(t, b) - mx);
+    g.put(t, b, r);
+    S += r;
+  }
+  const V cs = beta * S;
+  const V floor = posterior_floor_v<VV>(mx, alpha);
+  V U{}, ux{};
+  for (int64_t b = 0; b < n; ++b) {
+    const V d = g.at(t, b) - cs;
+    const V u = d < floor ? floor : d;
+    U += u;
+    ux = Group<VV>::eq(xv, b) ? u : ux;
+    g.put(t, b, VV::log_normal(u));
+  }
+  const V lz = VV::log(beta * U + alpha * ux);
+  const V off = loff - lz, on = lon - lz;
+  for (int64_t b = 0; b < n; ++b) g.put(t, b, g.at(t, b) + (Group<VV>::eq(xv, b) ? on : off));
+  g.store(a.out, a.dt, t);
+}
+
+template <class VV>
+CDM_INLINE void absorbing_forward_group(const PosteriorArgs& a, const Group<VV>& g, typename VV::T* t) {
+  using T = typename VV::T;
+  using V = typename VV::V;
+  using M = typename VV::M;
+  const int64_t n = a.n, m = n - 1;
+  g.load(a.ls, a.dt, t);
+  const M xv = g.lanes_index(a.x);
+  const M real = Group<VV>::ne(xv, m);
+  g.put(t, m, VV::splat(-kInf<T>));
+  V mx = VV::splat(-kInf<T>);
+  for (int64_t b = 0; b < n; ++b) {
+    const V v = g.at(t, b);
+    mx = v > mx ? v : mx;
+  }
+  V S{};
+  for (int64_t b = 0; b < n; ++b) S += VV::exp(g.at(t, b) - mx);
+  const V ls = VV::log(S);
+  const V zero{}, ninf = VV::splat(-kInf<T>);
+  for (int64_t b = 0; b < n; ++b) {
+    const V onehot = Group<VV>::eq(xv, b) ? zero : ninf;
+    g.put(t, b, real ? onehot : (g.at(t, b) - mx) - ls);
+  }
+  g.store(a.out, a.dt, t);
+}
+
 struct PosteriorForward {
   using Args = PosteriorArgs;
   template <class VV>
   static CDM_INLINE void rows(const Args& a, int64_t b, int64_t e) {
+    UniformLogCache cache;
+    if (a.n <= kLanesMaxN) {
+      Scratch<typename VV::T> tile(a.n * VV::L, 1);
+      for (int64_t p0 = b; p0 < e; p0 += VV::L) {
+        const Group<VV> g = make_group<VV>(p0, e, a.n);
+        if (a.family == UNIFORM) {
+          uniform_forward_group<VV>(a, g, tile.row(0), cache);
+        } else {
+          absorbing_forward_group<VV>(a, g, tile.row(0));
+        }
+      }
+      return;
+    }
     Scratch<typename VV::T> scratch(a.n, 1);
     auto* s = scratch.row(0);
-    UniformLogCache cache;
     for (int64_t p = b; p < e; ++p) {
       const Prefetch pf = next_rows(p, e, a.n, a.ls, a.dt);
       if (a.family == UNIFORM) {
@@ -118,9 +187,31 @@ struct PosteriorBackward {
   static CDM_INLINE void rows(const Args& a, int64_t b, int64_t e) {
     using T = typename VV::T;
     const int64_t n = a.n, np = round_up(n);
+    DecayCache dc;
+    if (n <= kLanesMaxN) {
+      Scratch<T> tiles(n * VV::L, 3);
+      T *t = tiles.row(0), *gt = tiles.row(1), *h = tiles.row(2);
+      for (int64_t p0 = b; p0 < e; p0 += VV::L) {
+        const Group<VV> grp = make_group<VV>(p0, e, n);
+        grp.load(a.ls, a.dt, t);
+        grp.load(a.grad, a.grad_dt, gt);
+        if (a.family == UNIFORM) {
+          typename VV::V alpha, beta;
+          for (int j = 0; j < VV::L; ++j) {
+            const UniformCoeffs c = uniform_coeffs(dc(a.tau[grp.row(j)]), n);
+            alpha[j] = static_cast<T>(c.alpha);
+            beta[j] = static_cast<T>(c.beta);
+          }
+          uniform_backward_group<VV>(grp, a.x, alpha, beta, t, gt, h);
+        } else {
+          absorbing_backward_group<VV>(grp, a.x, t, gt);
+        }
+        grp.store(a.out, a.dt, t);
+      }
+      return;
+    }
     Scratch<T> scratch(n, 3);
     T *s = scratch.row(0), *g = scratch.row(1), *h = scratch.row(2);
-    DecayCache dc;
     for (int64_t p = b; p < e; ++p) {
       const int64_t x = a.x[p];
       if (a.family == ABSORBING && x != n - 1) {
@@ -167,7 +258,7 @@ void dense_backward(const Dense& g, const PosteriorArgs& a, int64_t positions) {
       double* gc = gr + c * n;
       const double* lc = l + c * n;
       const double* uc = u + c * n;
-      const double floor = POSTERIOR_FLOOR * std::exp(-mx[c]);
+      const double floor = posterior_floor<double>(mx[c]);
       double sum_g = 0.0;
       for (int64_t k = 0; k < n; ++k) sum_g += gc[k];
       for (int64_t k = 0; k < n; ++k) {

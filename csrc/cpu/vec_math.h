@@ -74,6 +74,16 @@ CDM_INLINE double hsum(d8 v) {
   return hsum(__builtin_shufflevector(v, v, 0, 1, 2, 3) + __builtin_shufflevector(v, v, 4, 5, 6, 7));
 }
 
+CDM_INLINE float hsum(f2 v) { return v[0] + v[1]; }
+CDM_INLINE float hsum(f4 v) { return hsum(__builtin_shufflevector(v, v, 0, 1) + __builtin_shufflevector(v, v, 2, 3)); }
+CDM_INLINE float hsum(f8 v) {
+  return hsum(__builtin_shufflevector(v, v, 0, 1, 2, 3) + __builtin_shufflevector(v, v, 4, 5, 6, 7));
+}
+CDM_INLINE float hsum(f16 v) {
+  return hsum(__builtin_shufflevector(v, v, 0, 1, 2, 3, 4, 5, 6, 7) +
+              __builtin_shufflevector(v, v, 8, 9, 10, 11, 12, 13, 14, 15));
+}
+
 // float lanes -> two double vectors (low and high halves)
 CDM_INLINE void widen(f4 v, d2& lo, d2& hi) {
   lo = __builtin_convertvector(__builtin_shufflevector(v, v, 0, 1), d2);
@@ -150,6 +160,36 @@ CDM_INLINE VF log_ps(VF x) {
   res = x == inf ? zero + inf : res;
   res = x < 0.0f ? zero + nan : res;
   return x != x ? x : res;
+}
+
+// log x for x >= the smallest normal float, +inf or NaN (no zero, negative or subnormal
+// input: e.g. the clamped inversion u >= floor >= FLT_MIN); a few operations cheaper.
+template <class VF, class VI>
+CDM_INLINE VF log_normal_ps(VF x) {
+  const VF zero{};
+  const VI bits = (VI)x;
+  VI e = ((bits >> 23) & 0xff) - 126;
+  const VF m = (VF)((bits & 0x007fffff) | 0x3f000000);  // [0.5, 1)
+  const VI small = m < 0.707106781186547524f;
+  e = small ? e - 1 : e;
+  const VF f = (small ? m + m : m) - 1.0f;
+  const VF z = f * f;
+  VF p = zero + 7.0376836292e-2f;
+  p = p * f + -1.1514610310e-1f;
+  p = p * f + 1.1676998740e-1f;
+  p = p * f + -1.2420140846e-1f;
+  p = p * f + 1.4249322787e-1f;
+  p = p * f + -1.6668057665e-1f;
+  p = p * f + 2.0000714765e-1f;
+  p = p * f + -2.4999993993e-1f;
+  p = p * f + 3.3333331174e-1f;
+  const VF ef = __builtin_convertvector(e, VF);
+  VF y = p * f * z;
+  y = y + ef * -2.12194440e-4f;
+  y = y - z * 0.5f;
+  VF res = f + y;
+  res = res + ef * 0.693359375f;
+  return x < std::numeric_limits<float>::infinity() ? res : x;  // +inf -> inf, NaN -> NaN
 }
 
 // lane-wise libm (the float64 path serves gradcheck and dense graphs, not speed)

@@ -415,25 +415,37 @@ CDM_DEV void pass_max_sumexp(const Group<W>& g, const S* row, S* cache, int64_t 
                              double& s_out, Extra&& extra) {
   using C = typename Compute<S>::type;
   const int64_t nseg = num_segments(n);
+  // kBatch segments per step: their loads are all issued before any reduction, so each
+  // lane keeps ~64 bytes in flight (HBM latency hiding at a few blocks per SM)
+  constexpr int kBatch = static_cast<int>(64 / (kEPT * sizeof(S)));  // 4 bf16/fp16, 2 fp32, 1 fp64
   RunningMS<C> run;
-  for (int64_t seg = g.warp; seg < nseg; seg += W) {
-    alignas(16) S raw[kEPT];
-    load_raw<S, AL>(row, n, seg, g.lane, raw);
-    if (cache != nullptr) store_raw<S, AL>(cache, n, seg, g.lane, raw);
-    C v[kEPT];
+  for (int64_t first = g.warp; first < nseg; first += static_cast<int64_t>(W) * kBatch) {
+    alignas(16) S raw[kBatch][kEPT];
 #pragma unroll
-    for (int k = 0; k < kEPT; ++k) {
-      const int64_t i = slot_index<AL>(seg, g.lane, k);
-      v[k] = (i < n && i != x) ? to_compute<C>(raw[k]) : -pos_inf<C>();
+    for (int b = 0; b < kBatch; ++b) {
+      const int64_t seg = first + static_cast<int64_t>(b) * W;
+      if (seg < nseg) load_raw<S, AL>(row, n, seg, g.lane, raw[b]);
     }
-    C sm, ss;
-    segment_ms(v, sm, ss);
-    if (seg_m != nullptr && g.lane == 0) {
-      seg_m[seg] = sm;
-      seg_s[seg] = ss;
+#pragma unroll
+    for (int b = 0; b < kBatch; ++b) {
+      const int64_t seg = first + static_cast<int64_t>(b) * W;
+      if (seg >= nseg) break;  // warp-uniform
+      if (cache != nullptr) store_raw<S, AL>(cache, n, seg, g.lane, raw[b]);
+      C v[kEPT];
+#pragma unroll
+      for (int k = 0; k < kEPT; ++k) {
+        const int64_t i = slot_index<AL>(seg, g.lane, k);
+        v[k] = (i < n && i != x) ? to_compute<C>(raw[b][k]) : -pos_inf<C>();
+      }
+      C sm, ss;
+      segment_ms(v, sm, ss);
+      if (seg_m != nullptr && g.lane == 0) {
+        seg_m[seg] = sm;
+        seg_s[seg] = ss;
+      }
+      run.fold(sm, ss);
+      extra(seg);
     }
-    run.fold(sm, ss);
-    extra(seg);
   }
   // (run.m, run.s) are warp-uniform: combine one copy per warp
   const double m = g.max(static_cast<double>(run.m));

@@ -1,0 +1,136 @@
+#!/usr/bin/env bash
+# The one prepared script for a lent GPU machine (an H200: Python 3.12, torch 2.11 with
+# CUDA 13.0, triton 3.6, nvcc 13.0, no package registry). Within ~8 minutes it
+#   1. builds and installs the package with the CUDA kernels (editable, no downloads),
+#   2. runs the CUDA backend tests, then the Triton backend tests, then the whole suite,
+#   3. runs the issue's benchmark (bf16, B*L*N = 2^28: scores_to_posterior and
+#      fused_euler_step against a device copy, the eager reference and torch.compile),
+#      then a broader sweep without torch.compile, and writes the markdown report.
+# Every stage has a time cap and the whole run a budget; a failing stage is recorded and
+# the next one still runs. Everything lands in $OUT (default ./gpu-out):
+#   summary.txt (one line per stage: status, seconds), env.txt, <stage>.log,
+#   tests-*.xml (JUnit), bench.json, bench-breadth.json, RESULTS-gpu.md
+#
+#   OUT=/path/to/out bash benchmarks/gpu_check.sh
+# Environment: OUT, PYTHON (default python3), CDM_GPU_CHECK_BUDGET (seconds, default 470),
+# MAX_JOBS (compile jobs, default all cores), CDM_GPU_CHECK_SKIP_INSTALL=1 (already installed).
+set -uo pipefail
+cd "$(dirname "$0")/.."
+
+OUT="${OUT:-./gpu-out}"
+mkdir -p "$OUT"
+OUT="$(cd "$OUT" && pwd)"
+PY="${PYTHON:-python3}"
+BUDGET="${CDM_GPU_CHECK_BUDGET:-470}"
+START=$SECONDS
+: >"$OUT/summary.txt"
+
+note() { echo "$*" | tee -a "$OUT/summary.txt"; }
+
+# stage NAME CAP_SECONDS COMMAND...: runs COMMAND with a timeout of min(CAP, budget left),
+# output in $OUT/NAME.log; returns the command's status (124: timed out).
+stage() {
+  local name="$1" cap="$2"
+  shift 2
+  local left=$((BUDGET - (SECONDS - START)))
+  local limit=$((cap < left ? cap : left))
+  if [ "$limit" -lt 15 ]; then
+    note "$name: skipped (budget of ${BUDGET}s spent)"
+    return 125
+  fi
+  local t0=$SECONDS
+  timeout -k 10 "$limit" "$@" >"$OUT/$name.log" 2>&1
+  local rc=$?
+  local status="ok"
+  [ "$rc" -eq 0 ] || status="FAILED (rc $rc$([ "$rc" -eq 124 ] && echo ", timed out after ${limit}s"))"
+  note "$name: $status, $((SECONDS - t0))s; last line: $(tail -n 1 "$OUT/$name.log" | cut -c1-160)"
+  return "$rc"
+}
+
+# --- the machine
+{
+  date -u
+  nvidia-smi 2>&1 | head -15
+  "$PY" - <<'EOF'
+import platform, sys
+print("python", sys.version.split()[0], platform.machine())
+try:
+    import torch
+    print("torch", torch.__version__, "cuda", torch.version.cuda, "available", torch.cuda.is_available())
+    if torch.cuda.is_available():
+        print("gpu", torch.cuda.get_device_name(0), torch.cuda.get_device_capability(0))
+except Exception as e:  # noqa: BLE001
+    print("torch: not importable:", e)
+for mod in ("triton", "pytest", "pytest_benchmark", "numpy"):
+    try:
+        m = __import__(mod)
+        print(mod, getattr(m, "__version__", "?"))
+    except Exception as e:  # noqa: BLE001
+        print(mod, "MISSING", e)
+EOF
+  command -v nvcc && nvcc --version | tail -2
+} >"$OUT/env.txt" 2>&1
+
+# --- 1. build and install with the CUDA kernels (no build isolation: nothing to download)
+if [ -z "${CUDA_HOME:-}" ] && [ -x /usr/local/cuda/bin/nvcc ]; then
+  export CUDA_HOME=/usr/local/cuda
+fi
+if [ -n "${CUDA_HOME:-}" ] && [ ! -e "$CUDA_HOME/include/cusparse.h" ]; then
+  # a toolkit without the library headers: take them from the CUDA wheels torch depends on
+  wheel_include="$("$PY" -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')/nvidia/cu13/include"
+  [ -d "$wheel_include" ] && export CPATH="$wheel_include${CPATH:+:$CPATH}"
+fi
+export TORCH_CUDA_ARCH_LIST="${TORCH_CUDA_ARCH_LIST:-9.0}" CDM_KERNELS_CUDA=1 MAX_JOBS="${MAX_JOBS:-$(nproc)}"
+if [ -z "${CDM_GPU_CHECK_SKIP_INSTALL:-}" ]; then
+  stage install 240 "$PY" -m pip install --no-build-isolation --no-deps -v -e . ||
+    note "install failed: the tests below use whatever cdm_kernels is importable"
+fi
+"$PY" -c 'import cdm_kernels as ck; print("backends on cuda:", ck.available_backends("cuda"))' >>"$OUT/env.txt" 2>&1
+
+have() { "$PY" -c "import $1" >/dev/null 2>&1; }
+export CDM_KERNELS_QUIET=1
+
+# --- 2. tests: the CUDA backend (every failure listed), then the issue's benchmark
+if have pytest; then
+  stage tests-cuda 110 "$PY" -m pytest tests/test_cuda_backend.py -q -rfEs --maxfail=40 -p no:cacheprovider \
+    --junitxml="$OUT/tests-cuda.xml"
+else
+  note "tests: pytest is not installed on this machine"
+fi
+
+bench_common=(--benchmark-only --cdm-device cuda -p no:cacheprovider)
+if have pytest_benchmark; then
+  # issue 4's goal: bf16, B*L*N = 8192 * 32768 = 2^28; reported against the session's device copy
+  stage bench 150 "$PY" -m pytest benchmarks/test_ops.py "${bench_common[@]}" \
+    --cdm-shapes 8192x32768 --cdm-dtypes bf16 --cdm-graphs uniform \
+    --cdm-ops scores_to_posterior,fused_euler_step --cdm-passes fwd --cdm-budget 0.3 \
+    --benchmark-json="$OUT/bench.json"
+else
+  note "benchmarks: pytest-benchmark is not installed on this machine"
+fi
+
+report() {
+  local files=()
+  for f in "$OUT/bench.json" "$OUT/bench-breadth.json"; do [ -s "$f" ] && files+=("$f"); done
+  [ "${#files[@]}" -gt 0 ] || return 0
+  "$PY" benchmarks/report.py "${files[@]}" >"$OUT/RESULTS-gpu.md" 2>"$OUT/report.log" ||
+    note "report: FAILED (see report.log)"
+}
+report
+
+# --- 3. the rest, as the budget allows
+if have pytest; then
+  stage tests-triton 70 "$PY" -m pytest tests/test_triton_backend.py -q -x -p no:cacheprovider \
+    --junitxml="$OUT/tests-triton.xml"
+  stage tests-all 100 "$PY" -m pytest tests -q -x -p no:cacheprovider --ignore=tests/test_cuda_backend.py \
+    --ignore=tests/test_triton_backend.py --junitxml="$OUT/tests-all.xml"
+fi
+if have pytest_benchmark; then
+  # every op, both passes, two graphs, two dtypes; fused backends against eager only (no compile)
+  stage bench-breadth 100 "$PY" -m pytest benchmarks/test_ops.py "${bench_common[@]}" \
+    --cdm-shapes 8192x1024,2048x50257 --cdm-dtypes bf16,fp32 --cdm-graphs uniform,absorbing \
+    --cdm-impls eager,triton,cuda --cdm-budget 0.2 --benchmark-json="$OUT/bench-breadth.json"
+  report
+fi
+
+note "gpu check: done in $((SECONDS - START))s; results in $OUT"
