@@ -492,22 +492,24 @@ def fits_in_memory(case: Case, impl: str, device: torch.device) -> Tuple[bool, s
 
 
 def copy_bandwidth(device: torch.device, megabytes: int = 256, repeats: int = 10) -> float:
-    """GB/s (read + write) of ``torch.empty_like(x).copy_(x)`` on a ``megabytes`` buffer, median."""
+    """GB/s (read + write) of ``torch.empty_like(x).copy_(x)`` on a ``megabytes``
+    buffer: the best of ``repeats`` (a roofline is what the machine can do; the
+    best run is also the one least disturbed by other work on a shared machine)."""
     x = torch.ones(megabytes * 2**20 // 4, dtype=torch.float32, device=device)
     fn = lambda: torch.empty_like(x).copy_(x)  # noqa: E731
     for _ in range(2):
         timed_call(fn, device)
     times = [timed_call(fn, device) for _ in range(repeats)]
-    return 2 * x.numel() * 4 / statistics.median(times) / 1e9
+    return 2 * x.numel() * 4 / min(times) / 1e9
 
 
 def exp_throughput(device: torch.device, elements: int = 32 * 2**20, repeats: int = 7) -> float:
-    """G elements/s of ``torch.exp`` on float32 (the transcendental roofline), median."""
+    """G elements/s of ``torch.exp`` on float32 (the transcendental roofline), best of ``repeats``."""
     x = torch.rand(elements, device=device)
     fn = lambda: torch.exp(x)  # noqa: E731
     timed_call(fn, device)
     times = [timed_call(fn, device) for _ in range(repeats)]
-    return elements / statistics.median(times) / 1e9
+    return elements / min(times) / 1e9
 
 
 def fused_backends(device: torch.device) -> List[str]:

@@ -189,6 +189,8 @@ def pytest_benchmark_update_json(config, benchmarks, output_json):
         **s.machine(),
         "copy_gbps": s._copy_gbps,
         "exp_gelem_per_s": s._exp_gelem,
+        # measured again after the last benchmark: a large difference means the machine's load changed
+        "copy_gbps_at_end": H.copy_bandwidth(s.device) if s._copy_gbps is not None else None,
         "loadavg_at_end": [round(v, 2) for v in os.getloadavg()],
         "cpu_pressure_at_end": cpu_pressure(),
         "session_wall_s": round(time.time() - s.start, 1),

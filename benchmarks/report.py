@@ -6,9 +6,12 @@ Op results are grouped by case (op, graph, shape, dtype, pass) so that the
 eager reference, its torch.compile and each fused backend sit on consecutive
 rows. Speedups are recomputed from the medians in the JSON (the eager and
 compiled rows of the same case), falling back to the ``extra_info`` ratios
-when a baseline is not in the file. ``--cpu-time`` computes time, GB/s and
-ratios from process CPU time per call instead of wall-clock medians (useful
-when the machine was shared: CPU time leaves out the waits for a core).
+when a baseline is not in the file. ``--stat min`` uses the fastest round
+instead of the median. ``--cpu-time`` computes time, GB/s and
+ratios from process CPU time per call divided by the torch thread count
+instead of wall-clock medians (useful when the machine was shared: CPU time
+leaves out the waits for a core; dividing by the threads assumes the call
+kept them all busy).
 Several files are merged (later files win for the same test).
 """
 
@@ -68,8 +71,9 @@ def fmt_num(value, digits=2):
     return "-" if value is None else f"{value:.{digits}f}"
 
 
-def load(paths):
-    """(op rows, e2e rows, session info) merged over ``paths``."""
+def load(paths, stat="median"):
+    """(op rows, e2e rows, session info) merged over ``paths``; each row's
+    ``median_s`` holds the chosen statistic of the rounds (per call)."""
     by_name = OrderedDict()
     info = {}
     for path in paths:
@@ -83,7 +87,7 @@ def load(paths):
     for bench in by_name.values():
         extra = bench.get("extra_info", {})
         row = dict(extra)
-        row["median_s"] = bench["stats"]["median"]
+        row["median_s"] = bench["stats"][stat]
         row["name"] = bench["name"]
         if "op" in extra:
             ops.append(row)
@@ -92,8 +96,13 @@ def load(paths):
     return ops, e2e, info
 
 
+THREADS = 1  # torch threads of the run (set from the JSON): CPU time / THREADS estimates a quiet wall time
+
+
 def _time_of(row, cpu):
-    return row.get("cpu_s") if cpu else row["median_s"]
+    if not cpu:
+        return row["median_s"]
+    return row["cpu_s"] / THREADS if row.get("cpu_s") else None
 
 
 def op_table(ops, cpu=False):
@@ -104,7 +113,7 @@ def op_table(ops, cpu=False):
     )
     for row in sorted(ops, key=lambda r: (key(r), _index(IMPL_ORDER, r["impl"]), r["impl"])):
         groups.setdefault(key(row), []).append(row)
-    time_label = "CPU time" if cpu else "time"
+    time_label = "CPU time / threads" if cpu else "time"
     lines = [
         f"| op | graph | B*L x N | dtype | pass | backend | {time_label} | GB/s | % copy BW | x eager | x compile | peak mem |",
         "|---|---|---|---|---|---|--:|--:|--:|--:|--:|--:|",
@@ -198,7 +207,8 @@ def header(info):
         ("device", info.get("device") + (f" ({info['gpu']})" if info.get("gpu") else "") if info.get("device") else None),
         ("torch / triton", f"{info.get('torch')} / {info.get('triton')}"),
         ("backends available", ", ".join(info.get("backends", []))),
-        ("copy bandwidth", f"{info['copy_gbps']:.2f} GB/s" if info.get("copy_gbps") else None),
+        ("copy bandwidth (start / end of session)",
+         f"{info['copy_gbps']:.2f} / {info.get('copy_gbps_at_end') or float('nan'):.2f} GB/s" if info.get("copy_gbps") else None),
         ("exp throughput", f"{info['exp_gelem_per_s']:.3f} G elem/s" if info.get("exp_gelem_per_s") else None),
         ("load average (start / end)", f"{info.get('loadavg_at_start')} / {info.get('loadavg_at_end')}"),
         ("CPU pressure avg60 % (start / end)", f"{info.get('cpu_pressure_at_start')} / {info.get('cpu_pressure_at_end')}"),
@@ -211,10 +221,14 @@ def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("json", nargs="+", help="pytest-benchmark JSON file(s) (--benchmark-json=...)")
     parser.add_argument("--cpu-time", action="store_true", help="use process CPU time per call instead of wall time")
+    parser.add_argument("--stat", choices=("median", "min", "mean"), default="median",
+                        help="statistic of the timed rounds (wall clock); min is the least disturbed by other load")
     parser.add_argument("--target-positions", type=int, default=8192, help="B*L of the issue-2 target table")
     parser.add_argument("--no-header", action="store_true")
     args = parser.parse_args(argv)
-    ops, e2e, info = load(args.json)
+    global THREADS
+    ops, e2e, info = load(args.json, args.stat)
+    THREADS = info.get("torch_threads") or 1
     out = []
     if not args.no_header:
         out += [header(info), ""]

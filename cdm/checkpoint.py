@@ -59,11 +59,18 @@ def save_checkpoint(path: str | os.PathLike, tensors: dict[str, torch.Tensor],
         save_file(cpu_tensors, tmp_name, metadata=header)
         with open(tmp_name, "rb+") as tmp:
             os.fsync(tmp.fileno())
+        os.chmod(tmp_name, 0o666 & ~_umask())  # mkstemp makes it private; a checkpoint is an ordinary file
         os.replace(tmp_name, path)
     except BaseException:
         os.unlink(tmp_name)
         raise
     _fsync_directory(directory)
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
 
 
 def _fsync_directory(directory: Path) -> None:

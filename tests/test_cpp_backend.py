@@ -221,6 +221,13 @@ def test_fast_exp_log_accuracy(restore_isa):
         err = (lg - truth).abs() / truth.abs().clamp_min(1e-3)
         assert err.max() < 3e-7, (isa, err.max())
 
+        normal = positive[positive >= 2**-126]
+        lg = ops._cpu_vec_math(normal, 2).double()
+        truth = normal.double().log()
+        assert ((lg - truth).abs() / truth.abs().clamp_min(1e-3)).max() < 3e-7, isa
+        sn = ops._cpu_vec_math(torch.tensor([float("inf"), float("nan")]), 2)
+        assert sn[0] == float("inf") and torch.isnan(sn[1])
+
         se = ops._cpu_vec_math(specials, 0)
         assert se[0] == float("inf") and se[1] == 0 and torch.isnan(se[2]) and se[3] == 1
         sl = ops._cpu_vec_math(specials, 1)
@@ -335,5 +342,7 @@ def test_input_checks():
         ops.scores_to_posterior(7, None, None, None, ls, x, tau)
     with pytest.raises(RuntimeError, match="dense graph"):
         ops.scores_to_posterior(2, None, None, None, ls, x, tau)
+    with pytest.raises(RuntimeError, match="states in"):
+        ops.scores_to_posterior(*desc(graph), ls, torch.tensor([0, 5, 1]), tau)
     with pytest.raises(RuntimeError, match="seed_offset"):
         ops.euler_step(*desc(graph), ls, x, tau, tau * 0, 0, torch.tensor([1.0, 2.0]))

@@ -395,6 +395,14 @@ inline void check_positions(const at::Tensor& t, const char* what, int64_t posit
   TORCH_CHECK(t.is_contiguous(), "cdm_kernels: ", what, " must be contiguous");
 }
 
+// tokens index rows in place: one out-of-range x would write outside a scratch row
+inline void check_token_range(const at::Tensor& x, int64_t n) {
+  const int64_t* p = x.data_ptr<int64_t>();
+  bool ok = true;
+  for (int64_t i = 0; i < x.numel(); ++i) ok &= (p[i] >= 0) & (p[i] < n);
+  TORCH_CHECK(ok, "cdm_kernels: x must hold states in [0, ", n, ")");
+}
+
 inline void check_same_shape(const at::Tensor& a, const at::Tensor& b, const char* what) {
   TORCH_CHECK(a.sizes() == b.sizes(), "cdm_kernels: ", what, " must have shape ", b.sizes(), ", got ", a.sizes());
 }

@@ -17,6 +17,10 @@
 // if rounding walks past the end of a block or of the row, the last state with mass is.
 // A row without any mass (NaN scores, or tau_t = tau_s = 0 on an absorbing mask where
 // P is 0/0) falls back to q (absorbing) or stays at x.
+// Rows of at most kLanesMaxN states take the lanes layout (lanes.h): one position per
+// vector lane, the CDF scanned for all lanes at once (float cumulative sums; a group whose
+// positions need different kinds of step, e.g. tau_s = 0 next to tau_s > 0 under "euler",
+// goes row by row). Offsets: see philox.h (offset + p as a 64-bit counter, offset >= 0).
 #include "cpu/cpu_common.h"
 #include "cpu/inversion.h"
 #include "cpu/lanes.h"
@@ -444,6 +448,7 @@ at::Tensor euler_step_cpu(int64_t family, const c10::optional<at::Tensor>& evals
   check_rows(log_score, "log_score");
   const int64_t positions = log_score.size(0), n = log_score.size(1);
   check_positions(x, "x", positions, at::kLong);
+  check_token_range(x, n);
   check_positions(tau_t, "tau_t", positions, at::kDouble);
   check_positions(tau_s, "tau_s", positions, at::kDouble);
   TORCH_CHECK(method == 0 || method == 1, "cdm_kernels: method must be 0 (analytic) or 1 (euler), got ", method);

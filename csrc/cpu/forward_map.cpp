@@ -337,6 +337,7 @@ at::Tensor run(int64_t family, const c10::optional<at::Tensor>& evals, const c10
   check_rows(log_p0, "log_p0");
   const int64_t positions = log_p0.size(0), n = log_p0.size(1);
   check_positions(x, "x", positions, at::kLong);
+  check_token_range(x, n);
   check_positions(tau, "tau", positions, at::kDouble);
   if (grad) {
     check_rows(*grad, "grad");

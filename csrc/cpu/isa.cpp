@@ -9,7 +9,8 @@
 //
 // Internal ops (not part of the public API; underscore names):
 //   cdm_kernels::_cpu_isa(str isa="") -> str       set the variant ("" keeps it); returns the active one
-//   cdm_kernels::_cpu_vec_math(Tensor x, int fn)    the vectorised exp (fn 0) / log (fn 1) on float32
+//   cdm_kernels::_cpu_vec_math(Tensor x, int fn)    the vectorised exp (fn 0), log (fn 1) and log for
+//                                                    inputs >= FLT_MIN (fn 2) on float32
 //   cdm_kernels::_philox_uniform(int seed, int offset, int n) -> Tensor   the uniforms euler_step draws
 #include "cpu/cpu_common.h"
 #include "philox.h"
@@ -112,7 +113,7 @@ struct VecMathKernel {
         const int64_t c = std::min<int64_t>(VV::L, a.n - i);
         V in = VV::splat(1.0f);
         for (int64_t j = 0; j < c; ++j) in[j] = a.in[i + j];
-        const V out = a.fn == 0 ? VV::exp(in) : VV::log(in);
+        const V out = a.fn == 0 ? VV::exp(in) : (a.fn == 1 ? VV::log(in) : VV::log_normal(in));
         for (int64_t j = 0; j < c; ++j) a.out[i + j] = out[j];
       }
     }
@@ -126,7 +127,7 @@ std::string cpu_isa_op(std::string requested) {
 
 at::Tensor cpu_vec_math_op(const at::Tensor& x, int64_t fn) {
   TORCH_CHECK(x.scalar_type() == at::kFloat && x.device().is_cpu(), "_cpu_vec_math: x must be a float32 CPU tensor");
-  TORCH_CHECK(fn == 0 || fn == 1, "_cpu_vec_math: fn must be 0 (exp) or 1 (log)");
+  TORCH_CHECK(fn >= 0 && fn <= 2, "_cpu_vec_math: fn must be 0 (exp), 1 (log) or 2 (log of normal numbers)");
   at::Tensor in = x.contiguous();
   at::Tensor out = empty_output_like(in);
   VecMathKernel::Args args{in.data_ptr<float>(), out.data_ptr<float>(), in.numel(), fn};

@@ -348,6 +348,7 @@ LossArgs make_args(int64_t family, const at::Tensor& log_score, const at::Tensor
   check_rows(log_score, "log_score");
   const int64_t positions = log_score.size(0);
   check_positions(x, "x", positions, at::kLong);
+  check_token_range(x, log_score.size(1));
   check_positions(tau, "tau", positions, at::kDouble);
   check_rows(target, "target");
   check_same_shape(target, log_score, "target");

@@ -1,17 +1,20 @@
 // scores_to_posterior (+ backward) on the CPU: log p_0|t from log-scores.
 //
 // Uniform graph, per row (compute type float for 16/32-bit inputs, double for float64):
-//   copy      s = log_score (converted), s_x = 0                              read row once
+//   copy      s = log_score (converted), s_x = 0 (r_x := 1)                   read row once
 //   pass 1    M = max s
 //   pass 2    r = e^{s - M} (in place), S = sum r                             1 exp / element
 //   pass 3    u = max(r - beta S, floor), U = sum u, s = log u (in place)     1 log / element
 //   pass 4    out = s + (log beta - log Z), out_x = s_x + (log(alpha + beta) - log Z)
 //             with Z = sum_b K[b, x] u_b = beta U + alpha u_x (float64)
-// q(a) = K[a, x] u(a) / Z is reference.py's "inverted.log() + log column - logsumexp".
+// q(a) = K[a, x] u(a) / Z is reference.py's "inverted.log() + log column - logsumexp", and
+// floor = max(POSTERIOR_FLOOR e^-M alpha, smallest normal) its clamp (inversion.h).
+// Rows of at most kLanesMaxN states take the lanes layout instead (lanes.h: one position
+// per vector lane, the same passes without horizontal reductions).
 // Absorbing: x != mask gives log e_x; x = mask a log-softmax over the real tokens
 // (1 exp / element). Dense: float64 through the eigenbasis (dense.cpp).
 //
-// Backward (G = grad of log q, recomputing the forward; no log at all):
+// Backward (G = grad of log q, recomputing the forward; 1 exp / element, no log):
 //   dL/du_b = w_b (G_b / u_b - K[b, x] sum(G) / Z)     w_b = 1 unclamped, 0 clamped (1/2 on a tie,
 //                                                       as torch.maximum), the floor being constant
 //   dL/dr   = dL/du - beta sum(dL/du)                    (u = r - beta S 1)
@@ -285,6 +288,7 @@ void check_inputs(const at::Tensor& log_score, const at::Tensor& x, const at::Te
   check_rows(log_score, "log_score");
   const int64_t positions = log_score.size(0);
   check_positions(x, "x", positions, at::kLong);
+  check_token_range(x, log_score.size(1));
   check_positions(tau, "tau", positions, at::kDouble);
 }
 

@@ -42,6 +42,7 @@ at::Tensor transition_column_cpu(int64_t family, const c10::optional<at::Tensor>
   TORCH_CHECK(x.dim() == 1, "cdm_kernels: x must be (P,), got ", x.sizes());
   const int64_t positions = x.size(0), n = num_states;
   check_positions(x, "x", positions, at::kLong);
+  check_token_range(x, n);
   check_positions(tau, "tau", positions, at::kDouble);
   const auto dtype = out_float64 ? at::kDouble : at::kFloat;
   at::Tensor out = empty_output({positions, n}, x.options().dtype(dtype));
