@@ -5,6 +5,7 @@ import pytest
 import torch
 
 import cdm_kernels as ck
+from cdm_kernels import reference
 
 COMPILED = [b for b in ("cpp",) if b in ck.available_backends("cpu")]
 needs_cpp = pytest.mark.skipif(not COMPILED, reason="the C++ extension is not built")
@@ -19,7 +20,8 @@ def op_samples():
             scores = torch.randn(5, 7, dtype=dtype, requires_grad=True)
             x = torch.tensor([0, 6, 3, 6, 1])
             tau = torch.tensor([0.1, 0.5, 1.0, 2.0, 0.01], dtype=torch.float64)
-            log_p0 = torch.log_softmax(torch.randn(5, 7, dtype=dtype), -1).requires_grad_(True)
+            # a conditional the graph can produce (the absorbing one has structural zeros)
+            log_p0 = reference.scores_to_posterior(graph, scores.detach(), x, tau).requires_grad_(True)
             target = torch.softmax(torch.randn(5, 7, dtype=dtype), -1)
             if graph.family == "absorbing":
                 target[:, -1] = 0

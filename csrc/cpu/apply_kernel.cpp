@@ -22,9 +22,10 @@ struct ApplyKernel {
     void* out;
   };
 
-  // one row; in and out may alias (the scratch path); n0 = elements to read from `in`
+  // one row; in and out may alias (the scratch path); beta = (1 - alpha) / N
   template <class VV>
-  static CDM_INLINE void row(const Args& a, const Decay& d, const typename VV::T* in, typename VV::T* out) {
+  static CDM_INLINE void row(const Args& a, const Decay& d, double beta, const typename VV::T* in,
+                             typename VV::T* out) {
     using T = typename VV::T;
     const int64_t n = a.n, m = n - 1, full = n / VV::L * VV::L;
     const T alpha = static_cast<T>(d.alpha);
@@ -46,8 +47,7 @@ struct ApplyKernel {
         sum = acc.sum();
         for (int64_t i = vfull; i < upto; ++i) sum += static_cast<double>(in[i]);
       }
-      shift = a.family == UNIFORM ? static_cast<T>(d.one_minus_alpha / static_cast<double>(n) * sum) : T(0);
-      if (a.family == ABSORBING) shift = T(0);
+      shift = a.family == UNIFORM ? static_cast<T>(beta * sum) : T(0);
       const T mask_value = vm + static_cast<T>(d.one_minus_alpha * sum);
       for (int64_t i = 0; i < full; i += VV::L) VV::store(out + i, VV::load(in + i) * alpha + shift);
       for (int64_t i = full; i < n; ++i) out[i] = in[i] * alpha + shift;
@@ -70,14 +70,18 @@ struct ApplyKernel {
     if (direct) {  // straight from the input to the output
       const T* in = static_cast<const T*>(a.v);
       T* out = static_cast<T*>(a.out);
-      for (int64_t p = b; p < e; ++p) row<VV>(a, dc(a.tau[p]), in + p * n, out + p * n);
+      for (int64_t p = b; p < e; ++p) {
+        const Decay& d = dc(a.tau[p]);
+        row<VV>(a, d, dc.beta(n), in + p * n, out + p * n);
+      }
       return;
     }
     Scratch<T> scratch(n, 1);
     T* s = scratch.row(0);
     for (int64_t p = b; p < e; ++p) {
       load_row<VV>(a.v, a.dt, p, n, s, T(0));
-      row<VV>(a, dc(a.tau[p]), s, s);
+      const Decay& d = dc(a.tau[p]);
+      row<VV>(a, d, dc.beta(n), s, s);
       store_row<VV>(a.out, a.dt, p, n, s);
     }
   }

@@ -211,12 +211,19 @@ inline int64_t row_grain(int64_t n) { return std::max<int64_t>(1, 16384 / std::m
 struct DecayCache {
   double tau = std::numeric_limits<double>::quiet_NaN();
   Decay d{};
+  double beta_ = 0.0;  // (1 - alpha) / N of the last call
   const Decay& operator()(double t) {
     if (!(t == tau)) {
       tau = t;
       d = decay(t);
+      beta_ = std::numeric_limits<double>::quiet_NaN();
     }
     return d;
+  }
+  // the uniform beta of the cached tau (computed once per tau)
+  double beta(int64_t n) {
+    if (beta_ != beta_) beta_ = d.one_minus_alpha / static_cast<double>(n);
+    return beta_;
   }
 };
 
