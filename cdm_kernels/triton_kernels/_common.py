@@ -29,6 +29,9 @@ FAMILIES = (UNIFORM, ABSORBING, DENSE)
 #: mirrors ``reference.POSTERIOR_FLOOR`` = 1 / FLOOR_INV (1e10 is exact in float32,
 #: so ``x / FLOOR_INV`` is the correctly rounded ``1e-10 x`` in either precision)
 FLOOR_INV = tl.constexpr(1e10)
+#: the floor never drops below float32's smallest normal number, so the normaliser
+#: cannot vanish (the reference uses its dtype's; they differ only for float64 past tau + M ~ 64)
+SMALLEST_FLOOR = tl.constexpr(1.1754943508222875e-38)
 
 #: True when kernels run under Triton's CPU interpreter
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
@@ -179,14 +182,6 @@ def expm1_f64(t):
     poly = t * (1.0 + t / 2.0 * (1.0 + t / 3.0 * (1.0 + t / 4.0 * (1.0 + t / 5.0 * (
         1.0 + t / 6.0 * (1.0 + t / 7.0 * (1.0 + t / 8.0)))))))
     return tl.where(tl.abs(t) < 1e-2, poly, tl.exp(t) - 1.0)
-
-
-@triton.jit
-def tiny(CT: tl.constexpr):
-    """The smallest normal number of ``CT``: the floor never drops to 0."""
-    if CT == tl.float64:
-        return tl.full([], 2.2250738585072014e-308, tl.float64)
-    return tl.full([], 1.1754943508222875e-38, tl.float32)
 
 
 @triton.jit

@@ -23,7 +23,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from ._common import FLOOR_INV, decay_coefficients, online_update, row_kernel, tiny, to_store
+from ._common import FLOOR_INV, SMALLEST_FLOOR, decay_coefficients, online_update, row_kernel, to_store
 
 
 @triton.jit
@@ -42,7 +42,7 @@ def inversion_scalars(m, s, tau, N, FAMILY: tl.constexpr, CT: tl.constexpr):
     thr = tl.exp(-M) / FLOOR_INV
     if FAMILY == 0:  # the uniform inversion leaves out 1/alpha: scale the floor alike
         thr = thr * alpha.to(CT)
-    thr = tl.maximum(thr, tiny(CT))
+    thr = tl.maximum(thr, SMALLEST_FLOOR)
     beta = (oma / N).to(CT)
     colx = (alpha + oma / N).to(CT)
     return M, S, thr, beta, colx, tl.log(colx), tl.log(beta)

@@ -33,7 +33,7 @@ import triton
 import triton.language as tl
 
 from . import _dense
-from ._common import (DENSE, FLOOR_INV, tiny, check_family, compute_f64, decay_coefficients, finish_scan,
+from ._common import (DENSE, FLOOR_INV, SMALLEST_FLOOR, check_family, compute_f64, decay_coefficients, finish_scan,
                       online_update, row_kernel, scan_step)
 from .scores_to_posterior import posterior
 
@@ -87,7 +87,7 @@ def _euler_step_kernel(ls_ptr, x_ptr, taut_ptr, taus_ptr, out_ptr, P, N, seed, o
     k = tl.exp(m - M)
     ex = tl.exp(-M)
     S = s * k + ex
-    thr = tl.maximum(ex * alpha_t.to(CT) / FLOOR_INV, tiny(CT))  # the uniform floor (see _inversion.py)
+    thr = tl.maximum(ex * alpha_t.to(CT) / FLOOR_INV, SMALLEST_FLOOR)  # the uniform floor (see _inversion.py)
     beta_t = (oma_t / N).to(CT)
     if METHOD == 1:
         # Euler: jumps Delta Q[y, x] e^{ls_y} with Q[y, x] = 1/N (uniform) or 1 into the mask

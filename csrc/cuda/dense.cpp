@@ -24,6 +24,12 @@ at::Tensor safe_log(const at::Tensor& p) {
 
 at::Tensor decay(const Eigen& g, const at::Tensor& tau) { return at::exp(tau.unsqueeze(-1) * g.evals.unsqueeze(0)); }
 
+// the clamp floor of the inversion: POSTERIOR_FLOOR r_x on the shifted scale, never below the
+// smallest normal double (reference.py)
+at::Tensor floor_of(const at::Tensor& shift) {
+  return (at::exp(-shift) * POSTERIOR_FLOOR).clamp_min(std::numeric_limits<double>::min());
+}
+
 at::Tensor one_hot_rows(const at::Tensor& x, int64_t n) {
   return at::zeros({x.size(0), n}, x.options().dtype(at::kDouble)).scatter_(1, x.unsqueeze(-1), 1.0);
 }
@@ -56,7 +62,7 @@ Posterior log_posterior(const Eigen& g, const at::Tensor& log_score, const at::T
   out.shift = std::get<0>(ls.max(1, /*keepdim=*/true));
   out.ratios = at::exp(ls - out.shift);
   out.inverted = apply(g, out.ratios, -tau, /*transpose=*/true);
-  const at::Tensor clamped = at::maximum(out.inverted, at::exp(-out.shift) * POSTERIOR_FLOOR);
+  const at::Tensor clamped = at::maximum(out.inverted, floor_of(out.shift));
   const at::Tensor log_q = safe_log(column(g, x, tau)) + clamped.log();
   out.log_q = log_q - at::logsumexp(log_q, {1}, /*keepdim=*/true);
   return out;
@@ -69,7 +75,7 @@ at::Tensor posterior_backward(const Eigen& g, const at::Tensor& grad, const at::
   // through the normalisation: dL/d(log q before it) = g - q sum(g)
   const at::Tensor dl = gr - at::exp(post.log_q) * gr.sum(1, /*keepdim=*/true);
   // through the clamp (torch.maximum: half the gradient on a tie) and the log
-  const at::Tensor floor = at::exp(-post.shift) * POSTERIOR_FLOOR;
+  const at::Tensor floor = floor_of(post.shift);
   const at::Tensor u = post.inverted;
   const at::Tensor w = at::where(u > floor, 1.0, at::where(u == floor, 0.5, 0.0));
   const at::Tensor du = at::where(w != 0, w * dl / at::maximum(u, floor), 0.0);

@@ -4,7 +4,7 @@
 //
 // Uniform graph, per row (r = exp(log_score' - M), log_score' = log_score with 0 at x,
 // M = max(m, 0), m = max_{y != x} log_score_y; S = sum r; u = max(r - beta S, floor),
-// floor = POSTERIOR_FLOOR e^-M; q = K[:, x] u / Z, Z = beta sum(u) + alpha u_x):
+// floor = max(POSTERIOR_FLOOR e^-M alpha, smallest normal); q = K[:, x] u / Z, Z = beta sum(u) + alpha u_x):
 //   forward    pass 1  m, s = sum_{y != x} e^{ls_y - m} (1 exp / state)     -> M, S = s e^{m-M} + e^-M
 //              pass 2  U = sum u                           (1 exp / state)     -> Z
 //              pass 3  out = log u + log K[y, x] - log Z  (1 exp + 1 log / state)
@@ -56,7 +56,11 @@ CDM_DEV Inversion<C> uniform_inversion(double m, double s, const UniformCoeffs& 
   Inversion<C> inv;
   inv.Mc = static_cast<C>(M);
   inv.cs = static_cast<C>(c.beta * S_total);
-  inv.fl = static_cast<C>(POSTERIOR_FLOOR * exp(-M));
+  // the inversion leaves out the factor 1/alpha of K(-tau)^T r, so the floor is scaled by
+  // alpha alike; never below the smallest normal number (reference.py)
+  const C floor = static_cast<C>(POSTERIOR_FLOOR * exp(-M) * c.alpha);
+  const C tiny = static_cast<C>(sizeof(C) == 4 ? 1.17549435082228750797e-38 : 2.22507385850720138309e-308);
+  inv.fl = floor < tiny ? tiny : floor;
   return inv;
 }
 
