@@ -6,24 +6,33 @@ stored as one JSON string under the safetensors header key ``"cdm"``.
 Saving is atomic: the file is written to a temporary name in the target's
 directory, flushed and fsynced, then moved over the target with
 ``os.replace``. A crash or error mid-write leaves any previous checkpoint at
-``path`` untouched and no partial file behind.
+``path`` untouched and no partial file behind; a process killed mid-write
+(SIGKILL, power loss) can leave only its temporary file, which
+:func:`remove_stale_temporaries` deletes and which is never read as a checkpoint.
 """
 
 from __future__ import annotations
 
+import glob
 import json
 import os
 import tempfile
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable, Optional
 
 import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
-__all__ = ["CheckpointError", "save_checkpoint", "load_checkpoint", "check_metadata"]
+__all__ = ["CheckpointError", "save_checkpoint", "load_checkpoint", "check_metadata", "remove_stale_temporaries"]
 
 METADATA_KEY = "cdm"
+
+#: Test-only hook, ``None`` in normal use: ``save_checkpoint`` calls it as
+#: ``hook(stage, tmp_name, path)`` at ``stage="created"`` (the empty temporary file
+#: exists) and ``stage="written"`` (it is complete and fsynced, not yet renamed),
+#: so that a test can kill the process at those points (tests/test_kill_resume.py).
+_save_hook: Optional[Callable[[str, str, Path], None]] = None
 
 
 class CheckpointError(ValueError):
@@ -56,15 +65,30 @@ def save_checkpoint(path: str | os.PathLike, tensors: dict[str, torch.Tensor],
     fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=directory)
     os.close(fd)
     try:
+        if _save_hook is not None:
+            _save_hook("created", tmp_name, path)
         save_file(cpu_tensors, tmp_name, metadata=header)
         with open(tmp_name, "rb+") as tmp:
             os.fsync(tmp.fileno())
+        if _save_hook is not None:
+            _save_hook("written", tmp_name, path)
         os.chmod(tmp_name, 0o666 & ~_umask())  # mkstemp makes it private; a checkpoint is an ordinary file
         os.replace(tmp_name, path)
     except BaseException:
         os.unlink(tmp_name)
         raise
     _fsync_directory(directory)
+
+
+def remove_stale_temporaries(path: str | os.PathLike) -> list[Path]:
+    """Delete the temporary files that killed ``save_checkpoint(path, ...)`` calls
+    left next to ``path``; returns them. Call it only while nothing is saving to
+    ``path`` (e.g. when a run starts)."""
+    path = Path(path)
+    stale = sorted(path.parent.glob(f".{glob.escape(path.name)}.*.tmp"))
+    for name in stale:
+        name.unlink(missing_ok=True)
+    return stale
 
 
 def _umask() -> int:

@@ -30,6 +30,7 @@ from .experiment import (
     save_model,
 )
 from .losses import get_loss, make_student
+from .models.dit import PRESETS
 from .train import TrainConfig, Trainer
 
 DISTILL_METHODS = {"per-token": "cdm_per_token", "joint": "cdm_joint"}
@@ -45,13 +46,29 @@ def _int_list(text: str) -> list[int]:
     return values
 
 
-def _options(pairs: list[str]) -> dict:
+def _number(kind, low, high=None, low_open=False):
+    """An argparse type: ``kind`` (int/float) in ``[low, high)`` (``(low, high)`` if ``low_open``)."""
+    span = f"{'(' if low_open else '['}{low}, {'inf' if high is None else high})"
+
+    def parse(text: str):
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected {'an integer' if kind is int else 'a number'}, got {text!r}") from None
+        if not (value > low if low_open else value >= low) or (high is not None and not value < high):
+            raise argparse.ArgumentTypeError(f"expected a value in {span}, got {text!r}")
+        return value
+
+    return parse
+
+
+def _options(pairs: list[str], flag: str) -> dict:
     """``key=value`` pairs; values parsed as JSON when they parse (numbers, bools)."""
     options = {}
     for pair in pairs or []:
         key, sep, value = pair.partition("=")
         if not sep or not key:
-            raise SystemExit(f"error: options are key=value, got {pair!r}")
+            raise ValueError(f"{flag}: options are key=value, got {pair!r}")
         try:
             options[key] = json.loads(value)
         except json.JSONDecodeError:
@@ -61,16 +78,19 @@ def _options(pairs: list[str]) -> dict:
 
 def _train_config(args, steps: int) -> TrainConfig:
     return TrainConfig(steps=steps, batch_size=args.batch_size, lr=args.lr, warmup=args.warmup,
-                       ema=args.ema, seed=args.seed, progress=not args.quiet)
+                       ema=args.ema, seed=args.seed, progress=not args.quiet,
+                       log_every=args.log_every, save_every=args.save_every)
 
 
 def _add_training_options(parser, steps: int, batch_size: int, lr: float, ema: float) -> None:
-    parser.add_argument("--steps", type=int, default=steps, help="training steps (per student for distill)")
-    parser.add_argument("--batch-size", type=int, default=batch_size)
-    parser.add_argument("--lr", type=float, default=lr)
-    parser.add_argument("--warmup", type=int, default=50)
-    parser.add_argument("--ema", type=float, default=ema, help="EMA decay of the weights (0: off)")
+    parser.add_argument("--steps", type=_number(int, 1), default=steps, help="training steps (per student for distill)")
+    parser.add_argument("--batch-size", type=_number(int, 1), default=batch_size)
+    parser.add_argument("--lr", type=_number(float, 0, low_open=True), default=lr)
+    parser.add_argument("--warmup", type=_number(int, 0), default=50)
+    parser.add_argument("--ema", type=_number(float, 0, 1), default=ema, help="EMA decay of the weights (0: off)")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--log-every", type=_number(int, 1), default=25, help="steps between log.jsonl records")
+    parser.add_argument("--save-every", type=_number(int, 1), default=250, help="steps between checkpoints (for --resume)")
     parser.add_argument("--resume", action="store_true", help="continue from the checkpoints in --out")
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
 
@@ -79,8 +99,14 @@ def _add_training_options(parser, steps: int, batch_size: int, lr: float, ema: f
 
 
 def pretrain(args) -> None:
-    setup = Setup(data=args.data, data_options=_options(args.data_option), graph=args.graph, noise=args.noise,
-                  noise_options=_options(args.noise_option))
+    setup = Setup(data=args.data, data_options=_options(args.data_option, "--data-option"), graph=args.graph,
+                  noise=args.noise, noise_options=_options(args.noise_option, "--noise-option"))
+    for flag, build in (("--data-option", lambda: setup.dataset), ("--noise-option", lambda: setup.schedule)):
+        try:
+            build()
+        except (TypeError, ValueError) as error:  # an unknown key or a bad value
+            raise ValueError(f"{flag}: {error}") from None
+    torch.manual_seed(args.seed)  # the initial weights: the same seed trains the same model
     model = new_model(setup, args.model)
     out = ensure_dir(args.out)
     loss = get_loss("score_entropy", setup.kernel_graph, setup.schedule)
@@ -113,6 +139,7 @@ def distill(args) -> None:
     best_samples = {}
     for method in args.methods:
         for k in args.student_steps:
+            torch.manual_seed(args.seed)  # a joint student's new latent layers: the same per student and run
             student = make_student(teacher, latent_dim=args.latent_dim if method == "joint" else 0)
             options = {"steps": k}
             if method == "joint":
@@ -233,7 +260,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--noise", default="geometric", choices=["geometric", "loglinear"])
     p.add_argument("--noise-option", action="append", metavar="KEY=VALUE",
                    help="schedule option, e.g. sigma_max=8 (repeatable)")
-    p.add_argument("--model", default="tiny", help="DiT preset (tiny, mini, base, sedd-small, ...)")
+    p.add_argument("--model", default="tiny", choices=list(PRESETS), help="DiT preset")
     p.add_argument("--out", default="runs/teacher")
     _add_training_options(p, steps=3000, batch_size=256, lr=2e-3, ema=0.999)
     p.set_defaults(run=pretrain)
@@ -243,12 +270,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--methods", default="per-token,joint", type=lambda s: [m for m in s.split(",") if m])
     p.add_argument("--student-steps", default=[1, 2, 4], type=_int_list, help="NFEs of the students")
     p.add_argument("--teacher-nfe", default=[1, 2, 4, 8, 16, 32, 64, 128, 256], type=_int_list)
-    p.add_argument("--num-samples", type=int, default=4096, help="samples per evaluated sampler")
-    p.add_argument("--latent-dim", type=int, default=4, help="latent size of the joint (mixture) student")
+    p.add_argument("--num-samples", type=_number(int, 1), default=4096, help="samples per evaluated sampler")
+    p.add_argument("--latent-dim", type=_number(int, 1), default=4, help="latent size of the joint (mixture) student")
     # 8 draws and 16 teacher steps did best in the exact study (tests/test_cdm_exact.py); the
     # defaults are halved so that the default run fits a laptop CPU
-    p.add_argument("--num-latents", type=int, default=4, help="lambda draws per example (joint CDM)")
-    p.add_argument("--teacher-steps", type=int, default=8, help="teacher steps from t to 0 for joint CDM targets")
+    p.add_argument("--num-latents", type=_number(int, 1), default=4, help="lambda draws per example (joint CDM)")
+    p.add_argument("--teacher-steps", type=_number(int, 1), default=8, help="teacher steps from t to 0 for joint CDM targets")
     p.add_argument("--out", default="runs/distill")
     _add_training_options(p, steps=400, batch_size=128, lr=1e-3, ema=0.99)
     p.set_defaults(run=distill)
@@ -256,8 +283,8 @@ def build_parser() -> argparse.ArgumentParser:
     for name, run in (("sample", sample_command), ("eval", eval_command)):
         p = commands.add_parser(name, help=f"{name} a model file's k-step sampler")
         p.add_argument("--checkpoint", required=True, help="a teacher or student model file")
-        p.add_argument("--steps", type=int if name == "sample" else _int_list, default=4 if name == "sample" else [1, 4, 16, 64])
-        p.add_argument("--num-samples", type=int, default=16 if name == "sample" else 4096)
+        p.add_argument("--steps", type=_number(int, 1) if name == "sample" else _int_list, default=4 if name == "sample" else [1, 4, 16, 64])
+        p.add_argument("--num-samples", type=_number(int, 1), default=16 if name == "sample" else 4096)
         p.add_argument("--method", default="analytic", choices=["analytic", "euler"])
         p.add_argument("--seed", type=int, default=0)
         if name == "sample":
@@ -267,14 +294,15 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv=None) -> None:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
     if args.command == "distill":
         unknown = [m for m in args.methods if m not in DISTILL_METHODS]
-        if unknown:
-            raise SystemExit(f"error: --methods must be among {sorted(DISTILL_METHODS)}, got {unknown}")
+        if unknown or not args.methods:
+            parser.error(f"argument --methods: must be among {sorted(DISTILL_METHODS)}, got {args.methods}")
     try:
         args.run(args)
-    except (ValueError, FileNotFoundError, TypeError) as error:
+    except (ValueError, OSError, TypeError) as error:
         print(f"error: {error}", file=sys.stderr)
         raise SystemExit(2) from None
 

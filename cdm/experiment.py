@@ -86,12 +86,21 @@ def load_model(path, device="cpu") -> tuple[DiT, Setup, dict]:
     for key in ("kind", "setup", "model"):
         if key not in metadata:
             raise ValueError(f"{path} is not a cdm model file (its metadata lacks {key!r})")
-    setup = Setup(**metadata["setup"])
-    config = DiTConfig(**metadata["model"])
+    try:
+        setup = Setup(**metadata["setup"])
+        config = DiTConfig(**metadata["model"])
+    except (TypeError, ValueError) as error:
+        raise ValueError(f"{path}: invalid settings in its metadata: {error}") from None
     check_metadata({"vocab_size": config.vocab_size, "seq_len": config.seq_len},
                    {"vocab_size": setup.kernel_graph.num_states, "seq_len": setup.dataset.seq_len},
                    what=f"model file {path}")
     model = DiT(config)
+    expected = model.state_dict()
+    wrong = [f"{k} {tuple(v.shape)} (config: {tuple(expected[k].shape)})"
+             for k, v in tensors.items() if k in expected and v.shape != expected[k].shape]
+    if wrong:
+        raise ValueError(f"{path}: weights do not match the stored config: shapes differ for "
+                         + ", ".join(wrong[:3]) + (f" and {len(wrong) - 3} more" if len(wrong) > 3 else ""))
     missing, unexpected = model.load_state_dict(tensors, strict=False)
     if missing or unexpected:
         raise ValueError(f"{path}: weights do not match the stored config (missing {missing}, unexpected {unexpected})")

@@ -23,7 +23,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from .checkpoint import load_checkpoint, save_checkpoint
+from .checkpoint import load_checkpoint, remove_stale_temporaries, save_checkpoint
 
 #: loss_fn(model, x0, generator) -> scalar loss; the model may be DDP-wrapped
 LossFn = Callable[[nn.Module, torch.Tensor, torch.Generator], torch.Tensor]
@@ -94,6 +94,43 @@ def _restore_optimizer(optimizer: torch.optim.Optimizer, tensors: dict[str, torc
     optimizer.load_state_dict(state)
 
 
+def _loss_state(loss_fn) -> dict[str, torch.Tensor]:
+    """The tensors of a stateful loss (an ``nn.Module`` such as ``DMMDLoss``, with its own
+    model and optimiser): its ``state_tensors()`` if defined, else its ``state_dict()``;
+    empty for a plain function. The checkpoint holds them under ``loss.``."""
+    if callable(getattr(loss_fn, "state_tensors", None)):
+        return loss_fn.state_tensors()
+    return loss_fn.state_dict() if isinstance(loss_fn, nn.Module) else {}
+
+
+def _restore_loss_state(loss_fn, tensors: dict[str, torch.Tensor]) -> None:
+    if callable(getattr(loss_fn, "load_state_tensors", None)):
+        loss_fn.load_state_tensors(tensors)
+    elif isinstance(loss_fn, nn.Module) and (tensors or loss_fn.state_dict()):
+        loss_fn.load_state_dict(tensors)
+
+
+def _truncate_log(path: Path, step: int) -> None:
+    """Keep the records of steps ``<= step`` (and drop a line cut short): a run killed
+    after its last checkpoint logged steps that the resumed run logs again."""
+    if not path.exists():
+        return
+    lines = path.read_text().splitlines(keepends=True)
+    kept = []
+    for line in lines:
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:
+            break
+        if not line.endswith("\n") or not isinstance(record, dict) or record.get("step", 0) > step:
+            break
+        kept.append(line)
+    if kept != lines:
+        tmp = path.with_name(f".{path.name}.tmp")
+        tmp.write_text("".join(kept))
+        os.replace(tmp, path)
+
+
 class Trainer:
     """Owns the model, its EMA, the optimiser, the RNG and the output folder."""
 
@@ -105,11 +142,12 @@ class Trainer:
         self.config, self.loss_fn, self.sample_batch = config, loss_fn, sample_batch
         self.device = torch.device(device)
         self.model = model.to(self.device)
-        self.ema = copy.deepcopy(self.model).requires_grad_(False) if config.ema > 0 else None
         self.module = (
             nn.parallel.DistributedDataParallel(self.model, device_ids=[self.device.index] if self.device.type == "cuda" else None)
             if self.world > 1 else self.model
         )
+        # after the DDP wrap, which broadcast rank 0's weights: every rank's EMA starts from them
+        self.ema = copy.deepcopy(self.model).requires_grad_(False) if config.ema > 0 else None
         trainable = [p for p in self.model.parameters() if p.requires_grad]
         self.optimizer = torch.optim.AdamW(trainable, lr=config.lr, weight_decay=config.weight_decay)
         # one stream per rank, so ranks see different batches and noise
@@ -126,6 +164,7 @@ class Trainer:
         if self.ema is not None:
             tensors.update({f"ema.{k}": v for k, v in self.ema.state_dict().items()})
         tensors.update(_optimizer_tensors(self.optimizer))
+        tensors.update({f"loss.{k}": v for k, v in _loss_state(self.loss_fn).items()})
         states = [self.generator.get_state()]
         if self.world > 1:  # every rank's stream, so that a resume replays each exactly
             states = [None] * self.world
@@ -150,14 +189,18 @@ class Trainer:
         mismatched = {k for k, v in expected.items() if metadata[k] != v}
         if mismatched:
             raise ValueError(f"--resume: the checkpoint in {self.out_dir} was written with other settings: {sorted(mismatched)}")
-        self.model.load_state_dict({k[6:]: v for k, v in tensors.items() if k.startswith("model.")})
-        if self.ema is not None:
-            self.ema.load_state_dict({k[4:]: v for k, v in tensors.items() if k.startswith("ema.")})
-        _restore_optimizer(self.optimizer, tensors)
         if f"rng.{self.rank}" not in tensors:
             raise ValueError(f"--resume: the checkpoint holds no RNG state for rank {self.rank} (saved with fewer ranks)")
-        self.generator.set_state(tensors[f"rng.{self.rank}"])
-        self.step = int(metadata["step"])
+        try:
+            self.model.load_state_dict({k[6:]: v for k, v in tensors.items() if k.startswith("model.")})
+            if self.ema is not None:
+                self.ema.load_state_dict({k[4:]: v for k, v in tensors.items() if k.startswith("ema.")})
+            _restore_optimizer(self.optimizer, tensors)
+            _restore_loss_state(self.loss_fn, {k[5:]: v for k, v in tensors.items() if k.startswith("loss.")})
+            self.generator.set_state(tensors[f"rng.{self.rank}"])
+            self.step = int(metadata["step"])
+        except (RuntimeError, KeyError, ValueError) as err:
+            raise ValueError(f"--resume: {self.checkpoint_path} is not a training checkpoint of this model: {err}") from None
         return True
 
     # -------------------------------------------------------------- the loop
@@ -166,7 +209,11 @@ class Trainer:
         """Train to ``config.steps``; returns the EMA model (or the model without EMA)."""
         config = self.config
         self.out_dir.mkdir(parents=True, exist_ok=True)
-        log = open(self.out_dir / "log.jsonl", "a") if self.rank == 0 else None
+        log = None
+        if self.rank == 0:
+            remove_stale_temporaries(self.checkpoint_path)  # left by a run killed mid-save
+            _truncate_log(self.out_dir / "log.jsonl", self.step)
+            log = open(self.out_dir / "log.jsonl", "a")
         progress = None
         if config.progress and self.rank == 0:
             from tqdm.auto import tqdm
@@ -195,11 +242,17 @@ class Trainer:
                 if progress is not None:
                     progress.update(1)
                     progress.set_postfix(loss=f"{loss.item():.4f}")
-                if log is not None and (self.step % config.log_every == 0 or self.step == config.steps):
-                    record = {"step": self.step, "loss": loss.item(), "grad_norm": grad_norm.item(),
-                              "lr": learning_rate(self.step - 1, config), "seconds": time.perf_counter() - start}
-                    log.write(json.dumps(record) + "\n")
-                    log.flush()
+                if self.step % config.log_every == 0 or self.step == config.steps:
+                    logged = loss.detach().float()
+                    if self.world > 1:  # a collective: the global batch's loss, as one process would log it
+                        logged = logged.clone()
+                        dist.all_reduce(logged)
+                        logged /= self.world
+                    if log is not None:
+                        record = {"step": self.step, "loss": logged.item(), "grad_norm": grad_norm.item(),
+                                  "lr": learning_rate(self.step - 1, config), "seconds": time.perf_counter() - start}
+                        log.write(json.dumps(record) + "\n")
+                        log.flush()
                 if self.step % config.save_every == 0 or self.step == config.steps:
                     self.save()
         finally:

@@ -1,0 +1,222 @@
+"""The ``cdm`` command refuses bad input with one clear line naming the argument,
+exit code 2 and no traceback: missing, truncated, foreign or mismatched files,
+unknown or malformed options, out-of-range values."""
+
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from cdm.checkpoint import load_checkpoint, save_checkpoint
+from cdm.cli import main
+from cdm.experiment import Setup, new_model, save_model
+from cdm.train import TrainConfig, Trainer
+
+DATA = ["--data-option", "vocab_size=4", "--data-option", "seq_len=4"]
+
+
+@pytest.fixture(scope="module")
+def model_file(tmp_path_factory):
+    """An untrained tiny model file (4 tokens, length 4): loading is all these tests need."""
+    path = tmp_path_factory.mktemp("model") / "teacher.safetensors"
+    setup = Setup(data="markov", data_options={"vocab_size": 4, "seq_len": 4})
+    torch.manual_seed(0)
+    save_model(path, new_model(setup, "tiny"), setup, "teacher")
+    return path
+
+
+def fails(argv, capsys, *needles):
+    """Run ``cdm argv`` in-process: it must exit with code 2 and print every needle on stderr."""
+    with pytest.raises(SystemExit) as exit_info:  # any other exception would be a traceback
+        main([str(a) for a in argv])
+    assert exit_info.value.code == 2, exit_info.value.code
+    err = capsys.readouterr().err
+    for needle in needles:
+        assert needle in err, (needle, err)
+    return err
+
+
+# ----------------------------------------------------------------------------- model files
+
+
+@pytest.mark.parametrize("command", ["sample", "eval"])
+def test_missing_model_file(command, tmp_path, capsys):
+    path = tmp_path / "absent.safetensors"
+    fails([command, "--checkpoint", path], capsys, "no model file", str(path))
+
+
+def test_missing_teacher_for_distill(tmp_path, capsys):
+    path = tmp_path / "absent.safetensors"
+    fails(["distill", "--teacher", path, "--out", tmp_path / "d"], capsys, "no model file", str(path))
+
+
+@pytest.mark.parametrize("cut", ["half", "header", "empty", "garbage"])
+def test_truncated_or_garbage_model_file(cut, model_file, tmp_path, capsys):
+    data = model_file.read_bytes()
+    path = tmp_path / "bad.safetensors"
+    path.write_bytes({"half": data[: len(data) // 2], "header": data[:5], "empty": b"",
+                      "garbage": b"not a checkpoint at all"}[cut])
+    fails(["sample", "--checkpoint", path], capsys, "corrupt", str(path))
+
+
+def test_foreign_safetensors_file(tmp_path, capsys):
+    path = tmp_path / "foreign.safetensors"
+    save_file({"weight": torch.zeros(3)}, path)
+    fails(["eval", "--checkpoint", path], capsys, "without cdm metadata")
+
+
+def test_training_checkpoint_is_not_a_model_file(model_file, tmp_path, capsys):
+    path = tmp_path / "checkpoint.safetensors"
+    save_checkpoint(path, {"model.x": torch.zeros(1)}, {"step": 3})
+    fails(["sample", "--checkpoint", path], capsys, "not a cdm model file", "'kind'")
+
+
+def rewrite(model_file, path, edit_metadata=None, edit_tensors=None):
+    tensors, metadata = load_checkpoint(model_file)
+    if edit_metadata:
+        edit_metadata(metadata)
+    if edit_tensors:
+        edit_tensors(tensors)
+    save_checkpoint(path, tensors, metadata)
+    return path
+
+
+def test_model_file_whose_config_does_not_match_its_weights(model_file, tmp_path, capsys):
+    path = rewrite(model_file, tmp_path / "m.safetensors", edit_metadata=lambda m: m["model"].update(hidden=32))
+    fails(["sample", "--checkpoint", path], capsys, "weights do not match the stored config", "shapes differ")
+    path = rewrite(model_file, tmp_path / "n.safetensors", edit_tensors=lambda t: t.pop("blocks.0.norm1.weight"))
+    fails(["eval", "--checkpoint", path], capsys, "weights do not match", "blocks.0.norm1.weight")
+
+
+def test_model_file_whose_config_does_not_match_its_data(model_file, tmp_path, capsys):
+    path = rewrite(model_file, tmp_path / "m.safetensors",
+                   edit_metadata=lambda m: m["setup"]["data_options"].update(vocab_size=6))
+    fails(["sample", "--checkpoint", path], capsys, "vocab_size", "does not match")
+
+
+def test_model_file_with_invalid_settings(model_file, tmp_path, capsys):
+    path = rewrite(model_file, tmp_path / "m.safetensors", edit_metadata=lambda m: m["setup"].update(colour="red"))
+    fails(["sample", "--checkpoint", path], capsys, "invalid settings", "colour")
+    path = rewrite(model_file, tmp_path / "n.safetensors", edit_metadata=lambda m: m["setup"].update(graph="hexagonal"))
+    fails(["sample", "--checkpoint", path], capsys, "invalid settings", "hexagonal")
+
+
+# ----------------------------------------------------------------------------- --resume
+
+
+def write_training_checkpoint(out, graph="uniform"):
+    setup = Setup(data="markov", data_options={"vocab_size": 4, "seq_len": 4}, graph=graph)
+    torch.manual_seed(0)
+    model = new_model(setup, "tiny")
+    from cdm.losses import get_loss
+
+    loss = get_loss("score_entropy", setup.kernel_graph, setup.schedule)
+    metadata = {"name": "pretrain", "setup": setup.to_json(), "model": model.config.__dict__}
+    config = TrainConfig(steps=1, batch_size=4, warmup=1, progress=False)
+    Trainer(model, loss, setup.dataset.sample, config, out, metadata).fit()
+
+
+def test_resume_from_a_checkpoint_of_other_settings(tmp_path, capsys):
+    write_training_checkpoint(tmp_path, graph="absorbing")
+    fails(["pretrain", *DATA, "--steps", 2, "--out", tmp_path, "--resume", "--quiet"], capsys,
+          "--resume", "other settings", "setup")
+    assert not (tmp_path / "teacher.safetensors").exists()
+
+
+def test_resume_from_a_truncated_checkpoint(tmp_path, capsys):
+    write_training_checkpoint(tmp_path)
+    path = tmp_path / "checkpoint.safetensors"
+    path.write_bytes(path.read_bytes()[:1000])
+    fails(["pretrain", *DATA, "--steps", 2, "--out", tmp_path, "--resume", "--quiet"], capsys, "corrupt", str(path))
+
+
+def test_resume_from_a_checkpoint_without_training_state(tmp_path, capsys):
+    # right metadata, wrong contents (e.g. a model file copied over the checkpoint)
+    write_training_checkpoint(tmp_path)
+    path = tmp_path / "checkpoint.safetensors"
+    tensors, metadata = load_checkpoint(path)
+    save_checkpoint(path, {k: v for k, v in tensors.items() if not k.startswith("model.blocks")}, metadata)
+    fails(["pretrain", *DATA, "--steps", 2, "--out", tmp_path, "--resume", "--quiet"], capsys,
+          "--resume", "not a training checkpoint")
+
+
+# ----------------------------------------------------------------------------- options
+
+
+@pytest.mark.parametrize("option, needles", [
+    (["--data-option", "colour=3"], ["--data-option", "colour"]),
+    (["--data-option", "vocab_size"], ["--data-option", "key=value", "'vocab_size'"]),
+    (["--data-option", "=4"], ["--data-option", "key=value"]),
+    (["--data-option", "vocab_size=1"], ["--data-option", "vocab_size"]),
+    (["--data-option", "vocab_size=four"], ["--data-option", "vocab_size", "'four'"]),
+    (["--data-option", "stickiness=1.5"], ["--data-option", "stickiness"]),
+    (["--noise-option", "colour=3"], ["--noise-option", "colour"]),
+    (["--noise-option", "sigma_max"], ["--noise-option", "key=value"]),
+])
+def test_bad_data_and_noise_options(option, needles, tmp_path, capsys):
+    fails(["pretrain", *option, "--steps", 1, "--out", tmp_path / "t", "--quiet"], capsys, *needles)
+    assert not (tmp_path / "t" / "checkpoint.safetensors").exists()
+
+
+@pytest.mark.parametrize("argv, argument", [
+    (["pretrain", "--steps", "0"], "argument --steps"),
+    (["pretrain", "--steps", "many"], "argument --steps"),
+    (["pretrain", "--batch-size", "-4"], "argument --batch-size"),
+    (["pretrain", "--lr", "0"], "argument --lr"),
+    (["pretrain", "--lr", "fast"], "argument --lr"),
+    (["pretrain", "--ema", "1"], "argument --ema"),
+    (["pretrain", "--ema", "-0.5"], "argument --ema"),
+    (["pretrain", "--warmup", "-1"], "argument --warmup"),
+    (["pretrain", "--save-every", "0"], "argument --save-every"),
+    (["pretrain", "--log-every", "0"], "argument --log-every"),
+    (["pretrain", "--model", "enormous"], "argument --model"),
+    (["pretrain", "--graph", "hexagonal"], "argument --graph"),
+    (["pretrain", "--data", "imagenet"], "argument --data"),
+    (["distill", "--methods", "magic"], "argument --methods"),
+    (["distill", "--methods", ","], "argument --methods"),
+    (["distill", "--student-steps", "0,1"], "argument --student-steps"),
+    (["distill", "--teacher-nfe", "one"], "argument --teacher-nfe"),
+    (["distill", "--num-samples", "0"], "argument --num-samples"),
+    (["distill", "--num-latents", "0"], "argument --num-latents"),
+    (["sample", "--checkpoint", "x", "--steps", "0"], "argument --steps"),
+    (["sample", "--checkpoint", "x", "--num-samples", "-1"], "argument --num-samples"),
+    (["sample", "--checkpoint", "x", "--method", "magic"], "argument --method"),
+    (["eval", "--checkpoint", "x", "--steps", "1,-2"], "argument --steps"),
+    (["eval"], "required: --checkpoint"),
+])
+def test_bad_values_are_refused_by_the_parser(argv, argument, tmp_path, capsys):
+    if argv[0] in ("pretrain", "distill"):
+        argv = [*argv, "--out", tmp_path / "out"]
+    fails(argv, capsys, argument)
+    assert not (tmp_path / "out").exists()
+
+
+def test_out_is_an_existing_file(tmp_path, capsys):
+    path = tmp_path / "taken"
+    path.write_text("")
+    fails(["pretrain", *DATA, "--steps", 1, "--out", path, "--quiet"], capsys, str(path))
+
+
+# ----------------------------------------------------------------------------- a real process
+
+
+@pytest.mark.parametrize("argv, needle", [
+    (["sample", "--checkpoint", "{missing}"], "no model file"),
+    (["eval", "--checkpoint", "{truncated}"], "corrupt"),
+    (["pretrain", "--data-option", "colour=3", "--out", "{tmp}/t"], "--data-option"),
+    (["pretrain", "--data-option", "vocab_size", "--out", "{tmp}/t"], "--data-option"),
+    (["distill", "--methods", "magic", "--out", "{tmp}/d"], "argument --methods"),
+])
+def test_the_command_exits_with_2_and_no_traceback(argv, needle, model_file, tmp_path):
+    truncated = tmp_path / "truncated.safetensors"
+    truncated.write_bytes(model_file.read_bytes()[:100])
+    paths = {"missing": tmp_path / "absent.safetensors", "truncated": truncated, "tmp": tmp_path}
+    argv = [a.format(**paths) for a in argv]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    done = subprocess.run([sys.executable, "-m", "cdm.cli", *argv], env=env, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2, done.stderr
+    assert needle in done.stderr and "Traceback" not in done.stderr
+    assert len(done.stderr.strip().splitlines()) <= 3  # a message (argparse: usage + message), not a dump
