@@ -14,12 +14,16 @@ from typing import Tuple
 
 import torch
 
-from ..graphs import Graph
+from ..graphs import DENSE, Graph
 
 SCORE_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
 TOKEN_DTYPES = (torch.int64, torch.int32)
 
 _value_checks = True
+
+#: ``K(-tau) = V diag(e^{tau |lambda|}) V^-1`` overflows float64 (e^709.8) when
+#: ``tau |lambda_min|`` nears 709; past this bound a dense inversion gives NaN
+MAX_INVERSE_EXPONENT = 700.0
 
 
 def set_value_checks(enabled: bool) -> None:
@@ -98,6 +102,22 @@ def check_tau(tau, shape: torch.Size, device: torch.device, name: str = "tau", a
         if not allow_negative and (tau < 0).any():
             raise ValueError(f"{name} must be >= 0 (total noise), got a negative value")
     return tau.contiguous()
+
+
+def check_invertible(graph: Graph, tau: torch.Tensor, name: str = "tau") -> None:
+    """A dense graph's inverse kernel ``K(tau)^-1`` (used by the inversion, and by
+    ``apply_kernel`` with a negative ``tau``) must fit in float64: ``|tau| |lambda_min|
+    <= MAX_INVERSE_EXPONENT``. Closed-form families have no such limit."""
+    if graph.family_id != DENSE or not value_checks_enabled() or tau.numel() == 0:
+        return
+    rate = -float(graph.spectral()[0].min())  # the fastest decaying mode
+    largest = float(tau.abs().max())
+    if largest * rate > MAX_INVERSE_EXPONENT:
+        raise ValueError(
+            f"{name} = {largest:.4g} is too large to invert this dense graph: K(tau)^-1 grows like "
+            f"e^(tau * {rate:.4g}) and overflows float64 beyond tau = {MAX_INVERSE_EXPONENT / rate:.4g} "
+            "(use fewer states, a smaller tau or a graph with a smaller spectral radius)"
+        )
 
 
 def flatten(tensor: torch.Tensor, trailing: int) -> Tuple[torch.Tensor, torch.Size]:

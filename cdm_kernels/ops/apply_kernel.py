@@ -8,7 +8,7 @@ import torch
 
 from .. import reference
 from ..backends import kernel_op, select_backend
-from ._validation import check_graph, check_scores, check_tau
+from ._validation import check_graph, check_invertible, check_scores, check_tau
 
 
 def apply_kernel(graph, v: torch.Tensor, tau, *, backend: Optional[str] = None) -> torch.Tensor:
@@ -18,6 +18,7 @@ def apply_kernel(graph, v: torch.Tensor, tau, *, backend: Optional[str] = None) 
     check_graph(graph)
     v = check_scores(v, graph, "v")
     tau = check_tau(tau, v.shape[:-1], v.device, allow_negative=True)
+    check_invertible(graph, tau.clamp_max(0))  # only a negative tau inverts
     chosen = select_backend(backend, v.device)
     if chosen == "reference":
         return reference.apply_kernel(graph, v, tau)

@@ -8,7 +8,7 @@ import torch
 
 from .. import reference
 from ..backends import kernel_op, select_backend
-from ._validation import check_graph, check_scores, check_tau, check_tokens, value_checks_enabled
+from ._validation import check_graph, check_invertible, check_scores, check_tau, check_tokens, value_checks_enabled
 
 METHOD_IDS = {"analytic": 0, "euler": 1}
 
@@ -63,6 +63,7 @@ def fused_euler_step(
     x = check_tokens(x, log_score.shape[:-1], graph.num_states, log_score.device)
     tau_t = check_tau(tau_t, x.shape, x.device, "tau_t")
     tau_s = check_tau(tau_s, x.shape, x.device, "tau_s")
+    check_invertible(graph, tau_t, "tau_t")
     if value_checks_enabled() and (tau_s >= tau_t).any():
         raise ValueError("tau_s must be < tau_t (a reverse step goes from more noise to less)")
     chosen = select_backend(backend, log_score.device)

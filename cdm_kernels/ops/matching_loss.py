@@ -9,7 +9,7 @@ import torch
 
 from .. import reference
 from ..backends import kernel_op, select_backend
-from ._validation import check_graph, check_scores, check_tau, check_tokens, value_checks_enabled
+from ._validation import check_graph, check_invertible, check_scores, check_tau, check_tokens, value_checks_enabled
 
 REDUCTIONS = ("mean", "sum", "none")
 
@@ -44,6 +44,7 @@ def conditional_matching_loss(
     log_score = check_scores(student_log_score, graph, "student_log_score")
     x_t = check_tokens(x_t, log_score.shape[:-1], graph.num_states, log_score.device, "x_t")
     tau_t = check_tau(tau_t, x_t.shape, x_t.device, "tau_t")
+    check_invertible(graph, tau_t, "tau_t")
     target = check_scores(target, graph, "target")
     if target.shape != log_score.shape:
         raise ValueError(f"target must have the shape of student_log_score {tuple(log_score.shape)}, got {tuple(target.shape)}")

@@ -8,7 +8,7 @@ import torch
 
 from .. import reference
 from ..backends import kernel_op, select_backend
-from ._validation import check_graph, check_scores, check_tau, check_tokens
+from ._validation import check_graph, check_invertible, check_scores, check_tau, check_tokens
 
 
 def scores_to_posterior(graph, log_score: torch.Tensor, x: torch.Tensor, tau, *, backend: Optional[str] = None) -> torch.Tensor:
@@ -29,6 +29,7 @@ def scores_to_posterior(graph, log_score: torch.Tensor, x: torch.Tensor, tau, *,
     log_score = check_scores(log_score, graph, "log_score")
     x = check_tokens(x, log_score.shape[:-1], graph.num_states, log_score.device)
     tau = check_tau(tau, x.shape, x.device)
+    check_invertible(graph, tau)
     chosen = select_backend(backend, log_score.device)
     if chosen == "reference":
         return reference.scores_to_posterior(graph, log_score, x, tau)
