@@ -33,7 +33,17 @@ from .losses import get_loss, make_student
 from .models.dit import PRESETS
 from .train import TrainConfig, Trainer
 
-DISTILL_METHODS = {"per-token": "cdm_per_token", "joint": "cdm_joint"}
+#: --methods name -> the loss (cdm.losses.get_loss) and the label of its rows
+METHODS = {"per-token": "cdm_per_token", "joint": "cdm_joint", "di4c": "di4c", "dmmd": "dmmd"}
+METHOD_LABELS = {"per-token": "cdm-per-token", "joint": "cdm-joint", "di4c": "di4c", "dmmd": "d-mmd"}
+MIXTURE_METHODS = ("joint", "di4c")
+
+# Defaults of `cdm distill` / `cdm compare`, chosen by the measurements in README.md
+# ("How the defaults were chosen") so that the default run fits 10 minutes on a 2-core CPU.
+DEFAULT_COMPONENTS = 16
+DEFAULT_TEACHER_STEPS = 16
+DEFAULT_STUDENT_STEPS = 400
+DEFAULT_BATCH = 32
 
 
 def _int_list(text: str) -> list[int]:
@@ -44,6 +54,13 @@ def _int_list(text: str) -> list[int]:
     if not values or min(values) < 1:
         raise argparse.ArgumentTypeError(f"expected positive integers, got {text!r}")
     return values
+
+
+def _method_list(text: str) -> list[str]:
+    methods = [m for m in text.split(",") if m]
+    if not methods or any(m not in METHODS for m in methods):
+        raise argparse.ArgumentTypeError(f"expected comma-separated names among {','.join(METHODS)}, got {text!r}")
+    return methods
 
 
 def _number(kind, low, high=None, low_open=False):
@@ -125,12 +142,14 @@ def pretrain(args) -> None:
 
 
 def distill(args) -> None:
+    """The teacher's metrics at every NFE of ``--teacher-nfe``, then one student per
+    method and NFE of ``--student-steps``, all in one table (``cdm compare`` is
+    this with every method)."""
     teacher_path = args.teacher or default_teacher_path()
     if teacher_path is None:
         raise SystemExit("error: no --teacher given and no teacher ships with this installation")
     teacher, setup, _ = load_model(teacher_path)
     out = ensure_dir(args.out)
-    graph, noise = setup.kernel_graph, setup.schedule
     started = time.perf_counter()
     rows = []
     for nfe in args.teacher_nfe:
@@ -139,12 +158,8 @@ def distill(args) -> None:
     best_samples = {}
     for method in args.methods:
         for k in args.student_steps:
-            torch.manual_seed(args.seed)  # a joint student's new latent layers: the same per student and run
-            student = make_student(teacher, latent_dim=args.latent_dim if method == "joint" else 0)
-            options = {"steps": k}
-            if method == "joint":
-                options.update(num_latents=args.num_latents, teacher_steps=args.teacher_steps)
-            loss = get_loss(DISTILL_METHODS[method], graph, noise, teacher=teacher, **options)
+            clock = time.perf_counter()
+            student, loss = _student_and_loss(method, k, teacher, setup, args)
             name = f"{method}-k{k}"
             metadata = {"name": name, "setup": setup.to_json(), "model": asdict(student.config), "method": method, "k": k}
             trainer = Trainer(student, loss, setup.dataset.sample, _train_config(args, args.steps), out / name, metadata)
@@ -155,13 +170,36 @@ def distill(args) -> None:
                 continue
             save_model(out / f"student-{name}.safetensors", student, setup, "student", method=method, k=k)
             metrics, samples = evaluate(student, setup, k, args.num_samples, seed=args.seed)
-            rows.append(result_row("student", f"cdm-{method}", k, metrics))
+            rows.append(result_row("student", METHOD_LABELS[method], k, metrics,
+                                   train_seconds=round(time.perf_counter() - clock, 1)))
             best_samples[name] = samples
     if rows and (not torch.distributed.is_initialized() or torch.distributed.get_rank() == 0):
         reference = data_reference(setup)
         _write_results(out, setup, rows, reference, best_samples)
         print(_table(setup, rows, reference))
         print(f"\n{len(rows)} rows in {time.perf_counter() - started:.0f} s; wrote {out / 'results.json'}, {out / 'metric_vs_nfe.png'}")
+
+
+def _student_and_loss(method: str, k: int, teacher, setup: Setup, args):
+    """The student a method trains (from the teacher's weights) and its loss function.
+
+    Per-token CDM and D-MMD train factorised students; joint CDM and Di4C train
+    mixture students (``--latent-components`` K > 0: a K-component mixture,
+    else a continuous latent of ``--latent-dim``)."""
+    torch.manual_seed(args.seed)  # new layers (latent table, D-MMD's auxiliary): the same per student and run
+    mixture = method in MIXTURE_METHODS
+    latent = {}
+    if mixture:
+        latent = ({"latent_dim": 1, "latent_components": args.latent_components} if args.latent_components
+                  else {"latent_dim": args.latent_dim})
+    student = make_student(teacher, parameterization=args.student_output, graph=setup.graph, **latent)
+    options = {"steps": k}
+    if mixture:
+        options["num_latents"] = args.num_latents or args.latent_components or 16
+    if method == "joint":
+        options["teacher_steps"] = args.teacher_steps
+    loss = get_loss(METHODS[method], setup.kernel_graph, setup.schedule, teacher=teacher, **options)
+    return student, loss
 
 
 def _format(metrics: dict) -> str:
@@ -265,20 +303,29 @@ def build_parser() -> argparse.ArgumentParser:
     _add_training_options(p, steps=3000, batch_size=256, lr=2e-3, ema=0.999)
     p.set_defaults(run=pretrain)
 
-    p = commands.add_parser("distill", help="distil a teacher into 1-4 step students and compare")
-    p.add_argument("--teacher", help="teacher model file (default: the one shipped with the package)")
-    p.add_argument("--methods", default="per-token,joint", type=lambda s: [m for m in s.split(",") if m])
-    p.add_argument("--student-steps", default=[1, 2, 4], type=_int_list, help="NFEs of the students")
-    p.add_argument("--teacher-nfe", default=[1, 2, 4, 8, 16, 32, 64, 128, 256], type=_int_list)
-    p.add_argument("--num-samples", type=_number(int, 1), default=4096, help="samples per evaluated sampler")
-    p.add_argument("--latent-dim", type=_number(int, 1), default=4, help="latent size of the joint (mixture) student")
-    # 8 draws and 16 teacher steps did best in the exact study (tests/test_cdm_exact.py); the
-    # defaults are halved so that the default run fits a laptop CPU
-    p.add_argument("--num-latents", type=_number(int, 1), default=4, help="lambda draws per example (joint CDM)")
-    p.add_argument("--teacher-steps", type=_number(int, 1), default=8, help="teacher steps from t to 0 for joint CDM targets")
-    p.add_argument("--out", default="runs/distill")
-    _add_training_options(p, steps=400, batch_size=128, lr=1e-3, ema=0.99)
-    p.set_defaults(run=distill)
+    for name, methods, teacher_nfe, help_text in (
+        ("distill", "per-token,joint", "1,2,4,8,16,32,64,128,256", "distil a teacher into 1-4 step students (both CDM forms)"),
+        ("compare", ",".join(METHODS), "1,2,4,8,64,256", "every method (CDM per-token/joint, Di4C, D-MMD) on one teacher"),
+    ):
+        p = commands.add_parser(name, help=help_text)
+        p.add_argument("--teacher", help="teacher model file (default: the one shipped with the package)")
+        p.add_argument("--methods", default=methods, type=_method_list, help=f"among {','.join(METHODS)}")
+        p.add_argument("--student-steps", default=[1, 2, 4], type=_int_list, help="NFEs of the students")
+        p.add_argument("--teacher-nfe", default=_int_list(teacher_nfe), type=_int_list)
+        p.add_argument("--num-samples", type=_number(int, 1), default=1024,
+                       help="samples per evaluated sampler (the markov data is also evaluated exactly)")
+        p.add_argument("--student-output", default="posterior", choices=["posterior", "score"],
+                       help="what the students' last layer outputs (cdm.models.dit)")
+        p.add_argument("--latent-components", type=_number(int, 0), default=DEFAULT_COMPONENTS,
+                       help="mixture students (joint CDM, Di4C): K components; 0: a continuous latent")
+        p.add_argument("--latent-dim", type=_number(int, 1), default=4, help="size of a continuous latent")
+        p.add_argument("--num-latents", type=_number(int, 0), default=0,
+                       help="latent draws per example (0: one per component, i.e. the exact mixture)")
+        p.add_argument("--teacher-steps", type=_number(int, 1), default=DEFAULT_TEACHER_STEPS,
+                       help="teacher steps from t to 0 behind each joint-CDM target")
+        p.add_argument("--out", default=f"runs/{name}")
+        _add_training_options(p, steps=DEFAULT_STUDENT_STEPS, batch_size=DEFAULT_BATCH, lr=1e-3, ema=0.99)
+        p.set_defaults(run=distill)
 
     for name, run in (("sample", sample_command), ("eval", eval_command)):
         p = commands.add_parser(name, help=f"{name} a model file's k-step sampler")
@@ -296,10 +343,6 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv=None) -> None:
     parser = build_parser()
     args = parser.parse_args(argv)
-    if args.command == "distill":
-        unknown = [m for m in args.methods if m not in DISTILL_METHODS]
-        if unknown or not args.methods:
-            parser.error(f"argument --methods: must be among {sorted(DISTILL_METHODS)}, got {args.methods}")
     try:
         args.run(args)
     except (ValueError, OSError, TypeError) as error:

@@ -1,6 +1,7 @@
 """The training loop, shared by teacher pre-training and every distillation
 method: AdamW with linear warmup, gradient clipping, an EMA of the weights,
-bf16 autocast on GPU, a progress bar, JSONL logs, atomic safetensors
+bf16 autocast on GPU, a progress bar, JSONL logs (and TensorBoard, under
+``out_dir/tensorboard``, when the package is installed), atomic safetensors
 checkpoints and exact resumption (model, EMA, optimiser and RNG state).
 
 Under ``torchrun`` (``torch.distributed`` initialised by :func:`setup_distributed`)
@@ -131,6 +132,16 @@ def _truncate_log(path: Path, step: int) -> None:
         os.replace(tmp, path)
 
 
+def _tensorboard_writer(path: Path):
+    """A TensorBoard ``SummaryWriter`` on ``path`` when the ``tensorboard`` package is
+    installed, else None (the JSONL log holds the same records)."""
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError:
+        return None
+    return SummaryWriter(log_dir=str(path))
+
+
 class Trainer:
     """Owns the model, its EMA, the optimiser, the RNG and the output folder."""
 
@@ -214,6 +225,7 @@ class Trainer:
             remove_stale_temporaries(self.checkpoint_path)  # left by a run killed mid-save
             _truncate_log(self.out_dir / "log.jsonl", self.step)
             log = open(self.out_dir / "log.jsonl", "a")
+        board = _tensorboard_writer(self.out_dir / "tensorboard") if self.rank == 0 else None
         progress = None
         if config.progress and self.rank == 0:
             from tqdm.auto import tqdm
@@ -253,6 +265,9 @@ class Trainer:
                                   "lr": learning_rate(self.step - 1, config), "seconds": time.perf_counter() - start}
                         log.write(json.dumps(record) + "\n")
                         log.flush()
+                    if board is not None:
+                        for name in ("loss", "grad_norm", "lr"):
+                            board.add_scalar(f"train/{name}", record[name], self.step)
                 if self.step % config.save_every == 0 or self.step == config.steps:
                     self.save()
         finally:
@@ -260,4 +275,6 @@ class Trainer:
                 progress.close()
             if log is not None:
                 log.close()
+            if board is not None:
+                board.close()
         return self.ema if self.ema is not None else self.model

@@ -362,3 +362,38 @@ def test_joint_cdm_mixture_student_beats_the_factorised_one_step_sampler(study):
                 teacher_steps=16)
     student_kl = exact_kl_of(study, student, 1, components=8)
     assert student_kl < teacher_kl / 10
+
+
+def test_exact_distribution_does_not_depend_on_the_support_order(study):
+    """The Kronecker fast path (full product space, lexicographic) and the gather path
+    (any other order) give the same distribution."""
+    graph, support, taus = study["graph"], study["support"], tau_grid(study["noise"], 3)
+    permutation = torch.randperm(len(support), generator=torch.Generator().manual_seed(0))
+    in_order = exact_sample_distribution(study["teacher"], graph, support, taus)
+    permuted = exact_sample_distribution(study["teacher"], graph, support[permutation], taus)
+    torch.testing.assert_close(permuted, in_order[permutation], rtol=1e-10, atol=1e-13)
+
+
+@pytest.mark.parametrize("graph_name", ["uniform", "absorbing"])
+def test_exact_metrics_of_a_mixture_student(graph_name):
+    """cdm.experiment.exact_metrics: both KLs of a K-component posterior-form student,
+    against the exact distribution averaged over its components by hand."""
+    from cdm.experiment import Setup, exact_metrics, new_model
+    from cdm.losses import make_student
+    from cdm.metrics import exact_kl
+
+    setup = Setup(data="markov", data_options={"vocab_size": 3, "seq_len": 3}, graph=graph_name)
+    torch.manual_seed(0)
+    teacher = new_model(setup, "tiny").eval()
+    student = make_student(teacher, latent_dim=1, latent_components=2, parameterization="posterior",
+                           graph=graph_name).eval()
+    metrics = exact_metrics(student, setup, 2)
+    graph, data = setup.kernel_graph, setup.dataset
+    support = torch.cartesian_prod(*[torch.arange(graph.num_states)] * 3)
+    q = sum(exact_sample_distribution(student, graph, support, tau_grid(setup.schedule, 2), latents=torch.tensor([[lam]]))
+            for lam in (0.25, 0.75)) / 2
+    clean = (support < data.vocab_size).all(1)
+    assert abs(float(q[clean].sum()) - 1) < 1e-9  # the last step never leaves a mask
+    p = data.exact_distribution()
+    assert metrics["kl"] == pytest.approx(exact_kl(p, q[clean]), rel=1e-9)
+    assert metrics["reverse_kl"] == pytest.approx(exact_kl(q[clean], p), rel=1e-9)

@@ -267,3 +267,75 @@ def test_sedd_saving_rejects_inconsistent_config(tmp_path):
         sedd_config(tiny_config(latent_dim=1), graph="uniform")
     with pytest.raises(ValueError, match="scale_by_sigma"):
         sedd_config(tiny_config(scale_by_sigma=True), graph="uniform")
+
+
+# ----------------------------------------------------------------------------- posterior parameterisation
+
+
+@pytest.mark.parametrize("graph", ["uniform", "absorbing", "ordinal"])
+def test_posterior_parameterisation_round_trips_to_the_softmax(graph):
+    """The scores a posterior-form DiT returns invert (cdm_kernels.scores_to_posterior)
+    to exactly the softmax of its logits: the float64 reference of the round trip."""
+    import cdm_kernels as ck
+
+    config = tiny_config(parameterization="posterior", graph=graph)
+    model = randomised(DiT(config))
+    x, sigma = inputs(batch=4)
+    if graph == "absorbing":  # masked and clean positions both
+        x[:, ::2] = VOCAB - 1
+    log_score = model(x, sigma)
+    assert log_score.dtype == (torch.float32 if graph == "absorbing" else torch.float64)
+    assert torch.all(log_score.gather(-1, x[..., None]) == 0)
+    logits = model.output_layer(_trunk(model, x, sigma), F.silu(model.sigma_map(sigma))).double()
+    if graph == "absorbing":
+        logits[..., -1] = -math.inf
+    expected = torch.softmax(logits, -1)
+    tau = sigma.double()[:, None].expand(x.shape)
+    recovered = ck.scores_to_posterior(model.kernel_graph, log_score.double(), x, tau).exp()
+    if graph == "absorbing":  # a clean token's conditional is its point mass, whatever the logits
+        clean = x != VOCAB - 1
+        expected[clean] = F.one_hot(x[clean], VOCAB).double()
+    torch.testing.assert_close(recovered, expected, atol=1e-5, rtol=1e-4)
+
+
+def _trunk(model, x, sigma):
+    c = F.silu(model.sigma_map(sigma))
+    h = model.vocab_embed(x)
+    cos, sin = model.rotary_emb(x.shape[1])
+    for block in model.blocks:
+        h = block(h, cos, sin, c)
+    return h
+
+
+def test_posterior_config_validation():
+    with pytest.raises(ValueError, match="parameterization"):
+        tiny_config(parameterization="logits")
+    with pytest.raises(ValueError, match="graph"):
+        tiny_config(parameterization="posterior")
+    with pytest.raises(ValueError, match="scale_by_sigma"):
+        tiny_config(parameterization="posterior", graph="absorbing", scale_by_sigma=True)
+
+
+# ----------------------------------------------------------------------------- K-component latent
+
+
+def test_component_latent_selects_one_of_k_components():
+    from cdm.sampling import latent_quadrature
+
+    model = randomised(DiT(tiny_config(latent_dim=1, latent_components=4)))
+    x, sigma = inputs(batch=1)
+    x, sigma = x.expand(8, -1), sigma.expand(8)
+    lam = torch.tensor([0.0, 0.1, 0.25, 0.49, 0.5, 0.74, 0.75, 0.999])[:, None]
+    out = model(x, sigma, lam)
+    for same in ((0, 1), (2, 3), (4, 5), (6, 7)):
+        torch.testing.assert_close(out[same[0]], out[same[1]])
+    assert not torch.allclose(out[1], out[2]) and not torch.allclose(out[3], out[4])
+    torch.testing.assert_close(latent_quadrature(model), torch.tensor([[0.125], [0.375], [0.625], [0.875]]))
+    with pytest.raises(ValueError, match="latent_dim=1"):
+        tiny_config(latent_dim=2, latent_components=4)
+
+
+def test_fresh_component_tables_differ_so_components_can_separate():
+    model = DiT(tiny_config(latent_dim=1, latent_components=3))
+    table = model.latent_map.table
+    assert table.std() > 0.5 and not torch.allclose(table[0], table[1])

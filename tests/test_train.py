@@ -68,12 +68,18 @@ def test_cli_pretrain_distill_sample_eval(tmp_path, capsys):
         ("student", "cdm-per-token", 1), ("student", "cdm-per-token", 2),
         ("student", "cdm-joint", 1), ("student", "cdm-joint", 2),
     }
-    assert all("nll" in r["metrics"] for r in rows)
+    assert all({"nll", "kl", "reverse_kl"} <= set(r["metrics"]) for r in rows)  # 4^4 sequences: exact KLs
     assert (tmp_path / "d" / "metric_vs_nfe.png").stat().st_size > 1000
+    main(["compare", "--teacher", str(teacher), "--methods", "di4c,dmmd", "--steps", "2", "--batch-size", "4",
+          "--student-steps", "1", "--teacher-nfe", "1", "--num-samples", "32", "--latent-components", "2",
+          "--out", str(tmp_path / "c"), "--quiet"])
+    rows = json.loads((tmp_path / "c" / "results.json").read_text())
+    assert [(r["model"], r["method"], r["nfe"]) for r in rows] == [
+        ("teacher", "analytic", 1), ("student", "di4c", 1), ("student", "d-mmd", 1)]
     main(["sample", "--checkpoint", str(tmp_path / "d" / "student-joint-k1.safetensors"), "--steps", "1", "--num-samples", "3"])
     main(["eval", "--checkpoint", str(teacher), "--steps", "1,2", "--num-samples", "32"])
     out = capsys.readouterr().out
-    assert "primary metric: nll" in out
+    assert "primary metric: kl" in out
 
 
 def test_cli_errors_are_clear(tmp_path, capsys):

@@ -65,11 +65,16 @@ class MarkovData:
     and stickiness favours repeats; both give strong correlations between
     neighbouring tokens, so a factorised sampler is visibly worse than a joint one.
 
+    The default, 8 tokens x 4 positions, is the package's default data: 4096
+    sequences, few enough that every sampler's output distribution is computed
+    exactly (``cdm.experiment.exact_metrics``), yet correlated enough that the
+    product of its marginals is 1.66 nats (KL) away from it.
+
     Attributes: ``vocab_size`` (N), ``seq_len`` (L), ``initial`` float64 (N,),
     ``transition`` float64 (N, N) with rows summing to 1.
     """
 
-    def __init__(self, vocab_size: int = 8, seq_len: int = 8, seed: int = 0,
+    def __init__(self, vocab_size: int = 8, seq_len: int = 4, seed: int = 0,
                  concentration: float = 0.3, stickiness: float = 0.3):
         if not isinstance(vocab_size, int) or vocab_size < 2:
             raise ValueError(f"vocab_size must be an int >= 2, got {vocab_size!r}")

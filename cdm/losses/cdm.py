@@ -62,21 +62,35 @@ REDUCTIONS = ("mean", "none")
 # ----------------------------------------------------------------------------- students
 
 
-def make_student(teacher: nn.Module, latent_dim: int = 0) -> nn.Module:
+def make_student(teacher: nn.Module, latent_dim: int = 0, parameterization: Optional[str] = None,
+                 graph: Optional[str] = None, latent_components: int = 0) -> nn.Module:
     """A student initialised from the teacher (seed 001: "student init from teacher").
 
-    ``latent_dim = 0``: a copy of the teacher. ``latent_dim > 0`` (a ``DiT``
-    teacher): a mixture student, the teacher's architecture plus a latent input
-    whose embedding starts at zero, so at initialisation it computes exactly
-    the teacher's scores for every lambda.
+    ``latent_dim = 0`` and no other change: a copy of the teacher. Otherwise (a
+    ``DiT`` teacher) the teacher's architecture with the changes, loaded with
+    every teacher weight: ``latent_dim > 0`` adds a latent input whose
+    embedding starts at zero (a mixture student that computes the teacher's
+    function for every lambda at initialisation; ``latent_components = K``
+    makes it a K-component mixture, ``latent_dim`` then 1); ``parameterization=
+    "posterior"`` (with ``graph``, the forward process's name) reads the last
+    layer's outputs as logits of ``p_0|t`` instead of log-scores (see
+    ``cdm.models.dit``): the trunk starts from the teacher's, the output is
+    re-learnt.
     """
-    if latent_dim == 0:
+    config = getattr(teacher, "config", None)
+    changes = {}
+    if latent_dim:
+        changes["latent_dim"] = latent_dim
+    if latent_components:
+        changes["latent_components"] = latent_components
+    if parameterization is not None and parameterization != getattr(config, "parameterization", "score"):
+        changes.update(parameterization=parameterization, graph=graph or "")
+    if not changes:
         student = copy.deepcopy(teacher)
     else:
-        config = getattr(teacher, "config", None)
         if config is None or not dataclasses.is_dataclass(config) or not hasattr(config, "latent_dim"):
-            raise TypeError("a mixture student needs a DiT-like teacher with a dataclass `config` that has `latent_dim`")
-        student = type(teacher)(dataclasses.replace(config, latent_dim=latent_dim))
+            raise TypeError("a mixture or re-parameterised student needs a DiT-like teacher with a dataclass `config`")
+        student = type(teacher)(dataclasses.replace(config, **changes))
         missing, unexpected = student.load_state_dict(teacher.state_dict(), strict=False)
         if unexpected or any(not name.startswith("latent_map.") for name in missing):
             raise ValueError(f"teacher and student architectures differ: missing {missing}, unexpected {unexpected}")
