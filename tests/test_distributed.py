@@ -94,7 +94,11 @@ def check_run(out: Path, dump: Path, reference: Trainer, generators: list[torch.
     assert int(ranks[0]["checkpoint_writes"]) >= 1 and int(ranks[1]["checkpoint_writes"]) == 0
     records = log_records(out / "log.jsonl")
     assert [r["step"] for r in records] == list(range(1, steps + 1))
-    assert sorted(os.listdir(out)) == ["checkpoint.safetensors", "log.jsonl", "teacher.safetensors"]
+    expected = ["checkpoint.safetensors", "log.jsonl", "teacher.safetensors"]
+    if importlib.util.find_spec("tensorboard") is not None:  # one event file: rank 0's
+        expected.append("tensorboard")
+        assert len(os.listdir(out / "tensorboard")) == 1
+    assert sorted(os.listdir(out)) == expected
 
     # ... and they equal one process computing the same global batch
     assert_state_close(ranks[0], reference, "model.", reference.model)

@@ -53,6 +53,20 @@ def test_training_lowers_the_loss(tmp_path):
     assert sum(losses[-10:]) < sum(losses[:10])
 
 
+def test_tensorboard_gets_the_logged_scalars(tmp_path):
+    pytest.importorskip("tensorboard")
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    tiny_trainer(tmp_path, steps=4).fit()
+    events = EventAccumulator(str(tmp_path / "tensorboard"))
+    events.Reload()
+    logged = [json.loads(line) for line in (tmp_path / "log.jsonl").read_text().splitlines()]
+    for name in ("loss", "grad_norm", "lr"):
+        scalars = events.Scalars(f"train/{name}")
+        assert [e.step for e in scalars] == [r["step"] for r in logged]
+        assert [e.value for e in scalars] == pytest.approx([r[name] for r in logged], rel=1e-6)
+
+
 def test_cli_pretrain_distill_sample_eval(tmp_path, capsys):
     options = ["--data-option", "vocab_size=4", "--data-option", "seq_len=4"]
     main(["pretrain", *options, "--steps", "20", "--batch-size", "16", "--out", str(tmp_path / "t"), "--quiet"])
