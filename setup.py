@@ -46,11 +46,13 @@ def extension():
     sources = files("*.cpp") + files("cpu", "*.cpp")
     include_dirs = [os.path.join(here, "csrc")]
     openmp = ["-fopenmp"] if sys.platform != "darwin" else []
-    cxx_flags = ["-O3", "-std=c++17", "-fno-math-errno", *openmp]
+    # no -std flag: torch's cpp_extension adds the standard its own headers need (C++20 for
+    # torch 2.13 / 2.14), and nvcc rejects a second -std
+    cxx_flags = ["-O3", "-fno-math-errno", *openmp]
     extra_link = [*openmp]
     if build_cuda():
         sources += files("cuda", "*.cpp") + files("cuda", "*.cu")
-        nvcc_flags = ["-O3", "--use_fast_math", "-std=c++17", "-lineinfo"]
+        nvcc_flags = ["-O3", "--use_fast_math", "-lineinfo"]
         return cpp_extension.CUDAExtension(
             "cdm_kernels._C",
             sources,

@@ -55,9 +55,8 @@ torch_cuda="$("$py" -c 'import torch; print(torch.version.cuda)')"
 sources=(csrc/cuda/*.cu)
 [ -e "${sources[0]}" ] || fail "no CUDA sources in csrc/cuda/"
 work="$(mktemp -d /tmp/cdm-cuda-check.XXXXXX)"
-if [ -z "${CDM_CUDA_KEEP:-}" ]; then
-  trap 'rm -rf "$work"' EXIT
-fi
+# deleted at exit unless CDM_CUDA_KEEP is set (a failed build sets it, to keep its log)
+trap '[ -n "${CDM_CUDA_KEEP:-}" ] || rm -rf "$work"' EXIT
 echo "cuda compile check: ${#sources[@]} files, nvcc $nvcc_version, torch $("$py" -c 'import torch; print(torch.__version__)') (CUDA $torch_cuda), arch $arch, build in $work"
 start=$SECONDS
 if ! env CUDA_HOME="$cuda_home" CPATH="$cu_include${CPATH:+:$CPATH}" TORCH_CUDA_ARCH_LIST="$arch" \

@@ -14,7 +14,8 @@ output rounding.
 
 The raw-op tests also run on CPU tensors against the CPU emulation of the same
 kernels (csrc/cuda/emulate.h): set CDM_CUDA_EMULATION_LIB to a library built from
-csrc/cuda/*.cu with -DCDM_CUDA_EMULATE that registers the ops as cdm_emu::* for CPU.
+csrc/cuda/*.cu with -DCDM_CUDA_EMULATE that registers the ops as cdm_emu::* for CPU
+(.ci/cuda_emulation_check.sh builds it and runs this file against it).
 """
 
 from __future__ import annotations
@@ -305,7 +306,7 @@ def cpp_available() -> bool:
 
 
 @pytest.mark.parametrize("method", [0, 1], ids=["analytic", "euler"])
-@pytest.mark.parametrize("dtype", ["fp32", "bf16"])
+@pytest.mark.parametrize("dtype", ["fp32", "bf16", "fp64"])
 @pytest.mark.parametrize("family,n", list(cases((2, 5, 300, 1029, 3000))))
 def test_euler_step_is_the_inverse_cdf_of_the_cpu_backend(family, n, dtype, method):
     """Same [seed, offset] -> the same Philox uniform per position as the C++ CPU backend
@@ -367,6 +368,22 @@ def test_euler_step_tau_s_zero_never_the_mask():
                                on_device(torch.zeros(512, dtype=torch.float64)), method,
                                torch.tensor([3, 0], dtype=torch.int64))
         assert (picks != 39).all()
+
+
+def test_euler_step_zero_step_on_the_mask_samples_q():
+    """tau_t = tau_s = 0 on a masked row makes the analytic step 0/0: CPU and CUDA both
+    sample the conditional q (never the mask) with the same uniforms."""
+    if not cpp_available():
+        pytest.skip("the C++ CPU backend is not built")
+    graph = AbsorbingGraph(40)
+    ls, _, _ = make_inputs(graph, 256, seed=12)
+    x = torch.full((256,), 39)
+    zero = torch.zeros(256, dtype=torch.float64)
+    so = torch.tensor([8, 3], dtype=torch.int64)
+    picks = OPS.euler_step(*desc(graph), on_device(ls.float()), on_device(x), on_device(zero), on_device(zero), 0, so)
+    cpu_picks = torch.ops.cdm_kernels.euler_step(*graph.descriptor("cpu"), ls.float(), x, zero, zero, 0, so)
+    assert (picks.cpu() != 39).all()
+    assert (picks.cpu() == cpu_picks).double().mean().item() >= 0.99
 
 
 def test_euler_step_offsets_give_fresh_draws():

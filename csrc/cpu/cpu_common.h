@@ -365,12 +365,25 @@ using DenseVT = VT<double, 16>;
 
 // ----------------------------------------------------------------------------- outputs
 
-// at::empty, and for a large output a request for transparent huge pages on it before
-// anything touches it: first-touch page faults on 4 KiB pages otherwise cost more than
-// the kernels themselves (about 1 ms per MB here). Linux only; harmless elsewhere.
+// at::empty, and with CDM_KERNELS_THP=1 (read once) a request for transparent huge pages
+// on a large output before anything touches it. First-touch faults on 4 KiB pages cost
+// about 1.6 ns per float32 element here, as much as a whole fused kernel; on huge pages
+// about 0.4 ns, but only once the kernel has free 2 MiB blocks: in a process that also
+// frees much 4 KiB-page memory (eager PyTorch around the kernels) the first huge-page
+// faults after each such free cost 5x more than 4 KiB ones (measured). Hence opt-in.
+// Linux only; a no-op elsewhere.
+inline bool huge_pages_enabled() {
+  static const bool enabled = [] {
+    const char* env = std::getenv("CDM_KERNELS_THP");
+    return env != nullptr && env[0] == '1';
+  }();
+  return enabled;
+}
+
 inline at::Tensor empty_output(at::IntArrayRef sizes, const at::TensorOptions& options) {
   at::Tensor out = at::empty(sizes, options);
 #if defined(__linux__) && defined(MADV_HUGEPAGE)
+  if (!huge_pages_enabled()) return out;
   constexpr uintptr_t kHuge = uintptr_t(2) << 20;
   const uintptr_t begin = reinterpret_cast<uintptr_t>(out.data_ptr());
   const uintptr_t end = begin + out.nbytes();

@@ -318,7 +318,7 @@ struct StepKernel {
     // inverse CDF: total, then the first state whose cumulative weight exceeds u * total
     V total{};
     for (int64_t b = 0; b < n; ++b) total += w1 * g.at(t, b) + w3 + (Group<VV>::eq(special, b) ? w2 : zero);
-    V draw;
+    V draw{};
     for (int j = 0; j < VV::L; ++j) draw[j] = static_cast<T>(philox_uniform(a.seed, a.offset, g.row(j)));
     const V target = draw * total;
     const M none = typename VV::M{} - 1;

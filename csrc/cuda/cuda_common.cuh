@@ -655,6 +655,23 @@ inline void check_family(int64_t family) {
               "cdm_kernels: family must be 0 (uniform), 1 (absorbing) or 2 (dense), got ", family);
 }
 
+// The rows of an op with their (P,) tokens x (int64) and noise levels tau (float64),
+// validated, contiguous, on the rows' device.
+struct RowInputs {
+  int64_t positions, n;
+  at::Tensor x, tau;
+};
+
+inline RowInputs check_row_inputs(int64_t family, const at::Tensor& rows, const char* what, const at::Tensor& x,
+                                  const at::Tensor& tau) {
+  check_family(family);
+  check_rows(rows, what);
+  const int64_t positions = rows.size(0);
+  check_positions(x, rows, "x", positions, at::kLong);
+  check_positions(tau, rows, "tau", positions, at::kDouble);
+  return {positions, rows.size(1), x.contiguous(), tau.contiguous()};
+}
+
 // The float64 eigen-decomposition of a dense graph, validated and on the rows' device.
 inline dense::Eigen check_dense(const c10::optional<at::Tensor>& evals, const c10::optional<at::Tensor>& vecs,
                               const c10::optional<at::Tensor>& vecs_inv, int64_t n, const at::Device& device) {

@@ -66,6 +66,10 @@ CDM_GLOBAL void CDM_BOUNDS(Group<W>::kBlock) euler_step_kernel(const StepArgs<S>
       const Decay dd = decay(delta), ds = decay(tau_s);
       K = dd.one_minus_alpha * ds.alpha / s;
       px = ds.one_minus_alpha;
+      if (!(K > 0.0) && !(px > 0.0)) {  // 0/0 (tau_t = tau_s = 0): sample q, as the CPU kernel
+        K = 1.0 / s;
+        px = 0.0;
+      }
     } else if (a.family == ABSORBING && tau_s == 0.0) {
       K = 1.0 / s;
       px = 0.0;

@@ -112,23 +112,19 @@ CDM_GLOBAL void CDM_BOUNDS(Group<W>::kBlock) loss_kernel(const LossArgs<S> a) {
   if (g.tid == 0) a.out[p] = static_cast<float>(T * log(z) - A);
 }
 
-struct Inputs {
-  int64_t positions, n;
-  at::Tensor x, tau, target;
+struct Inputs : RowInputs {
+  at::Tensor target;  // in the log-scores' dtype
 };
 
 Inputs check_inputs(int64_t family, const at::Tensor& log_score, const at::Tensor& x, const at::Tensor& tau,
                     const at::Tensor& target) {
-  check_family(family);
-  check_rows(log_score, "log_score");
+  Inputs in;
+  static_cast<RowInputs&>(in) = check_row_inputs(family, log_score, "log_score", x, tau);
   check_rows(target, "target");
   TORCH_CHECK(target.sizes() == log_score.sizes(), "cdm_kernels: target must have shape ", log_score.sizes(),
               ", got ", target.sizes());
-  const int64_t positions = log_score.size(0);
-  check_positions(x, log_score, "x", positions, at::kLong);
-  check_positions(tau, log_score, "tau", positions, at::kDouble);
-  return {positions, log_score.size(1), x.contiguous(), tau.contiguous(),
-          target.to(log_score.scalar_type()).contiguous()};
+  in.target = target.to(log_score.scalar_type()).contiguous();
+  return in;
 }
 
 at::Tensor conditional_matching_loss_cuda(int64_t family, const c10::optional<at::Tensor>& evals,

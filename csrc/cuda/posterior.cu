@@ -31,25 +31,11 @@ void launch_posterior_backward(int64_t family, const at::Tensor& log_score, cons
 
 namespace {
 
-struct Inputs {
-  int64_t positions, n;
-  at::Tensor x, tau;
-};
-
-Inputs check_inputs(int64_t family, const at::Tensor& log_score, const at::Tensor& x, const at::Tensor& tau) {
-  check_family(family);
-  check_rows(log_score, "log_score");
-  const int64_t positions = log_score.size(0);
-  check_positions(x, log_score, "x", positions, at::kLong);
-  check_positions(tau, log_score, "tau", positions, at::kDouble);
-  return {positions, log_score.size(1), x.contiguous(), tau.contiguous()};
-}
-
 at::Tensor scores_to_posterior_cuda(int64_t family, const c10::optional<at::Tensor>& evals,
                                     const c10::optional<at::Tensor>& vecs, const c10::optional<at::Tensor>& vecs_inv,
                                     const at::Tensor& log_score, const at::Tensor& x, const at::Tensor& tau) {
   CDM_DEVICE_GUARD(log_score);
-  const Inputs in = check_inputs(family, log_score, x, tau);
+  const RowInputs in = check_row_inputs(family, log_score, "log_score", x, tau);
   if (family == DENSE) {
     const dense::Eigen eg = check_dense(evals, vecs, vecs_inv, in.n, log_score.device());
     return dense::log_posterior(eg, log_score, in.x, in.tau).log_q.to(log_score.scalar_type());
@@ -83,7 +69,7 @@ at::Tensor scores_to_posterior_backward_cuda(int64_t family, const c10::optional
                                              const c10::optional<at::Tensor>& vecs_inv, const at::Tensor& grad,
                                              const at::Tensor& log_score, const at::Tensor& x, const at::Tensor& tau) {
   CDM_DEVICE_GUARD(log_score);
-  const Inputs in = check_inputs(family, log_score, x, tau);
+  const RowInputs in = check_row_inputs(family, log_score, "log_score", x, tau);
   check_rows(grad, "grad");
   TORCH_CHECK(grad.sizes() == log_score.sizes(), "cdm_kernels: grad must have shape ", log_score.sizes(), ", got ",
               grad.sizes());

@@ -204,22 +204,8 @@ CDM_GLOBAL void CDM_BOUNDS(Group<W>::kBlock) to_scores_backward_kernel(const ToS
   }
 }
 
-struct Inputs {
-  int64_t positions, n;
-  at::Tensor x, tau;
-};
-
-Inputs check_inputs(int64_t family, const at::Tensor& log_p0, const at::Tensor& x, const at::Tensor& tau) {
-  check_family(family);
-  check_rows(log_p0, "log_p0");
-  const int64_t positions = log_p0.size(0);
-  check_positions(x, log_p0, "x", positions, at::kLong);
-  check_positions(tau, log_p0, "tau", positions, at::kDouble);
-  return {positions, log_p0.size(1), x.contiguous(), tau.contiguous()};
-}
-
 template <bool kBackward>
-void launch(int64_t family, const at::Tensor& log_p0, const at::Tensor* grad, const Inputs& in, at::Tensor& out) {
+void launch(int64_t family, const at::Tensor& log_p0, const at::Tensor* grad, const RowInputs& in, at::Tensor& out) {
   bool aligned = is_aligned_rows(log_p0) && is_aligned_rows(out);
   if (grad != nullptr) aligned = aligned && is_aligned_rows(*grad);
   dispatch_rows(log_p0.scalar_type(), aligned, in.n, [&](auto s_tag, auto al_tag, auto w_tag) {
@@ -248,7 +234,7 @@ at::Tensor posterior_to_scores_cuda(int64_t family, const c10::optional<at::Tens
                                     const c10::optional<at::Tensor>& vecs, const c10::optional<at::Tensor>& vecs_inv,
                                     const at::Tensor& log_p0, const at::Tensor& x, const at::Tensor& tau) {
   CDM_DEVICE_GUARD(log_p0);
-  const Inputs in = check_inputs(family, log_p0, x, tau);
+  const RowInputs in = check_row_inputs(family, log_p0, "log_p0", x, tau);
   if (family == DENSE) {
     const dense::Eigen eg = check_dense(evals, vecs, vecs_inv, in.n, log_p0.device());
     return dense::posterior_to_scores(eg, log_p0, in.x, in.tau).to(log_p0.scalar_type());
@@ -263,7 +249,7 @@ at::Tensor posterior_to_scores_backward_cuda(int64_t family, const c10::optional
                                              const c10::optional<at::Tensor>& vecs_inv, const at::Tensor& grad,
                                              const at::Tensor& log_p0, const at::Tensor& x, const at::Tensor& tau) {
   CDM_DEVICE_GUARD(log_p0);
-  const Inputs in = check_inputs(family, log_p0, x, tau);
+  const RowInputs in = check_row_inputs(family, log_p0, "log_p0", x, tau);
   check_rows(grad, "grad");
   TORCH_CHECK(grad.sizes() == log_p0.sizes(), "cdm_kernels: grad must have shape ", log_p0.sizes(), ", got ",
               grad.sizes());

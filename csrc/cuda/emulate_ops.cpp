@@ -1,0 +1,42 @@
+// The op library cdm_emu of the CPU emulation of the CUDA kernels (cuda/emulate.h): the
+// schemas of cdm_kernels (csrc/ops.cpp), copied at load time from the dispatcher under
+// the namespace cdm_emu, so that the .cu files built with -DCDM_CUDA_EMULATE register
+// their kernels (CDM_CUDA_IMPL = TORCH_LIBRARY_IMPL(cdm_emu, CPU, m)) for CPU tensors.
+// Load cdm_kernels._C first. Built only by .ci/cuda_emulation_check.sh; an empty file in
+// every other build.
+#ifdef CDM_CUDA_EMULATE
+
+#include <ATen/core/dispatch/Dispatcher.h>
+#include <torch/library.h>
+
+#include <sstream>
+#include <string>
+
+namespace {
+
+constexpr const char* kOps[] = {
+    "transition_column",         "apply_kernel",
+    "scores_to_posterior",       "scores_to_posterior_backward",
+    "posterior_to_scores",       "posterior_to_scores_backward",
+    "euler_step",                "conditional_matching_loss",
+    "conditional_matching_loss_backward",
+};
+
+// "cdm_kernels::op(args) -> ret" as "op(args) -> ret"
+std::string schema_of(const char* op) {
+  const auto handle = c10::Dispatcher::singleton().findSchema({std::string("cdm_kernels::") + op, ""});
+  TORCH_CHECK(handle.has_value(), "cdm_emu: load cdm_kernels._C first (no schema for cdm_kernels::", op, ")");
+  std::ostringstream out;
+  out << handle->schema();
+  const std::string s = out.str();
+  const std::string prefix = "cdm_kernels::";
+  return s.compare(0, prefix.size(), prefix) == 0 ? s.substr(prefix.size()) : s;
+}
+
+}  // namespace
+
+TORCH_LIBRARY(cdm_emu, m) {
+  for (const char* op : kOps) m.def(schema_of(op).c_str());
+}
+
+#endif  // CDM_CUDA_EMULATE
