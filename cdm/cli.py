@@ -99,7 +99,7 @@ def _options(pairs: list[str], flag: str) -> dict:
 def _train_config(args, steps: int) -> TrainConfig:
     return TrainConfig(steps=steps, batch_size=args.batch_size, lr=args.lr, warmup=args.warmup,
                        ema=args.ema, seed=args.seed, progress=not args.quiet,
-                       log_every=args.log_every, save_every=args.save_every)
+                       log_every=args.log_every, save_every=args.save_every, fsdp=args.fsdp)
 
 
 def _add_training_options(parser, steps: int, batch_size: int, lr: float, ema: float) -> None:
@@ -113,6 +113,9 @@ def _add_training_options(parser, steps: int, batch_size: int, lr: float, ema: f
     parser.add_argument("--save-every", type=_number(int, 1), default=250, help="steps between checkpoints (for --resume)")
     parser.add_argument("--resume", action="store_true", help="continue from the checkpoints in --out")
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
+    parser.add_argument("--fsdp", action="store_true",
+                        help="under torchrun: shard the model with FSDP2 instead of DDP (checkpoints stay full; "
+                             "no effect in a single process)")
 
 
 # ----------------------------------------------------------------------------- pretrain

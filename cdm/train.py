@@ -7,6 +7,17 @@ checkpoints and exact resumption (model, EMA, optimiser and RNG state).
 Under ``torchrun`` (``torch.distributed`` initialised by :func:`setup_distributed`)
 the model is wrapped in DistributedDataParallel; each rank draws its own
 batch share from a rank-specific generator, and rank 0 alone logs and saves.
+
+With ``TrainConfig.fsdp`` under torchrun the model is sharded with FSDP2
+(``fully_shard`` on every ``blocks[i]``, then the root; the whole model as one
+unit when it has no ``blocks``) instead: parameters, gradients (reduce-scattered
+means, as DDP's averages), AdamW state and the EMA are DTensor shards. The EMA is
+a second module sharded the same way and updated shard by shard (elementwise, so
+it equals the EMA of the full weights). Checkpoints are unchanged: every rank
+joins in gathering full tensors and rank 0 writes them, so DDP, FSDP and
+single-process runs resume from each other's checkpoints. ``fit()`` then returns a
+plain, unsharded module (the EMA, or the model) on every rank. ``fsdp`` without
+torchrun (one process) trains unsharded, as without it.
 """
 
 from __future__ import annotations
@@ -45,6 +56,7 @@ class TrainConfig:
     save_every: int = 250
     seed: int = 0
     progress: bool = True
+    fsdp: bool = False  # under torchrun: shard with FSDP2 instead of DDP (no effect in one process)
 
     def __post_init__(self):
         for name in ("steps", "batch_size", "log_every", "save_every"):
@@ -75,24 +87,59 @@ def learning_rate(step: int, config: TrainConfig) -> float:
     return config.lr * min(1.0, (step + 1) / max(1, config.warmup))
 
 
+def _is_dtensor(value) -> bool:
+    return type(value).__name__ == "DTensor" and hasattr(value, "full_tensor")
+
+
+def _full(value: torch.Tensor) -> torch.Tensor:
+    """A DTensor shard's full tensor (a collective: every rank calls it, in the same order)."""
+    return value.full_tensor() if _is_dtensor(value) else value
+
+
 def _optimizer_tensors(optimizer: torch.optim.Optimizer) -> dict[str, torch.Tensor]:
-    """AdamW's per-parameter state as a flat dict (safetensors holds tensors only)."""
+    """AdamW's per-parameter state as a flat dict (safetensors holds tensors only);
+    FSDP shards are gathered into full tensors (a collective)."""
     flat = {}
     for index, state in optimizer.state_dict()["state"].items():
         for key, value in state.items():
-            flat[f"optim.{index}.{key}"] = value if torch.is_tensor(value) else torch.tensor(value)
+            flat[f"optim.{index}.{key}"] = _full(value) if torch.is_tensor(value) else torch.tensor(value)
     return flat
 
 
 def _restore_optimizer(optimizer: torch.optim.Optimizer, tensors: dict[str, torch.Tensor]) -> None:
     state = optimizer.state_dict()
+    params = [p for group in optimizer.param_groups for p in group["params"]]
     restored: dict[int, dict] = {}
     for name, value in tensors.items():
         if name.startswith("optim."):
             _, index, key = name.split(".", 2)
+            param = params[int(index)] if int(index) < len(params) else None
+            if _is_dtensor(param) and value.shape == param.shape:  # FSDP: this rank's shard of the full state
+                from torch.distributed.tensor import distribute_tensor
+
+                value = distribute_tensor(value.to(param.device), param.device_mesh, param.placements)
             restored.setdefault(int(index), {})[key] = value
     state["state"] = restored
     optimizer.load_state_dict(state)
+
+
+def _shard(model: nn.Module, mesh) -> None:
+    """FSDP2: every DiT block its own unit, then the root (the whole model if no ``blocks``)."""
+    from torch.distributed.fsdp import fully_shard
+
+    for block in getattr(model, "blocks", ()):
+        fully_shard(block, mesh=mesh)
+    fully_shard(model, mesh=mesh)
+
+
+def _full_state_dict(module: nn.Module, keep: bool = True) -> dict[str, torch.Tensor]:
+    """``module.state_dict()`` with FSDP shards gathered (a collective); empty unless ``keep``."""
+    tensors = {}
+    for name, value in module.state_dict().items():
+        value = _full(value)
+        if keep:
+            tensors[name] = value.detach().cpu()
+    return tensors
 
 
 def _loss_state(loss_fn) -> dict[str, torch.Tensor]:
@@ -153,12 +200,29 @@ class Trainer:
         self.config, self.loss_fn, self.sample_batch = config, loss_fn, sample_batch
         self.device = torch.device(device)
         self.model = model.to(self.device)
-        self.module = (
-            nn.parallel.DistributedDataParallel(self.model, device_ids=[self.device.index] if self.device.type == "cuda" else None)
-            if self.world > 1 else self.model
-        )
-        # after the DDP wrap, which broadcast rank 0's weights: every rank's EMA starts from them
-        self.ema = copy.deepcopy(self.model).requires_grad_(False) if config.ema > 0 else None
+        self.fsdp = config.fsdp and self.world > 1
+        if self.fsdp:
+            from torch.distributed.device_mesh import init_device_mesh
+
+            with torch.no_grad():  # as DDP does: every rank starts from rank 0's weights
+                for tensor in [*self.model.parameters(), *self.model.buffers()]:
+                    dist.broadcast(tensor, 0)
+            # the unsharded module fit() returns: this structure, parameters on "meta" (no memory)
+            memo = {id(p): nn.Parameter(p.detach().to("meta"), p.requires_grad) for p in self.model.parameters()}
+            self._template = copy.deepcopy(self.model, memo)
+            mesh = init_device_mesh(self.device.type, (self.world,))
+            self.ema = copy.deepcopy(self.model).requires_grad_(False) if config.ema > 0 else None
+            for module in (self.ema, self.model):
+                if module is not None:
+                    _shard(module, mesh)  # the EMA's shards lie where the model's do
+            self.module = self.model
+        else:
+            self.module = (
+                nn.parallel.DistributedDataParallel(self.model, device_ids=[self.device.index] if self.device.type == "cuda" else None)
+                if self.world > 1 else self.model
+            )
+            # after the DDP wrap, which broadcast rank 0's weights: every rank's EMA starts from them
+            self.ema = copy.deepcopy(self.model).requires_grad_(False) if config.ema > 0 else None
         trainable = [p for p in self.model.parameters() if p.requires_grad]
         self.optimizer = torch.optim.AdamW(trainable, lr=config.lr, weight_decay=config.weight_decay)
         # one stream per rank, so ranks see different batches and noise
@@ -171,6 +235,19 @@ class Trainer:
     # -------------------------------------------------------------- checkpoints
 
     def state_tensors(self) -> dict[str, torch.Tensor]:
+        """The checkpoint's tensors (a collective under torchrun). Under FSDP the
+        shards are gathered into full tensors, which only rank 0 keeps."""
+        if self.fsdp:
+            keep = self.rank == 0
+            tensors = {f"model.{k}": v for k, v in _full_state_dict(self.model, keep).items()}
+            if self.ema is not None:
+                tensors.update({f"ema.{k}": v for k, v in _full_state_dict(self.ema, keep).items()})
+            tensors.update({k: v.detach().cpu() for k, v in _optimizer_tensors(self.optimizer).items() if keep})
+            tensors.update({f"loss.{k}": v for k, v in _loss_state(self.loss_fn).items()})
+            states = [None] * self.world
+            dist.all_gather_object(states, self.generator.get_state())
+            tensors.update({f"rng.{rank}": state for rank, state in enumerate(states)})
+            return tensors
         tensors = {f"model.{k}": v for k, v in self.model.state_dict().items()}
         if self.ema is not None:
             tensors.update({f"ema.{k}": v for k, v in self.ema.state_dict().items()})
@@ -203,9 +280,9 @@ class Trainer:
         if f"rng.{self.rank}" not in tensors:
             raise ValueError(f"--resume: the checkpoint holds no RNG state for rank {self.rank} (saved with fewer ranks)")
         try:
-            self.model.load_state_dict({k[6:]: v for k, v in tensors.items() if k.startswith("model.")})
+            self._load_module(self.model, {k[6:]: v for k, v in tensors.items() if k.startswith("model.")})
             if self.ema is not None:
-                self.ema.load_state_dict({k[4:]: v for k, v in tensors.items() if k.startswith("ema.")})
+                self._load_module(self.ema, {k[4:]: v for k, v in tensors.items() if k.startswith("ema.")})
             _restore_optimizer(self.optimizer, tensors)
             _restore_loss_state(self.loss_fn, {k[5:]: v for k, v in tensors.items() if k.startswith("loss.")})
             self.generator.set_state(tensors[f"rng.{self.rank}"])
@@ -214,10 +291,33 @@ class Trainer:
             raise ValueError(f"--resume: {self.checkpoint_path} is not a training checkpoint of this model: {err}") from None
         return True
 
+    def _load_module(self, module: nn.Module, state: dict[str, torch.Tensor]) -> None:
+        """``load_state_dict`` of full tensors; under FSDP each rank keeps its shards."""
+        if not self.fsdp:
+            module.load_state_dict(state)
+            return
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+
+        expected = module.state_dict().keys()
+        if state.keys() != expected:
+            raise KeyError(f"missing {sorted(expected - state.keys())}, unexpected {sorted(state.keys() - expected)}")
+        set_model_state_dict(module, state, options=StateDictOptions(full_state_dict=True))
+
+    def _unsharded(self, module: nn.Module) -> nn.Module:
+        """A plain module with ``module``'s full weights, on every rank (a collective under FSDP)."""
+        if not self.fsdp:
+            return module
+        plain = copy.deepcopy(self._template)
+        state = {k: v.full_tensor() if _is_dtensor(v) else v.detach().clone() for k, v in module.state_dict().items()}
+        plain.load_state_dict(state, assign=True)
+        plain.train(module.training)
+        return plain.requires_grad_(False) if module is self.ema else plain
+
     # -------------------------------------------------------------- the loop
 
     def fit(self) -> nn.Module:
-        """Train to ``config.steps``; returns the EMA model (or the model without EMA)."""
+        """Train to ``config.steps``; returns the EMA model (or the model without EMA),
+        under FSDP as a plain unsharded copy on every rank (a collective)."""
         config = self.config
         self.out_dir.mkdir(parents=True, exist_ok=True)
         log = None
@@ -244,7 +344,7 @@ class Trainer:
                     raise FloatingPointError(f"non-finite loss {loss.item()} at step {self.step}")
                 self.optimizer.zero_grad(set_to_none=True)
                 loss.backward()
-                grad_norm = nn.utils.clip_grad_norm_(self.model.parameters(), config.grad_clip)
+                grad_norm = _full(nn.utils.clip_grad_norm_(self.model.parameters(), config.grad_clip))
                 self.optimizer.step()
                 if self.ema is not None:
                     with torch.no_grad():
@@ -277,4 +377,4 @@ class Trainer:
                 log.close()
             if board is not None:
                 board.close()
-        return self.ema if self.ema is not None else self.model
+        return self._unsharded(self.ema if self.ema is not None else self.model)

@@ -14,8 +14,10 @@ launch it (plainly or under ``torchrun``) as
                      ``cdm.checkpoint._save_hook`` ("created": the empty temporary
                      file exists; "written": it is complete but not renamed),
                      print ``PAUSED save N S <temporary file>`` and wait to be killed.
---dump-dir DIR       after training, every rank writes its model and EMA weights
-                     and how many checkpoint files it wrote to DIR/rank<r>.safetensors.
+--dump-dir DIR       after training, every rank writes its model and EMA weights (full
+                     tensors, also under FSDP), the weights of the module ``fit()``
+                     returned (``result.``) and how many checkpoint files it wrote
+                     to DIR/rank<r>.safetensors.
 
 The waits are the only source of timing: the parent kills the process after it
 has read the PAUSED line, so the point of the kill is exact.
@@ -94,11 +96,14 @@ def main() -> None:
 
         def fit_and_dump(trainer):
             result = fit(trainer)
-            tensors = {f"model.{k}": v for k, v in trainer.model.state_dict().items()}
-            tensors.update({f"ema.{k}": v for k, v in trainer.ema.state_dict().items()})
+            # full tensors (FSDP shards gathered: a collective), and the module fit() returned
+            tensors = {f"model.{k}": v for k, v in cdm.train._full_state_dict(trainer.model).items()}
+            tensors.update({f"ema.{k}": v for k, v in cdm.train._full_state_dict(trainer.ema).items()})
+            tensors.update({f"result.{k}": v.detach().clone() for k, v in result.state_dict().items()})
             tensors["checkpoint_writes"] = torch.tensor(writes[0])
             save_checkpoint(os.path.join(options.dump_dir, f"rank{trainer.rank}.safetensors"), tensors,
-                            {"rank": trainer.rank, "world": trainer.world})
+                            {"rank": trainer.rank, "world": trainer.world,
+                             "sharded": any(type(p).__name__ == "DTensor" for p in trainer.model.parameters())})
             return result
 
         cdm.train.Trainer.fit = fit_and_dump
