@@ -3,6 +3,7 @@ imported: without a GPU, the Triton kernels run on CPU tensors under it."""
 
 import os
 
+import pytest
 import torch
 
 if not torch.cuda.is_available():
@@ -19,3 +20,20 @@ CPU_BACKENDS = [b for b in ("reference", "cpp") if b in cdm_kernels.available_ba
 def pytest_generate_tests(metafunc):
     if "backend" in metafunc.fixturenames:
         metafunc.parametrize("backend", CPU_BACKENDS)
+
+
+@pytest.fixture(scope="module")
+def study():
+    """The exact study (tests/study.py), built once per module."""
+    from study import make_study
+
+    return make_study()
+
+
+@pytest.fixture(scope="module")
+def single_thread():
+    """Tiny tensors: thread start-up and oversubscription would dominate."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

@@ -13,21 +13,13 @@ import pytest
 import torch
 
 import cdm_kernels as ck
-from cdm.data.markov import MarkovData
 from cdm.losses import DMMDLoss, di4c_loss, get_loss, make_student
-from cdm.metrics import exact_kl
-from cdm.sampling import EnumeratedScoreModel, TabularScoreModel, exact_sample_distribution, tau_grid, tau_of_time
+from cdm.sampling import TabularScoreModel, tau_of_time
 from cdm.schedules import GeometricNoise, LogLinearNoise
 
-N, L = 4, 3
+from study import N, exact_kl_of
 
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("single_thread")
 
 
 def _dit_teacher(family, seq_len=6):
@@ -101,22 +93,6 @@ def test_get_loss_names_need_a_teacher():
 
 
 # ----------------------------------------------------------------------------- the exact study
-
-
-@pytest.fixture(scope="module")
-def study():
-    data = MarkovData(vocab_size=N, seq_len=L, seed=0, concentration=0.3, stickiness=0.5)
-    support, probs = data.enumerate_support(), data.exact_distribution()
-    graph = ck.UniformGraph(N)
-    return dict(data=data, support=support, p=probs, graph=graph, teacher=EnumeratedScoreModel(graph, support, probs),
-                noise=GeometricNoise(1e-3, 10.0))
-
-
-def exact_kl_of(study, model, steps, components=1):
-    latents = None if components == 1 else ((torch.arange(components) + 0.5) / components)[:, None]
-    q = exact_sample_distribution(model, study["graph"], study["support"], tau_grid(study["noise"], steps),
-                                  latents=latents)
-    return exact_kl(study["p"], q)
 
 
 def _taus(study, times):

@@ -33,36 +33,9 @@ from cdm.sampling import (EnumeratedScoreModel, TabularScoreModel, add_noise, dr
                           exact_sample_distribution, prior_sample, sample, step_distribution, tau_grid)
 from cdm.schedules import GeometricNoise, LogLinearNoise
 
-N, L = 4, 3
+from study import L, N, exact_kl_of
 
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny tensors: thread start-up and oversubscription would dominate."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-@pytest.fixture(scope="module")
-def study():
-    data = MarkovData(vocab_size=N, seq_len=L, seed=0, concentration=0.3, stickiness=0.5)
-    support = data.enumerate_support()
-    probs = data.exact_distribution()
-    graph = ck.UniformGraph(N)
-    teacher = EnumeratedScoreModel(graph, support, probs)
-    noise = GeometricNoise(1e-3, 10.0)
-    marginals = [torch.zeros(N, dtype=torch.float64).index_add_(0, support[:, i], probs) for i in range(L)]
-    product = torch.stack([marginals[i][support[:, i]] for i in range(L)], 1).prod(1)
-    return dict(data=data, support=support, p=probs, graph=graph, teacher=teacher, noise=noise, product=product)
-
-
-def exact_kl_of(study, model, steps, components=1):
-    latents = None if components == 1 else ((torch.arange(components) + 0.5) / components)[:, None]
-    q = exact_sample_distribution(model, study["graph"], study["support"], tau_grid(study["noise"], steps),
-                                  latents=latents)
-    return exact_kl(study["p"], q)
+pytestmark = pytest.mark.usefixtures("single_thread")
 
 
 def train_table(study, student, loss, steps, iters, lr, batch, seed=1, **options):
