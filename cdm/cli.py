@@ -21,7 +21,6 @@ from pathlib import Path
 import torch
 
 from .experiment import (
-    PRIMARY_METRIC,
     Setup,
     data_reference,
     default_teacher_path,
@@ -29,6 +28,7 @@ from .experiment import (
     evaluate,
     load_model,
     new_model,
+    primary_metric,
     result_row,
     save_model,
 )
@@ -217,7 +217,7 @@ def _format(metrics: dict) -> str:
 
 
 def _table(setup: Setup, rows: list[dict], reference: dict) -> str:
-    metric, lower_is_better = PRIMARY_METRIC[setup.data]
+    metric, lower_is_better = primary_metric(setup)
     names = list(rows[0]["metrics"])
     header = f"{'model':8} {'method':14} {'NFE':>4}  " + "  ".join(f"{n:>18}" for n in names)
     lines = [f"{setup.data} data, {setup.graph} graph; primary metric: {metric} ({'lower' if lower_is_better else 'higher'} is better)", header, "-" * len(header)]
@@ -235,7 +235,7 @@ def _write_results(out: Path, setup: Setup, rows: list[dict], reference: dict, s
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    metric, _ = PRIMARY_METRIC[setup.data]
+    metric, _ = primary_metric(setup)
     fig, ax = plt.subplots(figsize=(6, 4))
     teacher = [r for r in rows if r["model"] == "teacher"]
     ax.plot([r["nfe"] for r in teacher], [r["metrics"][metric] for r in teacher], "o-", color="black", label="teacher")

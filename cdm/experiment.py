@@ -125,7 +125,7 @@ def exact_metrics(model, setup: Setup, steps: int, method: str = "analytic") -> 
     from .metrics import exact_kl
 
     data, graph = setup.dataset, setup.kernel_graph
-    if setup.data != "markov" or graph.num_states ** data.seq_len > EXACT_SUPPORT:
+    if not enumerable(setup):
         return None
     support = enumerate_sequences(graph.num_states, data.seq_len, max_support=EXACT_SUPPORT)
     q = exact_sample_distribution(model, graph, support, tau_grid(setup.schedule, steps),
@@ -158,6 +158,19 @@ def sample_metrics(setup: Setup, samples: torch.Tensor) -> dict[str, float]:
 #: the metric each data set is judged by, and whether lower is better
 PRIMARY_METRIC = {"markov": ("kl", True), "words": ("real_word_rate", False), "digits": ("frechet_distance", True)}
 
+
+def primary_metric(setup: Setup) -> tuple[str, bool]:
+    """``(name, lower_is_better)`` of the run's metric: ``PRIMARY_METRIC``, except that a
+    markov chain too large to enumerate is judged by the exact NLL of its samples."""
+    if setup.data == "markov" and not enumerable(setup):
+        return "nll", True
+    return PRIMARY_METRIC[setup.data]
+
+
+def enumerable(setup: Setup) -> bool:
+    """Whether :func:`exact_metrics` evaluates this run's samplers exactly."""
+    return setup.data == "markov" and setup.kernel_graph.num_states ** setup.dataset.seq_len <= EXACT_SUPPORT
+
 #: the largest state space (num_states^L) that ``exact_metrics`` enumerates: it costs
 #: S^2 multiply-adds and S network rows per sampler step (S = 4096: ~0.2 s a step here)
 EXACT_SUPPORT = 8192
@@ -169,7 +182,7 @@ def data_reference(setup: Setup) -> dict[str, float]:
     data = setup.dataset
     reference = data.sample(4096, generator) if setup.data == "markov" else getattr(data, "test")
     metrics = sample_metrics(setup, reference)
-    if setup.data == "markov" and setup.kernel_graph.num_states ** data.seq_len <= EXACT_SUPPORT:
+    if enumerable(setup):
         metrics.update(kl=0.0, reverse_kl=0.0)
     return metrics
 

@@ -102,3 +102,20 @@ def test_cli_errors_are_clear(tmp_path, capsys):
     assert "no model file" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         main(["distill", "--methods", "magic", "--out", str(tmp_path)])
+
+
+def test_a_markov_chain_too_large_to_enumerate_is_judged_by_nll(tmp_path, capsys):
+    """8^8 sequences: no exact KL; the table, results and plot use the exact NLL of samples."""
+    from cdm.experiment import enumerable, primary_metric
+
+    big = Setup(data="markov", data_options={"seq_len": 8})
+    assert not enumerable(big) and primary_metric(big) == ("nll", True)
+    assert primary_metric(Setup()) == ("kl", True)
+    main(["pretrain", "--data-option", "seq_len=8", "--steps", "2", "--batch-size", "8", "--out", str(tmp_path / "t"),
+          "--quiet"])
+    main(["distill", "--teacher", str(tmp_path / "t" / "teacher.safetensors"), "--methods", "per-token",
+          "--student-steps", "1", "--teacher-nfe", "1", "--steps", "2", "--batch-size", "4", "--num-samples", "16",
+          "--out", str(tmp_path / "d"), "--quiet"])
+    rows = json.loads((tmp_path / "d" / "results.json").read_text())
+    assert all("kl" not in r["metrics"] and "nll" in r["metrics"] for r in rows)
+    assert "primary metric: nll" in capsys.readouterr().out
