@@ -15,8 +15,11 @@ def posterior_to_scores(graph, log_p0: torch.Tensor, x: torch.Tensor, tau, *, ba
     """Log-scores ``log r`` from the conditional ``log p_0|t(. | x)``:
     ``r = K(tau)^T u`` with ``u(a) = q(a) / K(tau)[a, x]`` (MATH.md section 2), so
     ``r_x = 1``. Where ``K(tau)[a, x] = 0`` (absorbing graph, ``x`` not the mask)
-    ``q`` says nothing about ``u(a)``, which is taken as 0. ``-inf`` in ``log_p0``
-    is probability 0. Differentiable in ``log_p0``."""
+    the forward process forces ``q = e_x``; that ``q`` says nothing about the
+    ratios to other tokens, which come back as 0 (``log r = -inf``), while mass
+    on such an ``a`` has no consistent scores (``u(a) = q(a) / 0``: ``+inf``;
+    docs/MATH.md section 6). ``-inf`` in ``log_p0`` is probability 0.
+    Differentiable in ``log_p0``."""
     check_graph(graph)
     log_p0 = check_scores(log_p0, graph, "log_p0", allow_minus_inf=True)
     x = check_tokens(x, log_p0.shape[:-1], graph.num_states, log_p0.device)
