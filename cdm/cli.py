@@ -330,7 +330,7 @@ def build_parser() -> argparse.ArgumentParser:
                        help="mixture students (joint CDM, Di4C): K components; 0: a continuous latent")
         p.add_argument("--latent-dim", type=_number(int, 1), default=4, help="size of a continuous latent")
         p.add_argument("--num-latents", type=_number(int, 0), default=0,
-                       help="latent draws per example (0: one per component, i.e. the exact mixture)")
+                       help="latent draws per example (0: one per component, i.e. the exact mixture; 16 for a continuous latent)")
         p.add_argument("--teacher-steps", type=_number(int, 1), default=DEFAULT_TEACHER_STEPS,
                        help="teacher steps from t to 0 behind each joint-CDM target")
         # D-MMD's generator loss is linear in its probabilities: at the shared lr (2e-3) the

@@ -20,7 +20,7 @@ import cdm_kernels as ck
 
 from .checkpoint import check_metadata, load_checkpoint, save_checkpoint
 from .data import get_dataset
-from .models.dit import DiT, DiTConfig
+from .models.dit import DiT, DiTConfig, graph_by_name
 from .sampling import exact_sample_distribution, latent_quadrature, sample, tau_grid
 from .schedules import get_noise
 
@@ -52,11 +52,7 @@ class Setup:
     @property
     def kernel_graph(self) -> ck.Graph:
         vocab = self.dataset.vocab_size
-        if self.graph == "uniform":
-            return ck.UniformGraph(vocab)
-        if self.graph == "absorbing":
-            return ck.AbsorbingGraph(vocab + 1)  # the mask is an extra state
-        return ck.ordinal_graph(vocab)
+        return graph_by_name(self.graph, vocab + 1 if self.graph == "absorbing" else vocab)  # the mask: an extra state
 
     @property
     def schedule(self):

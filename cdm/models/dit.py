@@ -137,12 +137,14 @@ class DiTConfig:
         return cls(vocab_size=vocab_size, seq_len=seq_len, **{**sizes, **overrides})
 
 
-def _kernel_graph(config: DiTConfig) -> ck.Graph:
-    if config.graph == "uniform":
-        return ck.UniformGraph(config.vocab_size)
-    if config.graph == "absorbing":
-        return ck.AbsorbingGraph(config.vocab_size)
-    return ck.ordinal_graph(config.vocab_size)
+def graph_by_name(name: str, num_states: int) -> ck.Graph:
+    """The forward process ``name`` (one of ``POSTERIOR_GRAPHS``) over ``num_states``
+    states, mask included for the absorbing graph."""
+    if name == "uniform":
+        return ck.UniformGraph(num_states)
+    if name == "absorbing":
+        return ck.AbsorbingGraph(num_states)
+    return ck.ordinal_graph(num_states)
 
 
 def modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
@@ -335,7 +337,8 @@ class DiT(nn.Module):
         self.rotary_emb = Rotary(config.hidden // config.n_heads)
         self.blocks = nn.ModuleList(DiTBlock(config) for _ in range(config.n_blocks))
         self.output_layer = OutputLayer(config)
-        self.kernel_graph = _kernel_graph(config) if config.parameterization == "posterior" else None
+        self.kernel_graph = (graph_by_name(config.graph, config.vocab_size)
+                             if config.parameterization == "posterior" else None)
 
     def forward(self, x: torch.Tensor, sigma: torch.Tensor, lam: torch.Tensor | None = None) -> torch.Tensor:
         """Log-scores of every single-token change.
