@@ -49,10 +49,18 @@ def extension():
     # no -std flag: torch's cpp_extension adds the standard its own headers need (C++20 for
     # torch 2.13 / 2.14), and nvcc rejects a second -std
     cxx_flags = ["-O3", "-fno-math-errno", *openmp]
-    extra_link = [*openmp]
+    # -lstdc++: link the C++ runtime dynamically, the one torch uses, even where the compiler
+    # driver links it statically (the H200 image's /opt/gcc g++ adds -static-libstdc++). With a
+    # second, static libstdc++ inside _C, streaming an integer into an error message used that
+    # copy's locale facets on the process's locale: "got 7" printed as "got ", or a segfault.
+    extra_link = [*openmp, *(["-lstdc++"] if sys.platform.startswith("linux") else [])]
     if build_cuda():
         sources += files("cuda", "*.cpp") + files("cuda", "*.cu")
-        nvcc_flags = ["-O3", "--use_fast_math", "-lineinfo"]
+        # no --use_fast_math: the kernels call the fast intrinsics (__expf, __logf) where the
+        # forward passes can afford ~2 ulp, and keep IEEE expf and division in the backward.
+        # -ftz=true: no denormal fix-ups around each ex2/lg2 (values below float32's smallest
+        # normal never matter here: the inversion's floor is at least that)
+        nvcc_flags = ["-O3", "-ftz=true", "-lineinfo"]
         return cpp_extension.CUDAExtension(
             "cdm_kernels._C",
             sources,

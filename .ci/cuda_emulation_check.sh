@@ -3,8 +3,8 @@
 # with -DCDM_CUDA_EMULATE (cuda/emulate.h: one OS thread per CUDA thread, barriers for
 # __syncthreads / __syncwarp / shuffles) into a library that registers the ops as
 # cdm_emu::* for CPU tensors (cuda/emulate_ops.cpp), then runs tests/test_cuda_backend.py
-# against it (CDM_CUDA_EMULATION_LIB). Numerics differ from a GPU (libm exp/log, no
-# fast-math); the row layouts, reductions, caches and the sampler are the same code.
+# against it (CDM_CUDA_EMULATION_LIB). Numerics differ from a GPU (libm exp/log for the
+# fast __expf/__logf); the row layouts, reductions, caches and the sampler are the same code.
 #
 # Usage: .ci/cuda_emulation_check.sh [pytest args...]   (default: the whole test file)
 # Environment:

@@ -1,18 +1,21 @@
 #!/usr/bin/env bash
 # The one prepared script for a lent GPU machine (an H200: Python 3.12, torch 2.11 with
-# CUDA 13.0, triton 3.6, nvcc 13.0, no package registry). Within ~8 minutes it
+# CUDA 13.0, triton 3.6, nvcc 13.0, no package registry). Within ~7 minutes it
 #   1. builds and installs the package with the CUDA kernels (editable, no downloads),
-#   2. runs the CUDA backend tests, then the Triton backend tests, then the whole suite,
-#   3. runs the issue's benchmark (bf16, B*L*N = 2^28: scores_to_posterior and
-#      fused_euler_step against a device copy, the eager reference and torch.compile),
-#      then a broader sweep without torch.compile, and writes the markdown report.
+#   2. runs the CUDA backend tests,
+#   3. runs the issue's benchmark (bf16, B*L*N >= 2^28 at N = 32768 and GPT-2's 50257:
+#      scores_to_posterior and fused_euler_step against a device copy, the eager
+#      reference and torch.compile) and writes the markdown report,
+#   4. runs the Triton backend tests (one config per N: CDM_KERNELS_TRITON_AUTOTUNE=0),
+#      the rest of the suite (8 pytest-xdist workers when installed, so a crashing test
+#      is reported and the others still run), then a broader sweep without torch.compile.
 # Every stage has a time cap and the whole run a budget; a failing stage is recorded and
 # the next one still runs. Everything lands in $OUT (default ./gpu-out):
 #   summary.txt (one line per stage: status, seconds), env.txt, <stage>.log,
 #   tests-*.xml (JUnit), bench.json, bench-breadth.json, RESULTS-gpu.md
 #
 #   OUT=/path/to/out bash benchmarks/gpu_check.sh
-# Environment: OUT, PYTHON (default python3), CDM_GPU_CHECK_BUDGET (seconds, default 470),
+# Environment: OUT, PYTHON (default python3), CDM_GPU_CHECK_BUDGET (seconds, default 400),
 # MAX_JOBS (compile jobs, default all cores), CDM_GPU_CHECK_SKIP_INSTALL=1 (already installed).
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -21,7 +24,7 @@ OUT="${OUT:-./gpu-out}"
 mkdir -p "$OUT"
 OUT="$(cd "$OUT" && pwd)"
 PY="${PYTHON:-python3}"
-BUDGET="${CDM_GPU_CHECK_BUDGET:-470}"
+BUDGET="${CDM_GPU_CHECK_BUDGET:-400}"
 START=$SECONDS
 : >"$OUT/summary.txt"
 
@@ -100,9 +103,10 @@ fi
 
 bench_common=(--benchmark-only --cdm-device cuda -p no:cacheprovider)
 if have pytest_benchmark; then
-  # issue 4's goal: bf16, B*L*N = 8192 * 32768 = 2^28; reported against the session's device copy
+  # issue 4's goal: bf16, B*L*N >= 2^28 (8192 * 32768 = 2^28; 5344 * 50257 just above);
+  # reported against the session's device copy
   stage bench 150 "$PY" -m pytest benchmarks/test_ops.py "${bench_common[@]}" \
-    --cdm-shapes 8192x32768 --cdm-dtypes bf16 --cdm-graphs uniform \
+    --cdm-shapes 8192x32768,5344x50257 --cdm-dtypes bf16 --cdm-graphs uniform \
     --cdm-ops scores_to_posterior,fused_euler_step --cdm-passes fwd --cdm-budget 0.3 \
     --benchmark-json="$OUT/bench.json"
 else
@@ -120,16 +124,18 @@ report
 
 # --- 3. the rest, as the budget allows
 if have pytest; then
-  stage tests-triton 70 "$PY" -m pytest tests/test_triton_backend.py -q -x -p no:cacheprovider \
+  stage tests-triton 90 "$PY" -m pytest tests/test_triton_backend.py -q -p no:cacheprovider --maxfail=20 \
     --junitxml="$OUT/tests-triton.xml"
-  stage tests-all 100 "$PY" -m pytest tests -q -x -p no:cacheprovider --ignore=tests/test_cuda_backend.py \
-    --ignore=tests/test_triton_backend.py --junitxml="$OUT/tests-all.xml"
+  workers=()
+  have xdist && workers=(-n 8)
+  stage tests-all 100 "$PY" -m pytest tests -q -rfE -p no:cacheprovider "${workers[@]}" \
+    --ignore=tests/test_cuda_backend.py --ignore=tests/test_triton_backend.py --junitxml="$OUT/tests-all.xml"
 fi
 if have pytest_benchmark; then
-  # every op, both passes, two graphs, two dtypes; fused backends against eager only (no compile)
+  # every op, both passes, two graphs, at GPT-2's vocabulary; fused backends against eager only (no compile)
   stage bench-breadth 100 "$PY" -m pytest benchmarks/test_ops.py "${bench_common[@]}" \
-    --cdm-shapes 8192x1024,2048x50257 --cdm-dtypes bf16,fp32 --cdm-graphs uniform,absorbing \
-    --cdm-impls eager,triton,cuda --cdm-budget 0.2 --benchmark-json="$OUT/bench-breadth.json"
+    --cdm-shapes 4096x50257 --cdm-dtypes bf16 --cdm-graphs uniform,absorbing \
+    --cdm-impls eager,triton,cuda --cdm-budget 0.15 --benchmark-json="$OUT/bench-breadth.json"
   report
 fi
 

@@ -209,6 +209,10 @@ class DenseGraph(Graph):
 
     def spectral(self, device=None):
         device = torch.device("cpu") if device is None else torch.device(device)
+        if device.type != "cpu" and device.index is None:
+            # "cuda" and "cuda:0" are one device: key the cache by the explicit index, so an
+            # op on x.device ("cuda:0") finds what descriptor("cuda") copied (no second copy, no sync)
+            device = torch.device(device.type, getattr(torch, device.type).current_device())
         if device not in self._device_cache:
             self._device_cache[device] = tuple(
                 t.to(device) for t in (self._eigenvalues, self._vecs, self._vecs_inv)

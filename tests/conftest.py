@@ -8,6 +8,9 @@ import torch
 
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
+else:
+    # one config per N, not autotuning: the Triton tests compile each kernel once, not seven times
+    os.environ.setdefault("CDM_KERNELS_TRITON_AUTOTUNE", "0")
 os.environ.setdefault("CDM_KERNELS_QUIET", "1")
 
 import cdm_kernels  # noqa: E402  (after the environment above)

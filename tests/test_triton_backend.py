@@ -447,6 +447,21 @@ def test_torch_compile():
     assert torch.allclose(s.grad.cpu(), s_ref.grad, atol=1e-5) and draw.shape == x.shape
 
 
+def test_fixed_config_is_one_autotune_would_try():
+    """CDM_KERNELS_TRITON_AUTOTUNE=0 launches a config the pruned autotune list holds:
+    one long-row program for big vocabularies, several rows per program for small ones."""
+    from cdm_kernels.triton_kernels import _common
+
+    for n in (2, 17, 130, 256, 257, 1024, 4097, 50257, 262144):
+        config = _common.fixed_config("row", n)
+        assert config in _common.prune_row_configs(_common.row_configs(), {"N": n})
+        if n > 4096:
+            assert config.kwargs["BLOCK_P"] == 1
+        if n <= 256:
+            assert config.kwargs["BLOCK_P"] > 1
+    assert _common.fixed_config("dense", 64) in _common.dense_configs()
+
+
 # ----------------------------------------------------------------------------- graph descriptor and schemas
 
 

@@ -9,9 +9,12 @@ offsets are int64 (``P * N`` may exceed 2^31). Reductions run in float32 (or
 float64 for float64 inputs and dense graphs) whatever the storage dtype.
 
 On a GPU the block sizes are autotuned (``triton.autotune``, keyed on ``N``);
-under ``TRITON_INTERPRET=1`` (CPU tensors, no driver) one fixed small config is
-used, :data:`INTERPRET_BLOCKS` (32-wide vocabulary blocks, so the loops run
-several times on the tests' N = 130).
+``CDM_KERNELS_TRITON_AUTOTUNE=0`` uses one config chosen from ``N`` instead
+(:func:`fixed_config`): no timing runs, so no host synchronisation at a new
+``N`` (CUDA-graph capture) and one compile per kernel (the GPU tests). Under
+``TRITON_INTERPRET=1`` (CPU tensors, no driver) one fixed small config is used,
+:data:`INTERPRET_BLOCKS` (32-wide vocabulary blocks, so the loops run several
+times on the tests' N = 130).
 """
 
 from __future__ import annotations
@@ -35,6 +38,8 @@ SMALLEST_FLOOR = tl.constexpr(1.1754943508222875e-38)
 
 #: True when kernels run under Triton's CPU interpreter
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
+#: False: one config per N from fixed_config() instead of autotuning (read at import)
+AUTOTUNE = os.environ.get("CDM_KERNELS_TRITON_AUTOTUNE", "1") != "0"
 
 
 def _version(text: str) -> tuple:
@@ -91,6 +96,14 @@ def prune_row_configs(configs, named_args, **kwargs):
     return kept or [configs[0]]
 
 
+def fixed_config(kind: str, n: int) -> triton.Config:
+    """The config used without autotuning: the first row config that
+    :func:`prune_row_configs` keeps for this N (dense kernels: the middle one)."""
+    if kind == "dense":
+        return dense_configs()[1]
+    return prune_row_configs(row_configs(), {"N": n})[0]
+
+
 def dense_configs() -> List[triton.Config]:
     return [
         triton.Config({"BLOCK_P": 4, "BLOCK_I": 16, "BLOCK_J": 32}, num_warps=4),
@@ -137,6 +150,14 @@ class Kernel:
 
             def grid(meta):
                 return (triton.cdiv(grid_rows, meta["BLOCK_P"]), triton.cdiv(grid_cols, meta["BLOCK_J"]))
+
+        if not AUTOTUNE:
+            n = constexprs.get("N")
+            if n is None:
+                n = args[self.fn.arg_names.index("N")]
+            config = fixed_config(self.kind, int(n))
+            self.fn[grid(config.kwargs)](*args, **constexprs, **config.kwargs, num_warps=config.num_warps)
+            return
 
         self.tuned[grid](*args, **constexprs)
 

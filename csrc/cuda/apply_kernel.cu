@@ -22,7 +22,7 @@ struct ApplyArgs {
 };
 
 template <class S, bool AL, int W>
-CDM_GLOBAL void CDM_BOUNDS(Group<W>::kBlock) apply_kernel_kernel(const ApplyArgs<S> a) {
+CDM_GLOBAL void CDM_BOUNDS(Group<W>::kBlock, min_blocks<S>()) apply_kernel_kernel(const ApplyArgs<S> a) {
   using C = typename Compute<S>::type;
   CDM_DECLARE_SMEM(smem);
   Group<W> g;

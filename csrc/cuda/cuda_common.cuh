@@ -17,6 +17,9 @@
 //   * A row that is read by several passes is cached in shared memory (its storage
 //     dtype) by the first pass when it fits the budget (kCacheBudget per block, so at
 //     least two blocks stay resident per SM); later passes then read shared memory.
+//   * Segments holding neither x nor the row's end take a path without per-state index
+//     tests (with_plain). Where few blocks fit per SM, a row group first asks L2 for its
+//     whole row (prefetch_row, l2_prefetch_bytes).
 //   * Offsets are int64 (P * N may exceed 2^31). No host synchronisation anywhere:
 //     launches go on the current stream, the Philox seed/offset come from a CPU tensor.
 //
@@ -30,8 +33,10 @@
 #include <c10/util/Half.h>
 #include <torch/library.h>
 
+#include <algorithm>
 #include <cmath>
 #include <cstdint>
+#include <cstdlib>
 #include <cstring>
 #include <limits>
 #include <type_traits>
@@ -40,7 +45,7 @@
 #include "cuda/emulate.h"
 #define CDM_DEV inline
 #define CDM_GLOBAL
-#define CDM_BOUNDS(n)
+#define CDM_BOUNDS(n, min_blocks)
 #define CDM_DECLARE_SMEM(name) unsigned char* name = ::emu::shared_memory()
 #define CDM_CUDA_IMPL(m) TORCH_LIBRARY_IMPL(cdm_emu, CPU, m)
 #else
@@ -49,7 +54,7 @@
 #include <cuda_runtime.h>
 #define CDM_DEV __device__ __forceinline__
 #define CDM_GLOBAL __global__
-#define CDM_BOUNDS(n) __launch_bounds__(n)
+#define CDM_BOUNDS(n, min_blocks) __launch_bounds__(n, min_blocks)
 #define CDM_DECLARE_SMEM(name) extern __shared__ __align__(16) unsigned char name[]
 #define CDM_CUDA_IMPL(m) TORCH_LIBRARY_IMPL(cdm_kernels, CUDA, m)
 #endif
@@ -69,6 +74,14 @@ constexpr int64_t kCacheBudget = 100 * 1024;  // bytes of row cache per block
 constexpr int kRedSlots = 32;       // doubles of reduction scratch per row group
 constexpr int64_t kNone = int64_t(1) << 62;  // "no index" (exact as a double)
 
+// Minimum resident blocks per SM asked of the compiler (__launch_bounds__): 4 blocks of
+// 256 threads cap a thread at 64 registers, so a row kernel keeps 32 warps per SM to hide
+// HBM latency; float64 rows need more registers (2 blocks, 128).
+template <class S>
+constexpr int min_blocks() {
+  return sizeof(S) == 8 ? 2 : 4;
+}
+
 template <class S>
 struct Compute {
   using type = float;
@@ -83,12 +96,17 @@ CDM_DEV T pos_inf() {
   return static_cast<T>(INFINITY);
 }
 
-// Fast transcendentals: expf/logf become ex2.approx/lg2.approx under --use_fast_math
-// (about 2 ulp); double stays exact-rounded (per-row scalars and float64 storage).
-CDM_DEV float fexp(float v) { return expf(v); }
+// Fast transcendentals for the forward passes: __expf/__logf are one ex2.approx/lg2.approx
+// each (about 2 ulp plus the argument's scaling). pexp is the full-precision expf
+// (<= 1 ulp) for the backward's u = e^{v-M} - beta S, whose cancellation turns an exp's
+// relative error into a large error of g / u (the build does not use --use_fast_math, so
+// expf and `/` stay IEEE). Double is exact-rounded (per-row scalars, float64 storage).
+CDM_DEV float fexp(float v) { return __expf(v); }
 CDM_DEV double fexp(double v) { return exp(v); }
-CDM_DEV float flog(float v) { return logf(v); }
+CDM_DEV float flog(float v) { return __logf(v); }
 CDM_DEV double flog(double v) { return log(v); }
+CDM_DEV float pexp(float v) { return expf(v); }
+CDM_DEV double pexp(double v) { return exp(v); }
 
 template <class T>
 CDM_DEV T tmax(T a, T b) {
@@ -221,7 +239,25 @@ struct SmemPlan {
   int64_t cache_stride = 0;  // bytes between cached rows
   int cache_rows = 0;        // 0: no cache (later passes read global memory)
   int64_t block_bytes = 0;   // dynamic shared memory of a block
+  int64_t l2_prefetch = 0;   // bytes of each input row asked of L2 before pass 1 (prefetch_row)
 };
+
+inline int64_t smem_per_sm();
+
+// The bytes of each row to prefetch into L2 (prefetch_row) for blocks of `block_bytes`
+// shared memory. Measured on an H200 (bf16, benchmarks/RESULTS.md): where the row cache
+// leaves room for only 2 blocks per SM (N = 50257) the prefetch made scores_to_posterior
+// 1.2x faster; with 3-4 blocks per SM (N = 32768) it made it and the Euler step 1.2x
+// slower. So by default: 128 KiB when at most 2 blocks fit, else none.
+// CDM_KERNELS_CUDA_PREFETCH=<bytes> (read once per process) sets it for every kernel; 0: off.
+inline int64_t l2_prefetch_bytes(int64_t block_bytes) {
+  static const int64_t forced = [] {
+    const char* v = std::getenv("CDM_KERNELS_CUDA_PREFETCH");
+    return v != nullptr && *v != '\0' ? std::max<int64_t>(0, std::atoll(v)) : int64_t(-1);
+  }();
+  if (forced >= 0) return forced;
+  return block_bytes > 0 && smem_per_sm() / block_bytes <= 2 ? int64_t(128) * 1024 : 0;
+}
 
 inline int64_t host_align16(int64_t b) { return (b + 15) / 16 * 16; }
 CDM_HD inline int64_t num_segments(int64_t n) { return (n + kSeg - 1) / kSeg; }
@@ -244,6 +280,7 @@ SmemPlan plan_smem(int64_t n, bool stats, int cache_rows_wanted) {
   }
   plan.group_bytes = bytes;
   plan.block_bytes = bytes * Group<W>::kRows;
+  plan.l2_prefetch = l2_prefetch_bytes(plan.block_bytes);
   return plan;
 }
 
@@ -336,6 +373,24 @@ CDM_DEV void store_raw(S* dst, int64_t n, int64_t seg, int lane, const S* raw) {
   }
 }
 
+// True when segment `seg` holds kSeg states, all below n and none of them x: its slots then
+// need no per-state index test (warp-uniform). Every other segment takes the checked path.
+CDM_DEV bool plain_segment(int64_t seg, int64_t n, int64_t x) {
+  const int64_t lo = seg * kSeg;
+  return lo + kSeg <= n && (x < lo || x >= lo + kSeg);
+}
+
+// f(std::true_type{}) on a plain segment, else f(std::false_type{}): one loop body, and
+// the compiler drops the index arithmetic from the plain instantiation.
+template <class F>
+CDM_DEV void with_plain(int64_t seg, int64_t n, int64_t x, F&& f) {
+  if (plain_segment(seg, n, x)) {
+    f(std::true_type{});
+  } else {
+    f(std::false_type{});
+  }
+}
+
 template <class C, class S>
 CDM_DEV C to_compute(S v) {
   return static_cast<C>(static_cast<typename std::conditional<std::is_same<S, double>::value, double, float>::type>(v));
@@ -368,6 +423,23 @@ CDM_DEV void fill_row(const Group<W>& g, S* out, int64_t n, int64_t x, typename 
 }
 
 // ----------------------------------------------------------------------------- row passes
+
+// Ask L2 for the first min(bytes, cap) bytes of a row, one prefetch per 128-byte line spread
+// over the group's threads. A row group's own loads keep only ~64 bytes per thread in
+// flight (registers); these hints put the whole row in flight at once, so pass 1 reads
+// mostly from L2. No registers, no shared memory, no effect on results.
+template <int W>
+CDM_DEV void prefetch_row(const Group<W>& g, const void* row, int64_t bytes, int64_t cap) {
+#ifndef CDM_CUDA_EMULATE
+  const char* base = static_cast<const char*>(row);
+  const int64_t lines = (tmin(bytes, cap) + 127) / 128;
+  for (int64_t l = g.tid; l < lines; l += Group<W>::kThreads) {
+    asm volatile("prefetch.global.L2 [%0];" ::"l"(base + l * 128));
+  }
+#else
+  (void)g, (void)row, (void)bytes, (void)cap;
+#endif
+}
 
 // Running (max, sum exp(v - max)) of one thread, folded segment by segment.
 template <class C>
@@ -432,11 +504,17 @@ CDM_DEV void pass_max_sumexp(const Group<W>& g, const S* row, S* cache, int64_t 
       if (seg >= nseg) break;  // warp-uniform
       if (cache != nullptr) store_raw<S, AL>(cache, n, seg, g.lane, raw[b]);
       C v[kEPT];
+      with_plain(seg, n, x, [&](auto plain) {
 #pragma unroll
-      for (int k = 0; k < kEPT; ++k) {
-        const int64_t i = slot_index<AL>(seg, g.lane, k);
-        v[k] = (i < n && i != x) ? to_compute<C>(raw[b][k]) : -pos_inf<C>();
-      }
+        for (int k = 0; k < kEPT; ++k) {
+          if constexpr (decltype(plain)::value) {
+            v[k] = to_compute<C>(raw[b][k]);
+          } else {
+            const int64_t i = slot_index<AL>(seg, g.lane, k);
+            v[k] = (i < n && i != x) ? to_compute<C>(raw[b][k]) : -pos_inf<C>();
+          }
+        }
+      });
       C sm, ss;
       segment_ms(v, sm, ss);
       if (seg_m != nullptr && g.lane == 0) {
@@ -458,16 +536,19 @@ CDM_DEV void pass_max_sumexp(const Group<W>& g, const S* row, S* cache, int64_t 
 // ----------------------------------------------------------------------------- sampling
 
 // Inverse-CDF draw from the masses of a row: mass[seg] (shared, nseg entries, written
-// before the call and visible to the group) is the total probability of segment seg,
-// p_of(i) (double) the probability of state i, computed on the same basis. With
+// before the call and visible to the group) is the total probability of segment seg;
+// seg_probs(seg) returns p_of, with p_of(i) (double) the probability of state i of that
+// segment, computed on the same basis (the per-segment constants are set up once). With
 // target = u * sum(mass), the pick is the first state whose running CDF exceeds the
 // target among states of positive probability (never a zero-probability state); when
 // rounding leaves the target past the end, the last state with positive probability.
 // Segment level: every thread scans a contiguous run of segments (exclusive scan over
 // the group); state level: warp 0 scans the 256 states of the picked segment in index
-// order. Returns the state in warp 0 (other warps get -1); x if the row has no mass.
-template <int W, class PFn>
-CDM_DEV int64_t sample_row(const Group<W>& g, const double* mass, int64_t n, int64_t x, float uniform, PFn&& p_of) {
+// order; its kEPT probabilities per lane are computed (and their loads issued) before the
+// scan. Returns the state in warp 0 (other warps get -1); x if the row has no mass.
+template <int W, class SegProbs>
+CDM_DEV int64_t sample_row(const Group<W>& g, const double* mass, int64_t n, int64_t x, float uniform,
+                           SegProbs&& seg_probs) {
   const int64_t nseg = num_segments(n);
   const int64_t per = (nseg + Group<W>::kThreads - 1) / Group<W>::kThreads;
   const int64_t b = tmin<int64_t>(nseg, g.tid * per), e = tmin<int64_t>(nseg, b + per);
@@ -505,15 +586,21 @@ CDM_DEV int64_t sample_row(const Group<W>& g, const double* mass, int64_t n, int
     return g.warp == 0 ? x : -1;
   }
   if (g.warp != 0) return -1;
+  const auto p_of = seg_probs(pick_seg);
+  double pv[kEPT];
+#pragma unroll
+  for (int k = 0; k < kEPT; ++k) {
+    const int64_t i = pick_seg * kSeg + k * 32 + g.lane;
+    pv[k] = i < n ? p_of(i) : 0.0;
+  }
   double carry = 0.0;
   int64_t found = -1, last_pos = -1;
+#pragma unroll
   for (int k = 0; k < kEPT; ++k) {
     const int64_t base = pick_seg * kSeg + k * 32;
-    const int64_t i = base + g.lane;
-    const double pv = i < n ? p_of(i) : 0.0;
-    const double incl = warp_inclusive_scan(pv, g.lane) + carry;
-    const unsigned hit = __ballot_sync(kFull, pv > 0.0 && incl > tgt);
-    const unsigned pos = __ballot_sync(kFull, pv > 0.0);
+    const double incl = warp_inclusive_scan(pv[k], g.lane) + carry;
+    const unsigned hit = __ballot_sync(kFull, pv[k] > 0.0 && incl > tgt);
+    const unsigned pos = __ballot_sync(kFull, pv[k] > 0.0);
     if (found < 0 && hit != 0u) found = base + (__ffs(static_cast<int>(hit)) - 1);
     if (pos != 0u) last_pos = base + (31 - __clz(static_cast<int>(pos)));
     carry = __shfl_sync(kFull, incl, 31);
@@ -591,6 +678,14 @@ inline int64_t max_dynamic_smem() {
   return 227 * 1024;
 #else
   return static_cast<int64_t>(at::cuda::getCurrentDeviceProperties()->sharedMemPerBlockOptin);
+#endif
+}
+
+inline int64_t smem_per_sm() {
+#ifdef CDM_CUDA_EMULATE
+  return 228 * 1024;
+#else
+  return static_cast<int64_t>(at::cuda::getCurrentDeviceProperties()->sharedMemPerMultiprocessor);
 #endif
 }
 

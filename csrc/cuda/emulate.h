@@ -5,7 +5,7 @@
 // barrier over the warp (so a divergent shuffle deadlocks here as it would misbehave on
 // a GPU), shared memory is one buffer per block, filled with 0xFF bytes (NaN) before
 // every block so a read of unwritten shared memory shows. Blocks run one after another.
-// Numerics differ from the GPU (libm exp/log, no fast-math), never the algorithm.
+// Numerics differ from the GPU (libm exp/log for the fast __expf/__logf), never the algorithm.
 // Not part of any build: only the emulation test harness includes it.
 #pragma once
 
@@ -128,3 +128,7 @@ inline unsigned __ballot_sync(unsigned, int pred) {
 
 inline int __ffs(int x) { return __builtin_ffs(x); }
 inline int __clz(int x) { return x == 0 ? 32 : __builtin_clz(static_cast<unsigned>(x)); }
+
+// the fast intrinsics, as the correctly rounded functions (the tests' tolerances cover both)
+inline float __expf(float v) { return std::exp(v); }
+inline float __logf(float v) { return std::log(v); }

@@ -37,7 +37,7 @@ struct StepArgs {
 };
 
 template <class S, bool AL, int W>
-CDM_GLOBAL void CDM_BOUNDS(Group<W>::kBlock) euler_step_kernel(const StepArgs<S> a) {
+CDM_GLOBAL void CDM_BOUNDS(Group<W>::kBlock, min_blocks<S>()) euler_step_kernel(const StepArgs<S> a) {
   using C = typename Compute<S>::type;
   CDM_DECLARE_SMEM(smem);
   Group<W> g;
@@ -55,6 +55,7 @@ CDM_GLOBAL void CDM_BOUNDS(Group<W>::kBlock) euler_step_kernel(const StepArgs<S>
   const S* row = a.ls + p * n;
   S* cache = inversion ? cache_row<S>(gs, a.plan, 0) : nullptr;
   const SegStats<C> st = segment_stats<C>(gs, a.plan, nseg);
+  prefetch_row(g, row, n * static_cast<int64_t>(sizeof(S)), a.plan.l2_prefetch);
   double m, s;
   pass_max_sumexp<S, AL, W>(g, row, cache, n, x, st.m, st.s, m, s, NoExtra{});
   g.sync();  // the segment stats and the row cache, written per warp, are read by the whole group
@@ -85,12 +86,14 @@ CDM_GLOBAL void CDM_BOUNDS(Group<W>::kBlock) euler_step_kernel(const StepArgs<S>
       st.mass[j] = mass;
     }
     g.sync();
-    pick = sample_row<W>(g, st.mass, n, x, uniform, [&](int64_t i) -> double {
-      if (i == x) return px;
-      const int64_t j = i / kSeg;
-      if (!(st.s[j] > C(0))) return 0.0;
-      const C e = fexp(to_compute<C>(row[i]) - st.m[j]);  // same basis as the segment's mass
-      return K * exp(static_cast<double>(st.m[j]) - m) * static_cast<double>(e);
+    pick = sample_row<W>(g, st.mass, n, x, uniform, [&](int64_t j) {
+      const bool live = st.s[j] > C(0);
+      const C mj = st.m[j];
+      const double f = live ? K * exp(static_cast<double>(mj) - m) : 0.0;  // same basis as the segment's mass
+      return [=](int64_t i) -> double {
+        if (i == x) return px;
+        return live ? f * static_cast<double>(fexp(to_compute<C>(row[i]) - mj)) : 0.0;
+      };
     });
   } else {  // shape B
     const UniformCoeffs c = uniform_coeffs(tau_t, n);
@@ -101,11 +104,17 @@ CDM_GLOBAL void CDM_BOUNDS(Group<W>::kBlock) euler_step_kernel(const StepArgs<S>
       alignas(16) S raw[kEPT];
       load_raw<S, AL>(src, n, seg, g.lane, raw);
       C part = C(0);
+      with_plain(seg, n, x, [&](auto plain) {
 #pragma unroll
-      for (int k = 0; k < kEPT; ++k) {
-        const int64_t i = slot_index<AL>(seg, g.lane, k);
-        if (i < n) part += inv.u_of(i == x ? C(0) : to_compute<C>(raw[k]));
-      }
+        for (int k = 0; k < kEPT; ++k) {
+          if constexpr (decltype(plain)::value) {
+            part += inv.u_of(to_compute<C>(raw[k]));
+          } else {
+            const int64_t i = slot_index<AL>(seg, g.lane, k);
+            if (i < n) part += inv.u_of(i == x ? C(0) : to_compute<C>(raw[k]));
+          }
+        }
+      });
       acc += part;
       part = warp_sum(part);
       if (g.lane == 0) st.mass[seg] = static_cast<double>(part);
@@ -124,9 +133,11 @@ CDM_GLOBAL void CDM_BOUNDS(Group<W>::kBlock) euler_step_kernel(const StepArgs<S>
       st.mass[j] = mass;
     }
     g.sync();
-    pick = sample_row<W>(g, st.mass, n, x, uniform, [&](int64_t i) -> double {
-      const double u = static_cast<double>(inv.u_of(i == x ? C(0) : to_compute<C>(src[i])));
-      return c1 * u + c0 + (i == x ? d1 * u + d0 : 0.0);
+    pick = sample_row<W>(g, st.mass, n, x, uniform, [&](int64_t) {
+      return [&](int64_t i) -> double {
+        const double u = static_cast<double>(inv.u_of(i == x ? C(0) : to_compute<C>(src[i])));
+        return c1 * u + c0 + (i == x ? d1 * u + d0 : 0.0);
+      };
     });
   }
   if (g.tid == 0) a.out[p] = pick;
@@ -143,7 +154,7 @@ struct ProbsArgs {
 };
 
 template <bool AL, int W>
-CDM_GLOBAL void CDM_BOUNDS(Group<W>::kBlock) sample_probs_kernel(const ProbsArgs a) {
+CDM_GLOBAL void CDM_BOUNDS(Group<W>::kBlock, min_blocks<double>()) sample_probs_kernel(const ProbsArgs a) {
   CDM_DECLARE_SMEM(smem);
   Group<W> g;
   int64_t p;
@@ -163,7 +174,9 @@ CDM_GLOBAL void CDM_BOUNDS(Group<W>::kBlock) sample_probs_kernel(const ProbsArgs
   }
   g.sync();
   const float uniform = philox_uniform(a.seed, a.offset, p);
-  const int64_t pick = sample_row<W>(g, st.mass, n, x, uniform, [&](int64_t i) -> double { return tmax(row[i], 0.0); });
+  const int64_t pick = sample_row<W>(g, st.mass, n, x, uniform, [&](int64_t) {
+    return [&](int64_t i) -> double { return tmax(row[i], 0.0); };
+  });
   if (g.tid == 0) a.out[p] = pick;
 }
 

@@ -27,7 +27,7 @@ struct LossArgs {
 };
 
 template <class S, bool AL, int W>
-CDM_GLOBAL void CDM_BOUNDS(Group<W>::kBlock) loss_kernel(const LossArgs<S> a) {
+CDM_GLOBAL void CDM_BOUNDS(Group<W>::kBlock, min_blocks<S>()) loss_kernel(const LossArgs<S> a) {
   using C = typename Compute<S>::type;
   CDM_DECLARE_SMEM(smem);
   Group<W> g;
@@ -53,6 +53,8 @@ CDM_GLOBAL void CDM_BOUNDS(Group<W>::kBlock) loss_kernel(const LossArgs<S> a) {
     return;
   }
   S* cache = cache_row<S>(gs, a.plan, 0);
+  prefetch_row(g, row, n * static_cast<int64_t>(sizeof(S)), a.plan.l2_prefetch);
+  prefetch_row(g, trow, n * static_cast<int64_t>(sizeof(S)), a.plan.l2_prefetch);  // read by pass 2
   double m, s;
   pass_max_sumexp<S, AL, W>(g, row, cache, n, x, nullptr, nullptr, m, s, NoExtra{});
   const S* src = cache != nullptr ? cache : row;

@@ -36,11 +36,13 @@ struct InversionArgs {
   SmemPlan plan;
 };
 
-// u = max(e^{v - M} - beta S, floor) and its clamp weight (torch.maximum's gradient split)
-template <class C>
+// u = max(e^{v - M} - beta S, floor) and its clamp weight (torch.maximum's gradient split).
+// Precise: e^{v - M} with the IEEE expf (the backward divides by u; see pexp).
+template <class C, bool Precise = false>
 struct Inversion {
   C Mc, cs, fl;
-  CDM_DEV C d_of(C v) const { return fexp(v - Mc) - cs; }
+  CDM_DEV C r_of(C v) const { return Precise ? pexp(v - Mc) : fexp(v - Mc); }
+  CDM_DEV C d_of(C v) const { return r_of(v) - cs; }
   CDM_DEV C u_of(C v) const {
     const C d = d_of(v);
     return d < fl ? fl : d;
@@ -49,11 +51,11 @@ struct Inversion {
 };
 
 // Row scalars of the uniform inversion from pass 1's (m, s) over y != x.
-template <class C>
-CDM_DEV Inversion<C> uniform_inversion(double m, double s, const UniformCoeffs& c) {
+template <class C, bool Precise = false>
+CDM_DEV Inversion<C, Precise> uniform_inversion(double m, double s, const UniformCoeffs& c) {
   const double M = tmax(m, 0.0);
   const double S_total = s * exp(m - M) + exp(-M);  // r_x = e^-M
-  Inversion<C> inv;
+  Inversion<C, Precise> inv;
   inv.Mc = static_cast<C>(M);
   inv.cs = static_cast<C>(c.beta * S_total);
   // the inversion leaves out the factor 1/alpha of K(-tau)^T r, so the floor is scaled by
@@ -65,7 +67,7 @@ CDM_DEV Inversion<C> uniform_inversion(double m, double s, const UniformCoeffs& 
 }
 
 template <class S, bool AL, int W>
-CDM_GLOBAL void CDM_BOUNDS(Group<W>::kBlock) posterior_forward_kernel(const InversionArgs<S> a) {
+CDM_GLOBAL void CDM_BOUNDS(Group<W>::kBlock, min_blocks<S>()) posterior_forward_kernel(const InversionArgs<S> a) {
   using C = typename Compute<S>::type;
   CDM_DECLARE_SMEM(smem);
   Group<W> g;
@@ -80,6 +82,7 @@ CDM_GLOBAL void CDM_BOUNDS(Group<W>::kBlock) posterior_forward_kernel(const Inve
     return;
   }
   S* cache = cache_row<S>(gs, a.plan, 0);
+  prefetch_row(g, row, n * static_cast<int64_t>(sizeof(S)), a.plan.l2_prefetch);
   double m, s;
   pass_max_sumexp<S, AL, W>(g, row, cache, n, x, nullptr, nullptr, m, s, NoExtra{});
   const S* src = cache != nullptr ? cache : row;
@@ -103,11 +106,17 @@ CDM_GLOBAL void CDM_BOUNDS(Group<W>::kBlock) posterior_forward_kernel(const Inve
   for (int64_t seg = g.warp; seg < nseg; seg += W) {
     alignas(16) S raw[kEPT];
     load_raw<S, AL>(src, n, seg, g.lane, raw);
+    with_plain(seg, n, x, [&](auto plain) {
 #pragma unroll
-    for (int k = 0; k < kEPT; ++k) {
-      const int64_t i = slot_index<AL>(seg, g.lane, k);
-      if (i < n) acc += inv.u_of(i == x ? C(0) : to_compute<C>(raw[k]));
-    }
+      for (int k = 0; k < kEPT; ++k) {
+        if constexpr (decltype(plain)::value) {
+          acc += inv.u_of(to_compute<C>(raw[k]));
+        } else {
+          const int64_t i = slot_index<AL>(seg, g.lane, k);
+          if (i < n) acc += inv.u_of(i == x ? C(0) : to_compute<C>(raw[k]));
+        }
+      }
+    });
   }
   const double U = g.sum(static_cast<double>(acc));
   const double z = c.beta * U + c.alpha * static_cast<double>(inv.u_of(C(0)));
@@ -116,12 +125,18 @@ CDM_GLOBAL void CDM_BOUNDS(Group<W>::kBlock) posterior_forward_kernel(const Inve
   for (int64_t seg = g.warp; seg < nseg; seg += W) {
     alignas(16) S raw[kEPT];
     load_raw<S, AL>(src, n, seg, g.lane, raw);
+    with_plain(seg, n, x, [&](auto plain) {
 #pragma unroll
-    for (int k = 0; k < kEPT; ++k) {
-      const int64_t i = slot_index<AL>(seg, g.lane, k);
-      const C v = i == x ? C(0) : to_compute<C>(raw[k]);
-      raw[k] = to_storage<S>(flog(inv.u_of(v)) + (i == x ? on : off));
-    }
+      for (int k = 0; k < kEPT; ++k) {
+        if constexpr (decltype(plain)::value) {
+          raw[k] = to_storage<S>(flog(inv.u_of(to_compute<C>(raw[k]))) + off);
+        } else {
+          const int64_t i = slot_index<AL>(seg, g.lane, k);
+          const C v = i == x ? C(0) : to_compute<C>(raw[k]);
+          raw[k] = to_storage<S>(flog(inv.u_of(v)) + (i == x ? on : off));
+        }
+      }
+    });
     store_raw<S, AL>(out, n, seg, g.lane, raw);
   }
 }
@@ -129,7 +144,7 @@ CDM_GLOBAL void CDM_BOUNDS(Group<W>::kBlock) posterior_forward_kernel(const Inve
 // Gradient w.r.t. log_score of <G, log q>, recomputing the forward. G is the `second`
 // row, or (from_target) -grad_loss[p] * target where target > 0 (the matching loss).
 template <class S, bool AL, int W>
-CDM_GLOBAL void CDM_BOUNDS(Group<W>::kBlock) posterior_backward_kernel(const InversionArgs<S> a) {
+CDM_GLOBAL void CDM_BOUNDS(Group<W>::kBlock, min_blocks<S>()) posterior_backward_kernel(const InversionArgs<S> a) {
   using C = typename Compute<S>::type;
   CDM_DECLARE_SMEM(smem);
   Group<W> g;
@@ -159,6 +174,8 @@ CDM_GLOBAL void CDM_BOUNDS(Group<W>::kBlock) posterior_backward_kernel(const Inv
       if (slot_index<AL>(seg, g.lane, k) < n) gacc += gval(to_compute<C>(raw[k]));
     }
   };
+  prefetch_row(g, row, n * static_cast<int64_t>(sizeof(S)), a.plan.l2_prefetch);
+  prefetch_row(g, grow, n * static_cast<int64_t>(sizeof(S)), a.plan.l2_prefetch);
   double m, s;
   pass_max_sumexp<S, AL, W>(g, row, cache_l, n, x, nullptr, nullptr, m, s, stream_grad);
   const double G = g.sum(static_cast<double>(gacc));
@@ -181,7 +198,7 @@ CDM_GLOBAL void CDM_BOUNDS(Group<W>::kBlock) posterior_backward_kernel(const Inv
     return;
   }
   const UniformCoeffs c = uniform_coeffs(a.tau[p], n);
-  const Inversion<C> inv = uniform_inversion<C>(m, s, c);
+  const Inversion<C, true> inv = uniform_inversion<C, true>(m, s, c);
   C acc_u = C(0), acc_h = C(0), acc_w = C(0);
   for (int64_t seg = g.warp; seg < nseg; seg += W) {
     alignas(16) S lraw[kEPT], graw[kEPT];
@@ -219,7 +236,7 @@ CDM_GLOBAL void CDM_BOUNDS(Group<W>::kBlock) posterior_backward_kernel(const Inv
       const int64_t i = slot_index<AL>(seg, g.lane, k);
       C o = C(0);
       if (i != x) {  // b != x: K[b, x] = beta; dL/dr_b = dL/du_b - beta sum dL/du; r_x := 1 is no input
-        const C r = fexp(to_compute<C>(lraw[k]) - inv.Mc);
+        const C r = inv.r_of(to_compute<C>(lraw[k]));
         const C d = r - inv.cs;
         const C u = d < inv.fl ? inv.fl : d;
         const C w = inv.w_of(d);

@@ -65,7 +65,7 @@ CDM_DEV C safe_log(C r) {
 }
 
 template <class S, bool AL, int W>
-CDM_GLOBAL void CDM_BOUNDS(Group<W>::kBlock) to_scores_kernel(const ToScoresArgs<S> a) {
+CDM_GLOBAL void CDM_BOUNDS(Group<W>::kBlock, min_blocks<S>()) to_scores_kernel(const ToScoresArgs<S> a) {
   using C = typename Compute<S>::type;
   CDM_DECLARE_SMEM(smem);
   Group<W> g;
@@ -108,7 +108,7 @@ CDM_GLOBAL void CDM_BOUNDS(Group<W>::kBlock) to_scores_kernel(const ToScoresArgs
 }
 
 template <class S, bool AL, int W>
-CDM_GLOBAL void CDM_BOUNDS(Group<W>::kBlock) to_scores_backward_kernel(const ToScoresArgs<S> a) {
+CDM_GLOBAL void CDM_BOUNDS(Group<W>::kBlock, min_blocks<S>()) to_scores_backward_kernel(const ToScoresArgs<S> a) {
   using C = typename Compute<S>::type;
   CDM_DECLARE_SMEM(smem);
   Group<W> g;

@@ -18,7 +18,7 @@ struct ColumnArgs {
 };
 
 template <class T, bool AL, int W>
-CDM_GLOBAL void CDM_BOUNDS(Group<W>::kBlock) column_kernel(const ColumnArgs<T> a) {
+CDM_GLOBAL void CDM_BOUNDS(Group<W>::kBlock, min_blocks<T>()) column_kernel(const ColumnArgs<T> a) {
   CDM_DECLARE_SMEM(smem);
   Group<W> g;
   int64_t p;
