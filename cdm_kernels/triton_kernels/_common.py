@@ -119,7 +119,7 @@ class Kernel:
         self.fn = fn  # the JITFunction (what the AOT test compiles)
         self.kind = kind  # "row" or "dense"
         self.tuned = None
-        if not INTERPRET:
+        if not INTERPRET and AUTOTUNE:
             if kind == "row":
                 self.tuned = triton.autotune(
                     configs=row_configs(), key=["N"], prune_configs_by={"early_config_prune": prune_row_configs}

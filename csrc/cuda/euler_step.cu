@@ -103,18 +103,7 @@ CDM_GLOBAL void CDM_BOUNDS(Group<W>::kBlock, min_blocks<S>()) euler_step_kernel(
     for (int64_t seg = g.warp; seg < nseg; seg += W) {  // pass 2: per-segment sums of u
       alignas(16) S raw[kEPT];
       load_raw<S, AL>(src, n, seg, g.lane, raw);
-      C part = C(0);
-      with_plain(seg, n, x, [&](auto plain) {
-#pragma unroll
-        for (int k = 0; k < kEPT; ++k) {
-          if constexpr (decltype(plain)::value) {
-            part += inv.u_of(to_compute<C>(raw[k]));
-          } else {
-            const int64_t i = slot_index<AL>(seg, g.lane, k);
-            if (i < n) part += inv.u_of(i == x ? C(0) : to_compute<C>(raw[k]));
-          }
-        }
-      });
+      C part = lane_u_sum<S, AL>(inv, raw, seg, g.lane, n, x);
       acc += part;
       part = warp_sum(part);
       if (g.lane == 0) st.mass[seg] = static_cast<double>(part);

@@ -66,6 +66,26 @@ CDM_DEV Inversion<C, Precise> uniform_inversion(double m, double s, const Unifor
   return inv;
 }
 
+// Sum of u over the kEPT slots of (seg, lane) already loaded into `raw` (state x counts
+// with log-score 0, slots past n not at all): the inversion's pass 2.
+template <class S, bool AL, class Inv>
+CDM_DEV auto lane_u_sum(const Inv& inv, const S* raw, int64_t seg, int lane, int64_t n, int64_t x) {
+  using C = typename Compute<S>::type;
+  C part = C(0);
+  with_plain(seg, n, x, [&](auto plain) {
+#pragma unroll
+    for (int k = 0; k < kEPT; ++k) {
+      if constexpr (decltype(plain)::value) {
+        part += inv.u_of(to_compute<C>(raw[k]));
+      } else {
+        const int64_t i = slot_index<AL>(seg, lane, k);
+        if (i < n) part += inv.u_of(i == x ? C(0) : to_compute<C>(raw[k]));
+      }
+    }
+  });
+  return part;
+}
+
 template <class S, bool AL, int W>
 CDM_GLOBAL void CDM_BOUNDS(Group<W>::kBlock, min_blocks<S>()) posterior_forward_kernel(const InversionArgs<S> a) {
   using C = typename Compute<S>::type;
@@ -106,17 +126,7 @@ CDM_GLOBAL void CDM_BOUNDS(Group<W>::kBlock, min_blocks<S>()) posterior_forward_
   for (int64_t seg = g.warp; seg < nseg; seg += W) {
     alignas(16) S raw[kEPT];
     load_raw<S, AL>(src, n, seg, g.lane, raw);
-    with_plain(seg, n, x, [&](auto plain) {
-#pragma unroll
-      for (int k = 0; k < kEPT; ++k) {
-        if constexpr (decltype(plain)::value) {
-          acc += inv.u_of(to_compute<C>(raw[k]));
-        } else {
-          const int64_t i = slot_index<AL>(seg, g.lane, k);
-          if (i < n) acc += inv.u_of(i == x ? C(0) : to_compute<C>(raw[k]));
-        }
-      }
-    });
+    acc += lane_u_sum<S, AL>(inv, raw, seg, g.lane, n, x);
   }
   const double U = g.sum(static_cast<double>(acc));
   const double z = c.beta * U + c.alpha * static_cast<double>(inv.u_of(C(0)));
