@@ -34,7 +34,7 @@ from .experiment import (
 )
 from .losses import get_loss, make_student
 from .models.dit import PRESETS
-from .train import TrainConfig, Trainer
+from .train import LR_SCHEDULES, TrainConfig, Trainer
 
 #: --methods name -> the loss (cdm.losses.get_loss) and the label of its rows
 METHODS = {"per-token": "cdm_per_token", "joint": "cdm_joint", "di4c": "di4c", "dmmd": "dmmd"}
@@ -99,15 +99,18 @@ def _options(pairs: list[str], flag: str) -> dict:
 
 def _train_config(args, steps: int) -> TrainConfig:
     return TrainConfig(steps=steps, batch_size=args.batch_size, lr=args.lr, warmup=args.warmup,
-                       ema=args.ema, seed=args.seed, progress=not args.quiet,
+                       lr_schedule=args.lr_schedule, ema=args.ema, seed=args.seed, progress=not args.quiet,
                        log_every=args.log_every, save_every=args.save_every, fsdp=args.fsdp)
 
 
-def _add_training_options(parser, steps: int, batch_size: int, lr: float, ema: float) -> None:
+def _add_training_options(parser, steps: int, batch_size: int, lr: float, ema: float,
+                          lr_schedule: str = "constant") -> None:
     parser.add_argument("--steps", type=_number(int, 1), default=steps, help="training steps (per student for distill)")
     parser.add_argument("--batch-size", type=_number(int, 1), default=batch_size)
     parser.add_argument("--lr", type=_number(float, 0, low_open=True), default=lr)
     parser.add_argument("--warmup", type=_number(int, 0), default=50)
+    parser.add_argument("--lr-schedule", choices=LR_SCHEDULES, default=lr_schedule,
+                        help="after the warmup: constant, or a cosine decay to 0 at the last step")
     parser.add_argument("--ema", type=_number(float, 0, 1), default=ema, help="EMA decay of the weights (0: off)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--log-every", type=_number(int, 1), default=25, help="steps between log.jsonl records")
