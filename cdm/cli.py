@@ -210,7 +210,7 @@ def _student_and_loss(method: str, k: int, teacher, setup: Setup, args):
     if mixture:
         options["num_latents"] = args.num_latents or args.latent_components or 16
     if method == "joint":
-        options["teacher_steps"] = args.teacher_steps
+        options.update(teacher_steps=args.teacher_steps, rollout=args.rollout)
     loss = get_loss(METHODS[method], setup.kernel_graph, setup.schedule, teacher=teacher, **options)
     return student, loss
 
@@ -336,6 +336,8 @@ def build_parser() -> argparse.ArgumentParser:
                        help="latent draws per example (0: one per component, i.e. the exact mixture; 16 for a continuous latent)")
         p.add_argument("--teacher-steps", type=_number(int, 1), default=DEFAULT_TEACHER_STEPS,
                        help="teacher steps from t to 0 behind each joint-CDM target")
+        p.add_argument("--rollout", type=_number(float, 0, 1), default=0.0,
+                       help="joint CDM, k > 1: share of x_t drawn by the student's own sampler instead of by noising data")
         # D-MMD's generator loss is linear in its probabilities: at the shared lr (2e-3) the
         # generator ran to one sequence (exact KL 70) before its auxiliary model could follow;
         # 2e-4 gave 0.43 at NFE 1 (README, "Every method on one teacher")
