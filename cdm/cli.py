@@ -103,13 +103,12 @@ def _train_config(args, steps: int) -> TrainConfig:
                        log_every=args.log_every, save_every=args.save_every, fsdp=args.fsdp)
 
 
-def _add_training_options(parser, steps: int, batch_size: int, lr: float, ema: float,
-                          lr_schedule: str = "constant") -> None:
+def _add_training_options(parser, steps: int, batch_size: int, lr: float, ema: float) -> None:
     parser.add_argument("--steps", type=_number(int, 1), default=steps, help="training steps (per student for distill)")
     parser.add_argument("--batch-size", type=_number(int, 1), default=batch_size)
     parser.add_argument("--lr", type=_number(float, 0, low_open=True), default=lr)
     parser.add_argument("--warmup", type=_number(int, 0), default=50)
-    parser.add_argument("--lr-schedule", choices=LR_SCHEDULES, default=lr_schedule,
+    parser.add_argument("--lr-schedule", choices=LR_SCHEDULES, default="constant",
                         help="after the warmup: constant, or a cosine decay to 0 at the last step")
     parser.add_argument("--ema", type=_number(float, 0, 1), default=ema, help="EMA decay of the weights (0: off)")
     parser.add_argument("--seed", type=int, default=0)
