@@ -34,7 +34,7 @@ from .experiment import (
 )
 from .losses import get_loss, make_student
 from .models.dit import PRESETS
-from .train import TrainConfig, Trainer
+from .train import LR_SCHEDULES, TrainConfig, Trainer
 
 #: --methods name -> the loss (cdm.losses.get_loss) and the label of its rows
 METHODS = {"per-token": "cdm_per_token", "joint": "cdm_joint", "di4c": "di4c", "dmmd": "dmmd"}
@@ -99,7 +99,7 @@ def _options(pairs: list[str], flag: str) -> dict:
 
 def _train_config(args, steps: int) -> TrainConfig:
     return TrainConfig(steps=steps, batch_size=args.batch_size, lr=args.lr, warmup=args.warmup,
-                       ema=args.ema, seed=args.seed, progress=not args.quiet,
+                       lr_schedule=args.lr_schedule, ema=args.ema, seed=args.seed, progress=not args.quiet,
                        log_every=args.log_every, save_every=args.save_every, fsdp=args.fsdp)
 
 
@@ -108,6 +108,8 @@ def _add_training_options(parser, steps: int, batch_size: int, lr: float, ema: f
     parser.add_argument("--batch-size", type=_number(int, 1), default=batch_size)
     parser.add_argument("--lr", type=_number(float, 0, low_open=True), default=lr)
     parser.add_argument("--warmup", type=_number(int, 0), default=50)
+    parser.add_argument("--lr-schedule", choices=LR_SCHEDULES, default="constant",
+                        help="after the warmup: constant, or a cosine decay to 0 at the last step")
     parser.add_argument("--ema", type=_number(float, 0, 1), default=ema, help="EMA decay of the weights (0: off)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--log-every", type=_number(int, 1), default=25, help="steps between log.jsonl records")
@@ -207,7 +209,7 @@ def _student_and_loss(method: str, k: int, teacher, setup: Setup, args):
     if mixture:
         options["num_latents"] = args.num_latents or args.latent_components or 16
     if method == "joint":
-        options["teacher_steps"] = args.teacher_steps
+        options.update(teacher_steps=args.teacher_steps, rollout=args.rollout)
     loss = get_loss(METHODS[method], setup.kernel_graph, setup.schedule, teacher=teacher, **options)
     return student, loss
 
@@ -333,6 +335,8 @@ def build_parser() -> argparse.ArgumentParser:
                        help="latent draws per example (0: one per component, i.e. the exact mixture; 16 for a continuous latent)")
         p.add_argument("--teacher-steps", type=_number(int, 1), default=DEFAULT_TEACHER_STEPS,
                        help="teacher steps from t to 0 behind each joint-CDM target")
+        p.add_argument("--rollout", type=_number(float, 0, 1), default=0.0,
+                       help="joint CDM, k > 1: share of x_t drawn by the student's own sampler instead of by noising data")
         # D-MMD's generator loss is linear in its probabilities: at the shared lr (2e-3) the
         # generator ran to one sequence (exact KL 70) before its auxiliary model could follow;
         # 2e-4 gave 0.43 at NFE 1 (README, "Every method on one teacher")

@@ -50,6 +50,7 @@ __all__ = [
     "time_grid",
     "tau_grid",
     "tau_of_time",
+    "unwrap",
     "latent_dim",
     "draw_latents",
     "latent_quadrature",
@@ -167,7 +168,7 @@ def tau_grid(noise, steps: int, device=None) -> torch.Tensor:
 # ----------------------------------------------------------------------------- models
 
 
-def _unwrap(model):
+def unwrap(model):
     """The model inside wrappers that keep it as ``.module`` (DistributedDataParallel, FSDP)."""
     while isinstance(getattr(model, "module", None), nn.Module):
         model = model.module
@@ -177,7 +178,7 @@ def _unwrap(model):
 def latent_dim(model) -> int:
     """0 for a plain score model, else the size of the mixture latent (wrappers such
     as DistributedDataParallel are looked through)."""
-    model = _unwrap(model)
+    model = unwrap(model)
     config = getattr(model, "config", None)
     if config is not None and getattr(config, "latent_dim", 0):
         return int(config.latent_dim)
@@ -205,7 +206,7 @@ def draw_latents(model, n: int, generator: Optional[torch.Generator] = None, dev
         strata = torch.arange(n, device=device) % stratified_groups
         lam[:, 0] = (strata + lam[:, 0]) / stratified_groups
         return lam.float()
-    sampler = getattr(_unwrap(model), "sample_latent", None)
+    sampler = getattr(unwrap(model), "sample_latent", None)
     if callable(sampler):
         return sampler(n, generator).to(device)
     return _uniforms((n, dim), generator, device).float()
@@ -223,7 +224,7 @@ def latent_quadrature(model, points: int = 64) -> Optional[torch.Tensor]:
     dim = latent_dim(model)
     if dim == 0:
         return None
-    components = int(getattr(getattr(_unwrap(model), "config", None), "latent_components", 0) or 0)
+    components = int(getattr(getattr(unwrap(model), "config", None), "latent_components", 0) or 0)
     if components:
         return ((torch.arange(components, dtype=torch.float32) + 0.5) / components)[:, None]
     return torch.quasirandom.SobolEngine(dim, scramble=True, seed=0).draw(points)

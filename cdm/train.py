@@ -43,12 +43,16 @@ LossFn = Callable[[nn.Module, torch.Tensor, torch.Generator], torch.Tensor]
 BatchFn = Callable[[int, torch.Generator], torch.Tensor]
 
 
+LR_SCHEDULES = ("constant", "cosine")
+
+
 @dataclass
 class TrainConfig:
     steps: int = 1000
     batch_size: int = 128  # global: split across ranks
     lr: float = 1e-3
     warmup: int = 50
+    lr_schedule: str = "constant"  # after warmup: "constant", or "cosine" (decays to 0 at the last step)
     weight_decay: float = 0.0
     grad_clip: float = 1.0
     ema: float = 0.99  # 0 disables the EMA
@@ -67,6 +71,8 @@ class TrainConfig:
             raise ValueError(f"lr must be a positive float, got {self.lr!r}")
         if not 0 <= self.ema < 1:
             raise ValueError(f"ema must be in [0, 1), got {self.ema!r}")
+        if self.lr_schedule not in LR_SCHEDULES:
+            raise ValueError(f"lr_schedule must be one of {LR_SCHEDULES}, got {self.lr_schedule!r}")
         if self.warmup < 0 or self.grad_clip <= 0:
             raise ValueError("warmup must be >= 0 and grad_clip > 0")
 
@@ -84,7 +90,14 @@ def setup_distributed() -> tuple[int, int]:
 
 
 def learning_rate(step: int, config: TrainConfig) -> float:
-    return config.lr * min(1.0, (step + 1) / max(1, config.warmup))
+    """The learning rate of step ``step`` (0-based): linear warmup, then constant or a
+    cosine decay to 0 at ``config.steps``. A function of the step alone, so a resumed
+    run continues the schedule exactly."""
+    lr = config.lr * min(1.0, (step + 1) / max(1, config.warmup))
+    if config.lr_schedule == "cosine" and step >= config.warmup:
+        progress = (step - config.warmup) / max(1, config.steps - config.warmup)
+        lr *= 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+    return lr
 
 
 def _is_dtensor(value) -> bool:

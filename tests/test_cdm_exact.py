@@ -28,6 +28,7 @@ import cdm_kernels as ck
 from cdm.data.markov import MarkovData, enumerate_sequences
 from cdm.losses import (get_loss, joint_cdm_loss, kernel_ratios, make_student, per_token_cdm_loss, score_entropy,
                         score_entropy_loss)
+from cdm.losses.cdm import student_rollout
 from cdm.metrics import exact_kl
 from cdm.sampling import (EnumeratedScoreModel, TabularScoreModel, add_noise, draw_latents,
                           exact_sample_distribution, prior_sample, sample, step_distribution, tau_grid)
@@ -370,3 +371,37 @@ def test_exact_metrics_of_a_mixture_student(graph_name):
     p = data.exact_distribution()
     assert metrics["kl"] == pytest.approx(exact_kl(p, q[clean]), rel=1e-9)
     assert metrics["reverse_kl"] == pytest.approx(exact_kl(q[clean], p), rel=1e-9)
+
+
+def test_student_rollout_stops_where_the_students_sampler_is(study):
+    """``student_rollout`` (joint CDM's ``rollout``): run to t = 0 it is the k-step
+    sampler itself, draw for draw; stopped at t = 1/2 of a 2-step student its states
+    follow the exact law after the sampler's first step."""
+    graph, support, noise = study["graph"], study["support"], study["noise"]
+    student = TabularScoreModel(graph, support, tau_grid(noise, 2)[:-1], components=2)
+    student.init_from(study["teacher"], noise_scale=2.0, generator=torch.Generator().manual_seed(0))
+    to_the_end = student_rollout(student, graph, noise, torch.zeros(64, dtype=torch.float64), 2, L,
+                                 generator=torch.Generator().manual_seed(3))
+    assert torch.equal(to_the_end, sample(student, graph, noise, 64, L, 2, generator=torch.Generator().manual_seed(3)))
+    start = student_rollout(student, graph, noise, torch.ones(8, dtype=torch.float64), 2, L,
+                            generator=torch.Generator().manual_seed(3))
+    assert torch.equal(start, prior_sample(graph, (8, L), torch.Generator().manual_seed(3)))
+    half = student_rollout(student, graph, noise, torch.full((20000,), 0.5, dtype=torch.float64), 2, L,
+                           generator=torch.Generator().manual_seed(4))
+    exact = exact_sample_distribution(student, graph, support, tau_grid(noise, 2)[:2], latents=torch.tensor([[0.25], [0.75]]))
+    counts = torch.bincount(study["data"].sequence_index(half), minlength=len(support)).double()
+    assert 0.5 * (counts / counts.sum() - exact).abs().sum() < 0.03
+
+
+def test_joint_cdm_rollout_trains_at_the_students_own_states(study):
+    graph, noise = study["graph"], study["noise"]
+    student = TabularScoreModel(graph, study["support"], tau_grid(noise, 2)[:-1], components=2)
+    x0 = study["data"].sample(16, torch.Generator().manual_seed(0))
+    loss = joint_cdm_loss(student, study["teacher"], graph, noise, x0, steps=2, num_latents=2, teacher_steps=4,
+                          rollout=1.0, generator=torch.Generator().manual_seed(0))
+    loss.backward()
+    assert torch.isfinite(loss) and student.logits.grad.abs().sum() > 0
+    with pytest.raises(ValueError, match="rollout"):
+        joint_cdm_loss(student, study["teacher"], graph, noise, x0, steps=2, rollout=1.5)
+    with pytest.raises(ValueError, match="rollout"):
+        joint_cdm_loss(student, study["teacher"], graph, noise, x0, steps=2, rollout=0.5, t_dist="uniform")

@@ -8,24 +8,35 @@ import torch
 from cdm.cli import main
 from cdm.experiment import Setup, load_model, new_model
 from cdm.losses import get_loss
-from cdm.train import TrainConfig, Trainer
+from cdm.train import TrainConfig, Trainer, learning_rate
 
 
-def tiny_trainer(out, steps, seed=0):
+def tiny_trainer(out, steps, seed=0, lr_schedule="constant"):
     torch.manual_seed(0)
     setup = Setup(data="markov", data_options={"vocab_size": 4, "seq_len": 4})
     model = new_model(setup, "tiny")
     loss = get_loss("score_entropy", setup.kernel_graph, setup.schedule)
-    config = TrainConfig(steps=steps, batch_size=16, lr=1e-3, warmup=2, ema=0.9, log_every=1, save_every=3, seed=seed, progress=False)
+    config = TrainConfig(steps=steps, batch_size=16, lr=1e-3, warmup=2, ema=0.9, log_every=1, save_every=3, seed=seed, progress=False,
+                         lr_schedule=lr_schedule)
     return Trainer(model, loss, setup.dataset.sample, config, out, metadata={"name": "test", "setup": setup.to_json()})
 
 
-def test_resume_continues_exactly_as_an_uninterrupted_run(tmp_path):
-    straight = tiny_trainer(tmp_path / "a", steps=6)
+@pytest.mark.parametrize("lr_schedule", ["constant", "cosine"])
+def test_resume_continues_exactly_as_an_uninterrupted_run(tmp_path, lr_schedule):
+    straight = tiny_trainer(tmp_path / "a", steps=6, lr_schedule=lr_schedule)
     straight.fit()
-    interrupted = tiny_trainer(tmp_path / "b", steps=3)
-    interrupted.fit()
-    resumed = tiny_trainer(tmp_path / "b", steps=6)
+    interrupted = tiny_trainer(tmp_path / "b", steps=6, lr_schedule=lr_schedule)
+    sample_batch = interrupted.sample_batch
+
+    def killed_after_the_checkpoint_at_step_3(batch_size, generator):
+        if interrupted.step == 4:
+            raise KeyboardInterrupt
+        return sample_batch(batch_size, generator)
+
+    interrupted.sample_batch = killed_after_the_checkpoint_at_step_3
+    with pytest.raises(KeyboardInterrupt):
+        interrupted.fit()
+    resumed = tiny_trainer(tmp_path / "b", steps=6, lr_schedule=lr_schedule)
     assert resumed.resume() and resumed.step == 3
     resumed.fit()
     for a, b in zip(straight.model.state_dict().values(), resumed.model.state_dict().values()):
@@ -35,6 +46,20 @@ def test_resume_continues_exactly_as_an_uninterrupted_run(tmp_path):
     losses = [json.loads(line)["loss"] for line in (tmp_path / "a" / "log.jsonl").read_text().splitlines()]
     resumed_losses = [json.loads(line)["loss"] for line in (tmp_path / "b" / "log.jsonl").read_text().splitlines()]
     assert losses == resumed_losses
+
+
+def test_learning_rate_schedules():
+    constant = TrainConfig(steps=100, lr=1e-3, warmup=10)
+    cosine = TrainConfig(steps=100, lr=1e-3, warmup=10, lr_schedule="cosine")
+    for config in (constant, cosine):  # the same linear warmup
+        assert learning_rate(0, config) == pytest.approx(1e-4)
+        assert learning_rate(9, config) == pytest.approx(1e-3)
+    assert [learning_rate(s, constant) for s in (10, 55, 99)] == pytest.approx([1e-3] * 3)
+    assert learning_rate(55, cosine) == pytest.approx(0.5e-3)  # half way through the decay
+    decay = [learning_rate(s, cosine) for s in range(10, 100)]
+    assert all(a > b for a, b in zip(decay, decay[1:])) and 0 < decay[-1] < 1e-6
+    with pytest.raises(ValueError, match="lr_schedule"):
+        TrainConfig(lr_schedule="linear")
 
 
 def test_resume_refuses_other_settings(tmp_path):

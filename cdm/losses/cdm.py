@@ -42,13 +42,15 @@ from torch import nn
 
 import cdm_kernels as ck
 
-from ..sampling import add_noise, call_model, draw_latents, inversion_dtype, latent_dim, tau_of_time
+from ..sampling import (add_noise, call_model, draw_latents, inversion_dtype, latent_dim, prior_sample,
+                        tau_of_time, unwrap)
 
 __all__ = [
     "make_student",
     "freeze",
     "sample_times",
     "teacher_chain",
+    "student_rollout",
     "per_token_cdm_loss",
     "joint_cdm_loss",
 ]
@@ -244,10 +246,34 @@ def per_token_cdm_loss(student, teacher, graph: ck.Graph, noise, x0: torch.Tenso
 # ----------------------------------------------------------------------------- joint CDM
 
 
+@torch.no_grad()
+def student_rollout(student, graph: ck.Graph, noise, t: torch.Tensor, steps: int, seq_len: int, *,
+                    method: str = "analytic", generator: Optional[torch.Generator] = None) -> torch.Tensor:
+    """``x_t`` where the student's own ``steps``-step sampler is at time t (per sequence,
+    (B,), on its grid ``1 - j/steps``): from the prior, one ``fused_euler_step`` per grid
+    step, a fresh latent per step and sequence (as :func:`cdm.sampling.sample`)."""
+    model = unwrap(student)  # no backward follows: past DDP's hooks
+    x = prior_sample(graph, (len(t), seq_len), generator, t.device)
+    for j in range(steps):
+        t_from, t_to = 1.0 - j / steps, 1.0 - (j + 1) / steps
+        moving = t < t_from - 0.5 / steps  # sequences whose t lies further down the grid
+        if not bool(moving.any()):
+            break
+        xs = x[moving]
+        tau_from, tau_to = (tau_of_time(noise, torch.full((len(xs),), v, dtype=torch.float64, device=t.device))
+                            for v in (t_from, t_to))
+        lam = draw_latents(model, len(xs), generator, t.device)
+        log_score = _scores(model, xs, tau_from, lam, graph=graph)
+        x[moving] = ck.fused_euler_step(graph, log_score, xs, tau_from[:, None].expand(xs.shape),
+                                        tau_to[:, None].expand(xs.shape), method=method, generator=generator)
+    return x
+
+
 def joint_cdm_loss(student, teacher, graph: ck.Graph, noise, x0: torch.Tensor, *, steps: int = 1,
                    num_latents: int = 8, teacher_steps: int = 16, s: Optional[float] = None, t_dist: str = "grid",
-                   stratified: bool = True, weighting: Union[str, Callable] = "none", method: str = "analytic",
-                   generator: Optional[torch.Generator] = None, reduction: str = "mean") -> torch.Tensor:
+                   stratified: bool = True, rollout: float = 0.0, weighting: Union[str, Callable] = "none",
+                   method: str = "analytic", generator: Optional[torch.Generator] = None,
+                   reduction: str = "mean") -> torch.Tensor:
     """Joint CDM loss on clean data ``x0`` (B, L) for a ``steps``-step mixture student.
 
     For each sequence: t on the student's grid (``t_dist``), ``x_t`` by forward
@@ -258,6 +284,14 @@ def joint_cdm_loss(student, teacher, graph: ck.Graph, noise, x0: torch.Tensor, *
     conditional at s). ``s`` (a time) defaults to ``t / teacher_steps``, which
     makes the chain the teacher's own ``teacher_steps``-step grid restricted to
     [0, t]; a given ``s >= t`` falls back to that default for the sequence.
+    ``rollout`` (grid times only): the share of sequences whose ``x_t`` comes from
+    the student's own sampler (:func:`student_rollout`) instead of forward noising,
+    so that a k-step student also learns its conditionals at the states its
+    sampler visits (exposure bias); the teacher's conditional is a valid target at
+    any ``x_t``. Measured on the default data (4-step student, 800 steps): exact
+    KL 0.213 with ``rollout = 0.5`` against 0.225 without, inside the run-to-run
+    spread; the student's later steps are as wrong from the teacher's states as
+    from its own (README, "Longer runs"), so the default is 0.
 
     The student is evaluated at ``(x_t, t)`` with ``num_latents`` (M) latent
     draws per sequence (stratified in the first coordinate when ``stratified``),
@@ -282,12 +316,18 @@ def joint_cdm_loss(student, teacher, graph: ck.Graph, noise, x0: torch.Tensor, *
         raise ValueError(f"num_latents must be a positive int, got {num_latents!r}")
     if not isinstance(teacher_steps, int) or teacher_steps < 1:
         raise ValueError(f"teacher_steps must be a positive int, got {teacher_steps!r}")
+    if not 0.0 <= rollout <= 1.0 or (rollout and t_dist != "grid"):
+        raise ValueError(f"rollout must be in [0, 1] (and needs t_dist='grid'), got {rollout!r}")
     if x0.ndim != 2:
         raise ValueError(f"x0 must have shape (B, L), got {tuple(x0.shape)}")
     device, (batch, seq_len) = x0.device, x0.shape
     t, _ = sample_times(steps, batch, t_dist=t_dist, generator=generator, device=device)
     tau_t = tau_of_time(noise, t)
     x_t = add_noise(graph, x0, tau_t[:, None], generator)
+    if rollout:
+        own = _uniform(batch, generator, device) < rollout
+        if bool(own.any()):
+            x_t[own] = student_rollout(student, graph, noise, t[own], steps, seq_len, method=method, generator=generator)
 
     default_s = t / teacher_steps
     s_time = default_s if s is None else torch.where(torch.full_like(t, float(s)) < t, torch.full_like(t, float(s)), default_s)
