@@ -242,7 +242,18 @@ struct SmemPlan {
   int64_t l2_prefetch = 0;   // bytes of each input row asked of L2 before pass 1 (prefetch_row)
 };
 
-inline int64_t smem_per_sm();
+// Shared memory of the current device: the most a block may opt in to, and an SM's total.
+struct SmemLimits {
+  int64_t per_block, per_sm;
+};
+inline SmemLimits smem_limits() {
+#ifdef CDM_CUDA_EMULATE
+  return {227 * 1024, 228 * 1024};
+#else
+  const cudaDeviceProp* prop = at::cuda::getCurrentDeviceProperties();
+  return {static_cast<int64_t>(prop->sharedMemPerBlockOptin), static_cast<int64_t>(prop->sharedMemPerMultiprocessor)};
+#endif
+}
 
 // The bytes of each row to prefetch into L2 (prefetch_row) for blocks of `block_bytes`
 // shared memory. Measured on an H200 (bf16, benchmarks/RESULTS.md): where the row cache
@@ -256,7 +267,7 @@ inline int64_t l2_prefetch_bytes(int64_t block_bytes) {
     return v != nullptr && *v != '\0' ? std::max<int64_t>(0, std::atoll(v)) : int64_t(-1);
   }();
   if (forced >= 0) return forced;
-  return block_bytes > 0 && smem_per_sm() / block_bytes <= 2 ? int64_t(128) * 1024 : 0;
+  return block_bytes > 0 && smem_limits().per_sm / block_bytes <= 2 ? int64_t(128) * 1024 : 0;
 }
 
 inline int64_t host_align16(int64_t b) { return (b + 15) / 16 * 16; }
@@ -673,21 +684,6 @@ void dispatch_rows(at::ScalarType dtype, bool aligned, int64_t n, F&& f) {
   }
 }
 
-inline int64_t max_dynamic_smem() {
-#ifdef CDM_CUDA_EMULATE
-  return 227 * 1024;
-#else
-  return static_cast<int64_t>(at::cuda::getCurrentDeviceProperties()->sharedMemPerBlockOptin);
-#endif
-}
-
-inline int64_t smem_per_sm() {
-#ifdef CDM_CUDA_EMULATE
-  return 228 * 1024;
-#else
-  return static_cast<int64_t>(at::cuda::getCurrentDeviceProperties()->sharedMemPerMultiprocessor);
-#endif
-}
 
 // Launches kernel<<<ceil(positions / rows per block), block>>>(args) on the current stream.
 template <int W, class Args>
@@ -695,8 +691,9 @@ void launch_rows(void (*kernel)(Args), const Args& args, int64_t positions, cons
   if (positions == 0) return;
   const int64_t blocks = (positions + Group<W>::kRows - 1) / Group<W>::kRows;
   TORCH_CHECK(blocks <= std::numeric_limits<int>::max(), "cdm_kernels (CUDA): too many positions (", positions, ")");
-  TORCH_CHECK(plan.block_bytes <= max_dynamic_smem(), "cdm_kernels (CUDA): a row of this many states needs ",
-              plan.block_bytes, " bytes of shared memory, more than the device's ", max_dynamic_smem());
+  const int64_t smem_max = smem_limits().per_block;
+  TORCH_CHECK(plan.block_bytes <= smem_max, "cdm_kernels (CUDA): a row of this many states needs ",
+              plan.block_bytes, " bytes of shared memory, more than the device's ", smem_max);
 #ifdef CDM_CUDA_EMULATE
   ::emu::launch(static_cast<unsigned>(blocks), Group<W>::kBlock, static_cast<size_t>(plan.block_bytes),
                 [&]() { kernel(args); });
