@@ -112,6 +112,9 @@ def _add_training_options(parser, steps: int, batch_size: int, lr: float, ema: f
                         help="after the warmup: constant, or a cosine decay to 0 at the last step")
     parser.add_argument("--ema", type=_number(float, 0, 1), default=ema, help="EMA decay of the weights (0: off)")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--deterministic", action="store_true",
+                        help="torch.use_deterministic_algorithms(True): bit-exact reruns with several CPU threads "
+                             "(a threaded torch op in the joint-CDM path otherwise sums in a varying order)")
     parser.add_argument("--log-every", type=_number(int, 1), default=25, help="steps between log.jsonl records")
     parser.add_argument("--save-every", type=_number(int, 1), default=250, help="steps between checkpoints (for --resume)")
     parser.add_argument("--resume", action="store_true", help="continue from the checkpoints in --out")
@@ -362,11 +365,16 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv=None) -> None:
     parser = build_parser()
     args = parser.parse_args(argv)
+    previous = torch.are_deterministic_algorithms_enabled()  # process-wide: restored below
     try:
+        if getattr(args, "deterministic", False):
+            torch.use_deterministic_algorithms(True)
         args.run(args)
     except (ValueError, OSError, TypeError) as error:
         print(f"error: {error}", file=sys.stderr)
         raise SystemExit(2) from None
+    finally:
+        torch.use_deterministic_algorithms(previous)
 
 
 if __name__ == "__main__":

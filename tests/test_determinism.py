@@ -135,3 +135,23 @@ def test_cli_distill_same_seed_same_student(tmp_path, capsys):
         return (out / "student-joint-k1.safetensors").read_bytes(), curve(out / "joint-k1" / "log.jsonl")
 
     assert distill(tmp_path / "a") == distill(tmp_path / "b")
+
+
+def test_cli_deterministic_flag_with_two_threads(tmp_path):
+    """`--deterministic`: the default joint-CDM student (32 components, posterior output)
+    twice with two threads, bit for bit (without it they differ by ~1e-7 after 30 steps:
+    a threaded torch op sums in a varying order); the process-wide flag is restored."""
+    teacher = shipped_or_tiny(tmp_path)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        def distill(out):
+            main(["distill", "--teacher", str(teacher), "--methods", "joint", "--student-steps", "1",
+                  "--teacher-nfe", "1", "--steps", "30", "--num-samples", "16", "--out", str(out), "--quiet",
+                  "--deterministic"])
+            return (out / "student-joint-k1.safetensors").read_bytes()
+
+        assert distill(tmp_path / "a") == distill(tmp_path / "b")
+    finally:
+        torch.set_num_threads(threads)
+    assert not torch.are_deterministic_algorithms_enabled()
