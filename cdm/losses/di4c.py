@@ -71,7 +71,6 @@ import math
 from typing import Optional
 
 import torch
-from torch import nn
 
 import cdm_kernels as ck
 
