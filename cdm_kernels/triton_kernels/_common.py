@@ -152,10 +152,8 @@ class Kernel:
                 return (triton.cdiv(grid_rows, meta["BLOCK_P"]), triton.cdiv(grid_cols, meta["BLOCK_J"]))
 
         if not AUTOTUNE:
-            n = constexprs.get("N")
-            if n is None:
-                n = args[self.fn.arg_names.index("N")]
-            config = fixed_config(self.kind, int(n))
+            n = int(args[self.fn.arg_names.index("N")])  # every kernel takes N as a runtime argument
+            config = fixed_config(self.kind, n)
             self.fn[grid(config.kwargs)](*args, **constexprs, **config.kwargs, num_warps=config.num_warps)
             return
 
