@@ -34,7 +34,7 @@ from .experiment import (
 )
 from .losses import get_loss, make_student
 from .models.dit import PRESETS
-from .train import LR_SCHEDULES, TrainConfig, Trainer
+from .train import LR_SCHEDULES, TrainConfig, Trainer, default_device
 
 #: --methods name -> the loss (cdm.losses.get_loss) and the label of its rows
 METHODS = {"per-token": "cdm_per_token", "joint": "cdm_joint", "di4c": "di4c", "dmmd": "dmmd"}
@@ -103,7 +103,30 @@ def _train_config(args, steps: int) -> TrainConfig:
                        log_every=args.log_every, save_every=args.save_every, fsdp=args.fsdp)
 
 
+def _device(text: str) -> torch.device:
+    if text == "auto":
+        return default_device()
+    try:
+        device = torch.device(text)
+    except RuntimeError:
+        device = None
+    if device is None or device.type not in ("cpu", "cuda"):
+        raise argparse.ArgumentTypeError(f"{text!r}: expected auto, cpu, cuda or cuda:N")
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise argparse.ArgumentTypeError(f"{text!r}: this torch sees no CUDA device")
+    if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
+        raise argparse.ArgumentTypeError(f"{text!r}: there are {torch.cuda.device_count()} CUDA devices")
+    return device
+
+
+def _add_device_option(parser) -> None:
+    parser.add_argument("--device", type=_device, default="auto",
+                        help="where to train and sample: auto (this rank's GPU when CUDA is available, else cpu), "
+                             "cpu, cuda, cuda:N")
+
+
 def _add_training_options(parser, steps: int, batch_size: int, lr: float, ema: float) -> None:
+    _add_device_option(parser)
     parser.add_argument("--steps", type=_number(int, 1), default=steps, help="training steps (per student for distill)")
     parser.add_argument("--batch-size", type=_number(int, 1), default=batch_size)
     parser.add_argument("--lr", type=_number(float, 0, low_open=True), default=lr)
@@ -140,7 +163,8 @@ def pretrain(args) -> None:
     out = ensure_dir(args.out)
     loss = get_loss("score_entropy", setup.kernel_graph, setup.schedule)
     metadata = {"name": "pretrain", "setup": setup.to_json(), "model": asdict(model.config)}
-    trainer = Trainer(model, loss, setup.dataset.sample, _train_config(args, args.steps), out, metadata)
+    trainer = Trainer(model, loss, setup.dataset.sample, _train_config(args, args.steps), out, metadata,
+                      device=args.device)
     if args.resume and trainer.resume():
         print(f"resumed at step {trainer.step}")
     teacher = trainer.fit()
@@ -160,7 +184,7 @@ def distill(args) -> None:
     teacher_path = args.teacher or default_teacher_path()
     if teacher_path is None:
         raise SystemExit("error: no --teacher given and no teacher ships with this installation")
-    teacher, setup, _ = load_model(teacher_path)
+    teacher, setup, _ = load_model(teacher_path, device=args.device)
     out = ensure_dir(args.out)
     started = time.perf_counter()
     rows = []
@@ -177,7 +201,7 @@ def distill(args) -> None:
             config = _train_config(args, args.steps)
             if method == "dmmd":
                 config = dataclasses.replace(config, lr=args.dmmd_lr)
-            trainer = Trainer(student, loss, setup.dataset.sample, config, out / name, metadata)
+            trainer = Trainer(student, loss, setup.dataset.sample, config, out / name, metadata, device=args.device)
             if args.resume:
                 trainer.resume()
             student = trainer.fit().eval()
@@ -207,12 +231,14 @@ def _student_and_loss(method: str, k: int, teacher, setup: Setup, args):
     if mixture:
         latent = ({"latent_dim": 1, "latent_components": args.latent_components} if args.latent_components
                   else {"latent_dim": args.latent_dim})
-    student = make_student(teacher, parameterization=args.student_output, graph=setup.graph, **latent)
+    student = make_student(teacher, parameterization=args.student_output, graph=setup.graph, size=args.student_size,
+                           **latent)
     options = {"steps": k}
     if mixture:
         options["num_latents"] = args.num_latents or args.latent_components or 16
     if method == "joint":
-        options.update(teacher_steps=args.teacher_steps, rollout=args.rollout)
+        options.update(teacher_steps=args.teacher_steps, target=args.joint_target, num_targets=args.num_targets,
+                       rollout=args.rollout)
     loss = get_loss(METHODS[method], setup.kernel_graph, setup.schedule, teacher=teacher, **options)
     return student, loss
 
@@ -279,7 +305,7 @@ def _sample_grid(path: Path, setup: Setup, samples: dict) -> None:
 
 
 def sample_command(args) -> None:
-    model, setup, _ = load_model(args.checkpoint)
+    model, setup, _ = load_model(args.checkpoint, device=args.device)
     metrics, samples = evaluate(model, setup, args.steps, args.num_samples, seed=args.seed, method=args.method)
     if setup.data == "words":
         print("\n".join(setup.dataset.decode(samples)))
@@ -291,7 +317,7 @@ def sample_command(args) -> None:
 
 
 def eval_command(args) -> None:
-    model, setup, _ = load_model(args.checkpoint)
+    model, setup, _ = load_model(args.checkpoint, device=args.device)
     rows = []
     for steps in args.steps:
         metrics, _ = evaluate(model, setup, steps, args.num_samples, seed=args.seed, method=args.method)
@@ -331,13 +357,21 @@ def build_parser() -> argparse.ArgumentParser:
                        help="samples per evaluated sampler (the markov data is also evaluated exactly)")
         p.add_argument("--student-output", default="posterior", choices=["posterior", "score"],
                        help="what the students' last layer outputs (cdm.models.dit)")
+        p.add_argument("--student-size", choices=sorted(PRESETS),
+                       help="the students' network size (default: the teacher's, from its weights); "
+                            "another size starts from random weights")
         p.add_argument("--latent-components", type=_number(int, 0), default=DEFAULT_COMPONENTS,
                        help="mixture students (joint CDM, Di4C): K components; 0: a continuous latent")
         p.add_argument("--latent-dim", type=_number(int, 1), default=4, help="size of a continuous latent")
         p.add_argument("--num-latents", type=_number(int, 0), default=0,
                        help="latent draws per example (0: one per component, i.e. the exact mixture; 16 for a continuous latent)")
         p.add_argument("--teacher-steps", type=_number(int, 1), default=DEFAULT_TEACHER_STEPS,
-                       help="teacher steps from t to 0 behind each joint-CDM target")
+                       help="teacher steps behind each joint-CDM target (from t to 0, or to the next grid time with --joint-target step)")
+        p.add_argument("--num-targets", type=_number(int, 1), default=1,
+                       help="joint CDM: teacher draws per noisy input; they share the student's evaluations")
+        p.add_argument("--joint-target", default="clean", choices=["clean", "step"],
+                       help="joint CDM: fit the student's p_0|t to the teacher's x_0 (clean) or its reverse step "
+                            "to the teacher's x at the next grid time (step; the same at 1 step)")
         p.add_argument("--rollout", type=_number(float, 0, 1), default=0.0,
                        help="joint CDM, k > 1: share of x_t drawn by the student's own sampler instead of by noising data")
         # D-MMD's generator loss is linear in its probabilities: at the shared lr (2e-3) the
@@ -356,6 +390,7 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--num-samples", type=_number(int, 1), default=16 if name == "sample" else 4096)
         p.add_argument("--method", default="analytic", choices=["analytic", "euler"])
         p.add_argument("--seed", type=int, default=0)
+        _add_device_option(p)
         if name == "sample":
             p.add_argument("--out", help="also save the samples (torch.save) here")
         p.set_defaults(run=run)

@@ -21,7 +21,7 @@ import cdm_kernels as ck
 from .checkpoint import check_metadata, load_checkpoint, save_checkpoint
 from .data import get_dataset
 from .models.dit import DiT, DiTConfig, graph_by_name
-from .sampling import exact_sample_distribution, latent_quadrature, sample, tau_grid
+from .sampling import exact_sample_distribution, latent_quadrature, model_device, sample, tau_grid
 from .schedules import get_noise
 
 GRAPHS = ("uniform", "absorbing", "ordinal")
@@ -124,8 +124,9 @@ def exact_metrics(model, setup: Setup, steps: int, method: str = "analytic") -> 
     if not enumerable(setup):
         return None
     support = enumerate_sequences(graph.num_states, data.seq_len, max_support=EXACT_SUPPORT)
-    q = exact_sample_distribution(model, graph, support, tau_grid(setup.schedule, steps),
-                                  method=method, latents=latent_quadrature(model))
+    device = model_device(model)
+    q = exact_sample_distribution(model, graph, support.to(device), tau_grid(setup.schedule, steps, device=device),
+                                  method=method, latents=latent_quadrature(model)).cpu()
     if graph.num_states != data.vocab_size:  # the absorbing graph's mask: clean sequences keep their order
         q = q[(support < data.vocab_size).all(dim=1)]
     p = data.exact_distribution()
@@ -189,7 +190,7 @@ def evaluate(model, setup: Setup, steps: int, num_samples: int, *, seed: int = 0
     state space is enumerable, the exact ones of :func:`exact_metrics`), and the draws."""
     generator = torch.Generator().manual_seed(seed)
     samples = sample(model, setup.kernel_graph, setup.schedule, num_samples, setup.dataset.seq_len, steps,
-                     method=method, generator=generator, batch_size=batch_size)
+                     method=method, generator=generator, batch_size=batch_size).cpu()
     if setup.graph == "absorbing" and int(samples.max()) >= setup.dataset.vocab_size:
         raise RuntimeError("a sampler ended on the mask token; the final step must go to tau = 0")
     metrics = exact_metrics(model, setup, steps, method) or {}

@@ -55,6 +55,7 @@ __all__ = [
     "draw_latents",
     "latent_quadrature",
     "call_model",
+    "model_device",
     "sample",
     "sample_teacher",
     "sample_student",
@@ -239,7 +240,8 @@ def call_model(model, x: torch.Tensor, tau: torch.Tensor, lam: Optional[torch.Te
     return model(x, sigma, lam)
 
 
-def _model_device(model) -> torch.device:
+def model_device(model) -> torch.device:
+    """The device of a module's first parameter (or buffer); the CPU for anything else."""
     if isinstance(model, nn.Module):
         for tensor in model.parameters():
             return tensor.device
@@ -267,7 +269,7 @@ def sample(model, graph: ck.Graph, noise, num_samples: int, seq_len: int, steps:
     """
     if method not in METHODS:
         raise ValueError(f"method must be one of {METHODS}, got {method!r}")
-    device = torch.device(device) if device is not None else _model_device(model)
+    device = torch.device(device) if device is not None else model_device(model)
     taus = tau_grid(noise, steps, device=device) if taus is None else taus.to(device, torch.float64)
     if taus.ndim != 1 or len(taus) < 2 or bool((taus[1:] >= taus[:-1]).any()):
         raise ValueError("taus must be a strictly decreasing 1-D tensor of length >= 2")
@@ -370,7 +372,7 @@ def exact_sample_distribution(model, graph: ck.Graph, support: torch.Tensor, tau
         prior = per_token[support].prod(-1)
     full_product = _is_full_product(support, graph.num_states)
     dist = prior.to(torch.float64)
-    lam_values = [None] if latents is None else list(latents)
+    lam_values = [None] if latents is None else list(latents.to(device))
     taus = taus.to(torch.float64)
     for j in range(len(taus) - 1):
         next_dist = torch.zeros_like(dist)

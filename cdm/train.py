@@ -89,6 +89,14 @@ def setup_distributed() -> tuple[int, int]:
     return dist.get_rank(), dist.get_world_size()
 
 
+def default_device() -> torch.device:
+    """Where a run computes when not told: this process's GPU (``cuda:LOCAL_RANK``,
+    one per ``torchrun`` rank) when CUDA is available, else the CPU."""
+    if torch.cuda.is_available():
+        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+    return torch.device("cpu")
+
+
 def learning_rate(step: int, config: TrainConfig) -> float:
     """The learning rate of step ``step`` (0-based): linear warmup, then constant or a
     cosine decay to 0 at ``config.steps``. A function of the step alone, so a resumed

@@ -188,6 +188,12 @@ def test_bad_data_and_noise_options(option, needles, tmp_path, capsys):
     (["sample", "--checkpoint", "x", "--method", "magic"], "argument --method"),
     (["eval", "--checkpoint", "x", "--steps", "1,-2"], "argument --steps"),
     (["eval"], "required: --checkpoint"),
+    (["pretrain", "--device", "tpu9"], "argument --device"),
+    (["distill", "--device", "mps"], "argument --device"),
+    (["sample", "--checkpoint", "x", "--device", "gpu"], "argument --device"),
+    (["eval", "--checkpoint", "x", "--device", f"cuda:{torch.cuda.device_count()}"], "argument --device"),
+    (["distill", "--joint-target", "x0"], "argument --joint-target"),
+    (["distill", "--num-targets", "0"], "argument --num-targets"),
 ])
 def test_bad_values_are_refused_by_the_parser(argv, argument, tmp_path, capsys):
     if argv[0] in ("pretrain", "distill"):

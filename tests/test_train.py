@@ -92,15 +92,17 @@ def test_tensorboard_gets_the_logged_scalars(tmp_path):
         assert [e.value for e in scalars] == pytest.approx([r[name] for r in logged], rel=1e-6)
 
 
-def test_cli_pretrain_distill_sample_eval(tmp_path, capsys):
-    options = ["--data-option", "vocab_size=4", "--data-option", "seq_len=4"]
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(
+    not torch.cuda.is_available(), reason="needs a CUDA device"))])
+def test_cli_pretrain_distill_sample_eval(tmp_path, capsys, device):
+    options = ["--data-option", "vocab_size=4", "--data-option", "seq_len=4", "--device", device]
     main(["pretrain", *options, "--steps", "20", "--batch-size", "16", "--out", str(tmp_path / "t"), "--quiet"])
     teacher = tmp_path / "t" / "teacher.safetensors"
     model, setup, metadata = load_model(teacher)
     assert metadata["kind"] == "teacher" and setup.dataset.vocab_size == 4
     main(["distill", "--teacher", str(teacher), "--steps", "3", "--batch-size", "8", "--student-steps", "1,2",
           "--teacher-nfe", "1,4", "--num-samples", "64", "--teacher-steps", "2", "--num-latents", "2",
-          "--out", str(tmp_path / "d"), "--quiet"])
+          "--joint-target", "step", "--num-targets", "2", "--device", device, "--out", str(tmp_path / "d"), "--quiet"])
     rows = json.loads((tmp_path / "d" / "results.json").read_text())
     assert {(r["model"], r["method"], r["nfe"]) for r in rows} == {
         ("teacher", "analytic", 1), ("teacher", "analytic", 4),
@@ -111,12 +113,13 @@ def test_cli_pretrain_distill_sample_eval(tmp_path, capsys):
     assert (tmp_path / "d" / "metric_vs_nfe.png").stat().st_size > 1000
     main(["compare", "--teacher", str(teacher), "--methods", "di4c,dmmd", "--steps", "2", "--batch-size", "4",
           "--student-steps", "1", "--teacher-nfe", "1", "--num-samples", "32", "--latent-components", "2",
-          "--out", str(tmp_path / "c"), "--quiet"])
+          "--device", device, "--out", str(tmp_path / "c"), "--quiet"])
     rows = json.loads((tmp_path / "c" / "results.json").read_text())
     assert [(r["model"], r["method"], r["nfe"]) for r in rows] == [
         ("teacher", "analytic", 1), ("student", "di4c", 1), ("student", "d-mmd", 1)]
-    main(["sample", "--checkpoint", str(tmp_path / "d" / "student-joint-k1.safetensors"), "--steps", "1", "--num-samples", "3"])
-    main(["eval", "--checkpoint", str(teacher), "--steps", "1,2", "--num-samples", "32"])
+    main(["sample", "--checkpoint", str(tmp_path / "d" / "student-joint-k1.safetensors"), "--steps", "1",
+          "--num-samples", "3", "--device", device])
+    main(["eval", "--checkpoint", str(teacher), "--steps", "1,2", "--num-samples", "32", "--device", device])
     out = capsys.readouterr().out
     assert "primary metric: kl" in out
 

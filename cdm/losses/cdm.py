@@ -42,8 +42,9 @@ from torch import nn
 
 import cdm_kernels as ck
 
-from ..sampling import (add_noise, call_model, draw_latents, inversion_dtype, latent_dim, prior_sample,
-                        tau_of_time, unwrap)
+from ..models.dit import PRESETS
+from ..sampling import (METHODS, add_noise, call_model, draw_latents, inversion_dtype, latent_dim, prior_sample,
+                        rate_column, tau_of_time, unwrap)
 
 __all__ = [
     "make_student",
@@ -52,6 +53,7 @@ __all__ = [
     "teacher_chain",
     "student_rollout",
     "per_token_cdm_loss",
+    "step_log_likelihood",
     "joint_cdm_loss",
 ]
 
@@ -59,13 +61,14 @@ SAMPLERS = ("student", "teacher")
 T_DISTS = ("grid", "uniform")
 WEIGHTINGS = ("none", "rate")
 REDUCTIONS = ("mean", "none")
+JOINT_TARGETS = ("clean", "step")
 
 
 # ----------------------------------------------------------------------------- students
 
 
 def make_student(teacher: nn.Module, latent_dim: int = 0, parameterization: Optional[str] = None,
-                 graph: Optional[str] = None, latent_components: int = 0) -> nn.Module:
+                 graph: Optional[str] = None, latent_components: int = 0, size: Optional[str] = None) -> nn.Module:
     """A student initialised from the teacher (seed 001: "student init from teacher").
 
     ``latent_dim = 0`` and no other change: a copy of the teacher. Otherwise (a
@@ -77,10 +80,23 @@ def make_student(teacher: nn.Module, latent_dim: int = 0, parameterization: Opti
     "posterior"`` (with ``graph``, the forward process's name) reads the last
     layer's outputs as logits of ``p_0|t`` instead of log-scores (see
     ``cdm.models.dit``): the trunk starts from the teacher's, the output is
-    re-learnt.
+    re-learnt. ``size``: a name of ``cdm.models.dit.PRESETS`` (hidden width, heads,
+    blocks, conditioning width); a size other than the teacher's makes a student
+    with fresh random weights (nothing of the teacher fits), which the
+    distillation loss alone trains.
     """
     config = getattr(teacher, "config", None)
     changes = {}
+    fresh = False
+    if size is not None:
+        if config is None or not dataclasses.is_dataclass(config) or not hasattr(config, "hidden"):
+            raise TypeError("a student of another size needs a DiT-like teacher with a dataclass `config`")
+        if size not in PRESETS:
+            raise ValueError(f"size must be one of {sorted(PRESETS)}, got {size!r}")
+        sizes = dict(zip(("hidden", "n_heads", "n_blocks", "cond_dim"), PRESETS[size]))
+        fresh = any(getattr(config, key) != value for key, value in sizes.items())
+        if fresh:
+            changes.update(sizes)
     if latent_dim:
         changes["latent_dim"] = latent_dim
     if latent_components:
@@ -93,9 +109,10 @@ def make_student(teacher: nn.Module, latent_dim: int = 0, parameterization: Opti
         if config is None or not dataclasses.is_dataclass(config) or not hasattr(config, "latent_dim"):
             raise TypeError("a mixture or re-parameterised student needs a DiT-like teacher with a dataclass `config`")
         student = type(teacher)(dataclasses.replace(config, **changes))
-        missing, unexpected = student.load_state_dict(teacher.state_dict(), strict=False)
-        if unexpected or any(not name.startswith("latent_map.") for name in missing):
-            raise ValueError(f"teacher and student architectures differ: missing {missing}, unexpected {unexpected}")
+        if not fresh:
+            missing, unexpected = student.load_state_dict(teacher.state_dict(), strict=False)
+            if unexpected or any(not name.startswith("latent_map.") for name in missing):
+                raise ValueError(f"teacher and student architectures differ: missing {missing}, unexpected {unexpected}")
         student.to(next(teacher.parameters()).device)
     for parameter in student.parameters():
         parameter.requires_grad_(True)
@@ -246,6 +263,38 @@ def per_token_cdm_loss(student, teacher, graph: ck.Graph, noise, x0: torch.Tenso
 # ----------------------------------------------------------------------------- joint CDM
 
 
+def step_log_likelihood(graph: ck.Graph, log_score: torch.Tensor, x_t: torch.Tensor, tau_t: torch.Tensor,
+                        tau_s: torch.Tensor, x_s: torch.Tensor, method: str = "analytic") -> torch.Tensor:
+    """``log P(x_s | x_t)`` per position (B, L): the law ``fused_euler_step`` samples
+    from (``cdm_kernels.reference.step_probabilities``) at the given ``x_s``,
+    differentiable in ``log_score``. ``tau_t``, ``tau_s``: (B, L).
+
+    ``"analytic"``: ``P(y) = K(Delta)[y, x] sum_a q(a) K(tau_s)[a, y] / K(tau_t)[a, x]``
+    with q from ``scores_to_posterior`` and the sum by ``apply_kernel`` (at
+    ``tau_s = 0`` it is ``q(y)``); ``"euler"``: jumps ``Delta Q[y, x] r_y``, the rest
+    on ``x``. Both renormalised, as the step itself is."""
+    if method == "analytic":
+        log_q = ck.scores_to_posterior(graph, log_score, x_t, tau_t)
+        column = ck.transition_column(graph, x_t, tau_t).to(log_q.dtype)
+        reachable = column > 0  # a structural zero of K(tau_t)[:, x] is one of q too: no 0/0
+        weights = torch.where(reachable, log_q.exp() / torch.where(reachable, column, 1.0), 0.0)
+        bridge = ck.transition_column(graph, x_t, tau_t - tau_s).to(log_q.dtype)
+        probs = (bridge * ck.apply_kernel(graph, weights, tau_s)).clamp_min(0)
+    elif method == "euler":
+        rates = (tau_t - tau_s)[..., None].to(log_score.dtype) * rate_column(graph, x_t, log_score.dtype)
+        logits = torch.where(rates > 0, rates.log() + log_score, float("-inf"))
+        scale = logits.amax(-1, keepdim=True).clamp_min(0).detach()  # exp cannot overflow; cancels below
+        jumps = (logits - scale).exp()
+        stay = ((-scale).exp() - jumps.sum(-1, keepdim=True)).clamp_min(0)
+        probs = jumps + stay * nn.functional.one_hot(x_t.long(), graph.num_states).to(jumps.dtype)
+        clean = (tau_s == 0)[..., None]
+        if bool(clean.any()):
+            probs = torch.where(clean, ck.scores_to_posterior(graph, log_score, x_t, tau_t).exp().to(probs.dtype), probs)
+    else:
+        raise ValueError(f"method must be one of {METHODS}, got {method!r}")
+    return probs.gather(-1, x_s.long()[..., None]).squeeze(-1).log() - probs.sum(-1).log()
+
+
 @torch.no_grad()
 def student_rollout(student, graph: ck.Graph, noise, t: torch.Tensor, steps: int, seq_len: int, *,
                     method: str = "analytic", generator: Optional[torch.Generator] = None) -> torch.Tensor:
@@ -270,10 +319,10 @@ def student_rollout(student, graph: ck.Graph, noise, t: torch.Tensor, steps: int
 
 
 def joint_cdm_loss(student, teacher, graph: ck.Graph, noise, x0: torch.Tensor, *, steps: int = 1,
-                   num_latents: int = 8, teacher_steps: int = 16, s: Optional[float] = None, t_dist: str = "grid",
-                   stratified: bool = True, rollout: float = 0.0, weighting: Union[str, Callable] = "none",
-                   method: str = "analytic", generator: Optional[torch.Generator] = None,
-                   reduction: str = "mean") -> torch.Tensor:
+                   num_latents: int = 8, num_targets: int = 1, teacher_steps: int = 16, target: str = "clean",
+                   s: Optional[float] = None, t_dist: str = "grid", stratified: bool = True, rollout: float = 0.0,
+                   weighting: Union[str, Callable] = "none", method: str = "analytic",
+                   generator: Optional[torch.Generator] = None, reduction: str = "mean") -> torch.Tensor:
     """Joint CDM loss on clean data ``x0`` (B, L) for a ``steps``-step mixture student.
 
     For each sequence: t on the student's grid (``t_dist``), ``x_t`` by forward
@@ -293,6 +342,16 @@ def joint_cdm_loss(student, teacher, graph: ck.Graph, noise, x0: torch.Tensor, *
     spread; the student's later steps are as wrong from the teacher's states as
     from its own (README, "Longer runs"), so the default is 0.
 
+    ``target="step"`` (k > 1; at k = 1 the two coincide): the target is instead
+    ``x_s`` at the student's next grid time ``s = t - 1/k``, drawn by
+    ``teacher_steps`` teacher steps from t to s, and the student is fitted by the
+    mixture NLL of its own reverse step, ``-log E_lambda prod_i P(x_s^i | x_t,
+    lambda)`` (:func:`step_log_likelihood`: the transition its sampler takes).
+    Summed over the grid these are the terms of the path KL between the
+    teacher's chain and the student's sampler, an upper bound on the KL of their
+    outputs; fitting ``p_0|t`` instead (``"clean"``) also spends the mixture on
+    detail of x_0 that the noise between s and 0 washes out.
+
     The student is evaluated at ``(x_t, t)`` with ``num_latents`` (M) latent
     draws per sequence (stratified in the first coordinate when ``stratified``),
     and the loss is the mixture NLL per token,
@@ -300,6 +359,10 @@ def joint_cdm_loss(student, teacher, graph: ck.Graph, noise, x0: torch.Tensor, *
     through ``conditional_matching_loss`` with one-hot targets (the per-token
     log-likelihoods of the student's inverted conditionals). A student without a
     latent gets M = 1 (plain NLL of the teacher's joint samples).
+    ``num_targets`` (R): draws of the target per x_t, their NLLs averaged; the
+    student's M evaluations are shared by all R, so the R-fold cost is the
+    teacher's chain only (R teacher forwards per step against M student
+    forwards and backwards).
     Returns the batch mean of ``w(t) * NLL`` (``reduction="none"``: (B,)).
 
     Defaults (exact study, tests/test_cdm_exact.py setting, 1-step KL of the
@@ -314,14 +377,22 @@ def joint_cdm_loss(student, teacher, graph: ck.Graph, noise, x0: torch.Tensor, *
         raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
     if not isinstance(num_latents, int) or num_latents < 1:
         raise ValueError(f"num_latents must be a positive int, got {num_latents!r}")
+    if not isinstance(num_targets, int) or num_targets < 1:
+        raise ValueError(f"num_targets must be a positive int, got {num_targets!r}")
     if not isinstance(teacher_steps, int) or teacher_steps < 1:
         raise ValueError(f"teacher_steps must be a positive int, got {teacher_steps!r}")
     if not 0.0 <= rollout <= 1.0 or (rollout and t_dist != "grid"):
         raise ValueError(f"rollout must be in [0, 1] (and needs t_dist='grid'), got {rollout!r}")
+    if target not in JOINT_TARGETS:
+        raise ValueError(f"target must be one of {JOINT_TARGETS}, got {target!r}")
+    if target == "step" and s is not None:
+        raise ValueError("s (the time of the teacher's last per-token conditional) applies to target='clean' only")
+    if method not in METHODS:
+        raise ValueError(f"method must be one of {METHODS}, got {method!r}")
     if x0.ndim != 2:
         raise ValueError(f"x0 must have shape (B, L), got {tuple(x0.shape)}")
     device, (batch, seq_len) = x0.device, x0.shape
-    t, _ = sample_times(steps, batch, t_dist=t_dist, generator=generator, device=device)
+    t, t_next = sample_times(steps, batch, t_dist=t_dist, generator=generator, device=device)
     tau_t = tau_of_time(noise, t)
     x_t = add_noise(graph, x0, tau_t[:, None], generator)
     if rollout:
@@ -329,25 +400,40 @@ def joint_cdm_loss(student, teacher, graph: ck.Graph, noise, x0: torch.Tensor, *
         if bool(own.any()):
             x_t[own] = student_rollout(student, graph, noise, t[own], steps, seq_len, method=method, generator=generator)
 
-    default_s = t / teacher_steps
-    s_time = default_s if s is None else torch.where(torch.full_like(t, float(s)) < t, torch.full_like(t, float(s)), default_s)
-    with torch.no_grad():
-        x_s = x_t
-        if teacher_steps > 1:
-            x_s = teacher_chain(teacher, graph, noise, x_t, t, s_time, teacher_steps - 1, method=method, generator=generator)
-        x_clean = teacher_chain(teacher, graph, noise, x_s, s_time, torch.zeros_like(t), 1, method=method,
-                                generator=generator)
+    r = num_targets
+    with torch.no_grad():  # r draws from the teacher's conditional per x_t: one (B * r,) batch
+        x_from, t_from, t_to = x_t.repeat_interleave(r, 0), t.repeat_interleave(r), t_next.repeat_interleave(r)
+        if target == "step":
+            x_target = teacher_chain(teacher, graph, noise, x_from, t_from, t_to, teacher_steps, method=method,
+                                     generator=generator)
+        else:
+            default_s = t_from / teacher_steps
+            s_time = default_s if s is None else torch.where(torch.full_like(t_from, float(s)) < t_from,
+                                                             torch.full_like(t_from, float(s)), default_s)
+            x_s = x_from
+            if teacher_steps > 1:
+                x_s = teacher_chain(teacher, graph, noise, x_from, t_from, s_time, teacher_steps - 1, method=method,
+                                    generator=generator)
+            x_target = teacher_chain(teacher, graph, noise, x_s, s_time, torch.zeros_like(t_from), 1, method=method,
+                                     generator=generator)
 
     m = num_latents if latent_dim(student) else 1
     x_rep = x_t.repeat_interleave(m, 0)
-    tau_rep = tau_t.repeat_interleave(m, 0)
+    x_target = x_target.view(batch, r, seq_len).repeat_interleave(m, 0)  # (B * M, r, L)
+    tau_rep = tau_t.repeat_interleave(m, 0)[:, None].expand(x_rep.shape)
     lam = draw_latents(student, batch * m, generator, device, stratified_groups=m if (stratified and m > 1) else 0)
-    log_score = _scores(student, x_rep, tau_rep, lam, graph=graph)
-    # one-hot targets are exact in float32 (a float64 copy would double the memory of the M-fold batch)
-    target = nn.functional.one_hot(x_clean.repeat_interleave(m, 0), graph.num_states).to(torch.float32)
-    nll = ck.conditional_matching_loss(graph, log_score, x_rep, tau_rep[:, None].expand(x_rep.shape), target,
-                                       reduction="none")
-    log_lik = -nll.sum(-1).view(batch, m)
-    per_sequence = -(torch.logsumexp(log_lik, dim=1) - math.log(m)) / seq_len
+    log_score = _scores(student, x_rep, tau_rep[:, 0], lam, graph=graph)
+    if target == "step":
+        tau_next = tau_of_time(noise, t_next).repeat_interleave(m, 0)[:, None].expand(x_rep.shape)
+
+    def log_likelihood(y: torch.Tensor) -> torch.Tensor:  # sum_i log p(y^i | x_t, lambda), (B * M,)
+        if target == "step":
+            return step_log_likelihood(graph, log_score, x_rep, tau_rep, tau_next, y, method).sum(-1)
+        # one-hot targets are exact in float32 (a float64 copy would double the memory of the M-fold batch)
+        one_hot = nn.functional.one_hot(y, graph.num_states).to(torch.float32)
+        return -ck.conditional_matching_loss(graph, log_score, x_rep, tau_rep, one_hot, reduction="none").sum(-1)
+
+    log_lik = torch.stack([log_likelihood(x_target[:, j]) for j in range(r)], -1).view(batch, m, r)
+    per_sequence = (-(torch.logsumexp(log_lik, dim=1) - math.log(m)) / seq_len).mean(-1)
     per_sequence = _weights(weighting, noise, t).to(per_sequence.dtype) * per_sequence
     return _reduce(per_sequence, reduction)
