@@ -362,7 +362,8 @@ def joint_cdm_loss(student, teacher, graph: ck.Graph, noise, x0: torch.Tensor, *
     ``num_targets`` (R): draws of the target per x_t, their NLLs averaged; the
     student's M evaluations are shared by all R, so the R-fold cost is the
     teacher's chain only (R teacher forwards per step against M student
-    forwards and backwards).
+    forwards and backwards). On the default data R = 4 more than halved the
+    1-step student's exact KL at equal steps (``cdm distill`` uses 4; README).
     Returns the batch mean of ``w(t) * NLL`` (``reduction="none"``: (B,)).
 
     Defaults (exact study, tests/test_cdm_exact.py setting, 1-step KL of the
