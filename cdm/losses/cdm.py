@@ -43,8 +43,8 @@ from torch import nn
 import cdm_kernels as ck
 
 from ..models.dit import PRESETS
-from ..sampling import (METHODS, add_noise, call_model, draw_latents, inversion_dtype, latent_dim, prior_sample,
-                        rate_column, tau_of_time, unwrap)
+from ..sampling import (METHODS, add_noise, call_model, draw_latents, inversion_dtype, latent_dim, model_device,
+                        prior_sample, rate_column, tau_of_time, unwrap)
 
 __all__ = [
     "make_student",
@@ -113,7 +113,7 @@ def make_student(teacher: nn.Module, latent_dim: int = 0, parameterization: Opti
             missing, unexpected = student.load_state_dict(teacher.state_dict(), strict=False)
             if unexpected or any(not name.startswith("latent_map.") for name in missing):
                 raise ValueError(f"teacher and student architectures differ: missing {missing}, unexpected {unexpected}")
-        student.to(next(teacher.parameters()).device)
+        student.to(model_device(teacher))
     for parameter in student.parameters():
         parameter.requires_grad_(True)
     return student.train()
