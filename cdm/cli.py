@@ -232,6 +232,8 @@ def _student_and_loss(method: str, k: int, teacher, setup: Setup, args):
     if mixture:
         latent = ({"latent_dim": 1, "latent_components": args.latent_components} if args.latent_components
                   else {"latent_dim": args.latent_dim})
+        if args.mixture_weights and method == "joint":
+            latent["mixture_weights"] = True
     student = make_student(teacher, parameterization=args.student_output, graph=setup.graph, size=args.student_size,
                            **latent)
     options = {"steps": k}
@@ -363,6 +365,8 @@ def build_parser() -> argparse.ArgumentParser:
                             "another size starts from random weights")
         p.add_argument("--latent-components", type=_number(int, 0), default=DEFAULT_COMPONENTS,
                        help="mixture students (joint CDM, Di4C): K components; 0: a continuous latent")
+        p.add_argument("--mixture-weights", action="store_true",
+                       help="joint CDM: weigh the K components by w(x_t), a head the student learns, instead of equally")
         p.add_argument("--latent-dim", type=_number(int, 1), default=4, help="size of a continuous latent")
         p.add_argument("--num-latents", type=_number(int, 0), default=0,
                        help="latent draws per example (0: one per component, i.e. the exact mixture; 16 for a continuous latent)")
@@ -401,6 +405,8 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv=None) -> None:
     parser = build_parser()
     args = parser.parse_args(argv)
+    if getattr(args, "mixture_weights", False) and not args.latent_components:
+        parser.error("--mixture-weights needs --latent-components K > 0 (weights over a finite set of components)")
     previous = torch.are_deterministic_algorithms_enabled()  # process-wide: restored below
     try:
         if getattr(args, "deterministic", False):

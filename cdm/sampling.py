@@ -10,6 +10,10 @@ LongTensor (B, L), ``sigma`` (B,) total noise and ``log_score`` (B, L, N) (the
 ``model.config.latent_dim > 0`` or a ``latent_dim`` attribute, and may define
 ``sample_latent(n, generator) -> (n, latent_dim)`` to override the default
 ``lam ~ U(0, 1)^latent_dim`` (a model with finitely many components does).
+A K-component student whose weights depend on x_t (``config.mixture_weights``,
+see ``cdm.models.DiT``) returns its log-weights (B, K) from
+``model(x, sigma, mixture_weights=True)``; samplers then draw component k with
+probability ``w_k(x_t)`` (``mixture_log_weights``, ``draw_latents``).
 
 Time grids: a k-step sampler visits ``t_j = 1 - j / k`` (j = 0..k) and takes
 the total noise from the schedule, ``tau_j = noise.total(t_j)``, except that
@@ -52,6 +56,8 @@ __all__ = [
     "tau_of_time",
     "unwrap",
     "latent_dim",
+    "has_mixture_weights",
+    "mixture_log_weights",
     "draw_latents",
     "latent_quadrature",
     "call_model",
@@ -186,8 +192,26 @@ def latent_dim(model) -> int:
     return int(getattr(model, "latent_dim", 0) or 0)
 
 
+def has_mixture_weights(model) -> bool:
+    """Whether ``model`` is a mixture student whose component weights depend on x_t."""
+    return bool(getattr(getattr(unwrap(model), "config", None), "mixture_weights", False))
+
+
+def mixture_log_weights(model, x: torch.Tensor, tau) -> Optional[torch.Tensor]:
+    """``log w_k(x_t)`` (B, K) of a mixture student whose component weights depend on
+    x_t (``config.mixture_weights``); None for any other model (equal weights)."""
+    if not has_mixture_weights(model):
+        return None
+    tau = torch.as_tensor(tau, dtype=torch.float64, device=x.device)
+    return model(x, torch.broadcast_to(tau, x.shape[:1]).contiguous(), mixture_weights=True)
+
+
+def _component_count(model) -> int:
+    return int(getattr(getattr(unwrap(model), "config", None), "latent_components", 0) or 0)
+
+
 def draw_latents(model, n: int, generator: Optional[torch.Generator] = None, device="cpu",
-                 stratified_groups: int = 0) -> Optional[torch.Tensor]:
+                 stratified_groups: int = 0, log_weights: Optional[torch.Tensor] = None) -> Optional[torch.Tensor]:
     """``n`` latents for a mixture student ((n, latent_dim)), or None for a plain model.
 
     ``model.sample_latent(n, generator)`` is used when defined; otherwise
@@ -195,7 +219,12 @@ def draw_latents(model, n: int, generator: Optional[torch.Generator] = None, dev
     of M): consecutive groups of M draws are stratified in the first
     coordinate, ``lam_m = (m + u_m) / M``, which lowers the variance of a
     mixture estimate over M draws (a model with M equal-weight components then
-    sees each component exactly once per group).
+    sees each component exactly once per group). ``log_weights`` (n, K): the
+    x_t-dependent weights of a ``mixture_weights`` student
+    (:func:`mixture_log_weights`), required for it unless ``stratified_groups``
+    (a loss that weighs the draws itself); component k is drawn with
+    probability ``w_k`` by inverting the CDF at one uniform per draw, and
+    ``lam = (k + 1/2) / K``.
     """
     dim = latent_dim(model)
     if dim == 0:
@@ -207,6 +236,15 @@ def draw_latents(model, n: int, generator: Optional[torch.Generator] = None, dev
         strata = torch.arange(n, device=device) % stratified_groups
         lam[:, 0] = (strata + lam[:, 0]) / stratified_groups
         return lam.float()
+    if has_mixture_weights(model):
+        components = _component_count(model)
+        if log_weights is None or tuple(log_weights.shape) != (n, components):
+            raise ValueError(f"log_weights of shape ({n}, {components}) are needed: this student weighs its "
+                             "components by x_t (pass mixture_log_weights(model, x_t, tau))")
+        cdf = log_weights.detach().double().softmax(-1).cumsum(-1)
+        u = _uniforms((n, 1), generator, device).to(cdf.device) * cdf[:, -1:]
+        index = torch.searchsorted(cdf, u).clamp_(max=components - 1)
+        return ((index.float() + 0.5) / components).to(device)
     sampler = getattr(unwrap(model), "sample_latent", None)
     if callable(sampler):
         return sampler(n, generator).to(device)
@@ -225,7 +263,7 @@ def latent_quadrature(model, points: int = 64) -> Optional[torch.Tensor]:
     dim = latent_dim(model)
     if dim == 0:
         return None
-    components = int(getattr(getattr(unwrap(model), "config", None), "latent_components", 0) or 0)
+    components = _component_count(model)
     if components:
         return ((torch.arange(components, dtype=torch.float32) + 0.5) / components)[:, None]
     return torch.quasirandom.SobolEngine(dim, scramble=True, seed=0).draw(points)
@@ -263,7 +301,8 @@ def sample(model, graph: ck.Graph, noise, num_samples: int, seq_len: int, steps:
     Starts from the prior, then ``x <- fused_euler_step(graph, model(x, tau_j), x,
     tau_j, tau_{j+1})`` along ``tau_grid(noise, steps)`` (or the given ``taus``,
     decreasing, ending at 0). A mixture student gets a fresh latent per step and
-    per sequence. ``method``: ``"analytic"`` or ``"euler"``; the last step
+    per sequence (from its weights ``w(x_t)`` when it has them). ``method``:
+    ``"analytic"`` or ``"euler"``; the last step
     (to tau = 0) samples ``p_0|t`` in both. ``autocast``: bf16 autocast of the
     network on CUDA.
     """
@@ -283,7 +322,7 @@ def sample(model, graph: ck.Graph, noise, num_samples: int, seq_len: int, steps:
             b = min(batch_size, num_samples - start)
             x = prior_sample(graph, (b, seq_len), generator, device)
             for j in range(len(taus) - 1):
-                lam = draw_latents(model, b, generator, device)
+                lam = draw_latents(model, b, generator, device, log_weights=mixture_log_weights(model, x, taus[j]))
                 with torch.autocast(device.type, dtype=torch.bfloat16, enabled=autocast and device.type == "cuda"):
                     log_score = call_model(model, x, taus[j], lam)
                 log_score = log_score.to(inversion_dtype(graph, log_score.dtype))
@@ -357,7 +396,9 @@ def exact_sample_distribution(model, graph: ck.Graph, support: torch.Tensor, tau
     taus: the decreasing total-noise grid, ending at 0 (e.g. ``tau_grid``).
     latents: for a mixture student, (M, latent_dim) equally weighted latent
         values; each step's transition is the average over them (exact for a
-        model with M components, a quadrature of ``E_lambda`` otherwise).
+        model with M components, a quadrature of ``E_lambda`` otherwise). A
+        student with weights ``w(x_t)`` (``mixture_weights``) needs one value
+        per component (``latent_quadrature``), and each is weighted by ``w_k(x)``.
     prior: (S,) start distribution; default the product of ``prior_distribution``.
     Returns float64 (S,): the probability of each support sequence after the
     last step. Cost per step and latent: S network rows and S^2 multiply-adds
@@ -373,6 +414,13 @@ def exact_sample_distribution(model, graph: ck.Graph, support: torch.Tensor, tau
     full_product = _is_full_product(support, graph.num_states)
     dist = prior.to(torch.float64)
     lam_values = [None] if latents is None else list(latents.to(device))
+    weighted = latents is not None and has_mixture_weights(model)
+    if weighted:
+        components = _component_count(model)
+        index = (latents[:, 0].float() * components).long().clamp(0, components - 1)
+        if sorted(index.tolist()) != list(range(components)):
+            raise ValueError(f"latents must hold one value per component of this weighted {components}-component "
+                             "student (latent_quadrature(model))")
     taus = taus.to(torch.float64)
     for j in range(len(taus) - 1):
         next_dist = torch.zeros_like(dist)
@@ -380,12 +428,14 @@ def exact_sample_distribution(model, graph: ck.Graph, support: torch.Tensor, tau
             x, weight = support[start:start + batch_size], dist[start:start + batch_size]
             if not bool((weight > 0).any()):
                 continue
-            for lam in lam_values:
+            weights = mixture_log_weights(model, x, taus[j]).double().exp() if weighted else None
+            for i, lam in enumerate(lam_values):
                 lam_b = None if lam is None else lam.reshape(1, -1).expand(len(x), -1)
                 log_score = call_model(model, x, taus[j], lam_b)
                 probs = step_distribution(graph, log_score, x, taus[j], taus[j + 1], method)  # (b, L, N)
-                next_dist += weight @ _joint_rows(probs, support, full_product)
-        dist = next_dist / len(lam_values)
+                share = weight * weights[:, index[i]] if weighted else weight / len(lam_values)
+                next_dist += share @ _joint_rows(probs, support, full_product)
+        dist = next_dist
     return dist
 
 

@@ -194,6 +194,7 @@ def test_bad_data_and_noise_options(option, needles, tmp_path, capsys):
     (["eval", "--checkpoint", "x", "--device", f"cuda:{torch.cuda.device_count()}"], "argument --device"),
     (["distill", "--joint-target", "x0"], "argument --joint-target"),
     (["distill", "--num-targets", "0"], "argument --num-targets"),
+    (["distill", "--mixture-weights", "--latent-components", "0"], "--mixture-weights needs --latent-components"),
 ])
 def test_bad_values_are_refused_by_the_parser(argv, argument, tmp_path, capsys):
     if argv[0] in ("pretrain", "distill"):

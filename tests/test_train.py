@@ -117,6 +117,12 @@ def test_cli_pretrain_distill_sample_eval(tmp_path, capsys, device):
     rows = json.loads((tmp_path / "c" / "results.json").read_text())
     assert [(r["model"], r["method"], r["nfe"]) for r in rows] == [
         ("teacher", "analytic", 1), ("student", "di4c", 1), ("student", "d-mmd", 1)]
+    main(["distill", "--teacher", str(teacher), "--methods", "joint", "--mixture-weights", "--latent-components", "2",
+          "--steps", "2", "--batch-size", "4", "--student-steps", "2", "--teacher-nfe", "1", "--num-samples", "32",
+          "--teacher-steps", "2", "--device", device, "--out", str(tmp_path / "w"), "--quiet"])
+    weighted = tmp_path / "w" / "student-joint-k2.safetensors"
+    assert load_model(weighted)[0].config.mixture_weights
+    main(["eval", "--checkpoint", str(weighted), "--steps", "2", "--num-samples", "16", "--device", device])
     main(["sample", "--checkpoint", str(tmp_path / "d" / "student-joint-k1.safetensors"), "--steps", "1",
           "--num-samples", "3", "--device", device])
     main(["eval", "--checkpoint", str(teacher), "--steps", "1,2", "--num-samples", "32", "--device", device])

@@ -43,8 +43,8 @@ from torch import nn
 import cdm_kernels as ck
 
 from ..models.dit import PRESETS
-from ..sampling import (METHODS, add_noise, call_model, draw_latents, inversion_dtype, latent_dim, model_device,
-                        prior_sample, rate_column, tau_of_time, unwrap)
+from ..sampling import (METHODS, add_noise, call_model, draw_latents, inversion_dtype, latent_dim,
+                        mixture_log_weights, model_device, prior_sample, rate_column, tau_of_time, unwrap)
 
 __all__ = [
     "make_student",
@@ -68,7 +68,8 @@ JOINT_TARGETS = ("clean", "step")
 
 
 def make_student(teacher: nn.Module, latent_dim: int = 0, parameterization: Optional[str] = None,
-                 graph: Optional[str] = None, latent_components: int = 0, size: Optional[str] = None) -> nn.Module:
+                 graph: Optional[str] = None, latent_components: int = 0, size: Optional[str] = None,
+                 mixture_weights: bool = False) -> nn.Module:
     """A student initialised from the teacher (seed 001: "student init from teacher").
 
     ``latent_dim = 0`` and no other change: a copy of the teacher. Otherwise (a
@@ -76,7 +77,8 @@ def make_student(teacher: nn.Module, latent_dim: int = 0, parameterization: Opti
     every teacher weight: ``latent_dim > 0`` adds a latent input whose
     embedding starts at zero (a mixture student that computes the teacher's
     function for every lambda at initialisation; ``latent_components = K``
-    makes it a K-component mixture, ``latent_dim`` then 1); ``parameterization=
+    makes it a K-component mixture, ``latent_dim`` then 1, and ``mixture_weights``
+    weighs those components by ``w(x_t)``, a head that starts at uniform weights); ``parameterization=
     "posterior"`` (with ``graph``, the forward process's name) reads the last
     layer's outputs as logits of ``p_0|t`` instead of log-scores (see
     ``cdm.models.dit``): the trunk starts from the teacher's, the output is
@@ -101,6 +103,8 @@ def make_student(teacher: nn.Module, latent_dim: int = 0, parameterization: Opti
         changes["latent_dim"] = latent_dim
     if latent_components:
         changes["latent_components"] = latent_components
+    if mixture_weights:
+        changes["mixture_weights"] = True
     if parameterization is not None and parameterization != getattr(config, "parameterization", "score"):
         changes.update(parameterization=parameterization, graph=graph or "")
     if not changes:
@@ -111,7 +115,7 @@ def make_student(teacher: nn.Module, latent_dim: int = 0, parameterization: Opti
         student = type(teacher)(dataclasses.replace(config, **changes))
         if not fresh:
             missing, unexpected = student.load_state_dict(teacher.state_dict(), strict=False)
-            if unexpected or any(not name.startswith("latent_map.") for name in missing):
+            if unexpected or any(not name.startswith(("latent_map.", "weight_head.")) for name in missing):
                 raise ValueError(f"teacher and student architectures differ: missing {missing}, unexpected {unexpected}")
         student.to(model_device(teacher))
     for parameter in student.parameters():
@@ -311,7 +315,7 @@ def student_rollout(student, graph: ck.Graph, noise, t: torch.Tensor, steps: int
         xs = x[moving]
         tau_from, tau_to = (tau_of_time(noise, torch.full((len(xs),), v, dtype=torch.float64, device=t.device))
                             for v in (t_from, t_to))
-        lam = draw_latents(model, len(xs), generator, t.device)
+        lam = draw_latents(model, len(xs), generator, t.device, log_weights=mixture_log_weights(model, xs, tau_from))
         log_score = _scores(model, xs, tau_from, lam, graph=graph)
         x[moving] = ck.fused_euler_step(graph, log_score, xs, tau_from[:, None].expand(xs.shape),
                                         tau_to[:, None].expand(xs.shape), method=method, generator=generator)
@@ -358,7 +362,11 @@ def joint_cdm_loss(student, teacher, graph: ck.Graph, noise, x0: torch.Tensor, *
     ``-(logsumexp_m sum_i log p(x_0'^i | x_t, lambda_m) - log M) / L``,
     through ``conditional_matching_loss`` with one-hot targets (the per-token
     log-likelihoods of the student's inverted conditionals). A student without a
-    latent gets M = 1 (plain NLL of the teacher's joint samples).
+    latent gets M = 1 (plain NLL of the teacher's joint samples). A K-component
+    student with weights ``w(x_t)`` (``mixture_weights``) is fitted by
+    ``-log (1/M) sum_m K w_{k_m}(x_t) prod_i p(x_0'^i | x_t, k_m)``, an unbiased
+    estimate of its mixture likelihood inside the log for any M (exact at
+    M = K, each component once), so the weights are learnt with the components.
     ``num_targets`` (R): draws of the target per x_t, their NLLs averaged; the
     student's M evaluations are shared by all R, so the R-fold cost is the
     teacher's chain only (R teacher forwards per step against M student
@@ -435,6 +443,11 @@ def joint_cdm_loss(student, teacher, graph: ck.Graph, noise, x0: torch.Tensor, *
         return -ck.conditional_matching_loss(graph, log_score, x_rep, tau_rep, one_hot, reduction="none").sum(-1)
 
     log_lik = torch.stack([log_likelihood(x_target[:, j]) for j in range(r)], -1).view(batch, m, r)
+    log_w = mixture_log_weights(student, x_t, tau_t)
+    if log_w is not None:  # lambda was drawn uniformly: importance weight K w_k
+        components = log_w.shape[-1]
+        index = (lam[:, 0] * components).long().clamp_(0, components - 1).view(batch, m)
+        log_lik = log_lik + (log_w.gather(1, index) + math.log(components)).to(log_lik.dtype)[..., None]
     per_sequence = (-(torch.logsumexp(log_lik, dim=1) - math.log(m)) / seq_len).mean(-1)
     per_sequence = _weights(weighting, noise, t).to(per_sequence.dtype) * per_sequence
     return _reduce(per_sequence, reduction)

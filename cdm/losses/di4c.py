@@ -74,7 +74,7 @@ import torch
 
 import cdm_kernels as ck
 
-from ..sampling import add_noise, draw_latents, latent_dim, tau_of_time
+from ..sampling import add_noise, draw_latents, has_mixture_weights, latent_dim, tau_of_time
 from .cdm import REDUCTIONS, _reduce, _scores, _uniform, sample_times
 
 __all__ = ["di4c_loss"]
@@ -142,6 +142,8 @@ def di4c_loss(student, teacher, graph: ck.Graph, noise, x0: torch.Tensor, *, ste
         raise ValueError("need 0 < delta_min <= delta_max, 0 <= min_time, min_time + delta_max < 1, max_distil_time >= 0")
     if x0.ndim != 2:
         raise ValueError(f"x0 must have shape (B, L), got {tuple(x0.shape)}")
+    if has_mixture_weights(student):
+        raise ValueError("student: Di4C trains equal-weight mixtures; x_t-dependent mixture weights are for joint CDM")
     device, (batch, seq_len) = x0.device, x0.shape
     m = num_latents if latent_dim(student) else 1
     rows = batch * m

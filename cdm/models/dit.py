@@ -13,7 +13,8 @@ Parameter names follow SEDD's state dict exactly (``vocab_embed.embedding``,
 ``blocks.N.norm2.weight``, ``blocks.N.mlp.{0,2}.*``,
 ``blocks.N.adaLN_modulation.*``, ``output_layer.{norm_final,linear,adaLN_modulation}.*``),
 so published SEDD weights load with ``load_state_dict`` (see ``cdm.models.sedd``).
-Only ``latent_map.*`` (present when ``latent_dim > 0``) is ours.
+Only ``latent_map.*`` (present when ``latent_dim > 0``) and ``weight_head.*``
+(when ``mixture_weights``) are ours.
 
 Output convention (docs/MATH.md section 2): ``log_score[b, i, y] =
 log p_t(x with position i set to y) / p_t(x)``; the entry at the current token
@@ -80,6 +81,10 @@ class DiTConfig:
         [0, 1) selects component ``floor(K lam)`` through an embedding table, so
         ``E_lambda`` is an exact average over K components (a mixture NLL over
         K stratified draws is exact, and so is the sampler's exact distribution).
+    mixture_weights: with ``latent_components``: the components are weighted by
+        ``w(x_t)`` (``forward(..., mixture_weights=True)``, a head on the
+        latent-free trunk) instead of equally; the head starts at zero, so the
+        weights start uniform.
     parameterization: ``"score"`` (the last layer outputs log-scores, SEDD) or
         ``"posterior"`` (it outputs logits of ``p_0|t``; see the module notes).
     graph: the forward process over ``vocab_size`` states, needed by the
@@ -98,6 +103,7 @@ class DiTConfig:
     scale_by_sigma: bool = False
     latent_dim: int = 0
     latent_components: int = 0
+    mixture_weights: bool = False
     parameterization: str = "score"
     graph: str = ""
 
@@ -119,6 +125,8 @@ class DiTConfig:
             raise ValueError(f"latent_components must be an int >= 0, got {self.latent_components!r}")
         if self.latent_components and self.latent_dim != 1:
             raise ValueError(f"a {self.latent_components}-component latent needs latent_dim=1, got {self.latent_dim}")
+        if self.mixture_weights and not self.latent_components:
+            raise ValueError("mixture_weights needs latent_components > 0 (weights over a finite set of components)")
         if self.parameterization not in PARAMETERIZATIONS:
             raise ValueError(f"parameterization must be one of {PARAMETERIZATIONS}, got {self.parameterization!r}")
         if self.parameterization == "posterior":
@@ -232,6 +240,22 @@ class ComponentEmbedder(nn.Module):
         return self.table[index]
 
 
+class MixtureWeightHead(nn.Module):
+    """Trunk features (B, L, hidden) -> log-weights of the K components (B, K):
+    mean over positions, norm, a zero-initialised projection (uniform weights at
+    the start, so a fresh weighted student computes what the equal-weight one does)."""
+
+    def __init__(self, config: DiTConfig):
+        super().__init__()
+        self.norm = LayerNorm(config.hidden)
+        self.linear = nn.Linear(config.hidden, config.latent_components)
+        nn.init.zeros_(self.linear.weight)
+        nn.init.zeros_(self.linear.bias)
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        return torch.log_softmax(self.linear(self.norm(h.mean(1))).float(), dim=-1)
+
+
 class Rotary(nn.Module):
     """Rotary position embedding over head dimension ``head_dim`` (half-split layout, as SEDD)."""
 
@@ -334,13 +358,16 @@ class DiT(nn.Module):
             self.latent_map = ComponentEmbedder(config.latent_components, config.cond_dim)
         elif config.latent_dim:
             self.latent_map = LatentEmbedder(config.latent_dim, config.cond_dim)
+        if config.mixture_weights:
+            self.weight_head = MixtureWeightHead(config)
         self.rotary_emb = Rotary(config.hidden // config.n_heads)
         self.blocks = nn.ModuleList(DiTBlock(config) for _ in range(config.n_blocks))
         self.output_layer = OutputLayer(config)
         self.kernel_graph = (graph_by_name(config.graph, config.vocab_size)
                              if config.parameterization == "posterior" else None)
 
-    def forward(self, x: torch.Tensor, sigma: torch.Tensor, lam: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, sigma: torch.Tensor, lam: torch.Tensor | None = None, *,
+                mixture_weights: bool = False) -> torch.Tensor:
         """Log-scores of every single-token change.
 
         x: LongTensor (B, L), tokens in [0, vocab_size) (not range-checked:
@@ -353,6 +380,11 @@ class DiT(nn.Module):
         float64 for the posterior form on the uniform and ordinal graphs, whose
         scores need it at high noise (docs/MATH.md section 6).
 
+        ``mixture_weights=True`` (a ``config.mixture_weights`` model, no ``lam``):
+        instead the log-weights ``log w_k(x_t)`` of its components, float32 (B, K),
+        from the trunk conditioned on sigma alone. A keyword of ``forward`` rather
+        than a method of its own so that DDP/FSDP wrappers see the call.
+
         With ``scale_by_sigma`` (SEDD, absorbing graph), the raw output is
         shifted by ``-log(e^sigma - 1) - log(vocab_size - 1)``: for a masked
         position the true ratios are ``p(y | unmasked) / (e^sigma - 1)``, so
@@ -361,17 +393,18 @@ class DiT(nn.Module):
         """
         batch = self._check_inputs(x, sigma, lam)
         c = self.sigma_map(sigma)
+        if mixture_weights:
+            if not self.config.mixture_weights:
+                raise ValueError("mixture_weights=True needs a model built with config.mixture_weights")
+            if lam is not None:
+                raise ValueError("lam must be None with mixture_weights=True (the weights are over every component)")
+            return self.weight_head(self._trunk(x, F.silu(c)))
         if self.config.latent_dim:
             if lam is None:
                 lam = torch.zeros(batch, self.config.latent_dim, device=x.device)
             c = c + self.latent_map(lam.reshape(batch, self.config.latent_dim))
         c = F.silu(c)
-
-        h = self.vocab_embed(x)
-        cos, sin = self.rotary_emb(x.shape[1])
-        for block in self.blocks:
-            h = block(h, cos, sin, c)
-        out = self.output_layer(h, c).float()
+        out = self.output_layer(self._trunk(x, c), c).float()
         if self.kernel_graph is not None:
             return self._posterior_scores(out, x, sigma)
         log_score = out
@@ -382,6 +415,13 @@ class DiT(nn.Module):
             log_scale = torch.log(torch.expm1(sigma))[:, None, None] + math.log(self.config.vocab_size - 1)
             log_score = log_score - log_scale
         return torch.scatter(log_score, -1, x.long()[..., None], 0.0)
+
+    def _trunk(self, x: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+        h = self.vocab_embed(x)
+        cos, sin = self.rotary_emb(x.shape[1])
+        for block in self.blocks:
+            h = block(h, cos, sin, c)
+        return h
 
     def _posterior_scores(self, logits: torch.Tensor, x: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
         graph = self.kernel_graph
