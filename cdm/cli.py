@@ -34,6 +34,7 @@ from .experiment import (
 )
 from .losses import get_loss, make_student
 from .models.dit import PRESETS
+from .sampling import has_mixture_weights, network_evaluations
 from .train import LR_SCHEDULES, TrainConfig, Trainer, default_device
 
 #: --methods name -> the loss (cdm.losses.get_loss) and the label of its rows
@@ -210,7 +211,8 @@ def distill(args) -> None:
                 continue
             save_model(out / f"student-{name}.safetensors", student, setup, "student", method=method, k=k)
             metrics, samples = evaluate(student, setup, k, args.num_samples, seed=args.seed)
-            rows.append(result_row("student", METHOD_LABELS[method], k, metrics,
+            label = METHOD_LABELS[method] + ("-weighted" if has_mixture_weights(student) else "")
+            rows.append(result_row("student", label, network_evaluations(student, k), metrics,
                                    seconds=round(time.perf_counter() - clock, 1)))  # training + evaluation
             best_samples[name] = samples
     if rows and (not torch.distributed.is_initialized() or torch.distributed.get_rank() == 0):
@@ -253,11 +255,11 @@ def _format(metrics: dict) -> str:
 def _table(setup: Setup, rows: list[dict], reference: dict) -> str:
     metric, lower_is_better = primary_metric(setup)
     names = list(rows[0]["metrics"])
-    header = f"{'model':8} {'method':14} {'NFE':>4}  " + "  ".join(f"{n:>18}" for n in names)
+    header = f"{'model':8} {'method':18} {'NFE':>4}  " + "  ".join(f"{n:>18}" for n in names)
     lines = [f"{setup.data} data, {setup.graph} graph; primary metric: {metric} ({'lower' if lower_is_better else 'higher'} is better)", header, "-" * len(header)]
     for row in rows:
-        lines.append(f"{row['model']:8} {row['method']:14} {row['nfe']:>4}  " + "  ".join(f"{row['metrics'][n]:>18.4f}" for n in names))
-    lines.append(f"{'data':8} {'(held out)':14} {'':>4}  " + "  ".join(f"{reference.get(n, float('nan')):>18.4f}" for n in names))
+        lines.append(f"{row['model']:8} {row['method']:18} {row['nfe']:>4}  " + "  ".join(f"{row['metrics'][n]:>18.4f}" for n in names))
+    lines.append(f"{'data':8} {'(held out)':18} {'':>4}  " + "  ".join(f"{reference.get(n, float('nan')):>18.4f}" for n in names))
     return "\n".join(lines)
 
 
@@ -324,7 +326,7 @@ def eval_command(args) -> None:
     rows = []
     for steps in args.steps:
         metrics, _ = evaluate(model, setup, steps, args.num_samples, seed=args.seed, method=args.method)
-        rows.append(result_row("model", args.method, steps, metrics))
+        rows.append(result_row("model", args.method, network_evaluations(model, steps), metrics))
     print(_table(setup, rows, data_reference(setup)))
 
 
@@ -354,7 +356,7 @@ def build_parser() -> argparse.ArgumentParser:
         p = commands.add_parser(name, help=help_text)
         p.add_argument("--teacher", help="teacher model file (default: the one shipped with the package)")
         p.add_argument("--methods", default=methods, type=_method_list, help=f"among {','.join(METHODS)}")
-        p.add_argument("--student-steps", default=[1, 2, 4], type=_int_list, help="NFEs of the students")
+        p.add_argument("--student-steps", default=[1, 2, 4], type=_int_list, help="sampler steps of the students (NFE: twice that with --mixture-weights)")
         p.add_argument("--teacher-nfe", default=_int_list(teacher_nfe), type=_int_list)
         p.add_argument("--num-samples", type=_number(int, 1), default=1024,
                        help="samples per evaluated sampler (the markov data is also evaluated exactly)")

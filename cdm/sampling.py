@@ -58,6 +58,7 @@ __all__ = [
     "latent_dim",
     "has_mixture_weights",
     "mixture_log_weights",
+    "network_evaluations",
     "draw_latents",
     "latent_quadrature",
     "call_model",
@@ -204,6 +205,14 @@ def mixture_log_weights(model, x: torch.Tensor, tau) -> Optional[torch.Tensor]:
         return None
     tau = torch.as_tensor(tau, dtype=torch.float64, device=x.device)
     return model(x, torch.broadcast_to(tau, x.shape[:1]).contiguous(), mixture_weights=True)
+
+
+def network_evaluations(model, steps: int) -> int:
+    """What a ``steps``-step sampler of ``model`` costs in network passes (the NFE the
+    tables report): one per step, two for a student with x_t-dependent mixture
+    weights (its weights come from a pass of its trunk without a component, before
+    the component's own pass)."""
+    return steps * (2 if has_mixture_weights(model) else 1)
 
 
 def _component_count(model) -> int:

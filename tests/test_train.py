@@ -122,6 +122,8 @@ def test_cli_pretrain_distill_sample_eval(tmp_path, capsys, device):
           "--teacher-steps", "2", "--device", device, "--out", str(tmp_path / "w"), "--quiet"])
     weighted = tmp_path / "w" / "student-joint-k2.safetensors"
     assert load_model(weighted)[0].config.mixture_weights
+    rows = json.loads((tmp_path / "w" / "results.json").read_text())
+    assert (rows[-1]["method"], rows[-1]["nfe"]) == ("cdm-joint-weighted", 4)  # 2 steps, 2 passes each
     main(["eval", "--checkpoint", str(weighted), "--steps", "2", "--num-samples", "16", "--device", device])
     main(["sample", "--checkpoint", str(tmp_path / "d" / "student-joint-k1.safetensors"), "--steps", "1",
           "--num-samples", "3", "--device", device])
