@@ -356,7 +356,8 @@ def build_parser() -> argparse.ArgumentParser:
         p = commands.add_parser(name, help=help_text)
         p.add_argument("--teacher", help="teacher model file (default: the one shipped with the package)")
         p.add_argument("--methods", default=methods, type=_method_list, help=f"among {','.join(METHODS)}")
-        p.add_argument("--student-steps", default=[1, 2, 4], type=_int_list, help="sampler steps of the students (NFE: twice that with --mixture-weights)")
+        p.add_argument("--student-steps", default=[1, 2, 4], type=_int_list,
+                       help="sampler steps of the students (NFE: twice that with --mixture-weights)")
         p.add_argument("--teacher-nfe", default=_int_list(teacher_nfe), type=_int_list)
         p.add_argument("--num-samples", type=_number(int, 1), default=1024,
                        help="samples per evaluated sampler (the markov data is also evaluated exactly)")
