@@ -59,6 +59,7 @@ __all__ = [
     "has_mixture_weights",
     "mixture_log_weights",
     "network_evaluations",
+    "component_index",
     "draw_latents",
     "latent_quadrature",
     "call_model",
@@ -217,6 +218,12 @@ def network_evaluations(model, steps: int) -> int:
 
 def _component_count(model) -> int:
     return int(getattr(getattr(unwrap(model), "config", None), "latent_components", 0) or 0)
+
+
+def component_index(lam: torch.Tensor, components: int) -> torch.Tensor:
+    """The component ``floor(K lam)`` that latents (n, 1) select in a K-component
+    student (as ``cdm.models.dit.ComponentEmbedder`` reads them): LongTensor (n,)."""
+    return (lam[:, 0].float() * components).long().clamp_(0, components - 1)
 
 
 def draw_latents(model, n: int, generator: Optional[torch.Generator] = None, device="cpu",
@@ -426,7 +433,7 @@ def exact_sample_distribution(model, graph: ck.Graph, support: torch.Tensor, tau
     weighted = latents is not None and has_mixture_weights(model)
     if weighted:
         components = _component_count(model)
-        index = (latents[:, 0].float() * components).long().clamp(0, components - 1)
+        index = component_index(latents, components)
         if sorted(index.tolist()) != list(range(components)):
             raise ValueError(f"latents must hold one value per component of this weighted {components}-component "
                              "student (latent_quadrature(model))")

@@ -43,7 +43,7 @@ from torch import nn
 import cdm_kernels as ck
 
 from ..models.dit import PRESETS
-from ..sampling import (METHODS, add_noise, call_model, draw_latents, inversion_dtype, latent_dim,
+from ..sampling import (METHODS, add_noise, call_model, component_index, draw_latents, inversion_dtype, latent_dim,
                         mixture_log_weights, model_device, prior_sample, rate_column, tau_of_time, unwrap)
 
 __all__ = [
@@ -446,7 +446,7 @@ def joint_cdm_loss(student, teacher, graph: ck.Graph, noise, x0: torch.Tensor, *
     log_w = mixture_log_weights(student, x_t, tau_t)
     if log_w is not None:  # lambda was drawn uniformly: importance weight K w_k
         components = log_w.shape[-1]
-        index = (lam[:, 0] * components).long().clamp_(0, components - 1).view(batch, m)
+        index = component_index(lam, components).view(batch, m)
         log_lik = log_lik + (log_w.gather(1, index) + math.log(components)).to(log_lik.dtype)[..., None]
     per_sequence = (-(torch.logsumexp(log_lik, dim=1) - math.log(m)) / seq_len).mean(-1)
     per_sequence = _weights(weighting, noise, t).to(per_sequence.dtype) * per_sequence
