@@ -204,8 +204,7 @@ def mixture_log_weights(model, x: torch.Tensor, tau) -> Optional[torch.Tensor]:
     x_t (``config.mixture_weights``); None for any other model (equal weights)."""
     if not has_mixture_weights(model):
         return None
-    tau = torch.as_tensor(tau, dtype=torch.float64, device=x.device)
-    return model(x, torch.broadcast_to(tau, x.shape[:1]).contiguous(), mixture_weights=True)
+    return model(x, _sigma(x, tau), mixture_weights=True)
 
 
 def network_evaluations(model, steps: int) -> int:
@@ -285,10 +284,14 @@ def latent_quadrature(model, points: int = 64) -> Optional[torch.Tensor]:
     return torch.quasirandom.SobolEngine(dim, scramble=True, seed=0).draw(points)
 
 
+def _sigma(x: torch.Tensor, tau) -> torch.Tensor:
+    """The per-sequence total noise (B,), float64, the networks' ``sigma`` argument, from a scalar or (B,) ``tau``."""
+    return torch.broadcast_to(torch.as_tensor(tau, dtype=torch.float64, device=x.device), x.shape[:1]).contiguous()
+
+
 def call_model(model, x: torch.Tensor, tau: torch.Tensor, lam: Optional[torch.Tensor] = None) -> torch.Tensor:
     """``model(x, sigma[, lam])`` with ``sigma`` the per-sequence total noise (B,)."""
-    tau = torch.as_tensor(tau, dtype=torch.float64, device=x.device)
-    sigma = torch.broadcast_to(tau, x.shape[:1]).contiguous()
+    sigma = _sigma(x, tau)
     if lam is None:
         return model(x, sigma)
     return model(x, sigma, lam)
