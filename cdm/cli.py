@@ -236,6 +236,8 @@ def _student_and_loss(method: str, k: int, teacher, setup: Setup, args):
                   else {"latent_dim": args.latent_dim})
         if args.mixture_weights and method == "joint":
             latent["mixture_weights"] = True
+        if args.shared_blocks:
+            latent["shared_blocks"] = args.shared_blocks
     student = make_student(teacher, parameterization=args.student_output, graph=setup.graph, size=args.student_size,
                            **latent)
     options = {"steps": k}
@@ -357,7 +359,8 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--teacher", help="teacher model file (default: the one shipped with the package)")
         p.add_argument("--methods", default=methods, type=_method_list, help=f"among {','.join(METHODS)}")
         p.add_argument("--student-steps", default=[1, 2, 4], type=_int_list,
-                       help="sampler steps of the students (NFE: twice that with --mixture-weights)")
+                       help="sampler steps of the students (NFE: twice that with --mixture-weights "
+                            "and no --shared-blocks)")
         p.add_argument("--teacher-nfe", default=_int_list(teacher_nfe), type=_int_list)
         p.add_argument("--num-samples", type=_number(int, 1), default=1024,
                        help="samples per evaluated sampler (the markov data is also evaluated exactly)")
@@ -370,6 +373,9 @@ def build_parser() -> argparse.ArgumentParser:
                        help="mixture students (joint CDM, Di4C): K components; 0: a continuous latent")
         p.add_argument("--mixture-weights", action="store_true",
                        help="joint CDM: weigh the K components by w(x_t), a head the student learns, instead of equally")
+        p.add_argument("--shared-blocks", type=_number(int, 0), default=0,
+                       help="mixture students: the leading blocks the latent skips (run once for all latents; "
+                            "with --mixture-weights the weights read them, so a step is one pass)")
         p.add_argument("--latent-dim", type=_number(int, 1), default=4, help="size of a continuous latent")
         p.add_argument("--num-latents", type=_number(int, 0), default=0,
                        help="latent draws per example (0: one per component, i.e. the exact mixture; 16 for a continuous latent)")

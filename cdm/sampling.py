@@ -12,8 +12,9 @@ LongTensor (B, L), ``sigma`` (B,) total noise and ``log_score`` (B, L, N) (the
 ``lam ~ U(0, 1)^latent_dim`` (a model with finitely many components does).
 A K-component student whose weights depend on x_t (``config.mixture_weights``,
 see ``cdm.models.DiT``) returns its log-weights (B, K) from
-``model(x, sigma, mixture_weights=True)``; samplers then draw component k with
-probability ``w_k(x_t)`` (``mixture_log_weights``, ``draw_latents``).
+``model(x, sigma, mixture_weights=True)`` (``mixture_log_weights``), and the
+log-scores of a component drawn from them from ``model(x, sigma, draw=u)``
+(``step_log_scores``: what samplers call).
 
 Time grids: a k-step sampler visits ``t_j = 1 - j / k`` (j = 0..k) and takes
 the total noise from the schedule, ``tau_j = noise.total(t_j)``, except that
@@ -61,6 +62,7 @@ __all__ = [
     "network_evaluations",
     "component_index",
     "draw_latents",
+    "step_log_scores",
     "latent_quadrature",
     "call_model",
     "model_device",
@@ -210,9 +212,13 @@ def mixture_log_weights(model, x: torch.Tensor, tau) -> Optional[torch.Tensor]:
 def network_evaluations(model, steps: int) -> int:
     """What a ``steps``-step sampler of ``model`` costs in network passes (the NFE the
     tables report): one per step, two for a student with x_t-dependent mixture
-    weights (its weights come from a pass of its trunk without a component, before
-    the component's own pass)."""
-    return steps * (2 if has_mixture_weights(model) else 1)
+    weights and no ``shared_blocks`` (its weights come from a pass of its trunk
+    without a component, before the component's own pass). With shared blocks the
+    weights read features the component's pass computes anyway: one pass (plus
+    the weight head, a mean over positions and one linear layer)."""
+    config = getattr(unwrap(model), "config", None)
+    second_pass = has_mixture_weights(model) and not getattr(config, "shared_blocks", 0)
+    return steps * (2 if second_pass else 1)
 
 
 def _component_count(model) -> int:
@@ -226,7 +232,7 @@ def component_index(lam: torch.Tensor, components: int) -> torch.Tensor:
 
 
 def draw_latents(model, n: int, generator: Optional[torch.Generator] = None, device="cpu",
-                 stratified_groups: int = 0, log_weights: Optional[torch.Tensor] = None) -> Optional[torch.Tensor]:
+                 stratified_groups: int = 0) -> Optional[torch.Tensor]:
     """``n`` latents for a mixture student ((n, latent_dim)), or None for a plain model.
 
     ``model.sample_latent(n, generator)`` is used when defined; otherwise
@@ -234,12 +240,10 @@ def draw_latents(model, n: int, generator: Optional[torch.Generator] = None, dev
     of M): consecutive groups of M draws are stratified in the first
     coordinate, ``lam_m = (m + u_m) / M``, which lowers the variance of a
     mixture estimate over M draws (a model with M equal-weight components then
-    sees each component exactly once per group). ``log_weights`` (n, K): the
-    x_t-dependent weights of a ``mixture_weights`` student
-    (:func:`mixture_log_weights`), required for it unless ``stratified_groups``
-    (a loss that weighs the draws itself); component k is drawn with
-    probability ``w_k`` by inverting the CDF at one uniform per draw, and
-    ``lam = (k + 1/2) / K``.
+    sees each component exactly once per group). A student whose weights
+    depend on x_t (``mixture_weights``) takes only stratified draws here (a
+    loss that weighs them itself); its sampler draws the component inside the
+    model (:func:`step_log_scores`).
     """
     dim = latent_dim(model)
     if dim == 0:
@@ -252,18 +256,22 @@ def draw_latents(model, n: int, generator: Optional[torch.Generator] = None, dev
         lam[:, 0] = (strata + lam[:, 0]) / stratified_groups
         return lam.float()
     if has_mixture_weights(model):
-        components = _component_count(model)
-        if log_weights is None or tuple(log_weights.shape) != (n, components):
-            raise ValueError(f"log_weights of shape ({n}, {components}) are needed: this student weighs its "
-                             "components by x_t (pass mixture_log_weights(model, x_t, tau))")
-        cdf = log_weights.detach().double().softmax(-1).cumsum(-1)
-        u = _uniforms((n, 1), generator, device).to(cdf.device) * cdf[:, -1:]
-        index = torch.searchsorted(cdf, u).clamp_(max=components - 1)
-        return ((index.float() + 0.5) / components).to(device)
+        raise ValueError("this student weighs its components by x_t: its sampler draws them from w(x_t) "
+                         "(step_log_scores), and only stratified draws (stratified_groups > 0) are free of x_t")
     sampler = getattr(unwrap(model), "sample_latent", None)
     if callable(sampler):
         return sampler(n, generator).to(device)
     return _uniforms((n, dim), generator, device).float()
+
+
+def step_log_scores(model, x: torch.Tensor, tau, generator: Optional[torch.Generator] = None) -> torch.Tensor:
+    """The log-scores a sampler's step at ``(x, tau)`` uses: a plain model's; a
+    mixture student's at a fresh latent per sequence (:func:`draw_latents`); a
+    student with weights ``w(x_t)`` at a component drawn from them inside the
+    model (``model(x, sigma, draw=u)``, one uniform per sequence)."""
+    if has_mixture_weights(model):
+        return model(x, _sigma(x, tau), draw=_uniforms((len(x),), generator, x.device))
+    return call_model(model, x, tau, draw_latents(model, len(x), generator, x.device))
 
 
 def latent_quadrature(model, points: int = 64) -> Optional[torch.Tensor]:
@@ -341,9 +349,8 @@ def sample(model, graph: ck.Graph, noise, num_samples: int, seq_len: int, steps:
             b = min(batch_size, num_samples - start)
             x = prior_sample(graph, (b, seq_len), generator, device)
             for j in range(len(taus) - 1):
-                lam = draw_latents(model, b, generator, device, log_weights=mixture_log_weights(model, x, taus[j]))
                 with torch.autocast(device.type, dtype=torch.bfloat16, enabled=autocast and device.type == "cuda"):
-                    log_score = call_model(model, x, taus[j], lam)
+                    log_score = step_log_scores(model, x, taus[j], generator)
                 log_score = log_score.to(inversion_dtype(graph, log_score.dtype))
                 x = ck.fused_euler_step(graph, log_score, x, taus[j], taus[j + 1], method=method, generator=generator)
             chunks.append(x)

@@ -195,6 +195,7 @@ def test_bad_data_and_noise_options(option, needles, tmp_path, capsys):
     (["distill", "--joint-target", "x0"], "argument --joint-target"),
     (["distill", "--num-targets", "0"], "argument --num-targets"),
     (["distill", "--mixture-weights", "--latent-components", "0"], "--mixture-weights needs --latent-components"),
+    (["distill", "--shared-blocks", "-1"], "--shared-blocks"),
 ])
 def test_bad_values_are_refused_by_the_parser(argv, argument, tmp_path, capsys):
     if argv[0] in ("pretrain", "distill"):

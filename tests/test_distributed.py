@@ -37,13 +37,13 @@ pytestmark = pytest.mark.skipif(
 )
 
 
-def torchrun(out: Path, dump: Path, steps: int, *extra: str) -> None:
+def torchrun(out: Path, dump: Path, steps: int, *extra: str, cli: list = CLI) -> None:
     dump.mkdir(parents=True, exist_ok=True)
     env = {k: v for k, v in os.environ.items()
            if k not in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")}
     env["OMP_NUM_THREADS"] = "1"
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={WORLD}",
-               str(WORKER), "--dump-dir", str(dump), "--", *CLI, "--steps", str(steps), "--out", str(out), *extra]
+               str(WORKER), "--dump-dir", str(dump), "--", *cli, "--steps", str(steps), "--out", str(out), *extra]
     done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=240)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
 
@@ -116,6 +116,31 @@ def check_run(out: Path, dump: Path, reference: Trainer, generators: list[torch.
     assert_state_close(checkpoint, reference, "model.", reference.model)
     teacher, _ = load_checkpoint(out / "teacher.safetensors")
     assert_state_close({f"ema.{k}": v for k, v in teacher.items()}, reference, "ema.", reference.ema)
+
+
+# A joint-CDM student whose weights depend on x_t: a step calls the model twice (the
+# weights, then the components, grouped), and the weights read the shared block.
+WEIGHTED_DISTILL = ["distill", "--methods", "joint", "--mixture-weights", "--latent-components", "2",
+                    "--shared-blocks", "1", "--student-steps", "2", "--teacher-nfe", "1", "--teacher-steps", "2",
+                    "--num-samples", "16", "--batch-size", "8", "--warmup", "1", "--seed", str(SEED), "--quiet"]
+
+
+def check_weighted_distill(tmp_path: Path, *extra: str) -> None:
+    """Two ranks distil a weighted student: both end with the same weights, bit for bit
+    (every parameter's gradient was reduced, the weight head's included), and the head
+    left its zero start."""
+    torchrun(tmp_path / "run", tmp_path / "dump", 3, *extra, cli=WEIGHTED_DISTILL)
+    ranks = [load_checkpoint(tmp_path / "dump" / f"rank{rank}.safetensors")[0] for rank in range(WORLD)]
+    for name, value in ranks[0].items():
+        if name != "checkpoint_writes":
+            assert torch.equal(value, ranks[1][name]), name
+    assert ranks[0]["model.weight_head.linear.weight"].abs().max() > 0
+    rows = json.loads((tmp_path / "run" / "results.json").read_text())
+    assert (rows[-1]["method"], rows[-1]["nfe"]) == ("cdm-joint-weighted", 2)
+
+
+def test_two_ranks_distil_a_weighted_student(tmp_path):
+    check_weighted_distill(tmp_path)
 
 
 @pytest.fixture(scope="module")

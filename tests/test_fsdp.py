@@ -20,7 +20,9 @@ from cdm.checkpoint import load_checkpoint
 from cdm.experiment import Setup, new_model
 from cdm.losses import get_loss
 from cdm.train import TrainConfig, Trainer
-from test_distributed import BATCH, DATA, SEED, WORLD, check_run, single_process_reference, torchrun
+from test_distributed import (BATCH, DATA, SEED, WORLD, check_run, check_weighted_distill, single_process_reference,
+                              torchrun)
+
 
 def _has_fsdp2() -> bool:
     try:
@@ -101,3 +103,7 @@ def test_fsdp_checkpoint_loads_in_one_process(runs, tmp_path):
         if name.startswith(("model.", "ema.", "optim.", "rng.0")):
             assert torch.equal(state[name], value), name
     assert trainer.fit() is trainer.ema and trainer.step == 4  # trains on, unsharded
+
+
+def test_fsdp_distils_a_weighted_student(tmp_path):
+    check_weighted_distill(tmp_path, "--fsdp")

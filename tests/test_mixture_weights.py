@@ -13,8 +13,8 @@ import cdm_kernels as ck
 from cdm.experiment import Setup, exact_metrics, new_model
 from cdm.losses import di4c_loss, joint_cdm_loss, make_student
 from cdm.models import DiT, DiTConfig
-from cdm.sampling import (draw_latents, exact_sample_distribution, latent_quadrature, mixture_log_weights, sample,
-                          tau_grid)
+from cdm.sampling import (draw_latents, exact_sample_distribution, latent_quadrature, mixture_log_weights,
+                          network_evaluations, sample, tau_grid)
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 
@@ -37,10 +37,10 @@ def teacher():
     return _perturbed(new_model(SETUP, "tiny")).eval()
 
 
-def _student(teacher, weighted=True):
+def _student(teacher, weighted=True, shared_blocks=0):
     torch.manual_seed(1)
     return make_student(teacher, latent_dim=1, latent_components=K, parameterization="posterior", graph="uniform",
-                        mixture_weights=weighted)
+                        mixture_weights=weighted, shared_blocks=shared_blocks)
 
 
 def test_weight_head_starts_uniform_and_validates(teacher):
@@ -62,13 +62,15 @@ def test_weight_head_starts_uniform_and_validates(teacher):
         student(x, torch.full((5,), 2.0, dtype=torch.float64), torch.zeros(5, 1), mixture_weights=True)
 
 
-def test_joint_cdm_loss_is_the_weighted_mixture_nll(teacher, monkeypatch):
+@pytest.mark.parametrize("shared_blocks", [0, 1])
+def test_joint_cdm_loss_is_the_weighted_mixture_nll(teacher, monkeypatch, shared_blocks):
     """M = K (each component once): ``-log sum_k w_k(x_t) prod_i p(x_0^i | x_t, k)`` per
-    token, averaged over the R targets, by hand; gradients reach the weight head."""
+    token, averaged over the R targets, by hand; gradients reach the weight head. With
+    shared blocks the loss evaluates the K components in one grouped call."""
     import cdm.losses.cdm as cdm_module
 
     graph, noise, r = SETUP.kernel_graph, SETUP.schedule, 3
-    student = _perturbed(_student(teacher), seed=3)
+    student = _perturbed(_student(teacher, shared_blocks=shared_blocks), seed=3)
     calls, chain = [], cdm_module.teacher_chain
 
     def recording_chain(*args, **kwargs):
@@ -111,23 +113,25 @@ def test_uniform_weights_give_the_equal_weight_loss(teacher):
         torch.testing.assert_close(losses[0], losses[1], rtol=1e-6, atol=1e-6)
 
 
-def test_sampler_draws_components_by_their_weights(teacher):
+def test_weighted_students_draw_inside_the_model_and_count_their_passes(teacher):
+    """Free draws of a weighted student's latent are refused (its sampler draws from
+    w(x_t) inside the model); NFE: two passes a step without shared blocks, one with."""
     student = _student(teacher)
-    log_w = torch.tensor([0.5, 0.3, 0.15, 0.05]).log().expand(40000, -1)
-    lam = draw_latents(student, 40000, torch.Generator().manual_seed(0), log_weights=log_w)
-    counts = torch.bincount((lam[:, 0] * K).long(), minlength=K).double() / 40000
-    torch.testing.assert_close(counts, torch.tensor([0.5, 0.3, 0.15, 0.05], dtype=torch.float64), atol=0.01, rtol=0)
-    torch.testing.assert_close(lam[:, 0] * K % 1, torch.full((40000,), 0.5))  # component centres
-    with pytest.raises(ValueError, match="log_weights"):
+    with pytest.raises(ValueError, match="step_log_scores"):
         draw_latents(student, 8, torch.Generator().manual_seed(0))
+    assert draw_latents(student, 8, torch.Generator().manual_seed(0), stratified_groups=4).shape == (8, 1)
+    assert network_evaluations(student, 4) == 8
+    assert network_evaluations(_student(teacher, shared_blocks=1), 4) == 4
+    assert network_evaluations(_student(teacher, weighted=False), 4) == 4
 
 
-def test_exact_distribution_of_a_weighted_student_matches_its_sampler(teacher):
+@pytest.mark.parametrize("shared_blocks", [0, 1])
+def test_exact_distribution_of_a_weighted_student_matches_its_sampler(teacher, shared_blocks):
     """A weighted student with uneven, x_t-dependent weights: Monte Carlo draws of its
     2-step sampler against ``exact_sample_distribution`` (total variation), and
     ``exact_metrics`` uses that distribution."""
     graph, noise = SETUP.kernel_graph, SETUP.schedule
-    student = _student(teacher)
+    student = _student(teacher, shared_blocks=shared_blocks)
     _perturbed(student.weight_head, scale=2.0, seed=4)
     support = torch.cartesian_prod(*[torch.arange(3)] * 3)
     exact = exact_sample_distribution(student, graph, support, tau_grid(noise, 2), latents=latent_quadrature(student))
@@ -135,8 +139,8 @@ def test_exact_distribution_of_a_weighted_student_matches_its_sampler(teacher):
     counts = torch.bincount(SETUP.dataset.sequence_index(draws), minlength=27).double()
     assert 0.5 * (counts / counts.sum() - exact).abs().sum() < 0.03  # ~0.01 from sampling noise with 27 cells
     # the weights matter: the same components weighted equally give another distribution
-    equal = exact_sample_distribution(_student(teacher, weighted=False), graph, support, tau_grid(noise, 2),
-                                      latents=latent_quadrature(student))
+    plain = _student(teacher, weighted=False, shared_blocks=shared_blocks)
+    equal = exact_sample_distribution(plain, graph, support, tau_grid(noise, 2), latents=latent_quadrature(student))
     assert 0.5 * (equal - exact).abs().sum() > 0.05
     from cdm.metrics import exact_kl
 

@@ -184,6 +184,10 @@ def test_forward_validates_inputs():
         model(x, sigma, torch.rand(3))
     with pytest.raises(ValueError, match="lam must"):
         DiT(tiny_config(latent_dim=2))(x, sigma, torch.rand(3))
+    with pytest.raises(ValueError, match="lam must"):  # not a whole number of latents per sequence
+        DiT(tiny_config(latent_dim=1))(x, sigma, torch.rand(4, 1))
+    with pytest.raises(ValueError, match="draw needs"):
+        DiT(tiny_config(latent_dim=1))(x, sigma, draw=torch.rand(3))
 
 
 def test_config_presets_and_validation():
@@ -197,6 +201,10 @@ def test_config_presets_and_validation():
         tiny_config(dropout=1.0)
     with pytest.raises(ValueError, match="name"):
         DiTConfig.preset("huge", vocab_size=5, seq_len=4)
+    with pytest.raises(ValueError, match="shared_blocks"):
+        tiny_config(latent_dim=1, shared_blocks=3)  # tiny has 2 blocks
+    with pytest.raises(ValueError, match="shared_blocks needs a latent"):
+        tiny_config(shared_blocks=1)
 
 
 # --------------------------------------------------------------------------- SEDD checkpoints
@@ -339,3 +347,57 @@ def test_fresh_component_tables_differ_so_components_can_separate():
     model = DiT(tiny_config(latent_dim=1, latent_components=3))
     table = model.latent_map.table
     assert table.std() > 0.5 and not torch.allclose(table[0], table[1])
+
+
+# ----------------------------------------------------------------------------- latents per sequence, shared blocks
+
+
+@pytest.mark.parametrize("shared_blocks", [0, 1, 2])
+def test_m_latents_per_sequence_equal_the_repeated_batch(shared_blocks):
+    """lam with M rows per sequence (B * M, 1) gives what the batch repeated M times
+    gives, forward and backward; the shared blocks then run once per sequence."""
+    model = randomised(DiT(tiny_config(latent_dim=1, latent_components=5, shared_blocks=shared_blocks)))
+    x, sigma = inputs()
+    lam = torch.rand(3 * 4, 1)
+    grouped = model(x, sigma, lam)
+    grads = torch.autograd.grad(grouped.square().sum(), list(model.parameters()))
+    repeated = model(x.repeat_interleave(4, 0), sigma.repeat_interleave(4, 0), lam)
+    torch.testing.assert_close(grouped, repeated, rtol=1e-5, atol=1e-5)
+    for got, want in zip(grads, torch.autograd.grad(repeated.square().sum(), list(model.parameters()))):
+        torch.testing.assert_close(got, want, rtol=1e-3, atol=2e-4)  # float32 sums in another order
+
+
+def test_shared_blocks_do_not_see_the_latent():
+    """With shared_blocks = 1 the first block's output is the same for every latent:
+    perturbing the latent table moves only what comes after it."""
+    model = randomised(DiT(tiny_config(latent_dim=1, latent_components=3, shared_blocks=1)))
+    x, sigma = inputs()
+    seen = []
+    model.blocks[0].register_forward_hook(lambda module, args, output: seen.append(output))
+    out = [model(x, sigma, torch.full((3, 1), v)) for v in (0.1, 0.9)]
+    torch.testing.assert_close(seen[0], seen[1])
+    assert not torch.allclose(out[0], out[1])
+
+
+@pytest.mark.parametrize("shared_blocks", [0, 1])
+def test_draw_scores_the_component_its_weights_select(shared_blocks):
+    """``model(x, sigma, draw=u)`` is component ``component_from_uniform(log w(x_t), u)``'s
+    output, and those components follow the weights."""
+    from cdm.models.dit import component_from_uniform
+
+    model = randomised(DiT(tiny_config(latent_dim=1, latent_components=4, mixture_weights=True,
+                                       shared_blocks=shared_blocks)))
+    x, sigma = inputs()
+    u = torch.tensor([0.05, 0.5, 0.97])
+    index = component_from_uniform(model(x, sigma, mixture_weights=True), u)
+    torch.testing.assert_close(model(x, sigma, draw=u), model(x, sigma, ((index.float() + 0.5) / 4)[:, None]))
+    weights = torch.tensor([0.5, 0.3, 0.15, 0.05])
+    uniforms = torch.rand(40000, generator=torch.Generator().manual_seed(0))
+    draws = component_from_uniform(weights.log().expand(40000, -1), uniforms)
+    counts = torch.bincount(draws, minlength=4).double() / 40000
+    torch.testing.assert_close(counts, weights.double(), atol=0.01, rtol=0)
+    assert component_from_uniform(torch.tensor([[0.0, -math.inf]]), torch.tensor([0.999999])).item() == 0
+    with pytest.raises(ValueError, match="draw must"):
+        model(x, sigma, draw=torch.rand(2))
+    with pytest.raises(ValueError, match="lam must be None"):
+        model(x, sigma, torch.rand(3, 1), draw=u)

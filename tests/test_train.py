@@ -125,6 +125,12 @@ def test_cli_pretrain_distill_sample_eval(tmp_path, capsys, device):
     rows = json.loads((tmp_path / "w" / "results.json").read_text())
     assert (rows[-1]["method"], rows[-1]["nfe"]) == ("cdm-joint-weighted", 4)  # 2 steps, 2 passes each
     main(["eval", "--checkpoint", str(weighted), "--steps", "2", "--num-samples", "16", "--device", device])
+    main(["distill", "--teacher", str(teacher), "--methods", "joint", "--mixture-weights", "--latent-components", "2",
+          "--shared-blocks", "1", "--steps", "2", "--batch-size", "4", "--student-steps", "2", "--teacher-nfe", "1",
+          "--num-samples", "32", "--teacher-steps", "2", "--device", device, "--out", str(tmp_path / "s"), "--quiet"])
+    assert load_model(tmp_path / "s" / "student-joint-k2.safetensors")[0].config.shared_blocks == 1
+    rows = json.loads((tmp_path / "s" / "results.json").read_text())
+    assert (rows[-1]["method"], rows[-1]["nfe"]) == ("cdm-joint-weighted", 2)  # one pass a step
     main(["sample", "--checkpoint", str(tmp_path / "d" / "student-joint-k1.safetensors"), "--steps", "1",
           "--num-samples", "3", "--device", device])
     main(["eval", "--checkpoint", str(teacher), "--steps", "1,2", "--num-samples", "32", "--device", device])

@@ -44,7 +44,8 @@ import cdm_kernels as ck
 
 from ..models.dit import PRESETS
 from ..sampling import (METHODS, add_noise, call_model, component_index, draw_latents, inversion_dtype, latent_dim,
-                        mixture_log_weights, model_device, prior_sample, rate_column, tau_of_time, unwrap)
+                        mixture_log_weights, model_device, prior_sample, rate_column, step_log_scores, tau_of_time,
+                        unwrap)
 
 __all__ = [
     "make_student",
@@ -69,7 +70,7 @@ JOINT_TARGETS = ("clean", "step")
 
 def make_student(teacher: nn.Module, latent_dim: int = 0, parameterization: Optional[str] = None,
                  graph: Optional[str] = None, latent_components: int = 0, size: Optional[str] = None,
-                 mixture_weights: bool = False) -> nn.Module:
+                 mixture_weights: bool = False, shared_blocks: int = 0) -> nn.Module:
     """A student initialised from the teacher (seed 001: "student init from teacher").
 
     ``latent_dim = 0`` and no other change: a copy of the teacher. Otherwise (a
@@ -78,7 +79,9 @@ def make_student(teacher: nn.Module, latent_dim: int = 0, parameterization: Opti
     embedding starts at zero (a mixture student that computes the teacher's
     function for every lambda at initialisation; ``latent_components = K``
     makes it a K-component mixture, ``latent_dim`` then 1, and ``mixture_weights``
-    weighs those components by ``w(x_t)``, a head that starts at uniform weights); ``parameterization=
+    weighs those components by ``w(x_t)``, a head that starts at uniform weights;
+    ``shared_blocks``: the leading blocks the latent skips, see
+    ``cdm.models.DiTConfig``); ``parameterization=
     "posterior"`` (with ``graph``, the forward process's name) reads the last
     layer's outputs as logits of ``p_0|t`` instead of log-scores (see
     ``cdm.models.dit``): the trunk starts from the teacher's, the output is
@@ -105,6 +108,8 @@ def make_student(teacher: nn.Module, latent_dim: int = 0, parameterization: Opti
         changes["latent_components"] = latent_components
     if mixture_weights:
         changes["mixture_weights"] = True
+    if shared_blocks:
+        changes["shared_blocks"] = shared_blocks
     if parameterization is not None and parameterization != getattr(config, "parameterization", "score"):
         changes.update(parameterization=parameterization, graph=graph or "")
     if not changes:
@@ -315,8 +320,8 @@ def student_rollout(student, graph: ck.Graph, noise, t: torch.Tensor, steps: int
         xs = x[moving]
         tau_from, tau_to = (tau_of_time(noise, torch.full((len(xs),), v, dtype=torch.float64, device=t.device))
                             for v in (t_from, t_to))
-        lam = draw_latents(model, len(xs), generator, t.device, log_weights=mixture_log_weights(model, xs, tau_from))
-        log_score = _scores(model, xs, tau_from, lam, graph=graph)
+        log_score = step_log_scores(model, xs, tau_from, generator)
+        log_score = log_score.to(inversion_dtype(graph, log_score.dtype))
         x[moving] = ck.fused_euler_step(graph, log_score, xs, tau_from[:, None].expand(xs.shape),
                                         tau_to[:, None].expand(xs.shape), method=method, generator=generator)
     return x
@@ -431,7 +436,11 @@ def joint_cdm_loss(student, teacher, graph: ck.Graph, noise, x0: torch.Tensor, *
     x_target = x_target.view(batch, r, seq_len).repeat_interleave(m, 0)  # (B * M, r, L)
     tau_rep = tau_t.repeat_interleave(m, 0)[:, None].expand(x_rep.shape)
     lam = draw_latents(student, batch * m, generator, device, stratified_groups=m if (stratified and m > 1) else 0)
-    log_score = _scores(student, x_rep, tau_rep[:, 0], lam, graph=graph)
+    if getattr(getattr(unwrap(student), "config", None), "shared_blocks", 0):
+        # M latents per sequence in one call: the blocks before the latent run once per sequence
+        log_score = _scores(student, x_t, tau_t, lam, graph=graph)
+    else:
+        log_score = _scores(student, x_rep, tau_rep[:, 0], lam, graph=graph)
     if target == "step":
         tau_next = tau_of_time(noise, t_next).repeat_interleave(m, 0)[:, None].expand(x_rep.shape)
 

@@ -85,6 +85,14 @@ class DiTConfig:
         ``w(x_t)`` (``forward(..., mixture_weights=True)``, a head on the
         latent-free trunk) instead of equally; the head starts at zero, so the
         weights start uniform.
+    shared_blocks: with a latent: the first ``shared_blocks`` blocks are
+        conditioned on sigma alone and the latent enters the later blocks and
+        the output layer only. Their output is shared by every latent of a
+        sequence (a mixture loss over M latents computes it once), and the
+        weight head reads it, so a weighted student draws its component and
+        scores it in one pass (``forward(..., draw=u)``). 0 (the default): the
+        latent conditions every block, and the weights take a latent-free pass
+        of the whole trunk of their own.
     parameterization: ``"score"`` (the last layer outputs log-scores, SEDD) or
         ``"posterior"`` (it outputs logits of ``p_0|t``; see the module notes).
     graph: the forward process over ``vocab_size`` states, needed by the
@@ -104,6 +112,7 @@ class DiTConfig:
     latent_dim: int = 0
     latent_components: int = 0
     mixture_weights: bool = False
+    shared_blocks: int = 0
     parameterization: str = "score"
     graph: str = ""
 
@@ -127,6 +136,10 @@ class DiTConfig:
             raise ValueError(f"a {self.latent_components}-component latent needs latent_dim=1, got {self.latent_dim}")
         if self.mixture_weights and not self.latent_components:
             raise ValueError("mixture_weights needs latent_components > 0 (weights over a finite set of components)")
+        if not isinstance(self.shared_blocks, int) or not 0 <= self.shared_blocks <= self.n_blocks:
+            raise ValueError(f"shared_blocks must be an int in [0, n_blocks={self.n_blocks}], got {self.shared_blocks!r}")
+        if self.shared_blocks and not self.latent_dim:
+            raise ValueError("shared_blocks needs a latent (latent_dim > 0): it says which blocks the latent skips")
         if self.parameterization not in PARAMETERIZATIONS:
             raise ValueError(f"parameterization must be one of {PARAMETERIZATIONS}, got {self.parameterization!r}")
         if self.parameterization == "posterior":
@@ -238,6 +251,15 @@ class ComponentEmbedder(nn.Module):
     def forward(self, lam: torch.Tensor) -> torch.Tensor:
         index = (lam[:, 0].float() * self.components).long().clamp_(0, self.components - 1)
         return self.table[index]
+
+
+def component_from_uniform(log_weights: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+    """Component k drawn with probability ``w_k`` by inverting the CDF of the weights
+    at a uniform: log_weights (B, K), u (B,) in [0, 1) -> LongTensor (B,). The CDF
+    is summed in float64, so no component with weight > 0 is skipped by rounding."""
+    cdf = log_weights.detach().double().softmax(-1).cumsum(-1)
+    point = u.to(cdf.device, torch.float64)[:, None] * cdf[:, -1:]
+    return torch.searchsorted(cdf, point).squeeze(1).clamp_(max=log_weights.shape[-1] - 1)
 
 
 class MixtureWeightHead(nn.Module):
@@ -367,7 +389,7 @@ class DiT(nn.Module):
                              if config.parameterization == "posterior" else None)
 
     def forward(self, x: torch.Tensor, sigma: torch.Tensor, lam: torch.Tensor | None = None, *,
-                mixture_weights: bool = False) -> torch.Tensor:
+                mixture_weights: bool = False, draw: torch.Tensor | None = None) -> torch.Tensor:
         """Log-scores of every single-token change.
 
         x: LongTensor (B, L), tokens in [0, vocab_size) (not range-checked:
@@ -376,14 +398,24 @@ class DiT(nn.Module):
         lam: latent of a mixture student, only when ``latent_dim > 0``:
             (B, latent_dim), or (B,) when latent_dim == 1, values in [0, 1].
             None means all zeros (the latent-free behaviour at initialisation).
+            It may also hold M latents per sequence, (B * M, ...) grouped by
+            sequence: the output is then (B * M, L, vocab_size), the M
+            evaluations of each sequence, and the ``shared_blocks`` run once
+            per sequence rather than M times.
         Returns float32 (B, L, vocab_size), with ``out[b, i, x[b, i]] == 0``;
         float64 for the posterior form on the uniform and ordinal graphs, whose
         scores need it at high noise (docs/MATH.md section 6).
 
         ``mixture_weights=True`` (a ``config.mixture_weights`` model, no ``lam``):
         instead the log-weights ``log w_k(x_t)`` of its components, float32 (B, K),
-        from the trunk conditioned on sigma alone. A keyword of ``forward`` rather
-        than a method of its own so that DDP/FSDP wrappers see the call.
+        from the trunk conditioned on sigma alone (its ``shared_blocks``, or all
+        of it when there are none). A keyword of ``forward`` rather than a method
+        of its own so that DDP/FSDP wrappers see the call.
+
+        ``draw`` (B,) uniforms in [0, 1) (a ``config.mixture_weights`` model, no
+        ``lam``): the log-scores of component k drawn from ``w(x_t)`` by
+        inverting the CDF of the weights at ``draw``: a sampler's step. With
+        ``shared_blocks`` this is one pass of the network.
 
         With ``scale_by_sigma`` (SEDD, absorbing graph), the raw output is
         shifted by ``-log(e^sigma - 1) - log(vocab_size - 1)``: for a masked
@@ -391,20 +423,26 @@ class DiT(nn.Module):
         the network only has to learn a log-probability around
         ``-log(vocab_size - 1)`` rather than the sigma-dependent scale.
         """
-        batch = self._check_inputs(x, sigma, lam)
-        c = self.sigma_map(sigma)
-        if mixture_weights:
-            if not self.config.mixture_weights:
-                raise ValueError("mixture_weights=True needs a model built with config.mixture_weights")
-            if lam is not None:
-                raise ValueError("lam must be None with mixture_weights=True (the weights are over every component)")
-            return self.weight_head(self._trunk(x, F.silu(c)))
-        if self.config.latent_dim:
+        group = self._check_inputs(x, sigma, lam, mixture_weights, draw)
+        c_sigma = self.sigma_map(sigma)
+        cos, sin = self.rotary_emb(x.shape[1])
+        h = self.vocab_embed(x)
+        shared = self.config.shared_blocks
+        for block in self.blocks[:shared]:
+            h = block(h, cos, sin, F.silu(c_sigma))
+        if mixture_weights or draw is not None:
+            log_weights = self.weight_head(h if shared else self._blocks(h, cos, sin, F.silu(c_sigma)))
+            if mixture_weights:
+                return log_weights
+            latent = self.latent_map.table[component_from_uniform(log_weights, draw)]
+        elif self.config.latent_dim:
             if lam is None:
-                lam = torch.zeros(batch, self.config.latent_dim, device=x.device)
-            c = c + self.latent_map(lam.reshape(batch, self.config.latent_dim))
-        c = F.silu(c)
-        out = self.output_layer(self._trunk(x, c), c).float()
+                lam = torch.zeros(x.shape[0], self.config.latent_dim, device=x.device)
+            latent = self.latent_map(lam.reshape(-1, self.config.latent_dim))
+            if group > 1:
+                x, sigma, c_sigma, h = (v.repeat_interleave(group, 0) for v in (x, sigma, c_sigma, h))
+        c = F.silu(c_sigma + latent) if self.config.latent_dim else F.silu(c_sigma)
+        out = self.output_layer(self._blocks(h, cos, sin, c, start=shared), c).float()
         if self.kernel_graph is not None:
             return self._posterior_scores(out, x, sigma)
         log_score = out
@@ -416,10 +454,9 @@ class DiT(nn.Module):
             log_score = log_score - log_scale
         return torch.scatter(log_score, -1, x.long()[..., None], 0.0)
 
-    def _trunk(self, x: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
-        h = self.vocab_embed(x)
-        cos, sin = self.rotary_emb(x.shape[1])
-        for block in self.blocks:
+    def _blocks(self, h: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, c: torch.Tensor,
+                start: int = 0) -> torch.Tensor:
+        for block in self.blocks[start:]:
             h = block(h, cos, sin, c)
         return h
 
@@ -441,8 +478,8 @@ class DiT(nn.Module):
         log_score = ck.posterior_to_scores(graph, log_p0, x, tau).clamp_min(LOG_ZERO)
         return torch.scatter(log_score, -1, x.long()[..., None], 0.0)  # r_x = 1 exactly, not to rounding
 
-    def _check_inputs(self, x, sigma, lam) -> int:
-        """Validate shapes and types; returns the batch size."""
+    def _check_inputs(self, x, sigma, lam, mixture_weights, draw) -> int:
+        """Validate shapes and types; returns the number of latents per sequence."""
         if not isinstance(x, torch.Tensor) or x.dtype not in (torch.int64, torch.int32):
             raise TypeError("x must be an integer (int64/int32) tensor")
         if x.dim() != 2:
@@ -451,11 +488,26 @@ class DiT(nn.Module):
         if not isinstance(sigma, torch.Tensor) or sigma.shape != (batch,):
             raise ValueError(f"sigma must be a tensor of shape ({batch},), got "
                              f"{tuple(sigma.shape) if isinstance(sigma, torch.Tensor) else type(sigma).__name__}")
-        if lam is not None:
-            latent_dim = self.config.latent_dim
-            if not latent_dim:
-                raise ValueError("lam was given but this model has latent_dim=0")
-            allowed = {(batch, latent_dim)} | ({(batch,)} if latent_dim == 1 else set())
-            if tuple(lam.shape) not in allowed:
-                raise ValueError(f"lam must have shape {sorted(allowed)}, got {tuple(lam.shape)}")
-        return batch
+        if (mixture_weights or draw is not None) and not self.config.mixture_weights:
+            raise ValueError(f"{'mixture_weights=True' if mixture_weights else 'draw'} needs a model built with "
+                             "config.mixture_weights")
+        if mixture_weights and draw is not None:
+            raise ValueError("draw does not go with mixture_weights=True (that returns the weights, not scores)")
+        if (mixture_weights or draw is not None) and lam is not None:
+            raise ValueError(f"lam must be None with {'mixture_weights=True' if mixture_weights else 'draw'} "
+                             "(the weights choose among every component)")
+        if draw is not None and (not isinstance(draw, torch.Tensor) or draw.shape != (batch,)):
+            raise ValueError(f"draw must be a tensor of shape ({batch},) of uniforms in [0, 1), got "
+                             f"{tuple(draw.shape) if isinstance(draw, torch.Tensor) else type(draw).__name__}")
+        if lam is None:
+            return 1
+        latent_dim = self.config.latent_dim
+        if not latent_dim:
+            raise ValueError("lam was given but this model has latent_dim=0")
+        rows = lam.shape[0] if lam.dim() else 0
+        group = 1 if rows == batch else (rows // batch if batch and rows % batch == 0 else 0)
+        if not group or tuple(lam.shape[1:]) not in ({(latent_dim,)} | ({()} if latent_dim == 1 else set())):
+            raise ValueError(f"lam must have shape ({batch} * M, {latent_dim})"
+                             f"{f' or ({batch} * M,)' if latent_dim == 1 else ''} with M >= 1 latents per "
+                             f"sequence, got {tuple(lam.shape)}")
+        return group
