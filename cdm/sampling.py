@@ -58,6 +58,7 @@ __all__ = [
     "unwrap",
     "latent_dim",
     "has_mixture_weights",
+    "shared_block_count",
     "mixture_log_weights",
     "network_evaluations",
     "component_index",
@@ -196,9 +197,20 @@ def latent_dim(model) -> int:
     return int(getattr(model, "latent_dim", 0) or 0)
 
 
+def _config_value(model, name: str, default=0):
+    """``model.config.<name>`` (wrappers looked through), or ``default`` for a model without it."""
+    return getattr(getattr(unwrap(model), "config", None), name, default)
+
+
 def has_mixture_weights(model) -> bool:
     """Whether ``model`` is a mixture student whose component weights depend on x_t."""
-    return bool(getattr(getattr(unwrap(model), "config", None), "mixture_weights", False))
+    return bool(_config_value(model, "mixture_weights", False))
+
+
+def shared_block_count(model) -> int:
+    """How many leading blocks of a mixture student its latent skips (``DiTConfig.shared_blocks``):
+    their output serves every latent of an input; 0 for any other model."""
+    return int(_config_value(model, "shared_blocks") or 0)
 
 
 def mixture_log_weights(model, x: torch.Tensor, tau) -> Optional[torch.Tensor]:
@@ -216,13 +228,12 @@ def network_evaluations(model, steps: int) -> int:
     without a component, before the component's own pass). With shared blocks the
     weights read features the component's pass computes anyway: one pass (plus
     the weight head, a mean over positions and one linear layer)."""
-    config = getattr(unwrap(model), "config", None)
-    second_pass = has_mixture_weights(model) and not getattr(config, "shared_blocks", 0)
+    second_pass = has_mixture_weights(model) and not shared_block_count(model)
     return steps * (2 if second_pass else 1)
 
 
 def _component_count(model) -> int:
-    return int(getattr(getattr(unwrap(model), "config", None), "latent_components", 0) or 0)
+    return int(_config_value(model, "latent_components") or 0)
 
 
 def component_index(lam: torch.Tensor, components: int) -> torch.Tensor:

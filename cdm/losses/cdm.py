@@ -44,8 +44,8 @@ import cdm_kernels as ck
 
 from ..models.dit import PRESETS
 from ..sampling import (METHODS, add_noise, call_model, component_index, draw_latents, inversion_dtype, latent_dim,
-                        mixture_log_weights, model_device, prior_sample, rate_column, step_log_scores, tau_of_time,
-                        unwrap)
+                        mixture_log_weights, model_device, prior_sample, rate_column, shared_block_count,
+                        step_log_scores, tau_of_time, unwrap)
 
 __all__ = [
     "make_student",
@@ -436,7 +436,7 @@ def joint_cdm_loss(student, teacher, graph: ck.Graph, noise, x0: torch.Tensor, *
     x_target = x_target.view(batch, r, seq_len).repeat_interleave(m, 0)  # (B * M, r, L)
     tau_rep = tau_t.repeat_interleave(m, 0)[:, None].expand(x_rep.shape)
     lam = draw_latents(student, batch * m, generator, device, stratified_groups=m if (stratified and m > 1) else 0)
-    if getattr(getattr(unwrap(student), "config", None), "shared_blocks", 0):
+    if shared_block_count(student):
         # M latents per sequence in one call: the blocks before the latent run once per sequence
         log_score = _scores(student, x_t, tau_t, lam, graph=graph)
     else:

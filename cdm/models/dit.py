@@ -137,7 +137,8 @@ class DiTConfig:
         if self.mixture_weights and not self.latent_components:
             raise ValueError("mixture_weights needs latent_components > 0 (weights over a finite set of components)")
         if not isinstance(self.shared_blocks, int) or not 0 <= self.shared_blocks <= self.n_blocks:
-            raise ValueError(f"shared_blocks must be an int in [0, n_blocks={self.n_blocks}], got {self.shared_blocks!r}")
+            raise ValueError(f"shared_blocks must be an int in [0, n_blocks={self.n_blocks}], "
+                             f"got {self.shared_blocks!r}")
         if self.shared_blocks and not self.latent_dim:
             raise ValueError("shared_blocks needs a latent (latent_dim > 0): it says which blocks the latent skips")
         if self.parameterization not in PARAMETERIZATIONS:
