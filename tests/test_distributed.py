@@ -84,12 +84,18 @@ def assert_state_close(tensors: dict, trainer: Trainer, prefix: str, module: tor
         torch.testing.assert_close(found[name], value, rtol=1e-5, atol=1e-6, msg=name)
 
 
-def check_run(out: Path, dump: Path, reference: Trainer, generators: list[torch.Generator], steps: int) -> None:
+def identical_rank_dumps(dump: Path) -> list[dict]:
+    """Every rank's dump (tests/cli_worker.py --dump-dir), after checking that all ranks
+    hold the same weights, bit for bit (only their checkpoint-write counts may differ)."""
     ranks = [load_checkpoint(dump / f"rank{rank}.safetensors")[0] for rank in range(WORLD)]
-    # every rank holds the same weights, bit for bit (DDP all-reduced the same gradients)
     for name, value in ranks[0].items():
         if name != "checkpoint_writes":
-            assert torch.equal(value, ranks[1][name]), name
+            assert all(torch.equal(value, other[name]) for other in ranks[1:]), name
+    return ranks
+
+
+def check_run(out: Path, dump: Path, reference: Trainer, generators: list[torch.Generator], steps: int) -> None:
+    ranks = identical_rank_dumps(dump)  # DDP all-reduced the same gradients
     # rank 0 alone wrote checkpoints; the log was written once (no step twice)
     assert int(ranks[0]["checkpoint_writes"]) >= 1 and int(ranks[1]["checkpoint_writes"]) == 0
     records = log_records(out / "log.jsonl")
@@ -130,10 +136,7 @@ def check_weighted_distill(tmp_path: Path, *extra: str) -> None:
     (every parameter's gradient was reduced, the weight head's included), and the head
     left its zero start."""
     torchrun(tmp_path / "run", tmp_path / "dump", 3, *extra, cli=WEIGHTED_DISTILL)
-    ranks = [load_checkpoint(tmp_path / "dump" / f"rank{rank}.safetensors")[0] for rank in range(WORLD)]
-    for name, value in ranks[0].items():
-        if name != "checkpoint_writes":
-            assert torch.equal(value, ranks[1][name]), name
+    ranks = identical_rank_dumps(tmp_path / "dump")
     assert ranks[0]["model.weight_head.linear.weight"].abs().max() > 0
     rows = json.loads((tmp_path / "run" / "results.json").read_text())
     assert (rows[-1]["method"], rows[-1]["nfe"]) == ("cdm-joint-weighted", 2)
