@@ -46,6 +46,8 @@ from torch import nn
 import cdm_kernels as ck
 from cdm_kernels import reference
 
+from .models.dit import component_index
+
 __all__ = [
     "inversion_dtype",
     "rate_column",
@@ -234,12 +236,6 @@ def network_evaluations(model, steps: int) -> int:
 
 def _component_count(model) -> int:
     return int(_config_value(model, "latent_components") or 0)
-
-
-def component_index(lam: torch.Tensor, components: int) -> torch.Tensor:
-    """The component ``floor(K lam)`` that latents (n, 1) select in a K-component
-    student (as ``cdm.models.dit.ComponentEmbedder`` reads them): LongTensor (n,)."""
-    return (lam[:, 0].float() * components).long().clamp_(0, components - 1)
 
 
 def draw_latents(model, n: int, generator: Optional[torch.Generator] = None, device="cpu",

@@ -250,8 +250,13 @@ class ComponentEmbedder(nn.Module):
         self.table = nn.Parameter(torch.randn(components, cond_dim))
 
     def forward(self, lam: torch.Tensor) -> torch.Tensor:
-        index = (lam[:, 0].float() * self.components).long().clamp_(0, self.components - 1)
-        return self.table[index]
+        return self.table[component_index(lam, self.components)]
+
+
+def component_index(lam: torch.Tensor, components: int) -> torch.Tensor:
+    """The component ``floor(K lam)`` that latents (n, 1) select in a K-component
+    student: LongTensor (n,)."""
+    return (lam[:, 0].float() * components).long().clamp_(0, components - 1)
 
 
 def component_from_uniform(log_weights: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
