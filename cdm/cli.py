@@ -167,7 +167,7 @@ def pretrain(args) -> None:
     metadata = {"name": "pretrain", "setup": setup.to_json(), "model": asdict(model.config)}
     trainer = Trainer(model, loss, setup.dataset.sample, _train_config(args, args.steps), out, metadata,
                       device=args.device)
-    if args.resume and trainer.resume():
+    if args.resume and trainer.resume() and trainer.rank == 0:
         print(f"resumed at step {trainer.step}")
     teacher = trainer.fit()
     if trainer.rank == 0:
@@ -204,8 +204,8 @@ def distill(args) -> None:
             if method == "dmmd":
                 config = dataclasses.replace(config, lr=args.dmmd_lr)
             trainer = Trainer(student, loss, setup.dataset.sample, config, out / name, metadata, device=args.device)
-            if args.resume:
-                trainer.resume()
+            if args.resume and trainer.resume() and trainer.rank == 0:
+                print(f"{name}: resumed at step {trainer.step}")
             student = trainer.fit().eval()
             if trainer.rank != 0:
                 continue

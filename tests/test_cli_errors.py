@@ -126,6 +126,24 @@ def test_resume_from_a_checkpoint_of_other_settings(tmp_path, capsys):
     assert not (tmp_path / "teacher.safetensors").exists()
 
 
+def test_resume_of_a_distillation_takes_new_loss_options_but_not_another_student(model_file, tmp_path, capsys):
+    """The checkpoint pins the model, data and method; the loss options (here the
+    teacher's steps per target) may change when a run is extended."""
+    def argv(steps, teacher_steps, components=2, resume=()):
+        return [str(a) for a in ["distill", "--teacher", model_file, "--methods", "joint", "--student-steps", 1,
+                                 "--teacher-nfe", 1, "--num-samples", 8, "--batch-size", 4, "--steps", steps,
+                                 "--teacher-steps", teacher_steps, "--latent-components", components,
+                                 "--out", tmp_path, "--quiet", *resume]]
+
+    main(argv(2, 2))
+    capsys.readouterr()
+    main(argv(3, 4, resume=["--resume"]))
+    assert "joint-k1: resumed at step 2" in capsys.readouterr().out
+    _, metadata = load_checkpoint(tmp_path / "joint-k1" / "checkpoint.safetensors")
+    assert int(metadata["step"]) == 3
+    fails(argv(4, 4, components=3, resume=["--resume"]), capsys, "--resume", "other settings", "model")
+
+
 def test_resume_from_a_truncated_checkpoint(tmp_path, capsys):
     write_training_checkpoint(tmp_path)
     path = tmp_path / "checkpoint.safetensors"
