@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import math
 import sys
 import time
 from dataclasses import asdict
@@ -21,11 +22,13 @@ from pathlib import Path
 import torch
 
 from .experiment import (
+    EXACT_SUPPORT,
     Setup,
     data_reference,
     default_teacher_path,
     ensure_dir,
     evaluate,
+    exact_handover_metrics,
     load_model,
     new_model,
     primary_metric,
@@ -59,6 +62,16 @@ def _int_list(text: str) -> list[int]:
         raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
     if not values or min(values) < 1:
         raise argparse.ArgumentTypeError(f"expected positive integers, got {text!r}")
+    return values
+
+
+def _weight_list(text: str) -> list[float]:
+    try:
+        values = [float(v) for v in text.split(",") if v]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated numbers, got {text!r}") from None
+    if not values or not all(math.isfinite(v) and v >= 0 for v in values) or sum(values) <= 0:
+        raise argparse.ArgumentTypeError(f"expected finite numbers >= 0 with a positive sum, got {text!r}")
     return values
 
 
@@ -241,6 +254,8 @@ def _student_and_loss(method: str, k: int, teacher, setup: Setup, args):
     student = make_student(teacher, parameterization=args.student_output, graph=setup.graph, size=args.student_size,
                            **latent)
     options = {"steps": k}
+    if args.grid_weights and method in ("per-token", "joint"):
+        options["grid_weights"] = args.grid_weights
     if mixture:
         options["num_latents"] = args.num_latents or args.latent_components or 16
     if method == "joint":
@@ -325,11 +340,35 @@ def sample_command(args) -> None:
 
 def eval_command(args) -> None:
     model, setup, _ = load_model(args.checkpoint, device=args.device)
+    if args.handover:
+        handover(model, setup, args)
+        return
     rows = []
     for steps in args.steps:
         metrics, _ = evaluate(model, setup, steps, args.num_samples, seed=args.seed, method=args.method)
         rows.append(result_row("model", args.method, network_evaluations(model, steps), metrics))
     print(_table(setup, rows, data_reference(setup)))
+
+
+def handover(student, setup: Setup, args) -> None:
+    """``cdm eval --handover``: the exact KL of samplers that take the student's step
+    on some grid intervals and the teacher's on the others (``exact_handover_metrics``)."""
+    teacher_path = args.teacher or default_teacher_path()
+    if teacher_path is None:
+        raise SystemExit("error: no --teacher given and no teacher ships with this installation")
+    teacher, teacher_setup, _ = load_model(teacher_path, device=args.device)
+    if teacher_setup != setup:
+        raise ValueError(f"--teacher: {teacher_path} was trained on another setup than --checkpoint "
+                         f"({teacher_setup.to_json()} against {setup.to_json()})")
+    for steps in args.steps:
+        results = exact_handover_metrics(student, teacher, setup, steps, args.teacher_steps, method=args.method)
+        if results is None:
+            raise ValueError("--handover needs data whose state space is enumerable (the markov data, "
+                             f"num_states^L <= {EXACT_SUPPORT})")
+        print(f"{steps} grid steps; per step s: the student's step, t: {args.teacher_steps} teacher steps")
+        print(f"{'sampler':>{max(steps, 7)}}  {'kl':>8}  {'reverse_kl':>10}")
+        for pattern, metrics in results.items():
+            print(f"{pattern:>{max(steps, 7)}}  {metrics['kl']:8.4f}  {metrics['reverse_kl']:10.4f}")
 
 
 # ----------------------------------------------------------------------------- parser
@@ -386,6 +425,9 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--joint-target", default="clean", choices=["clean", "step"],
                        help="joint CDM: fit the student's p_0|t to the teacher's x_0 (clean) or its reverse step "
                             "to the teacher's x at the next grid time (step; the same at 1 step)")
+        p.add_argument("--grid-weights", type=_weight_list, metavar="W1,...,Wk",
+                       help="CDM students (one --student-steps k): relative frequencies of the k grid times "
+                            "t = 1, 1 - 1/k, ..., 1/k in training (default equal)")
         p.add_argument("--rollout", type=_number(float, 0, 1), default=0.0,
                        help="joint CDM, k > 1: share of x_t drawn by the student's own sampler instead of by noising data")
         # D-MMD's generator loss is linear in its probabilities: at the shared lr (2e-3) the
@@ -407,6 +449,14 @@ def build_parser() -> argparse.ArgumentParser:
         _add_device_option(p)
         if name == "sample":
             p.add_argument("--out", help="also save the samples (torch.save) here")
+        else:
+            p.add_argument("--handover", action="store_true",
+                           help="a student's file, enumerable data: the exact KL of samplers that take the student's "
+                                "step on some grid intervals and --teacher-steps teacher steps on the others "
+                                "(which of its steps loses)")
+            p.add_argument("--teacher", help="with --handover: the teacher (default: the one shipped with the package)")
+            p.add_argument("--teacher-steps", type=_number(int, 1), default=16,
+                           help="with --handover: teacher steps per grid interval of the student")
         p.set_defaults(run=run)
     return parser
 
@@ -416,6 +466,12 @@ def main(argv=None) -> None:
     args = parser.parse_args(argv)
     if getattr(args, "mixture_weights", False) and not args.latent_components:
         parser.error("--mixture-weights needs --latent-components K > 0 (weights over a finite set of components)")
+    if getattr(args, "grid_weights", None) and args.student_steps != [len(args.grid_weights)]:
+        parser.error(f"--grid-weights gives {len(args.grid_weights)} grid times: it needs --student-steps "
+                     f"{len(args.grid_weights)} (one student), got --student-steps "
+                     f"{','.join(map(str, args.student_steps))}")
+    if getattr(args, "handover", None) is False and args.teacher:
+        parser.error("--teacher: cdm eval reads a teacher only with --handover")
     previous = torch.are_deterministic_algorithms_enabled()  # process-wide: restored below
     try:
         if getattr(args, "deterministic", False):

@@ -21,7 +21,7 @@ import cdm_kernels as ck
 from .checkpoint import check_metadata, load_checkpoint, save_checkpoint
 from .data import get_dataset
 from .models.dit import DiT, DiTConfig, graph_by_name
-from .sampling import exact_sample_distribution, latent_quadrature, model_device, sample, tau_grid
+from .sampling import exact_sample_distribution, latent_quadrature, model_device, sample, tau_of_time, time_grid
 from .schedules import get_noise
 
 GRAPHS = ("uniform", "absorbing", "ordinal")
@@ -117,6 +117,46 @@ def exact_metrics(model, setup: Setup, steps: int, method: str = "analytic") -> 
     distribution over all ``num_states^L`` sequences (``exact_sample_distribution``;
     a mixture student's latent average as ``latent_quadrature``).
     """
+    return _exact_chain_metrics(setup, [(model, time_grid(steps))], method)
+
+
+def exact_handover_metrics(student, teacher, setup: Setup, steps: int, teacher_steps: int = 16,
+                           patterns: Optional[list[str]] = None, method: str = "analytic"
+                           ) -> Optional[dict[str, dict[str, float]]]:
+    """Where a ``steps``-step student loses, exactly: samplers that take, on each
+    interval of the student's grid, either the student's step (``"s"``) or
+    ``teacher_steps`` steps of the teacher (``"t"``), each interval starting from
+    the exact distribution the previous one ended at.
+
+    ``patterns`` (strings of ``steps`` letters) default to the student alone, the
+    teacher alone and the student on one interval at a time with the teacher
+    around it: each of the latter minus the teacher alone is what that one step
+    of the student costs (README, "Longer runs", for what it found and how
+    ``--grid-weights`` uses it). Returns ``{pattern: {"kl", "reverse_kl"}}``
+    (:func:`exact_metrics`), or None where the state space is not enumerable.
+    """
+    if not isinstance(teacher_steps, int) or teacher_steps < 1:
+        raise ValueError(f"teacher_steps must be a positive int, got {teacher_steps!r}")
+    if patterns is None:
+        patterns = ["s" * steps, "t" * steps] + ["t" * j + "s" + "t" * (steps - j - 1) for j in range(steps)]
+    for pattern in patterns:
+        if len(pattern) != steps or set(pattern) - {"s", "t"}:
+            raise ValueError(f"patterns must be strings of {steps} letters s (student) or t (teacher), got {pattern!r}")
+    grid = time_grid(steps)
+    results = {}
+    for pattern in dict.fromkeys(patterns):
+        segments = [(student, grid[j:j + 2]) if who == "s"
+                    else (teacher, time_grid(teacher_steps, float(grid[j]), float(grid[j + 1])))
+                    for j, who in enumerate(pattern)]
+        results[pattern] = _exact_chain_metrics(setup, segments, method)
+        if results[pattern] is None:
+            return None
+    return results
+
+
+def _exact_chain_metrics(setup: Setup, segments, method: str) -> Optional[dict[str, float]]:
+    """:func:`exact_metrics` of a chain of samplers: ``(model, times)`` segments in turn,
+    each on its decreasing time grid, from the prior to t = 0."""
     from .data.markov import enumerate_sequences
     from .metrics import exact_kl
 
@@ -124,9 +164,13 @@ def exact_metrics(model, setup: Setup, steps: int, method: str = "analytic") -> 
     if not enumerable(setup):
         return None
     support = enumerate_sequences(graph.num_states, data.seq_len, max_support=EXACT_SUPPORT)
-    device = model_device(model)
-    q = exact_sample_distribution(model, graph, support.to(device), tau_grid(setup.schedule, steps, device=device),
-                                  method=method, latents=latent_quadrature(model)).cpu()
+    q = None
+    for model, times in segments:
+        device = model_device(model)
+        q = exact_sample_distribution(model, graph, support.to(device), tau_of_time(setup.schedule, times.to(device)),
+                                      method=method, latents=latent_quadrature(model),
+                                      prior=None if q is None else q.to(device))
+    q = q.cpu()
     if graph.num_states != data.vocab_size:  # the absorbing graph's mask: clean sequences keep their order
         q = q[(support < data.vocab_size).all(dim=1)]
     p = data.exact_distribution()

@@ -26,8 +26,8 @@ import torch
 
 import cdm_kernels as ck
 from cdm.data.markov import MarkovData, enumerate_sequences
-from cdm.losses import (get_loss, joint_cdm_loss, kernel_ratios, make_student, per_token_cdm_loss, score_entropy,
-                        score_entropy_loss)
+from cdm.losses import (get_loss, joint_cdm_loss, kernel_ratios, make_student, per_token_cdm_loss, sample_times,
+                        score_entropy, score_entropy_loss)
 from cdm.losses.cdm import student_rollout
 from cdm.metrics import exact_kl
 from cdm.sampling import (EnumeratedScoreModel, TabularScoreModel, add_noise, draw_latents,
@@ -387,6 +387,42 @@ def test_exact_metrics_of_a_mixture_student(graph_name):
     assert metrics["reverse_kl"] == pytest.approx(exact_kl(q[clean], p), rel=1e-9)
 
 
+@pytest.mark.parametrize("graph_name", ["uniform", "absorbing"])
+def test_exact_handover_metrics_chain_the_student_and_the_teacher(graph_name):
+    """cdm.experiment.exact_handover_metrics: the student alone is exact_metrics of its
+    k-step sampler, the teacher alone that of its k * m-step one, and a mixed pattern
+    the student's exact step distribution fed as the prior of the teacher's m steps."""
+    from cdm.experiment import Setup, exact_handover_metrics, exact_metrics, new_model
+    from cdm.losses import make_student
+    from cdm.sampling import tau_of_time, time_grid
+
+    setup = Setup(data="markov", data_options={"vocab_size": 3, "seq_len": 3}, graph=graph_name)
+    torch.manual_seed(0)
+    teacher = new_model(setup, "tiny").eval()
+    student = make_student(teacher, latent_dim=1, latent_components=2, parameterization="posterior",
+                           graph=graph_name).eval()
+    results = exact_handover_metrics(student, teacher, setup, 2, teacher_steps=3)
+    assert list(results) == ["ss", "tt", "st", "ts"]
+    for pattern, model, steps in (("ss", student, 2), ("tt", teacher, 6)):
+        for name, value in exact_metrics(model, setup, steps).items():
+            assert results[pattern][name] == pytest.approx(value, rel=1e-9), (pattern, name)
+    graph, data, noise = setup.kernel_graph, setup.dataset, setup.schedule
+    support = torch.cartesian_prod(*[torch.arange(graph.num_states)] * 3)
+    half = exact_sample_distribution(student, graph, support, tau_of_time(noise, time_grid(1, 1.0, 0.5)),
+                                     latents=torch.tensor([[0.25], [0.75]]))
+    q = exact_sample_distribution(teacher, graph, support, tau_of_time(noise, time_grid(3, 0.5, 0.0)), prior=half)
+    q = q[(support < data.vocab_size).all(1)]
+    assert results["st"]["kl"] == pytest.approx(exact_kl(data.exact_distribution(), q), rel=1e-9)
+    assert results["st"] != results["ts"]
+    only = exact_handover_metrics(student, teacher, setup, 2, teacher_steps=3, patterns=["ts", "ts"])
+    assert only == {"ts": results["ts"]}
+    for bad in (["s"], ["sx"], ["sss"]):
+        with pytest.raises(ValueError, match="patterns"):
+            exact_handover_metrics(student, teacher, setup, 2, patterns=bad)
+    with pytest.raises(ValueError, match="teacher_steps"):
+        exact_handover_metrics(student, teacher, setup, 2, teacher_steps=0)
+
+
 def test_student_rollout_stops_where_the_students_sampler_is(study):
     """``student_rollout`` (joint CDM's ``rollout``): run to t = 0 it is the k-step
     sampler itself, draw for draw; stopped at t = 1/2 of a 2-step student its states
@@ -419,6 +455,33 @@ def test_joint_cdm_rollout_trains_at_the_students_own_states(study):
         joint_cdm_loss(student, study["teacher"], graph, noise, x0, steps=2, rollout=1.5)
     with pytest.raises(ValueError, match="rollout"):
         joint_cdm_loss(student, study["teacher"], graph, noise, x0, steps=2, rollout=0.5, t_dist="uniform")
+
+
+def test_grid_weights_set_how_often_each_grid_time_is_trained(study):
+    """``grid_weights``: the k grid times drawn with the given relative frequencies
+    (equal weights: the default draws, bit for bit); a grid time of weight 1 and
+    the rest 0 is a 1-step student's loss, draw for draw."""
+    t, t_next = sample_times(4, 40000, grid_weights=[1, 2, 3, 0], generator=torch.Generator().manual_seed(0))
+    shares = torch.stack([(t == 1 - j / 4).double().mean() for j in range(4)])
+    torch.testing.assert_close(shares, torch.tensor([1, 2, 3, 0], dtype=torch.float64) / 6, rtol=0, atol=0.01)
+    torch.testing.assert_close(t_next, t - 0.25)
+    default, _ = sample_times(4, 64, generator=torch.Generator().manual_seed(1))
+    equal, _ = sample_times(4, 64, grid_weights=[2.0] * 4, generator=torch.Generator().manual_seed(1))
+    assert torch.equal(default, equal)
+
+    graph, noise = study["graph"], study["noise"]
+    student = TabularScoreModel(graph, study["support"], tau_grid(noise, 2)[:-1], components=2)
+    student.init_from(study["teacher"], noise_scale=1.0, generator=torch.Generator().manual_seed(0))
+    x0 = study["data"].sample(16, torch.Generator().manual_seed(0))
+    first_only, one_step = (joint_cdm_loss(student, study["teacher"], graph, noise, x0, num_latents=2, teacher_steps=3,
+                                           generator=torch.Generator().manual_seed(1), reduction="none", **options)
+                            for options in ({"steps": 2, "grid_weights": [1, 0]}, {"steps": 1}))
+    assert torch.equal(first_only, one_step)
+    for bad in ([1, 1, 1], [1, -1], [0, 0], [1, math.nan], "11"):
+        with pytest.raises(ValueError, match="grid_weights"):
+            per_token_cdm_loss(student, study["teacher"], graph, noise, x0, steps=2, grid_weights=bad)
+    with pytest.raises(ValueError, match="grid_weights needs t_dist='grid'"):
+        joint_cdm_loss(student, study["teacher"], graph, noise, x0, steps=2, grid_weights=[1, 1], t_dist="uniform")
 
 
 # ----------------------------------------------------------------------------- joint CDM, step targets

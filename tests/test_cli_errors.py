@@ -144,6 +144,43 @@ def test_resume_of_a_distillation_takes_new_loss_options_but_not_another_student
     fails(argv(4, 4, components=3, resume=["--resume"]), capsys, "--resume", "other settings", "model")
 
 
+def test_grid_weights_reach_the_cdm_losses_only(model_file, tmp_path, monkeypatch):
+    """``--grid-weights`` is an option of the two CDM losses (Di4C and D-MMD draw
+    their own times): the loss each student is built with, caught before training."""
+    import cdm.cli
+
+    class Built(Exception):
+        pass
+
+    def fake_get_loss(name, graph, noise, teacher=None, **options):
+        raise Built(name, options)
+
+    monkeypatch.setattr(cdm.cli, "get_loss", fake_get_loss)
+    for method, reaches in (("joint", True), ("per-token", True), ("di4c", False), ("dmmd", False)):
+        with pytest.raises(Built) as built:
+            main([str(a) for a in ["compare", "--teacher", model_file, "--methods", method, "--student-steps", 3,
+                                   "--teacher-nfe", 1, "--num-samples", 8, "--grid-weights", "1,2.5,0",
+                                   "--out", tmp_path, "--quiet"]])
+        assert (built.value.args[1].get("grid_weights") == [1.0, 2.5, 0.0]) == reaches, (method, built.value.args)
+
+
+def test_eval_handover_prints_every_pattern_and_refuses_a_foreign_teacher(model_file, tmp_path, capsys):
+    """``cdm eval --handover``: one row per sampler pattern; a teacher of another setup
+    and data too large to enumerate are refused by name."""
+    main([str(a) for a in ["eval", "--checkpoint", model_file, "--steps", 2, "--handover", "--teacher", model_file,
+                           "--teacher-steps", 2]])
+    rows = [line.split()[0] for line in capsys.readouterr().out.splitlines()[2:]]
+    assert rows == ["ss", "tt", "st", "ts"]
+    other = tmp_path / "other.safetensors"
+    setup = Setup(data="markov", data_options={"vocab_size": 3, "seq_len": 4})
+    save_model(other, new_model(setup, "tiny"), setup, "teacher")
+    fails(["eval", "--checkpoint", model_file, "--handover", "--teacher", other], capsys, "--teacher", "another setup")
+    large = tmp_path / "large.safetensors"
+    setup = Setup(data="markov", data_options={"vocab_size": 8, "seq_len": 8})
+    save_model(large, new_model(setup, "tiny"), setup, "teacher")
+    fails(["eval", "--checkpoint", large, "--handover", "--teacher", large], capsys, "--handover", "enumerable")
+
+
 def test_resume_from_a_truncated_checkpoint(tmp_path, capsys):
     write_training_checkpoint(tmp_path)
     path = tmp_path / "checkpoint.safetensors"
@@ -214,6 +251,10 @@ def test_bad_data_and_noise_options(option, needles, tmp_path, capsys):
     (["distill", "--num-targets", "0"], "argument --num-targets"),
     (["distill", "--mixture-weights", "--latent-components", "0"], "--mixture-weights needs --latent-components"),
     (["distill", "--shared-blocks", "-1"], "--shared-blocks"),
+    (["distill", "--student-steps", "2", "--grid-weights", "1,-1"], "argument --grid-weights"),
+    (["distill", "--student-steps", "2", "--grid-weights", "0,0"], "argument --grid-weights"),
+    (["distill", "--grid-weights", "1,2"], "--grid-weights gives 2 grid times: it needs --student-steps 2"),
+    (["eval", "--checkpoint", "x", "--teacher", "y"], "--teacher: cdm eval reads a teacher only with --handover"),
 ])
 def test_bad_values_are_refused_by_the_parser(argv, argument, tmp_path, capsys):
     if argv[0] in ("pretrain", "distill"):

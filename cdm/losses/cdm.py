@@ -35,7 +35,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import math
-from typing import Callable, Optional, Union
+from typing import Callable, Optional, Sequence, Union
 
 import torch
 from torch import nn
@@ -145,25 +145,49 @@ def _uniform(n: int, generator, device) -> torch.Tensor:
     return torch.rand(n, generator=generator, dtype=torch.float64, device=draw_device).to(device)
 
 
-def sample_times(steps: int, batch: int, *, t_dist: str = "grid", generator: Optional[torch.Generator] = None,
-                 device="cpu") -> tuple[torch.Tensor, torch.Tensor]:
+def sample_times(steps: int, batch: int, *, t_dist: str = "grid", grid_weights: Optional[Sequence[float]] = None,
+                 generator: Optional[torch.Generator] = None, device="cpu") -> tuple[torch.Tensor, torch.Tensor]:
     """Training times of a k-step student: ``(t, t_next)``, float64 (B,) each.
 
     ``"grid"``: ``t = 1 - j/k`` with ``j ~ U{0..k-1}``, ``t_next = t - 1/k`` (the
-    times the k-step sampler visits). ``"uniform"``: ``t ~ U(1/k, 1]`` and
-    ``t_next = t - 1/k`` (a student for any grid of step 1/k).
+    times the k-step sampler visits); ``grid_weights`` (k values >= 0, any
+    positive sum) draws ``j`` with those relative frequencies instead, to spend
+    the training where a student's steps are worst (README, "Longer runs").
+    ``"uniform"``: ``t ~ U(1/k, 1]`` and ``t_next = t - 1/k`` (a student for any
+    grid of step 1/k).
     """
     if not isinstance(steps, int) or steps < 1:
         raise ValueError(f"steps must be a positive int, got {steps!r}")
     if t_dist not in T_DISTS:
         raise ValueError(f"t_dist must be one of {T_DISTS}, got {t_dist!r}")
+    if grid_weights is not None:
+        grid_weights = _check_grid_weights(grid_weights, steps, t_dist)
     u = _uniform(batch, generator, device)
     if t_dist == "grid":
-        j = torch.floor(u * steps).clamp_(max=steps - 1)
+        if grid_weights is None:
+            j = torch.floor(u * steps).clamp_(max=steps - 1)
+        else:  # inverse CDF of the categorical over the grid
+            cdf = torch.tensor(grid_weights, dtype=torch.float64, device=device).cumsum(0)
+            j = torch.searchsorted(cdf / cdf[-1], u, right=True).clamp_(max=steps - 1).to(torch.float64)
         t = 1.0 - j / steps
     else:
         t = 1.0 - u * (1.0 - 1.0 / steps)
     return t, (t - 1.0 / steps).clamp_min(0.0)
+
+
+def _check_grid_weights(grid_weights, steps: int, t_dist: str) -> list[float]:
+    if t_dist != "grid":
+        raise ValueError(f"grid_weights needs t_dist='grid', got t_dist={t_dist!r}")
+    try:
+        if isinstance(grid_weights, str):
+            raise TypeError
+        weights = [float(w) for w in grid_weights]
+    except (TypeError, ValueError):
+        raise ValueError(f"grid_weights must be {steps} numbers, got {grid_weights!r}") from None
+    if len(weights) != steps or not all(math.isfinite(w) and w >= 0 for w in weights) or sum(weights) <= 0:
+        raise ValueError(f"grid_weights must be {steps} finite numbers >= 0 (one per grid time of the {steps}-step "
+                         f"student) with a positive sum, got {grid_weights!r}")
+    return weights
 
 
 def _scores(model, x, tau, lam=None, graph=None) -> torch.Tensor:
@@ -224,7 +248,8 @@ def _reduce(per_sequence: torch.Tensor, reduction: str) -> torch.Tensor:
 
 def per_token_cdm_loss(student, teacher, graph: ck.Graph, noise, x0: torch.Tensor, *, steps: int = 1,
                        sampler: str = "student", sampler_steps: int = 1, delta: Union[str, float] = "uniform",
-                       t_dist: str = "grid", weighting: Union[str, Callable] = "none", method: str = "analytic",
+                       t_dist: str = "grid", grid_weights: Optional[Sequence[float]] = None,
+                       weighting: Union[str, Callable] = "none", method: str = "analytic",
                        generator: Optional[torch.Generator] = None, reduction: str = "mean") -> torch.Tensor:
     """Per-token CDM loss on clean data ``x0`` (B, L) for a ``steps``-step student.
 
@@ -234,7 +259,8 @@ def per_token_cdm_loss(student, teacher, graph: ck.Graph, noise, x0: torch.Tenso
         (several teacher steps approach the exact joint ``p_s|t``).
       delta: ``Delta t`` as a fraction of the student's step ``1/k``: a float in
         (0, 1] (1.0: s is the next grid time) or ``"uniform"``: ``U(0, 1]``.
-      t_dist: ``"grid"`` (the k-step grid) or ``"uniform"`` (see :func:`sample_times`).
+      t_dist: ``"grid"`` (the k-step grid) or ``"uniform"`` (see :func:`sample_times`);
+        ``grid_weights``: relative frequencies of the k grid times (default equal).
       weighting: per-sequence weight ``w(t)``: ``"none"``, ``"rate"`` (the
         schedule's ``d tau / dt``) or a callable of t.
       method: the reverse step, ``"analytic"`` or ``"euler"``.
@@ -247,7 +273,8 @@ def per_token_cdm_loss(student, teacher, graph: ck.Graph, noise, x0: torch.Tenso
     if x0.ndim != 2:
         raise ValueError(f"x0 must have shape (B, L), got {tuple(x0.shape)}")
     device, batch = x0.device, x0.shape[0]
-    t, t_next = sample_times(steps, batch, t_dist=t_dist, generator=generator, device=device)
+    t, t_next = sample_times(steps, batch, t_dist=t_dist, grid_weights=grid_weights, generator=generator,
+                             device=device)
     if delta == "uniform":
         fraction = (1.0 - _uniform(batch, generator, device)).clamp_min(1e-6)  # (0, 1]: s < t
     elif isinstance(delta, (int, float)) and 0.0 < float(delta) <= 1.0:
@@ -329,19 +356,21 @@ def student_rollout(student, graph: ck.Graph, noise, t: torch.Tensor, steps: int
 
 def joint_cdm_loss(student, teacher, graph: ck.Graph, noise, x0: torch.Tensor, *, steps: int = 1,
                    num_latents: int = 8, num_targets: int = 1, teacher_steps: int = 16, target: str = "clean",
-                   s: Optional[float] = None, t_dist: str = "grid", stratified: bool = True, rollout: float = 0.0,
-                   weighting: Union[str, Callable] = "none", method: str = "analytic",
-                   generator: Optional[torch.Generator] = None, reduction: str = "mean") -> torch.Tensor:
+                   s: Optional[float] = None, t_dist: str = "grid", grid_weights: Optional[Sequence[float]] = None,
+                   stratified: bool = True, rollout: float = 0.0, weighting: Union[str, Callable] = "none",
+                   method: str = "analytic", generator: Optional[torch.Generator] = None,
+                   reduction: str = "mean") -> torch.Tensor:
     """Joint CDM loss on clean data ``x0`` (B, L) for a ``steps``-step mixture student.
 
-    For each sequence: t on the student's grid (``t_dist``), ``x_t`` by forward
-    noising, then a draw from the teacher's joint conditional
-    ``x_0' ~ p_0|t(. | x_t)`` through the Markov decomposition: the teacher's
-    ``teacher_steps``-step sampler run from t (``teacher_steps - 1`` steps down
-    to s, then one step to tau = 0, i.e. ``x_0'`` from the teacher's per-token
-    conditional at s). ``s`` (a time) defaults to ``t / teacher_steps``, which
-    makes the chain the teacher's own ``teacher_steps``-step grid restricted to
-    [0, t]; a given ``s >= t`` falls back to that default for the sequence.
+    For each sequence: t on the student's grid (``t_dist``, ``grid_weights``: see
+    :func:`sample_times`), ``x_t`` by forward noising, then a draw from the
+    teacher's joint conditional ``x_0' ~ p_0|t(. | x_t)`` through the Markov
+    decomposition: the teacher's ``teacher_steps``-step sampler run from t
+    (``teacher_steps - 1`` steps down to s, then one step to tau = 0, i.e.
+    ``x_0'`` from the teacher's per-token conditional at s). ``s`` (a time)
+    defaults to ``t / teacher_steps``, which makes the chain the teacher's own
+    ``teacher_steps``-step grid restricted to [0, t]; a given ``s >= t`` falls
+    back to that default for the sequence.
     ``rollout`` (grid times only): the share of sequences whose ``x_t`` comes from
     the student's own sampler (:func:`student_rollout`) instead of forward noising,
     so that a k-step student also learns its conditionals at the states its
@@ -406,7 +435,8 @@ def joint_cdm_loss(student, teacher, graph: ck.Graph, noise, x0: torch.Tensor, *
     if x0.ndim != 2:
         raise ValueError(f"x0 must have shape (B, L), got {tuple(x0.shape)}")
     device, (batch, seq_len) = x0.device, x0.shape
-    t, t_next = sample_times(steps, batch, t_dist=t_dist, generator=generator, device=device)
+    t, t_next = sample_times(steps, batch, t_dist=t_dist, grid_weights=grid_weights, generator=generator,
+                             device=device)
     tau_t = tau_of_time(noise, t)
     x_t = add_noise(graph, x0, tau_t[:, None], generator)
     if rollout:
