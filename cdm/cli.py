@@ -365,10 +365,11 @@ def handover(student, setup: Setup, args) -> None:
         if results is None:
             raise ValueError("--handover needs data whose state space is enumerable (the markov data, "
                              f"num_states^L <= {EXACT_SUPPORT})")
+        width = max(steps, len("sampler"))
         print(f"{steps} grid steps; per step s: the student's step, t: {args.teacher_steps} teacher steps")
-        print(f"{'sampler':>{max(steps, 7)}}  {'kl':>8}  {'reverse_kl':>10}")
+        print(f"{'sampler':>{width}}  {'kl':>8}  {'reverse_kl':>10}")
         for pattern, metrics in results.items():
-            print(f"{pattern:>{max(steps, 7)}}  {metrics['kl']:8.4f}  {metrics['reverse_kl']:10.4f}")
+            print(f"{pattern:>{width}}  {metrics['kl']:8.4f}  {metrics['reverse_kl']:10.4f}")
 
 
 # ----------------------------------------------------------------------------- parser

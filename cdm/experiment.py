@@ -117,7 +117,10 @@ def exact_metrics(model, setup: Setup, steps: int, method: str = "analytic") -> 
     distribution over all ``num_states^L`` sequences (``exact_sample_distribution``;
     a mixture student's latent average as ``latent_quadrature``).
     """
-    return _exact_chain_metrics(setup, [(model, time_grid(steps))], method)
+    if not enumerable(setup):
+        return None
+    support = _exact_support(setup)
+    return _divergences(setup, support, _exact_output(model, setup, support, time_grid(steps), method))
 
 
 def exact_handover_metrics(student, teacher, setup: Setup, steps: int, teacher_steps: int = 16,
@@ -142,38 +145,46 @@ def exact_handover_metrics(student, teacher, setup: Setup, steps: int, teacher_s
     for pattern in patterns:
         if len(pattern) != steps or set(pattern) - {"s", "t"}:
             raise ValueError(f"patterns must be strings of {steps} letters s (student) or t (teacher), got {pattern!r}")
-    grid = time_grid(steps)
-    results = {}
-    for pattern in dict.fromkeys(patterns):
-        segments = [(student, grid[j:j + 2]) if who == "s"
-                    else (teacher, time_grid(teacher_steps, float(grid[j]), float(grid[j + 1])))
-                    for j, who in enumerate(pattern)]
-        results[pattern] = _exact_chain_metrics(setup, segments, method)
-        if results[pattern] is None:
-            return None
-    return results
-
-
-def _exact_chain_metrics(setup: Setup, segments, method: str) -> Optional[dict[str, float]]:
-    """:func:`exact_metrics` of a chain of samplers: ``(model, times)`` segments in turn,
-    each on its decreasing time grid, from the prior to t = 0."""
-    from .data.markov import enumerate_sequences
-    from .metrics import exact_kl
-
-    data, graph = setup.dataset, setup.kernel_graph
     if not enumerable(setup):
         return None
-    support = enumerate_sequences(graph.num_states, data.seq_len, max_support=EXACT_SUPPORT)
-    q = None
-    for model, times in segments:
-        device = model_device(model)
-        q = exact_sample_distribution(model, graph, support.to(device), tau_of_time(setup.schedule, times.to(device)),
-                                      method=method, latents=latent_quadrature(model),
-                                      prior=None if q is None else q.to(device))
+    support = _exact_support(setup)
+    grid = time_grid(steps)
+    after = {"": None}  # the exact distribution after each pattern prefix: patterns share their prefixes
+    for pattern in patterns:
+        for j, who in enumerate(pattern):
+            if pattern[:j + 1] not in after:
+                model, times = ((student, grid[j:j + 2]) if who == "s"
+                                else (teacher, time_grid(teacher_steps, float(grid[j]), float(grid[j + 1]))))
+                after[pattern[:j + 1]] = _exact_output(model, setup, support, times, method, prior=after[pattern[:j]])
+    return {pattern: _divergences(setup, support, after[pattern]) for pattern in patterns}
+
+
+def _exact_support(setup: Setup) -> torch.Tensor:
+    from .data.markov import enumerate_sequences
+
+    return enumerate_sequences(setup.kernel_graph.num_states, setup.dataset.seq_len, max_support=EXACT_SUPPORT)
+
+
+def _exact_output(model, setup: Setup, support: torch.Tensor, times: torch.Tensor, method: str,
+                  prior: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """The exact distribution over ``support`` after ``model``'s steps on the decreasing
+    time grid ``times``, from ``prior`` (default: the graph's prior)."""
+    device = model_device(model)
+    return exact_sample_distribution(model, setup.kernel_graph, support.to(device),
+                                     tau_of_time(setup.schedule, times.to(device)), method=method,
+                                     latents=latent_quadrature(model),
+                                     prior=None if prior is None else prior.to(device))
+
+
+def _divergences(setup: Setup, support: torch.Tensor, q: torch.Tensor) -> dict[str, float]:
+    """KL(data || q) and KL(q || data) of a distribution over ``support`` that ends at t = 0."""
+    from .metrics import exact_kl
+
     q = q.cpu()
-    if graph.num_states != data.vocab_size:  # the absorbing graph's mask: clean sequences keep their order
-        q = q[(support < data.vocab_size).all(dim=1)]
-    p = data.exact_distribution()
+    # the absorbing graph's mask: its support holds the clean sequences in the data's order and then masked ones
+    if setup.kernel_graph.num_states != setup.dataset.vocab_size:
+        q = q[(support < setup.dataset.vocab_size).all(dim=1)]
+    p = setup.dataset.exact_distribution()
     return {"kl": exact_kl(p, q), "reverse_kl": exact_kl(q, p)}
 
 
