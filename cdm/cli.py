@@ -200,6 +200,12 @@ def distill(args) -> None:
     if teacher_path is None:
         raise SystemExit("error: no --teacher given and no teacher ships with this installation")
     teacher, setup, _ = load_model(teacher_path, device=args.device)
+    start = teacher
+    if args.student_init:
+        start, start_setup, _ = load_model(args.student_init, device=args.device)
+        if start_setup != setup:
+            raise ValueError(f"--student-init {args.student_init} was trained on {start_setup.to_json()}, "
+                             f"the teacher on {setup.to_json()}")
     out = ensure_dir(args.out)
     started = time.perf_counter()
     rows = []
@@ -210,7 +216,7 @@ def distill(args) -> None:
     for method in args.methods:
         for k in args.student_steps:
             clock = time.perf_counter()
-            student, loss = _student_and_loss(method, k, teacher, setup, args)
+            student, loss = _student_and_loss(method, k, teacher, start, setup, args)
             name = f"{method}-k{k}"
             metadata = {"name": name, "setup": setup.to_json(), "model": asdict(student.config), "method": method, "k": k}
             config = _train_config(args, args.steps)
@@ -235,8 +241,9 @@ def distill(args) -> None:
         print(f"\n{len(rows)} rows in {time.perf_counter() - started:.0f} s; wrote {out / 'results.json'}, {out / 'metric_vs_nfe.png'}")
 
 
-def _student_and_loss(method: str, k: int, teacher, setup: Setup, args):
-    """The student a method trains (from the teacher's weights) and its loss function.
+def _student_and_loss(method: str, k: int, teacher, start, setup: Setup, args):
+    """The student a method trains (from the weights of ``start``: the teacher,
+    or ``--student-init``) and its loss function.
 
     Per-token CDM and D-MMD train factorised students; joint CDM and Di4C train
     mixture students (``--latent-components`` K > 0: a K-component mixture,
@@ -251,8 +258,8 @@ def _student_and_loss(method: str, k: int, teacher, setup: Setup, args):
             latent["mixture_weights"] = True
         if args.shared_blocks:
             latent["shared_blocks"] = args.shared_blocks
-    student = make_student(teacher, parameterization=args.student_output, graph=setup.graph, size=args.student_size,
-                           **latent)
+    student = make_student(start, parameterization=args.student_output, graph=setup.graph, size=args.student_size,
+                           extra_blocks=args.extra_blocks, **latent)
     options = {"steps": k}
     if args.grid_weights and method in ("per-token", "joint"):
         options["grid_weights"] = args.grid_weights
@@ -409,6 +416,12 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--student-size", choices=sorted(PRESETS),
                        help="the students' network size (default: the teacher's, from its weights); "
                             "another size starts from random weights")
+        p.add_argument("--student-init", metavar="MODEL_FILE",
+                       help="start the students from this model file (an earlier student, or another teacher of "
+                            "the same data) instead of from the teacher; the teacher still makes the targets")
+        p.add_argument("--extra-blocks", type=_number(int, 0), default=0,
+                       help="students get this many more blocks than the model they start from, appended and "
+                            "starting as the identity (adaLN-zero), so they start as that model's function")
         p.add_argument("--latent-components", type=_number(int, 0), default=DEFAULT_COMPONENTS,
                        help="mixture students (joint CDM, Di4C): K components; 0: a continuous latent")
         p.add_argument("--mixture-weights", action="store_true",

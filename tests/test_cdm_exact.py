@@ -217,6 +217,40 @@ def test_student_of_another_size_starts_fresh():
         make_student(teacher, size="huge")
 
 
+def test_extra_blocks_start_as_the_identity_and_learn():
+    """A deeper student computes the model it starts from (a teacher, or an
+    earlier weighted mixture student, whose components and weights it keeps)
+    until its new blocks learn, and they do get gradients."""
+    from cdm.models import DiT, DiTConfig
+
+    torch.manual_seed(0)
+    teacher = DiT(DiTConfig.preset("tiny", vocab_size=N, seq_len=5))
+    x, sigma = torch.randint(0, N, (3, 5)), torch.tensor([0.1, 1.0, 5.0])
+    deeper = make_student(teacher, extra_blocks=2)
+    assert deeper.config.n_blocks == teacher.config.n_blocks + 2
+    for p in teacher.parameters():
+        torch.nn.init.normal_(p, std=0.05)
+    deeper = make_student(teacher, extra_blocks=2)
+    torch.testing.assert_close(deeper(x, sigma), teacher(x, sigma), rtol=0, atol=0)
+
+    earlier = make_student(teacher, latent_dim=1, latent_components=3, mixture_weights=True, shared_blocks=1)
+    for p in earlier.parameters():  # components and weights that differ, as after training
+        torch.nn.init.normal_(p, std=0.05)
+    grown = make_student(earlier, latent_dim=1, latent_components=3, extra_blocks=1)
+    assert (grown.config.n_blocks, grown.config.shared_blocks, grown.config.mixture_weights) == (3, 1, True)
+    lam = torch.tensor([0.1, 0.5, 0.9])
+    torch.testing.assert_close(grown(x, sigma, lam), earlier(x, sigma, lam), rtol=0, atol=0)
+    torch.testing.assert_close(grown(x, sigma, mixture_weights=True), earlier(x, sigma, mixture_weights=True),
+                               rtol=0, atol=0)
+    grown(x, sigma, lam).logsumexp(-1).sum().backward()
+    assert grown.blocks[2].adaLN_modulation.weight.grad.abs().sum() > 0
+
+    with pytest.raises(ValueError, match="extra_blocks"):
+        make_student(teacher, extra_blocks=-1)
+    with pytest.raises(ValueError, match="does not fit the weights it starts from: shapes differ for latent_map"):
+        make_student(earlier, latent_dim=1, latent_components=4)
+
+
 # ----------------------------------------------------------------------------- samplers
 
 

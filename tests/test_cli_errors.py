@@ -164,6 +164,42 @@ def test_grid_weights_reach_the_cdm_losses_only(model_file, tmp_path, monkeypatc
         assert (built.value.args[1].get("grid_weights") == [1.0, 2.5, 0.0]) == reaches, (method, built.value.args)
 
 
+def test_student_init_starts_the_students_from_another_model_file(model_file, tmp_path, monkeypatch, capsys):
+    """``--student-init`` (with ``--extra-blocks``): the student handed to training
+    computes the earlier student; a file of other data or another architecture is
+    refused by name."""
+    import cdm.cli
+    from cdm.experiment import load_model
+
+    common = ["distill", "--teacher", model_file, "--methods", "joint", "--student-steps", 1, "--teacher-nfe", 1,
+              "--num-samples", 8, "--batch-size", 4, "--steps", 2, "--quiet"]
+    main([str(a) for a in [*common, "--latent-components", 2, "--out", tmp_path / "first"]])
+    earlier_file = tmp_path / "first" / "student-joint-k1.safetensors"
+    earlier, _, _ = load_model(earlier_file)
+
+    class Built(Exception):
+        pass
+
+    def fake_trainer(model, *args, **kwargs):
+        raise Built(model)
+
+    monkeypatch.setattr(cdm.cli, "Trainer", fake_trainer)
+    with pytest.raises(Built) as built:
+        main([str(a) for a in [*common, "--latent-components", 2, "--student-init", earlier_file,
+                               "--extra-blocks", 1, "--out", tmp_path / "second"]])
+    student = built.value.args[0]
+    assert student.config.n_blocks == earlier.config.n_blocks + 1
+    x, sigma, lam = torch.randint(0, 4, (3, 4)), torch.tensor([0.2, 1.0, 4.0]), torch.tensor([0.2, 0.6, 0.9])
+    torch.testing.assert_close(student(x, sigma, lam), earlier(x, sigma, lam), rtol=0, atol=0)
+
+    fails([*common, "--latent-components", 3, "--student-init", earlier_file, "--out", tmp_path / "third"], capsys,
+          "does not fit the weights it starts from", "latent_map.table")
+    other = tmp_path / "other.safetensors"
+    setup = Setup(data="markov", data_options={"vocab_size": 4, "seq_len": 4}, graph="absorbing")
+    save_model(other, new_model(setup, "tiny"), setup, "teacher")
+    fails([*common, "--student-init", other, "--out", tmp_path / "fourth"], capsys, "--student-init", "absorbing")
+
+
 def test_eval_handover_prints_every_pattern_and_refuses_a_foreign_teacher(model_file, tmp_path, capsys):
     """``cdm eval --handover``: one row per sampler pattern; a teacher of another setup
     and data too large to enumerate are refused by name."""
@@ -251,6 +287,7 @@ def test_bad_data_and_noise_options(option, needles, tmp_path, capsys):
     (["distill", "--num-targets", "0"], "argument --num-targets"),
     (["distill", "--mixture-weights", "--latent-components", "0"], "--mixture-weights needs --latent-components"),
     (["distill", "--shared-blocks", "-1"], "--shared-blocks"),
+    (["distill", "--extra-blocks", "-1"], "argument --extra-blocks"),
     (["distill", "--student-steps", "2", "--grid-weights", "1,-1"], "argument --grid-weights"),
     (["distill", "--student-steps", "2", "--grid-weights", "0,0"], "argument --grid-weights"),
     (["distill", "--grid-weights", "1,2"], "--grid-weights gives 2 grid times: it needs --student-steps 2"),

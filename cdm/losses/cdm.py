@@ -68,9 +68,27 @@ JOINT_TARGETS = ("clean", "step")
 # ----------------------------------------------------------------------------- students
 
 
+def _load_source_weights(student: nn.Module, weights: dict, first_new_block: int) -> None:
+    """Load the weights of the model a student starts from; the only names
+    allowed to be missing are the parts the student adds (latent embedding,
+    weight head, blocks from ``first_new_block`` on), which keep their identity
+    initialisation."""
+    expected = student.state_dict()
+    differ = [f"{name} {tuple(value.shape)} -> {tuple(expected[name].shape)}"
+              for name, value in weights.items() if name in expected and value.shape != expected[name].shape]
+    if differ:
+        raise ValueError("the student's architecture does not fit the weights it starts from: shapes differ for "
+                         + ", ".join(differ[:3]) + (f" and {len(differ) - 3} more" if len(differ) > 3 else ""))
+    missing, unexpected = student.load_state_dict(weights, strict=False)
+    new_blocks = tuple(f"blocks.{j}." for j in range(first_new_block, len(getattr(student, "blocks", ()))))
+    if unexpected or any(not name.startswith(("latent_map.", "weight_head.") + new_blocks) for name in missing):
+        raise ValueError(f"the student's architecture does not fit the weights it starts from: "
+                         f"missing {missing}, unexpected {unexpected}")
+
+
 def make_student(teacher: nn.Module, latent_dim: int = 0, parameterization: Optional[str] = None,
                  graph: Optional[str] = None, latent_components: int = 0, size: Optional[str] = None,
-                 mixture_weights: bool = False, shared_blocks: int = 0) -> nn.Module:
+                 mixture_weights: bool = False, shared_blocks: int = 0, extra_blocks: int = 0) -> nn.Module:
     """A student initialised from the teacher (seed 001: "student init from teacher").
 
     ``latent_dim = 0`` and no other change: a copy of the teacher. Otherwise (a
@@ -88,7 +106,13 @@ def make_student(teacher: nn.Module, latent_dim: int = 0, parameterization: Opti
     re-learnt. ``size``: a name of ``cdm.models.dit.PRESETS`` (hidden width, heads,
     blocks, conditioning width); a size other than the teacher's makes a student
     with fresh random weights (nothing of the teacher fits), which the
-    distillation loss alone trains.
+    distillation loss alone trains. ``extra_blocks = N``: N more blocks than
+    the teacher (or the size), appended after its own; adaLN-zero starts them
+    as the identity, so a deeper student still starts as the teacher's function.
+
+    ``teacher`` is the model the student starts from; it may also be an
+    earlier student (``cdm distill --student-init``), whose architecture the
+    student keeps except for the changes asked for.
     """
     config = getattr(teacher, "config", None)
     changes = {}
@@ -102,6 +126,12 @@ def make_student(teacher: nn.Module, latent_dim: int = 0, parameterization: Opti
         fresh = any(getattr(config, key) != value for key, value in sizes.items())
         if fresh:
             changes.update(sizes)
+    if not isinstance(extra_blocks, int) or extra_blocks < 0:
+        raise ValueError(f"extra_blocks must be an int >= 0, got {extra_blocks!r}")
+    if extra_blocks:
+        if config is None or not dataclasses.is_dataclass(config) or not hasattr(config, "n_blocks"):
+            raise TypeError("extra_blocks needs a DiT-like teacher with a dataclass `config`")
+        changes["n_blocks"] = changes.get("n_blocks", config.n_blocks) + extra_blocks
     if latent_dim:
         changes["latent_dim"] = latent_dim
     if latent_components:
@@ -119,9 +149,7 @@ def make_student(teacher: nn.Module, latent_dim: int = 0, parameterization: Opti
             raise TypeError("a mixture or re-parameterised student needs a DiT-like teacher with a dataclass `config`")
         student = type(teacher)(dataclasses.replace(config, **changes))
         if not fresh:
-            missing, unexpected = student.load_state_dict(teacher.state_dict(), strict=False)
-            if unexpected or any(not name.startswith(("latent_map.", "weight_head.")) for name in missing):
-                raise ValueError(f"teacher and student architectures differ: missing {missing}, unexpected {unexpected}")
+            _load_source_weights(student, teacher.state_dict(), first_new_block=config.n_blocks)
         student.to(model_device(teacher))
     for parameter in student.parameters():
         parameter.requires_grad_(True)
