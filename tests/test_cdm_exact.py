@@ -247,8 +247,37 @@ def test_extra_blocks_start_as_the_identity_and_learn():
 
     with pytest.raises(ValueError, match="extra_blocks"):
         make_student(teacher, extra_blocks=-1)
-    with pytest.raises(ValueError, match="does not fit the weights it starts from: shapes differ for latent_map"):
+    with pytest.raises(ValueError, match="latent_components=4: .* needs a multiple of 3"):
         make_student(earlier, latent_dim=1, latent_components=4)
+
+
+def test_split_components_keep_the_mixture_and_separate():
+    """A 6-component student grown from a weighted 3-component one: each pair of
+    copies carries exactly its original's weight and nearly its original's
+    conditional, and the copies differ (identical ones would never separate)."""
+    from cdm.models import DiT, DiTConfig
+
+    torch.manual_seed(0)
+    teacher = DiT(DiTConfig.preset("tiny", vocab_size=N, seq_len=5))
+    earlier = make_student(teacher, latent_dim=1, latent_components=3, mixture_weights=True, shared_blocks=1,
+                           parameterization="posterior", graph="uniform")
+    for p in earlier.parameters():
+        torch.nn.init.normal_(p, std=0.05)
+    split = make_student(earlier, latent_dim=1, latent_components=6)
+    x, sigma = torch.randint(0, N, (3, 5)), torch.tensor([0.1, 1.0, 5.0])
+    weights = split(x, sigma, mixture_weights=True).exp().view(3, 3, 2).sum(-1)
+    torch.testing.assert_close(weights, earlier(x, sigma, mixture_weights=True).exp(), rtol=1e-6, atol=1e-7)
+
+    def conditional(model, components, j):
+        lam = torch.full((3,), (j + 0.5) / components)
+        return ck.scores_to_posterior(ck.UniformGraph(N), model(x, sigma, lam), x, sigma[:, None]).exp()
+
+    for j in range(3):
+        original = conditional(earlier, 3, j)
+        copies = [conditional(split, 6, 2 * j + c) for c in (0, 1)]
+        for copy_ in copies:
+            torch.testing.assert_close(copy_, original, rtol=0, atol=1e-3)
+        assert not torch.equal(copies[0], copies[1])
 
 
 # ----------------------------------------------------------------------------- samplers

@@ -86,6 +86,26 @@ def _load_source_weights(student: nn.Module, weights: dict, first_new_block: int
                          f"missing {missing}, unexpected {unexpected}")
 
 
+def _split_components(weights: dict, components: int, new_components: int) -> dict:
+    """The weights of a ``components``-component student with each component
+    split into ``new_components // components`` copies. The copies share their
+    original's weight (the weight head's rows repeat, and its log-softmax gives
+    each copy w/m), so the mixture is the same; their table rows are nudged
+    apart by 1% of the table's spread, because identical components get
+    identical gradients and never separate (``ComponentEmbedder``)."""
+    if new_components % components:
+        raise ValueError(f"latent_components={new_components}: a student that starts from a {components}-component "
+                         f"one needs a multiple of {components} (each component splits into equal copies)")
+    copies = new_components // components
+    split = dict(weights)
+    table = weights["latent_map.table"].repeat_interleave(copies, 0)
+    split["latent_map.table"] = table + 0.01 * table.std() * torch.randn_like(table)
+    for name in ("weight_head.linear.weight", "weight_head.linear.bias"):
+        if name in weights:
+            split[name] = weights[name].repeat_interleave(copies, 0)
+    return split
+
+
 def make_student(teacher: nn.Module, latent_dim: int = 0, parameterization: Optional[str] = None,
                  graph: Optional[str] = None, latent_components: int = 0, size: Optional[str] = None,
                  mixture_weights: bool = False, shared_blocks: int = 0, extra_blocks: int = 0) -> nn.Module:
@@ -112,7 +132,10 @@ def make_student(teacher: nn.Module, latent_dim: int = 0, parameterization: Opti
 
     ``teacher`` is the model the student starts from; it may also be an
     earlier student (``cdm distill --student-init``), whose architecture the
-    student keeps except for the changes asked for.
+    student keeps except for the changes asked for. From a K-component
+    student, ``latent_components`` may be a multiple of K: each component is
+    split into copies that share its weight (see ``_split_components``), so
+    the student starts as nearly the same mixture with more components to train.
     """
     config = getattr(teacher, "config", None)
     changes = {}
@@ -149,7 +172,11 @@ def make_student(teacher: nn.Module, latent_dim: int = 0, parameterization: Opti
             raise TypeError("a mixture or re-parameterised student needs a DiT-like teacher with a dataclass `config`")
         student = type(teacher)(dataclasses.replace(config, **changes))
         if not fresh:
-            _load_source_weights(student, teacher.state_dict(), first_new_block=config.n_blocks)
+            weights = teacher.state_dict()
+            components = getattr(config, "latent_components", 0)
+            if components and student.config.latent_components != components:
+                weights = _split_components(weights, components, student.config.latent_components)
+            _load_source_weights(student, weights, first_new_block=config.n_blocks)
         student.to(model_device(teacher))
     for parameter in student.parameters():
         parameter.requires_grad_(True)
