@@ -225,12 +225,11 @@ def test_extra_blocks_start_as_the_identity_and_learn():
 
     torch.manual_seed(0)
     teacher = DiT(DiTConfig.preset("tiny", vocab_size=N, seq_len=5))
+    for p in teacher.parameters():  # not zero-initialised, so that the output depends on every block
+        torch.nn.init.normal_(p, std=0.05)
     x, sigma = torch.randint(0, N, (3, 5)), torch.tensor([0.1, 1.0, 5.0])
     deeper = make_student(teacher, extra_blocks=2)
     assert deeper.config.n_blocks == teacher.config.n_blocks + 2
-    for p in teacher.parameters():
-        torch.nn.init.normal_(p, std=0.05)
-    deeper = make_student(teacher, extra_blocks=2)
     torch.testing.assert_close(deeper(x, sigma), teacher(x, sigma), rtol=0, atol=0)
 
     earlier = make_student(teacher, latent_dim=1, latent_components=3, mixture_weights=True, shared_blocks=1)

@@ -166,8 +166,8 @@ def test_grid_weights_reach_the_cdm_losses_only(model_file, tmp_path, monkeypatc
 
 def test_student_init_starts_the_students_from_another_model_file(model_file, tmp_path, monkeypatch, capsys):
     """``--student-init`` (with ``--extra-blocks``): the student handed to training
-    computes the earlier student; a file of other data or another architecture is
-    refused by name."""
+    computes the earlier student; a file of other data, or components that do not
+    split evenly, are refused by name."""
     import cdm.cli
     from cdm.experiment import load_model
 
@@ -193,7 +193,7 @@ def test_student_init_starts_the_students_from_another_model_file(model_file, tm
     torch.testing.assert_close(student(x, sigma, lam), earlier(x, sigma, lam), rtol=0, atol=0)
 
     fails([*common, "--latent-components", 3, "--student-init", earlier_file, "--out", tmp_path / "third"], capsys,
-          "does not fit the weights it starts from", "latent_map.table")
+          "latent_components=3", "needs a multiple of 2")
     other = tmp_path / "other.safetensors"
     setup = Setup(data="markov", data_options={"vocab_size": 4, "seq_len": 4}, graph="absorbing")
     save_model(other, new_model(setup, "tiny"), setup, "teacher")
