@@ -24,7 +24,8 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
-__all__ = ["CheckpointError", "save_checkpoint", "load_checkpoint", "check_metadata", "remove_stale_temporaries"]
+__all__ = ["CheckpointError", "save_checkpoint", "load_checkpoint", "check_metadata", "remove_stale_temporaries",
+           "shape_mismatches"]
 
 METADATA_KEY = "cdm"
 
@@ -143,3 +144,12 @@ def check_metadata(found: dict[str, Any], expected: dict[str, Any], what: str = 
                   for key, value in expected.items() if found.get(key, missing) != value]
     if mismatches:
         raise ValueError(f"{what} metadata does not match: " + "; ".join(mismatches))
+
+
+def shape_mismatches(tensors: dict[str, torch.Tensor], expected: dict[str, torch.Tensor]) -> str:
+    """The tensors whose shape differs from the same name's in ``expected`` (a
+    model's ``state_dict()``), as "name (found) -> (expected), ..." (the first
+    three, then a count); "" when none does."""
+    wrong = [f"{name} {tuple(value.shape)} -> {tuple(expected[name].shape)}"
+             for name, value in tensors.items() if name in expected and value.shape != expected[name].shape]
+    return ", ".join(wrong[:3]) + (f" and {len(wrong) - 3} more" if len(wrong) > 3 else "")

@@ -18,7 +18,7 @@ import torch
 
 import cdm_kernels as ck
 
-from .checkpoint import check_metadata, load_checkpoint, save_checkpoint
+from .checkpoint import check_metadata, load_checkpoint, save_checkpoint, shape_mismatches
 from .data import get_dataset
 from .models.dit import DiT, DiTConfig, graph_by_name
 from .sampling import exact_sample_distribution, latent_quadrature, model_device, sample, tau_of_time, time_grid
@@ -91,12 +91,9 @@ def load_model(path, device="cpu") -> tuple[DiT, Setup, dict]:
                    {"vocab_size": setup.kernel_graph.num_states, "seq_len": setup.dataset.seq_len},
                    what=f"model file {path}")
     model = DiT(config)
-    expected = model.state_dict()
-    wrong = [f"{k} {tuple(v.shape)} (config: {tuple(expected[k].shape)})"
-             for k, v in tensors.items() if k in expected and v.shape != expected[k].shape]
+    wrong = shape_mismatches(tensors, model.state_dict())
     if wrong:
-        raise ValueError(f"{path}: weights do not match the stored config: shapes differ for "
-                         + ", ".join(wrong[:3]) + (f" and {len(wrong) - 3} more" if len(wrong) > 3 else ""))
+        raise ValueError(f"{path}: weights do not match the stored config: shapes differ for {wrong} (file -> config)")
     missing, unexpected = model.load_state_dict(tensors, strict=False)
     if missing or unexpected:
         raise ValueError(f"{path}: weights do not match the stored config (missing {missing}, unexpected {unexpected})")

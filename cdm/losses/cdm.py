@@ -42,6 +42,7 @@ from torch import nn
 
 import cdm_kernels as ck
 
+from ..checkpoint import shape_mismatches
 from ..models.dit import PRESETS
 from ..sampling import (METHODS, add_noise, call_model, component_index, draw_latents, inversion_dtype, latent_dim,
                         mixture_log_weights, model_device, prior_sample, rate_column, shared_block_count,
@@ -73,12 +74,10 @@ def _load_source_weights(student: nn.Module, weights: dict, first_new_block: int
     allowed to be missing are the parts the student adds (latent embedding,
     weight head, blocks from ``first_new_block`` on), which keep their identity
     initialisation."""
-    expected = student.state_dict()
-    differ = [f"{name} {tuple(value.shape)} -> {tuple(expected[name].shape)}"
-              for name, value in weights.items() if name in expected and value.shape != expected[name].shape]
+    differ = shape_mismatches(weights, student.state_dict())
     if differ:
-        raise ValueError("the student's architecture does not fit the weights it starts from: shapes differ for "
-                         + ", ".join(differ[:3]) + (f" and {len(differ) - 3} more" if len(differ) > 3 else ""))
+        raise ValueError(f"the student's architecture does not fit the weights it starts from: shapes differ for "
+                         f"{differ} (weights -> student)")
     missing, unexpected = student.load_state_dict(weights, strict=False)
     new_blocks = tuple(f"blocks.{j}." for j in range(first_new_block, len(getattr(student, "blocks", ()))))
     if unexpected or any(not name.startswith(("latent_map.", "weight_head.") + new_blocks) for name in missing):
