@@ -1,22 +1,26 @@
 #!/usr/bin/env bash
 # The one prepared script for a lent GPU machine (an H200: Python 3.12, torch 2.11 with
-# CUDA 13.0, triton 3.6, nvcc 13.0, no package registry). Within ~7 minutes it
+# CUDA 13.0, triton 3.6, nvcc 13.0, no package registry). Within ~9 minutes it
 #   1. builds and installs the package with the CUDA kernels (editable, no downloads),
-#   2. runs the CUDA backend tests,
-#   3. runs the issue's benchmark (bf16, B*L*N >= 2^28 at N = 32768 and GPT-2's 50257:
+#   2. runs the CUDA backend tests and the trainer's GPU tests (tests/test_gpu_training.py),
+#   3. trains the README's best 4-step joint-CDM student for CDM_GPU_CHECK_TRAIN_SECONDS
+#      (benchmarks/gpu_distill.sh: step times, the exact table, the handover table),
+#   4. runs the issue-4 benchmark (bf16, B*L*N >= 2^28 at N = 32768 and GPT-2's 50257:
 #      scores_to_posterior and fused_euler_step against a device copy, the eager
 #      reference and torch.compile) and writes the markdown report,
-#   4. runs the Triton backend tests (one config per N: CDM_KERNELS_TRITON_AUTOTUNE=0),
+#   5. runs the Triton backend tests (one config per N: CDM_KERNELS_TRITON_AUTOTUNE=0),
 #      the rest of the suite (8 pytest-xdist workers when installed, so a crashing test
 #      is reported and the others still run), then a broader sweep without torch.compile.
 # Every stage has a time cap and the whole run a budget; a failing stage is recorded and
 # the next one still runs. Everything lands in $OUT (default ./gpu-out):
 #   summary.txt (one line per stage: status, seconds), env.txt, <stage>.log,
-#   tests-*.xml (JUnit), bench.json, bench-breadth.json, RESULTS-gpu.md
+#   tests-*.xml (JUnit), distill-summary.txt, bench.json, bench-breadth.json, RESULTS-gpu.md
 #
 #   OUT=/path/to/out bash benchmarks/gpu_check.sh
-# Environment: OUT, PYTHON (default python3), CDM_GPU_CHECK_BUDGET (seconds, default 400),
-# MAX_JOBS (compile jobs, default all cores), CDM_GPU_CHECK_SKIP_INSTALL=1 (already installed).
+# Environment: OUT, PYTHON (default python3), CDM_GPU_CHECK_BUDGET (seconds, default 560),
+# CDM_GPU_CHECK_TRAIN_SECONDS (default 180; 0 skips stage 3), CDM_GPU_CHECK_BENCH_SHAPES (stage 4's
+# B*LxN list, default 8192x32768,5344x50257), MAX_JOBS (compile jobs, default all cores),
+# CDM_GPU_CHECK_SKIP_INSTALL=1 (already installed).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 
@@ -24,7 +28,9 @@ OUT="${OUT:-./gpu-out}"
 mkdir -p "$OUT"
 OUT="$(cd "$OUT" && pwd)"
 PY="${PYTHON:-python3}"
-BUDGET="${CDM_GPU_CHECK_BUDGET:-400}"
+BUDGET="${CDM_GPU_CHECK_BUDGET:-560}"
+TRAIN_SECONDS="${CDM_GPU_CHECK_TRAIN_SECONDS:-180}"
+BENCH_SHAPES="${CDM_GPU_CHECK_BENCH_SHAPES:-8192x32768,5344x50257}"
 START=$SECONDS
 : >"$OUT/summary.txt"
 
@@ -93,20 +99,30 @@ fi
 have() { "$PY" -c "import $1" >/dev/null 2>&1; }
 export CDM_KERNELS_QUIET=1
 
-# --- 2. tests: the CUDA backend (every failure listed), then the issue's benchmark
+# --- 2. tests: the CUDA backend (every failure listed), the trainer on the GPU
 if have pytest; then
   stage tests-cuda 110 "$PY" -m pytest tests/test_cuda_backend.py -q -rfEs --maxfail=40 -p no:cacheprovider \
     --junitxml="$OUT/tests-cuda.xml"
+  stage tests-gpu-training 90 "$PY" -m pytest tests/test_gpu_training.py -q -rfEs -p no:cacheprovider \
+    --junitxml="$OUT/tests-gpu-training.xml"
 else
   note "tests: pytest is not installed on this machine"
 fi
+
+# --- 3. the best 4-step student, trained for a fixed time (start-up, calibration and evaluation: ~60 s more)
+if [ "$TRAIN_SECONDS" -gt 0 ]; then
+  stage distill $((TRAIN_SECONDS + 120)) env OUT="$OUT" PYTHON="$PY" TRAIN_SECONDS="$TRAIN_SECONDS" \
+    bash benchmarks/gpu_distill.sh
+fi
+
+# --- 4. the issue-4 benchmark
 
 bench_common=(--benchmark-only --cdm-device cuda -p no:cacheprovider)
 if have pytest_benchmark; then
   # issue 4's goal: bf16, B*L*N >= 2^28 (8192 * 32768 = 2^28; 5344 * 50257 just above);
   # reported against the session's device copy
   stage bench 150 "$PY" -m pytest benchmarks/test_ops.py "${bench_common[@]}" \
-    --cdm-shapes 8192x32768,5344x50257 --cdm-dtypes bf16 --cdm-graphs uniform \
+    --cdm-shapes "$BENCH_SHAPES" --cdm-dtypes bf16 --cdm-graphs uniform \
     --cdm-ops scores_to_posterior,fused_euler_step --cdm-passes fwd --cdm-budget 0.3 \
     --benchmark-json="$OUT/bench.json"
 else
@@ -122,7 +138,7 @@ report() {
 }
 report
 
-# --- 3. the rest, as the budget allows
+# --- 5. the rest, as the budget allows
 if have pytest; then
   stage tests-triton 90 "$PY" -m pytest tests/test_triton_backend.py -q -p no:cacheprovider --maxfail=20 \
     --junitxml="$OUT/tests-triton.xml"

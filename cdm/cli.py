@@ -38,7 +38,7 @@ from .experiment import (
 from .losses import get_loss, make_student
 from .models.dit import PRESETS
 from .sampling import has_mixture_weights, network_evaluations
-from .train import LR_SCHEDULES, TrainConfig, Trainer, default_device
+from .train import LR_SCHEDULES, PRECISIONS, TrainConfig, Trainer, default_device
 
 #: --methods name -> the loss (cdm.losses.get_loss) and the label of its rows
 METHODS = {"per-token": "cdm_per_token", "joint": "cdm_joint", "di4c": "di4c", "dmmd": "dmmd"}
@@ -115,7 +115,8 @@ def _options(pairs: list[str], flag: str) -> dict:
 def _train_config(args, steps: int) -> TrainConfig:
     return TrainConfig(steps=steps, batch_size=args.batch_size, lr=args.lr, warmup=args.warmup,
                        lr_schedule=args.lr_schedule, ema=args.ema, seed=args.seed, progress=not args.quiet,
-                       log_every=args.log_every, save_every=args.save_every, fsdp=args.fsdp)
+                       log_every=args.log_every, save_every=args.save_every, fsdp=args.fsdp,
+                       precision=args.precision)
 
 
 def _device(text: str) -> torch.device:
@@ -157,6 +158,9 @@ def _add_training_options(parser, steps: int, batch_size: int, lr: float, ema: f
     parser.add_argument("--save-every", type=_number(int, 1), default=250, help="steps between checkpoints (for --resume)")
     parser.add_argument("--resume", action="store_true", help="continue from the checkpoints in --out")
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
+    parser.add_argument("--precision", choices=PRECISIONS, default="bf16",
+                        help="the training loss on a GPU: bf16 autocast, or fp32 (no effect on the CPU, which "
+                             "computes in fp32; tiny networks are launch-bound and gain nothing from bf16)")
     parser.add_argument("--fsdp", action="store_true",
                         help="under torchrun: shard the model with FSDP2 instead of DDP (checkpoints stay full; "
                              "no effect in a single process)")

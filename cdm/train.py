@@ -1,6 +1,6 @@
 """The training loop, shared by teacher pre-training and every distillation
 method: AdamW with linear warmup, gradient clipping, an EMA of the weights,
-bf16 autocast on GPU, a progress bar, JSONL logs (and TensorBoard, under
+bf16 autocast on GPU (``TrainConfig.precision``), a progress bar, JSONL logs (and TensorBoard, under
 ``out_dir/tensorboard``, when the package is installed), atomic safetensors
 checkpoints and exact resumption (model, EMA, optimiser and RNG state).
 
@@ -44,6 +44,8 @@ BatchFn = Callable[[int, torch.Generator], torch.Tensor]
 
 
 LR_SCHEDULES = ("constant", "cosine")
+#: what the loss is computed in on CUDA: bf16 autocast, or plain fp32 (the CPU always computes in fp32)
+PRECISIONS = ("bf16", "fp32")
 
 
 @dataclass
@@ -61,6 +63,7 @@ class TrainConfig:
     seed: int = 0
     progress: bool = True
     fsdp: bool = False  # under torchrun: shard with FSDP2 instead of DDP (no effect in one process)
+    precision: str = "bf16"  # on CUDA: bf16 autocast, or "fp32" (tiny networks gain nothing from bf16)
 
     def __post_init__(self):
         for name in ("steps", "batch_size", "log_every", "save_every"):
@@ -73,6 +76,8 @@ class TrainConfig:
             raise ValueError(f"ema must be in [0, 1), got {self.ema!r}")
         if self.lr_schedule not in LR_SCHEDULES:
             raise ValueError(f"lr_schedule must be one of {LR_SCHEDULES}, got {self.lr_schedule!r}")
+        if self.precision not in PRECISIONS:
+            raise ValueError(f"precision must be one of {PRECISIONS}, got {self.precision!r}")
         if self.warmup < 0 or self.grad_clip <= 0:
             raise ValueError("warmup must be >= 0 and grad_clip > 0")
 
@@ -354,12 +359,13 @@ class Trainer:
             progress = tqdm(total=config.steps, initial=self.step, desc=self.metadata.get("name", "train"), leave=False)
         self.model.train()
         start, local_batch = time.perf_counter(), config.batch_size // self.world
+        autocast = self.device.type == "cuda" and config.precision == "bf16"
         try:
             while self.step < config.steps:
                 for group in self.optimizer.param_groups:
                     group["lr"] = learning_rate(self.step, config)
                 x0 = self.sample_batch(local_batch, self.generator).to(self.device)
-                with torch.autocast("cuda", dtype=torch.bfloat16, enabled=self.device.type == "cuda"):
+                with torch.autocast("cuda", dtype=torch.bfloat16, enabled=autocast):
                     loss = self.loss_fn(self.module, x0, self.generator)
                 if not torch.isfinite(loss):
                     raise FloatingPointError(f"non-finite loss {loss.item()} at step {self.step}")
