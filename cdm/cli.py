@@ -27,6 +27,7 @@ from .experiment import (
     data_reference,
     default_teacher_path,
     ensure_dir,
+    enumerable,
     evaluate,
     exact_handover_metrics,
     load_model,
@@ -35,7 +36,7 @@ from .experiment import (
     result_row,
     save_model,
 )
-from .losses import get_loss, make_student
+from .losses import ExactTargets, get_loss, make_student
 from .models.dit import PRESETS
 from .sampling import has_mixture_weights, network_evaluations
 from .train import LR_SCHEDULES, PRECISIONS, TrainConfig, Trainer, default_device
@@ -272,6 +273,12 @@ def _student_and_loss(method: str, k: int, teacher, start, setup: Setup, args):
     if method == "joint":
         options.update(teacher_steps=args.teacher_steps, target=args.joint_target, num_targets=args.num_targets,
                        rollout=args.rollout)
+        if args.joint_target == "exact":
+            if not enumerable(setup):
+                raise ValueError(f"--joint-target exact: the targets' law is enumerated over num_states^L "
+                                 f"<= {EXACT_SUPPORT} sequences (the markov data); this data has more")
+            options["exact_targets"] = ExactTargets(teacher, setup.kernel_graph, setup.schedule, setup.dataset.seq_len,
+                                                    k, args.teacher_steps, max_support=EXACT_SUPPORT)
     loss = get_loss(METHODS[method], setup.kernel_graph, setup.schedule, teacher=teacher, **options)
     return student, loss
 
@@ -440,9 +447,10 @@ def build_parser() -> argparse.ArgumentParser:
                        help="teacher steps behind each joint-CDM target (from t to 0, or to the next grid time with --joint-target step)")
         p.add_argument("--num-targets", type=_number(int, 1), default=DEFAULT_TARGETS,
                        help="joint CDM: teacher draws per noisy input; they share the student's evaluations")
-        p.add_argument("--joint-target", default="clean", choices=["clean", "step"],
+        p.add_argument("--joint-target", default="clean", choices=["clean", "step", "exact"],
                        help="joint CDM: fit the student's p_0|t to the teacher's x_0 (clean) or its reverse step "
-                            "to the teacher's x at the next grid time (step; the same at 1 step)")
+                            "to the teacher's x at the next grid time (step; the same at 1 step); exact: the clean "
+                            "target's whole law, enumerated (the markov data; minutes to build, --num-targets unused)")
         p.add_argument("--grid-weights", type=_weight_list, metavar="W1,...,Wk",
                        help="CDM students (one --student-steps k): relative frequencies of the k grid times "
                             "t = 1, 1 - 1/k, ..., 1/k in training (default equal)")

@@ -19,19 +19,21 @@ uniform graph's conditional lies below the inversion's clamp
 
 from __future__ import annotations
 
+import functools
 import math
 
 import pytest
 import torch
 
 import cdm_kernels as ck
-from cdm.data.markov import MarkovData, enumerate_sequences
-from cdm.losses import (get_loss, joint_cdm_loss, kernel_ratios, make_student, per_token_cdm_loss, sample_times,
-                        score_entropy, score_entropy_loss)
+from cdm.data.markov import MarkovData, enumerate_sequences, sequence_index
+from cdm.losses import (ExactTargets, get_loss, joint_cdm_loss, kernel_ratios, make_student, per_token_cdm_loss,
+                        sample_times, score_entropy, score_entropy_loss)
 from cdm.losses.cdm import student_rollout
 from cdm.metrics import exact_kl
-from cdm.sampling import (EnumeratedScoreModel, TabularScoreModel, add_noise, draw_latents,
-                          exact_sample_distribution, prior_sample, sample, step_distribution, tau_grid)
+from cdm.sampling import (EnumeratedScoreModel, TabularScoreModel, add_noise, draw_latents, exact_chain_matrix,
+                          exact_sample_distribution, prior_sample, sample, step_distribution, tau_grid, tau_of_time,
+                          time_grid)
 from cdm.schedules import GeometricNoise, LogLinearNoise
 
 from study import L, N, exact_kl_of
@@ -637,3 +639,91 @@ def test_joint_cdm_step_target_beats_the_factorised_two_step_sampler(study):
                 teacher_steps=16, target="step")
     student_kl = exact_kl_of(study, student, 2, components=8)
     assert student_kl < teacher_kl / 10
+
+
+def _chain_from(study, start: torch.Tensor, taus: torch.Tensor) -> torch.Tensor:
+    """The teacher chain's exact law from one sequence, by propagating its one-hot."""
+    one_hot = torch.zeros(len(study["support"]), dtype=torch.float64)
+    one_hot[sequence_index(start[None], N)] = 1.0
+    return exact_sample_distribution(study["teacher"], study["graph"], study["support"], taus, prior=one_hot)
+
+
+def test_exact_chain_matrix_holds_the_chain_from_every_start(study):
+    """Row a of the (S, S) matrix product is the chain's law from support[a], as the
+    vector propagation of exact_sample_distribution computes it."""
+    graph, support, noise = study["graph"], study["support"], study["noise"]
+    taus = tau_of_time(noise, time_grid(5, 0.6, 0.0))
+    chain = exact_chain_matrix(study["teacher"], graph, support, taus)
+    assert chain.shape == (N ** L, N ** L) and chain.dtype == torch.float32
+    torch.testing.assert_close(chain.sum(1), torch.ones(N ** L), rtol=0, atol=1e-5)
+    for a in (0, 17, N ** L - 1):
+        torch.testing.assert_close(chain[a].double(), _chain_from(study, support[a], taus), rtol=1e-4, atol=1e-6)
+    mixture = TabularScoreModel(graph, support, tau_grid(noise, 2)[:-1], components=2)
+    with pytest.raises(ValueError, match="plain model"):
+        exact_chain_matrix(mixture, graph, support, taus)
+    with pytest.raises(ValueError, match="taus"):
+        exact_chain_matrix(study["teacher"], graph, support, taus.flip(0))
+
+
+def test_joint_cdm_exact_target_is_the_expected_mixture_nll(study):
+    """``target="exact"``: the mixture NLL of every x_0 weighed by the teacher chain's
+    exact law from x_t (``teacher_steps`` steps on [0, t]), by hand, per sequence."""
+    graph, support, noise, m, teacher_steps = study["graph"], study["support"], study["noise"], 3, 3
+    student = TabularScoreModel(graph, support, tau_grid(noise, 2)[:-1], components=m)
+    student.init_from(study["teacher"], noise_scale=1.0, generator=torch.Generator().manual_seed(0))
+    targets = ExactTargets(study["teacher"], graph, noise, L, steps=2, teacher_steps=teacher_steps)
+    seen, lookup = [], targets.probabilities
+    targets.probabilities = lambda x_t, t: seen.append((x_t.clone(), t.clone())) or lookup(x_t, t)
+    x0 = study["data"].sample(6, torch.Generator().manual_seed(0))
+    loss = joint_cdm_loss(student, study["teacher"], graph, noise, x0, steps=2, num_latents=m,
+                          teacher_steps=teacher_steps, target="exact", exact_targets=targets,
+                          generator=torch.Generator().manual_seed(1), reduction="none")
+    ((x_t, t),) = seen
+    assert sorted(set(t.tolist())) != [1.0], "both grid times should be drawn"
+    for b in range(len(x0)):
+        with torch.no_grad():
+            log_q = torch.stack([student.log_conditional(x_t[b:b + 1], noise.total(t[b:b + 1]),
+                                                         torch.full((1, 1), (k + 0.5) / m))[0] for k in range(m)])
+        log_lik = log_q[:, torch.arange(L), support].sum(-1)  # (M, S): log prod_i q_k(y^i | x_t)
+        law = _chain_from(study, x_t[b], tau_of_time(noise, time_grid(teacher_steps, float(t[b]), 0.0)))
+        expected = -(law * (torch.logsumexp(log_lik, 0) - math.log(m))).sum() / L
+        assert float(loss[b].detach()) == pytest.approx(float(expected), rel=1e-5)
+
+
+def test_joint_cdm_exact_target_is_the_limit_of_many_draws(study):
+    """The sampled clean target with R draws per x_t averages to the exact one (the same
+    x_t: the draws before the targets are the same)."""
+    graph, support, noise, m = study["graph"], study["support"], study["noise"], 2
+    student = TabularScoreModel(graph, support, tau_grid(noise, 2)[:-1], components=m)
+    student.init_from(study["teacher"], noise_scale=1.0, generator=torch.Generator().manual_seed(0))
+    x0 = study["data"].sample(8, torch.Generator().manual_seed(2))
+    targets = ExactTargets(study["teacher"], graph, noise, L, steps=2, teacher_steps=4)
+    common = dict(steps=2, num_latents=m, teacher_steps=4, reduction="none")
+    with torch.no_grad():
+        exact = joint_cdm_loss(student, study["teacher"], graph, noise, x0, target="exact", exact_targets=targets,
+                               generator=torch.Generator().manual_seed(3), **common)
+        sampled = joint_cdm_loss(student, study["teacher"], graph, noise, x0, num_targets=4000,
+                                 generator=torch.Generator().manual_seed(3), **common)
+    # per x_t the draws' NLL spreads by ~1 nat, so 4000 draws leave ~0.015 per entry and ~0.005 on the mean
+    assert float(sampled.mean()) == pytest.approx(float(exact.mean()), abs=0.015)
+    assert float((sampled - exact).abs().max()) < 0.06
+
+
+def test_joint_cdm_exact_target_refuses_what_it_cannot_serve(study):
+    graph, support, noise = study["graph"], study["support"], study["noise"]
+    student = TabularScoreModel(graph, support, tau_grid(noise, 2)[:-1], components=2)
+    x0 = study["data"].sample(4, torch.Generator().manual_seed(0))
+    targets = ExactTargets(study["teacher"], graph, noise, L, steps=2, teacher_steps=2)
+    run = functools.partial(joint_cdm_loss, student, study["teacher"], graph, noise, x0, steps=2, num_latents=2)
+    with pytest.raises(ValueError, match="exact_targets"):
+        run(target="exact", teacher_steps=2)
+    with pytest.raises(ValueError, match="teacher_steps=3"):
+        run(target="exact", teacher_steps=3, exact_targets=targets)
+    with pytest.raises(ValueError, match="exact_targets"):
+        run(target="clean", teacher_steps=2, exact_targets=targets)
+    with pytest.raises(ValueError, match="t_dist"):
+        run(target="exact", teacher_steps=2, exact_targets=targets, t_dist="uniform")
+    with pytest.raises(ValueError, match="grid"):
+        targets.probabilities(support[:2], torch.tensor([1.0, 0.7], dtype=torch.float64))
+    with pytest.raises(ValueError, match="positive ints"):
+        ExactTargets(study["teacher"], graph, noise, L, steps=0, teacher_steps=2)

@@ -326,3 +326,12 @@ def test_the_command_exits_with_2_and_no_traceback(argv, needle, model_file, tmp
     assert done.returncode == 2, done.stderr
     assert needle in done.stderr and "Traceback" not in done.stderr
     assert needle in done.stderr.strip().splitlines()[-1]  # ends with the message (after argparse's usage), no dump
+
+
+def test_exact_joint_targets_need_enumerable_data(tmp_path, capsys):
+    setup = Setup(data="markov", data_options={"vocab_size": 8, "seq_len": 6})  # 8^6 sequences
+    torch.manual_seed(0)
+    save_model(tmp_path / "teacher.safetensors", new_model(setup, "tiny"), setup, "teacher")
+    fails(["distill", "--teacher", tmp_path / "teacher.safetensors", "--methods", "joint", "--joint-target", "exact",
+           "--student-steps", 1, "--teacher-nfe", 1, "--num-samples", 8, "--steps", 1, "--quiet",
+           "--out", tmp_path / "d"], capsys, "--joint-target exact", "8192")

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import functools
 
-from .cdm import freeze, joint_cdm_loss, make_student, per_token_cdm_loss, sample_times, teacher_chain
+from .cdm import ExactTargets, freeze, joint_cdm_loss, make_student, per_token_cdm_loss, sample_times, teacher_chain
 from .di4c import di4c_loss
 from .dmmd import DMMDLoss
 from .score_entropy import kernel_ratios, score_entropy, score_entropy_loss
@@ -24,6 +24,7 @@ __all__ = [
     "kernel_ratios",
     "per_token_cdm_loss",
     "joint_cdm_loss",
+    "ExactTargets",
     "di4c_loss",
     "DMMDLoss",
     "make_student",

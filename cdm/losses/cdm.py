@@ -44,9 +44,10 @@ import cdm_kernels as ck
 
 from ..checkpoint import shape_mismatches
 from ..models.dit import PRESETS
-from ..sampling import (METHODS, add_noise, call_model, component_index, draw_latents, inversion_dtype, latent_dim,
-                        mixture_log_weights, model_device, prior_sample, rate_column, shared_block_count,
-                        step_log_scores, tau_of_time, unwrap)
+from ..data.markov import enumerate_sequences, sequence_index
+from ..sampling import (METHODS, add_noise, call_model, component_index, draw_latents, exact_chain_matrix,
+                        inversion_dtype, latent_dim, mixture_log_weights, model_device, prior_sample, rate_column,
+                        shared_block_count, step_log_scores, tau_of_time, time_grid, unwrap)
 
 __all__ = [
     "make_student",
@@ -56,6 +57,7 @@ __all__ = [
     "student_rollout",
     "per_token_cdm_loss",
     "step_log_likelihood",
+    "ExactTargets",
     "joint_cdm_loss",
 ]
 
@@ -63,7 +65,7 @@ SAMPLERS = ("student", "teacher")
 T_DISTS = ("grid", "uniform")
 WEIGHTINGS = ("none", "rate")
 REDUCTIONS = ("mean", "none")
-JOINT_TARGETS = ("clean", "step")
+JOINT_TARGETS = ("clean", "step", "exact")
 
 
 # ----------------------------------------------------------------------------- students
@@ -409,12 +411,62 @@ def student_rollout(student, graph: ck.Graph, noise, t: torch.Tensor, steps: int
     return x
 
 
+class ExactTargets:
+    """Joint CDM's clean targets in closed form, on an enumerable state space.
+
+    The sampled targets of :func:`joint_cdm_loss` are draws of the teacher's
+    ``teacher_steps``-step chain from t to 0 (the uniform grid on [0, t]); here the
+    chain's whole law ``P(x_0 | x_t)`` is computed for every x_t of the full product
+    space and every grid time ``t = 1 - j/steps`` of the student
+    (:func:`cdm.sampling.exact_chain_matrix`: ``steps * teacher_steps`` S^3 matrix
+    products, S = 4096 for the default data: ~3.5 min here at 64 teacher steps, for
+    four (S, S) float32 tables, 256 MB), and ``target="exact"`` takes the
+    expectation over x_0 in place of ``num_targets`` draws: the R -> infinity limit
+    of the sampled loss, with no teacher call while training.
+    """
+
+    def __init__(self, teacher, graph: ck.Graph, noise, seq_len: int, steps: int, teacher_steps: int,
+                 method: str = "analytic", max_support: int = 8192):
+        if not isinstance(steps, int) or steps < 1 or not isinstance(teacher_steps, int) or teacher_steps < 1:
+            raise ValueError(f"steps and teacher_steps must be positive ints, got {steps!r} and {teacher_steps!r}")
+        self.num_states, self.steps, self.teacher_steps = graph.num_states, steps, teacher_steps
+        device = model_device(teacher)
+        support = enumerate_sequences(graph.num_states, seq_len, max_support=max_support).to(device)
+        self.tables = [exact_chain_matrix(teacher, graph, support,
+                                          tau_of_time(noise, time_grid(teacher_steps, 1.0 - j / steps, 0.0, device)),
+                                          method=method)
+                       for j in range(steps)]
+
+    def probabilities(self, x_t: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        """``P(x_0 = support[b] | x_t)`` (B, S) float32 for x_t (B, L) at grid times t (B,)."""
+        j = torch.round((1.0 - t) * self.steps).long()
+        if bool((j < 0).any() or (j >= self.steps).any()) or not torch.allclose(t, 1.0 - j.to(t.dtype) / self.steps):
+            raise ValueError(f"t must lie on the {self.steps}-step grid 1 - j/{self.steps} of these targets")
+        rows = sequence_index(x_t.long(), self.num_states)
+        out = torch.empty(len(x_t), self.tables[0].shape[1], dtype=torch.float32, device=x_t.device)
+        for g, table in enumerate(self.tables):
+            at = j == g
+            out[at] = table[rows[at]].to(x_t.device)
+        return out
+
+
+def _joint_log_likelihoods(graph: ck.Graph, log_score: torch.Tensor, x_t: torch.Tensor,
+                           tau_t: torch.Tensor) -> torch.Tensor:
+    """``log prod_i p(y^i | x_t)`` of a factorised conditional for every sequence y of the
+    full product space in lexicographic order: (B, N^L) float32, from log-scores (B, L, N)."""
+    log_q = ck.scores_to_posterior(graph, log_score, x_t, tau_t).to(torch.float32)
+    rows = log_q[:, 0]
+    for i in range(1, log_q.shape[1]):
+        rows = (rows[:, :, None] + log_q[:, i, None, :]).reshape(len(rows), -1)
+    return rows
+
+
 def joint_cdm_loss(student, teacher, graph: ck.Graph, noise, x0: torch.Tensor, *, steps: int = 1,
                    num_latents: int = 8, num_targets: int = 1, teacher_steps: int = 16, target: str = "clean",
                    s: Optional[float] = None, t_dist: str = "grid", grid_weights: Optional[Sequence[float]] = None,
                    stratified: bool = True, rollout: float = 0.0, weighting: Union[str, Callable] = "none",
-                   method: str = "analytic", generator: Optional[torch.Generator] = None,
-                   reduction: str = "mean") -> torch.Tensor:
+                   method: str = "analytic", exact_targets: Optional[ExactTargets] = None,
+                   generator: Optional[torch.Generator] = None, reduction: str = "mean") -> torch.Tensor:
     """Joint CDM loss on clean data ``x0`` (B, L) for a ``steps``-step mixture student.
 
     For each sequence: t on the student's grid (``t_dist``, ``grid_weights``: see
@@ -444,6 +496,11 @@ def joint_cdm_loss(student, teacher, graph: ck.Graph, noise, x0: torch.Tensor, *
     teacher's chain and the student's sampler, an upper bound on the KL of their
     outputs; fitting ``p_0|t`` instead (``"clean"``) also spends the mixture on
     detail of x_0 that the noise between s and 0 washes out.
+
+    ``target="exact"`` (enumerable data; ``exact_targets``, an :class:`ExactTargets`
+    of the same ``steps`` and ``teacher_steps``): the clean target's law itself,
+    ``-sum_{x_0} P(x_0 | x_t) log q(x_0 | x_t)`` over every x_0, in place of R draws
+    (``num_targets`` is ignored and the teacher is not called).
 
     The student is evaluated at ``(x_t, t)`` with ``num_latents`` (M) latent
     draws per sequence (stratified in the first coordinate when ``stratified``),
@@ -483,8 +540,19 @@ def joint_cdm_loss(student, teacher, graph: ck.Graph, noise, x0: torch.Tensor, *
         raise ValueError(f"rollout must be in [0, 1] (and needs t_dist='grid'), got {rollout!r}")
     if target not in JOINT_TARGETS:
         raise ValueError(f"target must be one of {JOINT_TARGETS}, got {target!r}")
-    if target == "step" and s is not None:
+    if target != "clean" and s is not None:
         raise ValueError("s (the time of the teacher's last per-token conditional) applies to target='clean' only")
+    if target == "exact":
+        if not isinstance(exact_targets, ExactTargets):
+            raise ValueError("target='exact' needs exact_targets=ExactTargets(teacher, graph, noise, seq_len, "
+                             "steps, teacher_steps)")
+        if (exact_targets.steps, exact_targets.teacher_steps) != (steps, teacher_steps):
+            raise ValueError(f"exact_targets were built for steps={exact_targets.steps}, teacher_steps="
+                             f"{exact_targets.teacher_steps}; the loss has steps={steps}, teacher_steps={teacher_steps}")
+        if t_dist != "grid":
+            raise ValueError(f"target='exact' needs t_dist='grid' (its tables hold the grid times), got {t_dist!r}")
+    elif exact_targets is not None:
+        raise ValueError(f"exact_targets are used by target='exact' only, got target={target!r}")
     if method not in METHODS:
         raise ValueError(f"method must be one of {METHODS}, got {method!r}")
     if x0.ndim != 2:
@@ -500,25 +568,27 @@ def joint_cdm_loss(student, teacher, graph: ck.Graph, noise, x0: torch.Tensor, *
             x_t[own] = student_rollout(student, graph, noise, t[own], steps, seq_len, method=method, generator=generator)
 
     r = num_targets
-    with torch.no_grad():  # r draws from the teacher's conditional per x_t: one (B * r,) batch
-        x_from, t_from, t_to = x_t.repeat_interleave(r, 0), t.repeat_interleave(r), t_next.repeat_interleave(r)
-        if target == "step":
-            x_target = teacher_chain(teacher, graph, noise, x_from, t_from, t_to, teacher_steps, method=method,
-                                     generator=generator)
-        else:
-            default_s = t_from / teacher_steps
-            s_time = default_s if s is None else torch.where(torch.full_like(t_from, float(s)) < t_from,
-                                                             torch.full_like(t_from, float(s)), default_s)
-            x_s = x_from
-            if teacher_steps > 1:
-                x_s = teacher_chain(teacher, graph, noise, x_from, t_from, s_time, teacher_steps - 1, method=method,
-                                    generator=generator)
-            x_target = teacher_chain(teacher, graph, noise, x_s, s_time, torch.zeros_like(t_from), 1, method=method,
-                                     generator=generator)
+    if target == "exact":
+        target_probs = exact_targets.probabilities(x_t, t)  # (B, S): the law of the draws below
+    else:
+        with torch.no_grad():  # r draws from the teacher's conditional per x_t: one (B * r,) batch
+            x_from, t_from, t_to = x_t.repeat_interleave(r, 0), t.repeat_interleave(r), t_next.repeat_interleave(r)
+            if target == "step":
+                x_target = teacher_chain(teacher, graph, noise, x_from, t_from, t_to, teacher_steps, method=method,
+                                         generator=generator)
+            else:
+                default_s = t_from / teacher_steps
+                s_time = default_s if s is None else torch.where(torch.full_like(t_from, float(s)) < t_from,
+                                                                 torch.full_like(t_from, float(s)), default_s)
+                x_s = x_from
+                if teacher_steps > 1:
+                    x_s = teacher_chain(teacher, graph, noise, x_from, t_from, s_time, teacher_steps - 1,
+                                        method=method, generator=generator)
+                x_target = teacher_chain(teacher, graph, noise, x_s, s_time, torch.zeros_like(t_from), 1,
+                                         method=method, generator=generator)
 
     m = num_latents if latent_dim(student) else 1
     x_rep = x_t.repeat_interleave(m, 0)
-    x_target = x_target.view(batch, r, seq_len).repeat_interleave(m, 0)  # (B * M, r, L)
     tau_rep = tau_t.repeat_interleave(m, 0)[:, None].expand(x_rep.shape)
     lam = draw_latents(student, batch * m, generator, device, stratified_groups=m if (stratified and m > 1) else 0)
     if shared_block_count(student):
@@ -536,12 +606,21 @@ def joint_cdm_loss(student, teacher, graph: ck.Graph, noise, x0: torch.Tensor, *
         one_hot = nn.functional.one_hot(y, graph.num_states).to(torch.float32)
         return -ck.conditional_matching_loss(graph, log_score, x_rep, tau_rep, one_hot, reduction="none").sum(-1)
 
-    log_lik = torch.stack([log_likelihood(x_target[:, j]) for j in range(r)], -1).view(batch, m, r)
+    if target == "exact":  # every x_0 of the support: (B, M, S)
+        log_lik = _joint_log_likelihoods(graph, log_score, x_rep, tau_rep).view(batch, m, -1)
+    else:
+        x_target = x_target.view(batch, r, seq_len).repeat_interleave(m, 0)  # (B * M, r, L)
+        log_lik = torch.stack([log_likelihood(x_target[:, j]) for j in range(r)], -1).view(batch, m, r)
     log_w = mixture_log_weights(student, x_t, tau_t)
     if log_w is not None:  # lambda was drawn uniformly: importance weight K w_k
         components = log_w.shape[-1]
         index = component_index(lam, components).view(batch, m)
         log_lik = log_lik + (log_w.gather(1, index) + math.log(components)).to(log_lik.dtype)[..., None]
-    per_sequence = (-(torch.logsumexp(log_lik, dim=1) - math.log(m)) / seq_len).mean(-1)
+    log_mixture = torch.logsumexp(log_lik, dim=1) - math.log(m)  # (B, R) draws, or (B, S) support sequences
+    if target == "exact":
+        nll = -torch.where(target_probs > 0, target_probs * log_mixture, 0.0).sum(-1)
+    else:
+        nll = -log_mixture.mean(-1)
+    per_sequence = nll / seq_len
     per_sequence = _weights(weighting, noise, t).to(per_sequence.dtype) * per_sequence
     return _reduce(per_sequence, reduction)
