@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
 # The 4-step joint-CDM student (README, "Longer runs": the best recipe) trained on a GPU
 # for a fixed wall-clock budget, then evaluated exactly, with its handover table.
+# TARGET=exact (the default) fits the teacher chain's exact law (--joint-target exact: its
+# tables are built before the first step); TARGET=clean draws 8 targets per input.
 #
 #   1. times a training step (log.jsonl's clock) at batch 32 and at $BATCH, 30 steps each;
 #   2. trains for as many steps of batch $BATCH as fit $TRAIN_SECONDS (cosine decay to the
@@ -12,7 +14,8 @@
 #   OUT=gpu-out TRAIN_SECONDS=200 bash benchmarks/gpu_distill.sh
 # Environment: OUT, PYTHON (default python3), TRAIN_SECONDS (default 200), BATCH (default 512),
 # LR (default 2e-3), PRECISION (default fp32: the network is tiny and launch-bound), DEVICE
-# (default cuda), EXTRA (more `cdm distill` options, e.g. "--teacher-steps 128").
+# (default cuda), TARGET (exact or clean), TEACHER_STEPS (default 128), EXTRA (more
+# `cdm distill` options, e.g. "--seed 1").
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -23,13 +26,15 @@ BATCH="${BATCH:-512}"
 LR="${LR:-2e-3}"
 PRECISION="${PRECISION:-fp32}"
 DEVICE="${DEVICE:-cuda}"
+TARGET="${TARGET:-exact}"
+TEACHER_STEPS="${TEACHER_STEPS:-128}"
 mkdir -p "$OUT/distill"
 summary="$OUT/distill-summary.txt"
 : >"$summary"
 
 recipe=(--methods joint --student-steps 4 --latent-components 64 --mixture-weights --shared-blocks 1
-        --num-targets 8 --teacher-steps 64 --rollout 0.5 --lr-schedule cosine --lr "$LR"
-        --precision "$PRECISION" --device "$DEVICE" --quiet)
+        --joint-target "$TARGET" --num-targets 8 --teacher-steps "$TEACHER_STEPS" --rollout 0.5
+        --lr-schedule cosine --lr "$LR" --precision "$PRECISION" --device "$DEVICE" --quiet)
 # shellcheck disable=SC2206
 extra=(${EXTRA:-})
 

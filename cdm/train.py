@@ -1,8 +1,9 @@
 """The training loop, shared by teacher pre-training and every distillation
 method: AdamW with linear warmup, gradient clipping, an EMA of the weights,
-bf16 autocast on GPU (``TrainConfig.precision``), a progress bar, JSONL logs (and TensorBoard, under
-``out_dir/tensorboard``, when the package is installed), atomic safetensors
-checkpoints and exact resumption (model, EMA, optimiser and RNG state).
+bf16 autocast on GPU (or fp32: ``TrainConfig.precision``), a progress bar,
+JSONL logs (and TensorBoard, under ``out_dir/tensorboard``, when the package is
+installed), atomic safetensors checkpoints and exact resumption (model, EMA,
+optimiser and RNG state).
 
 Under ``torchrun`` (``torch.distributed`` initialised by :func:`setup_distributed`)
 the model is wrapped in DistributedDataParallel; each rank draws its own

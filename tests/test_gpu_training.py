@@ -1,6 +1,7 @@
 """The trainer on a GPU: every loss trains on CUDA tensors in both precisions, the
-joint-CDM loss and exact evaluation give on CUDA what they give on the CPU from the
-same seed, and the CLI runs a distillation end to end with ``--device cuda``.
+joint-CDM loss (sampled and exact targets) and exact evaluation give on CUDA what
+they give on the CPU from the same seed, and the CLI runs a distillation end to end
+with ``--device cuda``.
 
 Runs only where torch sees a CUDA device; skipped otherwise (the same code paths run
 on the CPU in test_train.py, test_cdm_exact.py and test_baselines.py).
@@ -20,7 +21,7 @@ import torch
 
 from cdm.cli import main
 from cdm.experiment import Setup, exact_metrics, load_model, new_model
-from cdm.losses import get_loss, make_student
+from cdm.losses import ExactTargets, get_loss, make_student
 from cdm.train import TrainConfig, Trainer
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
@@ -79,13 +80,17 @@ def test_every_loss_trains_on_cuda(tmp_path, name, precision):
         assert torch.equal(value, trainer.model.state_dict()[key].cpu()), key
 
 
-def test_joint_cdm_loss_on_cuda_is_the_cpu_loss_draw_for_draw():
+@pytest.mark.parametrize("target", ["clean", "exact"])
+def test_joint_cdm_loss_on_cuda_is_the_cpu_loss_draw_for_draw(target):
     teacher = _teacher()
     student = _student("cdm_joint", teacher)
-    options = dict(LOSS_OPTIONS["cdm_joint"], rollout=0.0)
+    options = dict(LOSS_OPTIONS["cdm_joint"], rollout=0.0, target=target)
     values = {}
     for device in ("cpu", "cuda"):
         teacher_d, student_d = teacher.to(device), student.to(device)
+        if target == "exact":
+            options["exact_targets"] = ExactTargets(teacher_d, SETUP.kernel_graph, SETUP.schedule, SETUP.dataset.seq_len,
+                                                    options["steps"], options["teacher_steps"])
         loss = get_loss("cdm_joint", SETUP.kernel_graph, SETUP.schedule, teacher=teacher_d, **options)
         x0 = SETUP.dataset.sample(64, torch.Generator().manual_seed(3)).to(device)
         value = loss(student_d, x0, torch.Generator().manual_seed(4))

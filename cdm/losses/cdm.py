@@ -419,10 +419,11 @@ class ExactTargets:
     chain's whole law ``P(x_0 | x_t)`` is computed for every x_t of the full product
     space and every grid time ``t = 1 - j/steps`` of the student
     (:func:`cdm.sampling.exact_chain_matrix`: ``steps * teacher_steps`` S^3 matrix
-    products, S = 4096 for the default data: ~3.5 min here at 64 teacher steps, for
-    four (S, S) float32 tables, 256 MB), and ``target="exact"`` takes the
-    expectation over x_0 in place of ``num_targets`` draws: the R -> infinity limit
-    of the sampled loss, with no teacher call while training.
+    products; on the default data, S = 4096, 4 steps and 32 teacher steps took 4 min
+    on one core here, into four (S, S) float32 tables, 256 MB), and
+    ``target="exact"`` takes the expectation over x_0 in place of ``num_targets``
+    draws: the R -> infinity limit of the sampled loss, with no teacher call while
+    training. ``max_support`` bounds S (each table holds S^2 floats).
     """
 
     def __init__(self, teacher, graph: ck.Graph, noise, seq_len: int, steps: int, teacher_steps: int,
