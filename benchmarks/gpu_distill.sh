@@ -6,7 +6,8 @@
 #
 #   1. times a training step (log.jsonl's clock) at batch 32 and at $BATCH, 30 steps each;
 #   2. trains for as many steps of batch $BATCH as fit $TRAIN_SECONDS (cosine decay to the
-#      last of them), then `cdm distill`'s exact evaluation of the student and the 64-step teacher;
+#      last of them), then `cdm distill`'s exact evaluation of the student and of the teacher at
+#      64 and 256 steps;
 #   3. `cdm eval --handover` of the student (which of its steps loses).
 # Everything lands in $OUT/distill/ (logs, results.json, the student) and one line per
 # measurement in $OUT/distill-summary.txt.
