@@ -548,8 +548,9 @@ def joint_cdm_loss(student, teacher, graph: ck.Graph, noise, x0: torch.Tensor, *
             raise ValueError("target='exact' needs exact_targets=ExactTargets(teacher, graph, noise, seq_len, "
                              "steps, teacher_steps)")
         if (exact_targets.steps, exact_targets.teacher_steps) != (steps, teacher_steps):
-            raise ValueError(f"exact_targets were built for steps={exact_targets.steps}, teacher_steps="
-                             f"{exact_targets.teacher_steps}; the loss has steps={steps}, teacher_steps={teacher_steps}")
+            raise ValueError(f"exact_targets were built for steps={exact_targets.steps}, "
+                             f"teacher_steps={exact_targets.teacher_steps}; the loss has steps={steps}, "
+                             f"teacher_steps={teacher_steps}")
         if t_dist != "grid":
             raise ValueError(f"target='exact' needs t_dist='grid' (its tables hold the grid times), got {t_dist!r}")
     elif exact_targets is not None:
