@@ -278,7 +278,7 @@ def _student_and_loss(method: str, k: int, teacher, start, setup: Setup, args):
                 raise ValueError(f"--joint-target exact: the targets' law is enumerated over num_states^L "
                                  f"<= {EXACT_SUPPORT} sequences (the markov data); this data has more")
             options["exact_targets"] = ExactTargets(teacher, setup.kernel_graph, setup.schedule, setup.dataset.seq_len,
-                                                    k, args.teacher_steps, max_support=EXACT_SUPPORT)
+                                                    k, args.teacher_steps)
     loss = get_loss(METHODS[method], setup.kernel_graph, setup.schedule, teacher=teacher, **options)
     return student, loss
 

@@ -45,6 +45,7 @@ import cdm_kernels as ck
 from ..checkpoint import shape_mismatches
 from ..models.dit import PRESETS
 from ..data.markov import enumerate_sequences, sequence_index
+from ..experiment import EXACT_SUPPORT
 from ..sampling import (METHODS, add_noise, call_model, component_index, draw_latents, exact_chain_matrix,
                         inversion_dtype, latent_dim, mixture_log_weights, model_device, prior_sample, rate_column,
                         shared_block_count, step_log_scores, tau_of_time, time_grid, unwrap)
@@ -427,7 +428,7 @@ class ExactTargets:
     """
 
     def __init__(self, teacher, graph: ck.Graph, noise, seq_len: int, steps: int, teacher_steps: int,
-                 method: str = "analytic", max_support: int = 8192):
+                 method: str = "analytic", max_support: int = EXACT_SUPPORT):
         if not isinstance(steps, int) or steps < 1 or not isinstance(teacher_steps, int) or teacher_steps < 1:
             raise ValueError(f"steps and teacher_steps must be positive ints, got {steps!r} and {teacher_steps!r}")
         self.num_states, self.steps, self.teacher_steps = graph.num_states, steps, teacher_steps
