@@ -11,8 +11,8 @@ from .backends import available_backends
 from .graphs import AbsorbingGraph, DenseGraph, Graph, UniformGraph, ordinal_graph
 from .ops._validation import set_value_checks
 from .ops.apply_kernel import apply_kernel
-from .ops.euler_step import fused_euler_step
-from .ops.matching_loss import conditional_matching_loss
+from .ops.fused_euler_step import fused_euler_step
+from .ops.conditional_matching_loss import conditional_matching_loss
 from .ops.posterior_to_scores import posterior_to_scores
 from .ops.scores_to_posterior import scores_to_posterior
 from .ops.transition_column import transition_column

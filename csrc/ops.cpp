@@ -49,7 +49,7 @@ TORCH_LIBRARY(cdm_kernels, m) {
   // [seed, offset] (a tensor, not ints, so torch.compile can trace its creation);
   // position p draws its uniform from Philox(seed, offset + p), as Triton's tl.rand.
   m.def(
-      "euler_step(int family, Tensor? evals, Tensor? vecs, Tensor? vecs_inv, "
+      "fused_euler_step(int family, Tensor? evals, Tensor? vecs, Tensor? vecs_inv, "
       "Tensor log_score, Tensor x, Tensor tau_t, Tensor tau_s, int method, Tensor seed_offset) -> Tensor");
   // per-position cross-entropy of target against the inverted conditional; (P,) float32
   m.def(

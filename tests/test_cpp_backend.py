@@ -101,7 +101,7 @@ def test_step_draws_its_uniform_by_inverse_cdf():
         tau_t = torch.full((positions,), 0.9, dtype=torch.float64)
         tau_s = torch.full((positions,), 0.4, dtype=torch.float64)
         seed, offset = 4242, 17
-        out = ops.euler_step(*desc(graph), log_score, x, tau_t, tau_s, ("analytic", "euler").index(method),
+        out = ops.fused_euler_step(*desc(graph), log_score, x, tau_t, tau_s, ("analytic", "euler").index(method),
                              seed_offset(seed, offset))
         probs = reference.step_probabilities(graph, log_score, x, tau_t, tau_s, method)
         cdf = probs.cumsum(-1)
@@ -143,8 +143,8 @@ def run_all_ops(seed):
                     ops.posterior_to_scores_backward(*g, grad, torch.log_softmax(ls.float(), -1).to(dtype), x, tau),
                     ops.conditional_matching_loss(*g, ls, x, tau, target),
                     ops.conditional_matching_loss_backward(*g, torch.ones(positions), ls, x, tau, target),
-                    ops.euler_step(*g, ls, x, tau, tau_s, 0, seed_offset(seed)),
-                    ops.euler_step(*g, ls, x, tau, tau_s, 1, seed_offset(seed)),
+                    ops.fused_euler_step(*g, ls, x, tau, tau_s, 0, seed_offset(seed)),
+                    ops.fused_euler_step(*g, ls, x, tau, tau_s, 1, seed_offset(seed)),
                 ]
     return results
 
@@ -291,10 +291,10 @@ def test_zero_probability_states_are_never_drawn():
     tau_t = torch.full((positions,), 2.0, dtype=torch.float64)
     zero = torch.zeros(positions, dtype=torch.float64)
     for method in (0, 1):
-        out = ops.euler_step(*desc(graph), ls, x, tau_t, zero, method, seed_offset(9))
+        out = ops.fused_euler_step(*desc(graph), ls, x, tau_t, zero, method, seed_offset(9))
         assert (out != n - 1).all()
     # tau_t = tau_s = 0 on a mask is 0/0: falls back to q, a real token
-    out = ops.euler_step(*desc(graph), ls[:50], x[:50], zero[:50], zero[:50], 0, seed_offset(9))
+    out = ops.fused_euler_step(*desc(graph), ls[:50], x[:50], zero[:50], zero[:50], 0, seed_offset(9))
     assert (out != n - 1).all()
     # states with log-score -inf have no euler jump mass, even with a draw near 1
     graph = UniformGraph(n)
@@ -302,11 +302,11 @@ def test_zero_probability_states_are_never_drawn():
     ls[:, n // 2:] = float("-inf")
     x = torch.zeros(positions, dtype=torch.int64)
     tau_s = torch.full((positions,), 1.0, dtype=torch.float64)
-    out = ops.euler_step(*desc(graph), ls, x, tau_t, tau_s, 1, seed_offset(11))
+    out = ops.fused_euler_step(*desc(graph), ls, x, tau_t, tau_s, 1, seed_offset(11))
     assert (out < n // 2).all()
     # a NaN row has no distribution: the token stays
     ls = torch.full((3, n), float("nan"))
-    out = ops.euler_step(*desc(graph), ls, torch.tensor([1, 2, 3]), tau_t[:3], tau_s[:3], 0, seed_offset(1))
+    out = ops.fused_euler_step(*desc(graph), ls, torch.tensor([1, 2, 3]), tau_t[:3], tau_s[:3], 0, seed_offset(1))
     assert out.tolist() == [1, 2, 3]
 
 
@@ -320,7 +320,7 @@ def test_dense_step_distribution():
         tau_t = torch.full((2,), 0.8, dtype=torch.float64)
         tau_s = torch.full((2,), 0.3, dtype=torch.float64)
         probs = reference.step_probabilities(graph, ls, x, tau_t, tau_s, method)
-        out = ops.euler_step(*desc(graph), ls.repeat_interleave(reps, 0), x.repeat_interleave(reps),
+        out = ops.fused_euler_step(*desc(graph), ls.repeat_interleave(reps, 0), x.repeat_interleave(reps),
                              tau_t.repeat_interleave(reps), tau_s.repeat_interleave(reps),
                              ("analytic", "euler").index(method), seed_offset(21))
         for r in range(2):
@@ -347,4 +347,4 @@ def test_input_checks():
     with pytest.raises(RuntimeError, match="states in"):
         ops.scores_to_posterior(*desc(graph), ls, torch.tensor([0, 5, 1]), tau)
     with pytest.raises(RuntimeError, match="seed_offset"):
-        ops.euler_step(*desc(graph), ls, x, tau, tau * 0, 0, torch.tensor([1.0, 2.0]))
+        ops.fused_euler_step(*desc(graph), ls, x, tau, tau * 0, 0, torch.tensor([1.0, 2.0]))

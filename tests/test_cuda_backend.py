@@ -29,7 +29,7 @@ import torch
 import cdm_kernels as ck
 from cdm_kernels import reference
 from cdm_kernels.graphs import AbsorbingGraph, UniformGraph, ordinal_graph
-from cdm_kernels.ops.euler_step import seed_and_offset
+from cdm_kernels.ops.fused_euler_step import seed_and_offset
 
 EMULATION_LIB = os.environ.get("CDM_CUDA_EMULATION_LIB")
 if EMULATION_LIB:
@@ -268,8 +268,8 @@ def test_misaligned_rows_and_row_cache(n, dtype):
     assert_close(a, ref, base, dtype, "aligned")
     assert_close(b, ref, base, dtype, "misaligned")
     so = torch.tensor([11, 0], dtype=torch.int64)
-    sa = OPS.euler_step(*desc(graph), ls_d, on_device(x), on_device(tau), on_device(tau / 2), 0, so)
-    sb = OPS.euler_step(*desc(graph), shifted, on_device(x), on_device(tau), on_device(tau / 2), 0, so)
+    sa = OPS.fused_euler_step(*desc(graph), ls_d, on_device(x), on_device(tau), on_device(tau / 2), 0, so)
+    sb = OPS.fused_euler_step(*desc(graph), shifted, on_device(x), on_device(tau), on_device(tau / 2), 0, so)
     assert torch.equal(sa, sb)
 
 
@@ -292,7 +292,7 @@ def test_int64_offsets_beyond_2_31():
     base = reference.scores_to_posterior(graph, ls[rows].cpu().float(), x[rows].cpu(), tau[rows].cpu())
     assert_close(out[rows], ref, base, torch.bfloat16, "last rows")
     del out
-    picks = OPS.euler_step(*desc(graph), ls, x, tau, tau / 2, 0, torch.tensor([5, 0], dtype=torch.int64))
+    picks = OPS.fused_euler_step(*desc(graph), ls, x, tau, tau / 2, 0, torch.tensor([5, 0], dtype=torch.int64))
     probs = reference.step_probabilities(graph, ls[rows].cpu().double(), x[rows].cpu(), tau[rows].cpu(),
                                          tau[rows].cpu() / 2)
     assert (probs.gather(1, picks[rows].cpu().unsqueeze(1)) > 0).all()
@@ -322,8 +322,8 @@ def test_euler_step_is_the_inverse_cdf_of_the_cpu_backend(family, n, dtype, meth
     tau_s[::7] = 0.0
     ls_d = ls.to(dtype)
     so = torch.tensor([987654321 + n, 12345], dtype=torch.int64)
-    cuda_picks = OPS.euler_step(*desc(graph), on_device(ls_d), on_device(x), on_device(tau_t), on_device(tau_s), method, so)
-    cpu_picks = torch.ops.cdm_kernels.euler_step(*graph.descriptor("cpu"), ls_d, x, tau_t, tau_s, method, so)
+    cuda_picks = OPS.fused_euler_step(*desc(graph), on_device(ls_d), on_device(x), on_device(tau_t), on_device(tau_s), method, so)
+    cpu_picks = torch.ops.cdm_kernels.fused_euler_step(*graph.descriptor("cpu"), ls_d, x, tau_t, tau_s, method, so)
     probs = reference.step_probabilities(graph, ls_d.double(), x, tau_t, tau_s, ("analytic", "euler")[method])
     assert (probs.gather(1, cuda_picks.cpu().unsqueeze(1)) > 0).all(), "a zero-probability state was drawn"
     agree = (cuda_picks.cpu() == cpu_picks).double().mean().item()
@@ -344,7 +344,7 @@ def test_euler_step_chi_square(family, n, method):
     tau_s = tau_t * 0.4
     rows = ls.expand(draws, n).contiguous().float()
     xs, tts, tss = x.expand(draws).contiguous(), tau_t.expand(draws).contiguous(), tau_s.expand(draws).contiguous()
-    picks = OPS.euler_step(*desc(graph), on_device(rows), on_device(xs), on_device(tts), on_device(tss),
+    picks = OPS.fused_euler_step(*desc(graph), on_device(rows), on_device(xs), on_device(tts), on_device(tss),
                            ("analytic", "euler").index(method), torch.tensor([2024, 77], dtype=torch.int64))
     probs = reference.step_probabilities(graph, ls.float().double(), x, tau_t, tau_s, method)[0]
     counts = torch.bincount(picks.cpu(), minlength=n).double()
@@ -364,7 +364,7 @@ def test_euler_step_tau_s_zero_never_the_mask():
     ls, _, tau = make_inputs(graph, 512, seed=9)
     x = torch.full((512,), 39)
     for method in (0, 1):
-        picks = OPS.euler_step(*desc(graph), on_device(ls.float()), on_device(x), on_device(tau),
+        picks = OPS.fused_euler_step(*desc(graph), on_device(ls.float()), on_device(x), on_device(tau),
                                on_device(torch.zeros(512, dtype=torch.float64)), method,
                                torch.tensor([3, 0], dtype=torch.int64))
         assert (picks != 39).all()
@@ -380,8 +380,8 @@ def test_euler_step_zero_step_on_the_mask_samples_q():
     x = torch.full((256,), 39)
     zero = torch.zeros(256, dtype=torch.float64)
     so = torch.tensor([8, 3], dtype=torch.int64)
-    picks = OPS.euler_step(*desc(graph), on_device(ls.float()), on_device(x), on_device(zero), on_device(zero), 0, so)
-    cpu_picks = torch.ops.cdm_kernels.euler_step(*graph.descriptor("cpu"), ls.float(), x, zero, zero, 0, so)
+    picks = OPS.fused_euler_step(*desc(graph), on_device(ls.float()), on_device(x), on_device(zero), on_device(zero), 0, so)
+    cpu_picks = torch.ops.cdm_kernels.fused_euler_step(*graph.descriptor("cpu"), ls.float(), x, zero, zero, 0, so)
     assert (picks.cpu() != 39).all()
     assert (picks.cpu() == cpu_picks).double().mean().item() >= 0.99
 
@@ -390,9 +390,9 @@ def test_euler_step_offsets_give_fresh_draws():
     graph = UniformGraph(64)
     ls, x, tau = make_inputs(graph, 256, seed=1)
     args = (*desc(graph), on_device(ls.float()), on_device(x), on_device(tau), on_device(tau / 3), 0)
-    a = OPS.euler_step(*args, torch.tensor([1, 0], dtype=torch.int64))
-    b = OPS.euler_step(*args, torch.tensor([1, 0], dtype=torch.int64))
-    c = OPS.euler_step(*args, torch.tensor([1, 256], dtype=torch.int64))
+    a = OPS.fused_euler_step(*args, torch.tensor([1, 0], dtype=torch.int64))
+    b = OPS.fused_euler_step(*args, torch.tensor([1, 0], dtype=torch.int64))
+    c = OPS.fused_euler_step(*args, torch.tensor([1, 256], dtype=torch.int64))
     assert torch.equal(a, b)
     assert not torch.equal(a, c)
 

@@ -33,7 +33,7 @@ def op_samples():
                 (ops.apply_kernel.default, (*desc, scores, tau, True)),
                 (ops.scores_to_posterior.default, (*desc, scores, x, tau)),
                 (ops.posterior_to_scores.default, (*desc, log_p0, x, tau)),
-                (ops.euler_step.default, (*desc, scores.detach(), x, tau, tau / 2, 0, torch.tensor([1, 0]))),
+                (ops.fused_euler_step.default, (*desc, scores.detach(), x, tau, tau / 2, 0, torch.tensor([1, 0]))),
                 (ops.conditional_matching_loss.default, (*desc, scores, x, tau, target)),
             ]
     return samples

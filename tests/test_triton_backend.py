@@ -296,7 +296,7 @@ def test_euler_step_inverse_cdf(family, p, n, method):
     ``tl.rand(seed, offset + p)``: exactly, away from rounding-level ties."""
     graph, log_score, x, tau_t, tau_s = _step_case(family, p, n, seed=10)
     seed, offset = 2**40 + 12345, 77
-    ours = torch.ops.cdm_kernels.triton_euler_step(
+    ours = torch.ops.cdm_kernels.triton_fused_euler_step(
         *graph.descriptor(DEVICE), *to_device(log_score, x, tau_t, tau_s), 0 if method == "analytic" else 1,
         torch.tensor([seed, offset], dtype=torch.int64),
     ).cpu()
@@ -346,16 +346,16 @@ def test_euler_step_matches_cpp(family):
     if (
         DEVICE != "cpu"
         or "cpp" not in ck.available_backends("cpu")
-        or not torch._C._dispatch_has_kernel_for_dispatch_key("cdm_kernels::euler_step", "CPU")
+        or not torch._C._dispatch_has_kernel_for_dispatch_key("cdm_kernels::fused_euler_step", "CPU")
     ):
-        pytest.skip("needs the C++ CPU euler_step and the interpreter")
+        pytest.skip("needs the C++ CPU fused_euler_step and the interpreter")
     graph, log_score, x, tau_t, tau_s = _step_case(family, 32, 130, seed=13)
     for method in (0, 1):
         for dtype in DTYPES:
             args = (*graph.descriptor("cpu"), log_score.to(dtype), x, tau_t, tau_s, method,
                     torch.tensor([2**35 + 5, 3]))
-            ours = torch.ops.cdm_kernels.triton_euler_step(*args)
-            theirs = torch.ops.cdm_kernels.euler_step(*args)
+            ours = torch.ops.cdm_kernels.triton_fused_euler_step(*args)
+            theirs = torch.ops.cdm_kernels.fused_euler_step(*args)
             # identical up to rounding-level ties of the two accumulation orders
             assert (ours == theirs).float().mean() > 0.95, (method, dtype, ours, theirs)
 
@@ -420,7 +420,7 @@ def test_opcheck(family):
         (ops.triton_scores_to_posterior_backward, (*d, torch.randn_like(log_score), log_score, x, tau)),
         (ops.triton_posterior_to_scores, (*d, lq.clone().requires_grad_(True), x, tau)),
         (ops.triton_posterior_to_scores_backward, (*d, torch.randn_like(lq), lq, x, tau)),
-        (ops.triton_euler_step, (*d, log_score, x, tau, 0.5 * tau, 1, torch.tensor([3, 0]))),
+        (ops.triton_fused_euler_step, (*d, log_score, x, tau, 0.5 * tau, 1, torch.tensor([3, 0]))),
         (ops.triton_conditional_matching_loss, (*d, log_score.clone().requires_grad_(True), x, tau, target)),
         (ops.triton_conditional_matching_loss_backward, (*d, torch.rand(5, device=DEVICE), log_score, x, tau, target)),
     ]

@@ -1,9 +1,23 @@
 """The op fronts: checks, broadcasting, backend choice, and the fake-tensor and
 autograd registrations of the compiled ops. One file per op."""
 
-from . import apply_kernel, euler_step, matching_loss, posterior_to_scores, scores_to_posterior, transition_column
+from . import (
+    apply_kernel,
+    conditional_matching_loss,
+    fused_euler_step,
+    posterior_to_scores,
+    scores_to_posterior,
+    transition_column,
+)
 
-_OP_MODULES = (transition_column, apply_kernel, scores_to_posterior, posterior_to_scores, euler_step, matching_loss)
+_OP_MODULES = (
+    transition_column,
+    apply_kernel,
+    scores_to_posterior,
+    posterior_to_scores,
+    fused_euler_step,
+    conditional_matching_loss,
+)
 
 
 def register_compiled_backend(prefix: str) -> None:

@@ -14,7 +14,7 @@ OP_MODULES = (
     "scores_to_posterior_backward",
     "posterior_to_scores",
     "posterior_to_scores_backward",
-    "euler_step",
+    "fused_euler_step",
     "conditional_matching_loss",
     "conditional_matching_loss_backward",
 )

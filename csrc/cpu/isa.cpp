@@ -11,7 +11,7 @@
 //   cdm_kernels::_cpu_isa(str isa="") -> str       set the variant ("" keeps it); returns the active one
 //   cdm_kernels::_cpu_vec_math(Tensor x, int fn)    the vectorised exp (fn 0), log (fn 1) and log for
 //                                                    inputs >= FLT_MIN (fn 2) on float32
-//   cdm_kernels::_philox_uniform(int seed, int offset, int n) -> Tensor   the uniforms euler_step draws
+//   cdm_kernels::_philox_uniform(int seed, int offset, int n) -> Tensor   the uniforms fused_euler_step draws
 #include "cpu/cpu_common.h"
 #include "philox.h"
 

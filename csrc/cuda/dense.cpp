@@ -106,7 +106,7 @@ at::Tensor step_probabilities(const Eigen& g, const at::Tensor& log_score, const
   return probs / probs.sum(1, /*keepdim=*/true);
 }
 
-at::Tensor matching_loss(const Eigen& g, const at::Tensor& log_score, const at::Tensor& x, const at::Tensor& tau,
+at::Tensor conditional_matching_loss(const Eigen& g, const at::Tensor& log_score, const at::Tensor& x, const at::Tensor& tau,
                          const at::Tensor& target) {
   const at::Tensor log_q = log_posterior(g, log_score, x, tau).log_q;
   const at::Tensor t = target.to(log_score.scalar_type()).to(at::kDouble);  // reference: target in log_q's dtype

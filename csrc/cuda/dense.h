@@ -40,7 +40,7 @@ at::Tensor step_probabilities(const Eigen& g, const at::Tensor& log_score, const
                               const at::Tensor& tau_t, const at::Tensor& tau_s, int64_t method);
 
 // per-position cross-entropy (float32)
-at::Tensor matching_loss(const Eigen& g, const at::Tensor& log_score, const at::Tensor& x, const at::Tensor& tau,
+at::Tensor conditional_matching_loss(const Eigen& g, const at::Tensor& log_score, const at::Tensor& x, const at::Tensor& tau,
                          const at::Tensor& target);
 at::Tensor matching_loss_backward(const Eigen& g, const at::Tensor& grad_loss, const at::Tensor& log_score,
                                   const at::Tensor& x, const at::Tensor& tau, const at::Tensor& target);

@@ -18,7 +18,7 @@ constexpr const char* kOps[] = {
     "transition_column",         "apply_kernel",
     "scores_to_posterior",       "scores_to_posterior_backward",
     "posterior_to_scores",       "posterior_to_scores_backward",
-    "euler_step",                "conditional_matching_loss",
+    "fused_euler_step",          "conditional_matching_loss",
     "conditional_matching_loss_backward",
 };
 

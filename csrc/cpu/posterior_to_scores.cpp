@@ -17,7 +17,7 @@ namespace cdm {
 namespace cpu {
 namespace {
 
-struct ForwardMapArgs {
+struct PosteriorToScoresArgs {
   int64_t family, n;
   const void* lq;
   DT dt;
@@ -116,7 +116,7 @@ CDM_INLINE double inverted_row(const typename VV::T* q, typename VV::T* s, int64
 // u = e^{log q - log K[:, x]} into tu (from the log q tile tq); returns the per-lane sums
 // of u over b < upto; fills the per-lane alpha and 1 - alpha
 template <class VV>
-CDM_INLINE typename VV::V inverted_group(const ForwardMapArgs& a, const Group<VV>& g, const typename VV::T* tq,
+CDM_INLINE typename VV::V inverted_group(const PosteriorToScoresArgs& a, const Group<VV>& g, const typename VV::T* tq,
                                          typename VV::T* tu, int64_t upto, LogColumnCache<typename VV::T>& cache,
                                          typename VV::V& alpha, typename VV::V& oma) {
   using T = typename VV::T;
@@ -145,7 +145,7 @@ CDM_INLINE typename VV::V inverted_group(const ForwardMapArgs& a, const Group<VV
 }
 
 template <class VV>
-CDM_INLINE void forward_map_group(const ForwardMapArgs& a, const Group<VV>& g, typename VV::T* tq,
+CDM_INLINE void posterior_to_scores_group(const PosteriorToScoresArgs& a, const Group<VV>& g, typename VV::T* tq,
                                   LogColumnCache<typename VV::T>& cache) {
   using T = typename VV::T;
   using V = typename VV::V;
@@ -166,7 +166,7 @@ CDM_INLINE void forward_map_group(const ForwardMapArgs& a, const Group<VV>& g, t
 }
 
 template <class VV>
-CDM_INLINE void forward_map_backward_group(const ForwardMapArgs& a, const Group<VV>& g, typename VV::T* tq,
+CDM_INLINE void posterior_to_scores_backward_group(const PosteriorToScoresArgs& a, const Group<VV>& g, typename VV::T* tq,
                                            typename VV::T* tu, typename VV::T* tg, LogColumnCache<typename VV::T>& cache) {
   using T = typename VV::T;
   using V = typename VV::V;
@@ -206,7 +206,7 @@ CDM_INLINE void forward_map_backward_group(const ForwardMapArgs& a, const Group<
 }
 
 struct ForwardMapForward {
-  using Args = ForwardMapArgs;
+  using Args = PosteriorToScoresArgs;
   template <class VV>
   static CDM_INLINE void rows(const Args& a, int64_t b, int64_t e) {
     using T = typename VV::T;
@@ -214,7 +214,7 @@ struct ForwardMapForward {
     LogColumnCache<T> cache;
     if (n <= kLanesMaxN) {
       Scratch<T> tile(n * VV::L, 1);
-      for (int64_t p0 = b; p0 < e; p0 += VV::L) forward_map_group<VV>(a, make_group<VV>(p0, e, n), tile.row(0), cache);
+      for (int64_t p0 = b; p0 < e; p0 += VV::L) posterior_to_scores_group<VV>(a, make_group<VV>(p0, e, n), tile.row(0), cache);
       return;
     }
     Scratch<T> scratch(n, 2);
@@ -242,7 +242,7 @@ struct ForwardMapForward {
 };
 
 struct ForwardMapBackward {
-  using Args = ForwardMapArgs;
+  using Args = PosteriorToScoresArgs;
   template <class VV>
   static CDM_INLINE void rows(const Args& a, int64_t b, int64_t e) {
     using T = typename VV::T;
@@ -252,7 +252,7 @@ struct ForwardMapBackward {
     if (n <= kLanesMaxN) {
       Scratch<T> tiles(n * VV::L, 3);
       for (int64_t p0 = b; p0 < e; p0 += VV::L) {
-        forward_map_backward_group<VV>(a, make_group<VV>(p0, e, n), tiles.row(0), tiles.row(1), tiles.row(2), cache);
+        posterior_to_scores_backward_group<VV>(a, make_group<VV>(p0, e, n), tiles.row(0), tiles.row(1), tiles.row(2), cache);
       }
       return;
     }
@@ -301,7 +301,7 @@ struct ForwardMapBackward {
 
 // ----------------------------------------------------------------------------- dense
 
-void dense_rows(const Dense& g, const ForwardMapArgs& a, int64_t positions, bool backward) {
+void dense_rows(const Dense& g, const PosteriorToScoresArgs& a, int64_t positions, bool backward) {
   const int64_t n = a.n;
   const double inf = std::numeric_limits<double>::infinity();
   dense_blocks(positions, dense_block_rows(n), [&](int64_t b, int64_t e) {
@@ -347,7 +347,7 @@ at::Tensor run(int64_t family, const c10::optional<at::Tensor>& evals, const c10
   at::Tensor out = empty_output_like(log_p0);
   if (positions == 0) return out;
   const DT dt = dt_of(log_p0);
-  ForwardMapArgs args{family,         n,    log_p0.data_ptr(), dt, x.data_ptr<int64_t>(), tau.data_ptr<double>(),
+  PosteriorToScoresArgs args{family,         n,    log_p0.data_ptr(), dt, x.data_ptr<int64_t>(), tau.data_ptr<double>(),
                       out.data_ptr(), grad ? grad->data_ptr() : nullptr, grad ? dt_of(*grad) : dt};
   if (family == DENSE) {
     dense_rows(g, args, positions, grad != nullptr);

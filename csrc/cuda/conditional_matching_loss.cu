@@ -8,8 +8,8 @@
 // Absorbing: x != mask: 0, or inf when the target has mass off x (one pass over the target);
 // x = mask: loss = T log s - sum_{t>0, y != mask} t (ls_y - m), inf with mass on the mask.
 // The target is read in the log-scores' dtype (reference.py converts it to log q's dtype).
-// Backward: the inversion backward of posterior.cuh with g = -grad_loss * target (t > 0).
-#include "cuda/posterior.cuh"
+// Backward: the inversion backward of inversion.cuh with g = -grad_loss * target (t > 0).
+#include "cuda/inversion.cuh"
 
 namespace cdm {
 namespace gpu {
@@ -137,7 +137,7 @@ at::Tensor conditional_matching_loss_cuda(int64_t family, const c10::optional<at
   const Inputs in = check_inputs(family, log_score, x, tau, target);
   if (family == DENSE) {
     const dense::Eigen eg = check_dense(evals, vecs, vecs_inv, in.n, log_score.device());
-    return dense::matching_loss(eg, log_score, in.x, in.tau, in.target);
+    return dense::conditional_matching_loss(eg, log_score, in.x, in.tau, in.target);
   }
   at::Tensor out = at::empty({in.positions}, log_score.options().dtype(at::kFloat));
   if (in.positions == 0) return out;

@@ -1,6 +1,6 @@
 // scores_to_posterior (+ backward) on CUDA: log p_0|t from log-scores.
-// Kernels and pass structure: posterior.cuh. Dense graphs: float64 ATen (dense.cpp).
-#include "cuda/posterior.cuh"
+// Kernels and pass structure: inversion.cuh. Dense graphs: float64 ATen (dense.cpp).
+#include "cuda/inversion.cuh"
 
 namespace cdm {
 namespace gpu {

@@ -1,6 +1,6 @@
 // conditional_matching_loss (+ backward) on the CPU: per-position cross-entropy
 //   loss_p = -sum_a [t_a > 0] t_a log q_a,   q = scores_to_posterior(log_score, x, tau)
-// without materialising log q. Uniform graph, with u the clamped inversion (posterior.cpp):
+// without materialising log q. Uniform graph, with u the clamped inversion (scores_to_posterior.cpp):
 //   log q_a = log K[a, x] + log u_a - log Z,  Z = beta U + alpha u_x
 //   sum_a t_a log q_a = sum_a t_a log u_a + log(beta) T_off + log(alpha + beta) t_x - T log Z
 // (T = sum of the positive targets, T_off the part off x): 1 exp + 1 log per element, in

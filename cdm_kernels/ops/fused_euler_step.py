@@ -69,7 +69,7 @@ def fused_euler_step(
     chosen = select_backend(backend, log_score.device)
     if chosen == "reference":
         return reference.fused_euler_step(graph, log_score, x, tau_t, tau_s, method, generator)
-    op = kernel_op("euler_step", chosen)
+    op = kernel_op("fused_euler_step", chosen)
     flat = log_score.reshape(-1, graph.num_states).contiguous()
     out = op(
         *graph.descriptor(x.device),
@@ -84,6 +84,6 @@ def fused_euler_step(
 
 
 def register(prefix: str) -> None:
-    @torch.library.register_fake(f"cdm_kernels::{prefix}euler_step")
+    @torch.library.register_fake(f"cdm_kernels::{prefix}fused_euler_step")
     def _(family, evals, vecs, vecs_inv, log_score, x, tau_t, tau_s, method, seed_offset):
         return torch.empty_like(x)

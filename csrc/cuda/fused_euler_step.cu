@@ -1,4 +1,4 @@
-// euler_step on CUDA: one fused reverse step (kernel evaluation, inversion, sampling).
+// fused_euler_step on CUDA: one fused reverse step (kernel evaluation, inversion, sampling).
 //
 // Every closed-form case is one of two shapes (derived from reference.step_probabilities;
 // Delta = tau_t - tau_s, e_y = exp(ls_y - m), m / s = max / sum-exp over y != x):
@@ -8,7 +8,7 @@
 //      absorbing, x = mask:        analytic  K = (1 - e^-Delta) e^-tau_s / s, px = 1 - e^-tau_s
 //                                  euler     as uniform with lr = log(Delta); tau_s = 0: K = 1/s, px = 0
 //      absorbing, x != mask:       x (no read)
-//   B  p_y = c1 u_y + c0 + [y = x] (d1 u_y + d0), u the clamped inversion (posterior.cuh)
+//   B  p_y = c1 u_y + c0 + [y = x] (d1 u_y + d0), u the clamped inversion (inversion.cuh)
 //      uniform analytic:           c1 = beta_D alpha_s, c0 = beta_D beta_s U, d1 = alpha_D alpha_s,
 //                                  d0 = alpha_D beta_s U (U = sum u); tau_s = 0 gives q itself,
 //                                  which is also the euler step's tau_s = 0 rule
@@ -18,7 +18,7 @@
 // the row: segment masses come from the stats, one 256-state segment is recomputed.
 // One Philox uniform per position: philox_uniform(seed, offset, p), as Triton's tl.rand.
 // Dense graphs: float64 step probabilities (dense.cpp), sampled by sample_probs_kernel.
-#include "cuda/posterior.cuh"
+#include "cuda/inversion.cuh"
 
 namespace cdm {
 namespace gpu {
@@ -37,7 +37,7 @@ struct StepArgs {
 };
 
 template <class S, bool AL, int W>
-CDM_GLOBAL void CDM_BOUNDS(Group<W>::kBlock, min_blocks<S>()) euler_step_kernel(const StepArgs<S> a) {
+CDM_GLOBAL void CDM_BOUNDS(Group<W>::kBlock, min_blocks<S>()) fused_euler_step_kernel(const StepArgs<S> a) {
   using C = typename Compute<S>::type;
   CDM_DECLARE_SMEM(smem);
   Group<W> g;
@@ -169,7 +169,7 @@ CDM_GLOBAL void CDM_BOUNDS(Group<W>::kBlock, min_blocks<double>()) sample_probs_
   if (g.tid == 0) a.out[p] = pick;
 }
 
-at::Tensor euler_step_cuda(int64_t family, const c10::optional<at::Tensor>& evals,
+at::Tensor fused_euler_step_cuda(int64_t family, const c10::optional<at::Tensor>& evals,
                            const c10::optional<at::Tensor>& vecs, const c10::optional<at::Tensor>& vecs_inv,
                            const at::Tensor& log_score, const at::Tensor& x_in, const at::Tensor& tau_t_in,
                            const at::Tensor& tau_s_in, int64_t method, const at::Tensor& seed_offset) {
@@ -233,14 +233,14 @@ at::Tensor euler_step_cuda(int64_t family, const c10::optional<at::Tensor>& eval
     // the row is re-read only by the inversion (uniform analytic, or tau_s = 0)
     const int cache_rows = (family == UNIFORM && method == 0) ? 1 : 0;
     a.plan = plan_smem<S, W>(n, /*stats=*/true, cache_rows);
-    launch_rows<W>(&euler_step_kernel<S, AL, W>, a, positions, a.plan);
+    launch_rows<W>(&fused_euler_step_kernel<S, AL, W>, a, positions, a.plan);
   });
   return out;
 }
 
 }  // namespace
 
-CDM_CUDA_IMPL(m) { m.impl("euler_step", &euler_step_cuda); }
+CDM_CUDA_IMPL(m) { m.impl("fused_euler_step", &fused_euler_step_cuda); }
 
 }  // namespace gpu
 }  // namespace cdm

@@ -1,4 +1,4 @@
-// euler_step on the CPU: one reverse step x_t -> x_s per position, sampled by inverse CDF
+// fused_euler_step on the CPU: one reverse step x_t -> x_s per position, sampled by inverse CDF
 // with ONE uniform per position: Philox4x32-10 at counter offset + p (philox.h), the same
 // number Triton's tl.rand(seed, offset + p) gives; seed_offset = [seed, offset] (int64).
 //
@@ -441,7 +441,7 @@ void dense_step(const Dense& g, const StepArgs& a, int64_t positions) {
 
 // ----------------------------------------------------------------------------- op
 
-at::Tensor euler_step_cpu(int64_t family, const c10::optional<at::Tensor>& evals,
+at::Tensor fused_euler_step_cpu(int64_t family, const c10::optional<at::Tensor>& evals,
                           const c10::optional<at::Tensor>& vecs, const c10::optional<at::Tensor>& vecs_inv,
                           const at::Tensor& log_score, const at::Tensor& x, const at::Tensor& tau_t,
                           const at::Tensor& tau_s, int64_t method, const at::Tensor& seed_offset) {
@@ -476,7 +476,7 @@ at::Tensor euler_step_cpu(int64_t family, const c10::optional<at::Tensor>& evals
 
 }  // namespace
 
-TORCH_LIBRARY_IMPL(cdm_kernels, CPU, m) { m.impl("euler_step", &euler_step_cpu); }
+TORCH_LIBRARY_IMPL(cdm_kernels, CPU, m) { m.impl("fused_euler_step", &fused_euler_step_cpu); }
 
 }  // namespace cpu
 }  // namespace cdm

@@ -1,4 +1,4 @@
-"""``triton_euler_step``: one reverse step, fused: kernel evaluation, inversion
+"""``triton_fused_euler_step``: one reverse step, fused: kernel evaluation, inversion
 and inverse-CDF sampling in one kernel per block of positions.
 
 Position ``p`` draws one uniform ``tl.rand(seed, offset + p)`` (Philox, the
@@ -54,7 +54,7 @@ def step_block(ls_ptr, offs, lmask, is_x, m_safe, k, ex, CT: tl.constexpr):
 
 
 @triton.jit(do_not_specialize=["seed", "offset"])
-def _euler_step_kernel(ls_ptr, x_ptr, taut_ptr, taus_ptr, out_ptr, P, N, seed, offset,
+def _fused_euler_step_kernel(ls_ptr, x_ptr, taut_ptr, taus_ptr, out_ptr, P, N, seed, offset,
                        FAMILY: tl.constexpr, METHOD: tl.constexpr, F64: tl.constexpr,
                        BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr):
     CT: tl.constexpr = tl.float64 if F64 else tl.float32
@@ -169,11 +169,11 @@ def _euler_step_kernel(ls_ptr, x_ptr, taut_ptr, taus_ptr, out_ptr, P, N, seed, o
     tl.store(out_ptr + rows, pick.to(tl.int64), mask=rmask)
 
 
-euler_step_kernel = row_kernel(_euler_step_kernel)
+fused_euler_step_kernel = row_kernel(_fused_euler_step_kernel)
 
 
-@torch.library.custom_op("cdm_kernels::triton_euler_step", mutates_args=(), schema=SCHEMA)
-def euler_step(family: int, evals: Optional[torch.Tensor], vecs: Optional[torch.Tensor],
+@torch.library.custom_op("cdm_kernels::triton_fused_euler_step", mutates_args=(), schema=SCHEMA)
+def fused_euler_step(family: int, evals: Optional[torch.Tensor], vecs: Optional[torch.Tensor],
                vecs_inv: Optional[torch.Tensor], log_score: torch.Tensor, x: torch.Tensor, tau_t: torch.Tensor,
                tau_s: torch.Tensor, method: int, seed_offset: torch.Tensor) -> torch.Tensor:
     p, n = log_score.shape
@@ -199,6 +199,6 @@ def euler_step(family: int, evals: Optional[torch.Tensor], vecs: Optional[torch.
             probs = _dense.euler_probs(log_score, x, tau_t, tau_s, _dense.column(x, tau_t, graph, n, rate=True), log_q)
         return _dense.sample(probs, x, seed, offset)
     out = torch.empty_like(x)
-    euler_step_kernel(p, log_score, x, tau_t, tau_s, out, p, n, seed, offset, FAMILY=family, METHOD=int(method),
+    fused_euler_step_kernel(p, log_score, x, tau_t, tau_s, out, p, n, seed, offset, FAMILY=family, METHOD=int(method),
                       F64=compute_f64(log_score))
     return out

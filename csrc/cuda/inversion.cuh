@@ -1,5 +1,5 @@
-// The inversion kernels shared by scores_to_posterior (posterior.cu) and the matching
-// loss (matching_loss.cu): the forward log p_0|t, and its backward (from a gradient
+// The inversion kernels shared by scores_to_posterior (scores_to_posterior.cu) and the matching
+// loss (conditional_matching_loss.cu): the forward log p_0|t, and its backward (from a gradient
 // row, or from a target row and a per-position grad_loss).
 //
 // Uniform graph, per row (r = exp(log_score' - M), log_score' = log_score with 0 at x,
@@ -8,7 +8,7 @@
 //   forward    pass 1  m, s = sum_{y != x} e^{ls_y - m} (1 exp / state)     -> M, S = s e^{m-M} + e^-M
 //              pass 2  U = sum u                           (1 exp / state)     -> Z
 //              pass 3  out = log u + log K[y, x] - log Z  (1 exp + 1 log / state)
-//   backward   (g = dL/dlog q; as csrc/cpu/posterior.cpp)
+//   backward   (g = dL/dlog q; as csrc/cpu/scores_to_posterior.cpp)
 //              pass 1  m, s and G = sum g
 //              pass 2  U, H = sum w g / u, Wt = sum w  (w = 1 unclamped, 1/2 on a tie, 0 clamped)
 //              pass 3  out_y = r_y (w_y (g_y / u_y - beta G / Z) - beta (H - G/Z (beta Wt + alpha w_x))), 0 at x
@@ -259,7 +259,7 @@ CDM_GLOBAL void CDM_BOUNDS(Group<W>::kBlock, min_blocks<S>()) posterior_backward
   }
 }
 
-// Host: launch the backward kernel (grad rows, or target rows with grad_loss); posterior.cu.
+// Host: launch the backward kernel (grad rows, or target rows with grad_loss); scores_to_posterior.cu.
 void launch_posterior_backward(int64_t family, const at::Tensor& log_score, const at::Tensor& second,
                                const float* grad_loss, const at::Tensor& x, const at::Tensor& tau, at::Tensor& out);
 
