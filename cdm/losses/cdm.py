@@ -79,8 +79,8 @@ def sample_times(steps: int, batch: int, *, t_dist: str = "grid", grid_weights: 
     ``"grid"``: ``t = 1 - j/k`` with ``j ~ U{0..k-1}``, ``t_next = t - 1/k`` (the
     times the k-step sampler visits); ``grid_weights`` (k values >= 0, any
     positive sum) draws ``j`` with those relative frequencies instead, e.g. to
-    train more where ``cdm eval --handover`` finds a student's steps worst (on
-    the default data 1, 2, 3, 1 changed nothing: README, "Longer runs").
+    train more where ``cdm eval --handover`` finds a student's steps worst (what
+    that gained: docs/RESULTS.md).
     ``"uniform"``: ``t ~ U(1/k, 1]`` and ``t_next = t - 1/k`` (a student for any
     grid of step 1/k).
     """
@@ -290,8 +290,8 @@ class ExactTargets:
     chain's whole law ``P(x_0 | x_t)`` is computed for every x_t of the full product
     space and every grid time ``t = 1 - j/steps`` of the student
     (:func:`cdm.sampling.exact_chain_matrix`: ``steps * teacher_steps`` S^3 matrix
-    products; on the default data, S = 4096, 4 steps and 32 teacher steps took 4 min
-    on one core here, into four (S, S) float32 tables, 256 MB), and
+    products into ``steps`` (S, S) float32 tables, built once before training; their
+    cost: docs/RESULTS.md), and
     ``target="exact"`` takes the expectation over x_0 in place of ``num_targets``
     draws: the R -> infinity limit of the sampled loss, with no teacher call while
     training. ``max_support`` bounds S (each table holds S^2 floats).
@@ -333,73 +333,8 @@ def _joint_log_likelihoods(graph: ck.Graph, log_score: torch.Tensor, x_t: torch.
     return rows
 
 
-def joint_cdm_loss(student, teacher, graph: ck.Graph, noise, x0: torch.Tensor, *, steps: int = 1,
-                   num_latents: int = 8, num_targets: int = 1, teacher_steps: int = 16, target: str = "clean",
-                   s: Optional[float] = None, t_dist: str = "grid", grid_weights: Optional[Sequence[float]] = None,
-                   stratified: bool = True, rollout: float = 0.0, weighting: Union[str, Callable] = "none",
-                   method: str = "analytic", exact_targets: Optional[ExactTargets] = None,
-                   generator: Optional[torch.Generator] = None, reduction: str = "mean") -> torch.Tensor:
-    """Joint CDM loss on clean data ``x0`` (B, L) for a ``steps``-step mixture student.
-
-    For each sequence: t on the student's grid (``t_dist``, ``grid_weights``: see
-    :func:`sample_times`), ``x_t`` by forward noising, then a draw from the
-    teacher's joint conditional ``x_0' ~ p_0|t(. | x_t)`` through the Markov
-    decomposition: the teacher's ``teacher_steps``-step sampler run from t
-    (``teacher_steps - 1`` steps down to s, then one step to tau = 0, i.e.
-    ``x_0'`` from the teacher's per-token conditional at s). ``s`` (a time)
-    defaults to ``t / teacher_steps``, which makes the chain the teacher's own
-    ``teacher_steps``-step grid restricted to [0, t]; a given ``s >= t`` falls
-    back to that default for the sequence.
-    ``rollout`` (grid times only): the share of sequences whose ``x_t`` comes from
-    the student's own sampler (:func:`student_rollout`) instead of forward noising,
-    so that a k-step student also learns its conditionals at the states its
-    sampler visits (exposure bias); the teacher's conditional is a valid target at
-    any ``x_t``. Measured on the default data (4-step student, 800 steps): exact
-    KL 0.213 with ``rollout = 0.5`` against 0.225 without, inside the run-to-run
-    spread; the student's later steps are as wrong from the teacher's states as
-    from its own (README, "Longer runs"), so the default is 0.
-
-    ``target="step"`` (k > 1; at k = 1 the two coincide): the target is instead
-    ``x_s`` at the student's next grid time ``s = t - 1/k``, drawn by
-    ``teacher_steps`` teacher steps from t to s, and the student is fitted by the
-    mixture NLL of its own reverse step, ``-log E_lambda prod_i P(x_s^i | x_t,
-    lambda)`` (:func:`step_log_likelihood`: the transition its sampler takes).
-    Summed over the grid these are the terms of the path KL between the
-    teacher's chain and the student's sampler, an upper bound on the KL of their
-    outputs; fitting ``p_0|t`` instead (``"clean"``) also spends the mixture on
-    detail of x_0 that the noise between s and 0 washes out.
-
-    ``target="exact"`` (enumerable data; ``exact_targets``, an :class:`ExactTargets`
-    of the same ``steps`` and ``teacher_steps``): the clean target's law itself,
-    ``-sum_{x_0} P(x_0 | x_t) log q(x_0 | x_t)`` over every x_0, in place of R draws
-    (``num_targets`` is ignored and the teacher is not called).
-
-    The student is evaluated at ``(x_t, t)`` with ``num_latents`` (M) latent
-    draws per sequence (stratified in the first coordinate when ``stratified``),
-    and the loss is the mixture NLL per token,
-    ``-(logsumexp_m sum_i log p(x_0'^i | x_t, lambda_m) - log M) / L``,
-    through ``conditional_matching_loss`` with one-hot targets (the per-token
-    log-likelihoods of the student's inverted conditionals). A student without a
-    latent gets M = 1 (plain NLL of the teacher's joint samples). A K-component
-    student with weights ``w(x_t)`` (``mixture_weights``) is fitted by
-    ``-log (1/M) sum_m K w_{k_m}(x_t) prod_i p(x_0'^i | x_t, k_m)``, an unbiased
-    estimate of its mixture likelihood inside the log for any M (exact at
-    M = K, each component once), so the weights are learnt with the components.
-    ``num_targets`` (R): draws of the target per x_t, their NLLs averaged; the
-    student's M evaluations are shared by all R, so the R-fold cost is the
-    teacher's chain only (R teacher forwards per step against M student
-    forwards and backwards). On the default data R = 4 more than halved the
-    1-step student's exact KL at equal steps (``cdm distill`` uses 4; README).
-    Returns the batch mean of ``w(t) * NLL`` (``reduction="none"``: (B,)).
-
-    Defaults (exact study, tests/test_cdm_exact.py setting, 1-step KL of the
-    teacher 0.488; table student, Adam): M = 4 / 8 / 16 gave 0.028 / 0.018 /
-    0.014 after 300 steps (M = 8 is the knee); teacher_steps = 16 / 32 / 64
-    gave 0.023 / 0.018 / 0.013 (300 steps) and 8 / 16 gave 0.033 / 0.016 (400
-    steps): the student is capped by the chain it imitates and the cost grows
-    linearly, so 16; s = 0.3 / 0.5 matched the default t / teacher_steps, while
-    s = 0.7 was 10x worse (the per-token conditional at s drops the correlations).
-    """
+def _check_joint_options(x0, *, steps, num_latents, num_targets, teacher_steps, target, s, t_dist, rollout, method,
+                         exact_targets, reduction) -> None:
     if reduction not in REDUCTIONS:
         raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
     if not isinstance(num_latents, int) or num_latents < 1:
@@ -430,36 +365,38 @@ def joint_cdm_loss(student, teacher, graph: ck.Graph, noise, x0: torch.Tensor, *
         raise ValueError(f"method must be one of {METHODS}, got {method!r}")
     if x0.ndim != 2:
         raise ValueError(f"x0 must have shape (B, L), got {tuple(x0.shape)}")
-    device, (batch, seq_len) = x0.device, x0.shape
-    t, t_next = sample_times(steps, batch, t_dist=t_dist, grid_weights=grid_weights, generator=generator,
-                             device=device)
+
+
+@torch.no_grad()
+def _teacher_draws(teacher, graph: ck.Graph, noise, x_t: torch.Tensor, t: torch.Tensor, t_next: torch.Tensor,
+                   draws: int, *, target: str, s: Optional[float], teacher_steps: int, method: str,
+                   generator) -> torch.Tensor:
+    """``draws`` targets per x_t (B * draws, L), one batch: x_s at ``t_next`` for
+    ``target="step"``, else x_0 through the teacher's chain from t via s."""
+    x_from, t_from, t_to = x_t.repeat_interleave(draws, 0), t.repeat_interleave(draws), t_next.repeat_interleave(draws)
+    if target == "step":
+        return teacher_chain(teacher, graph, noise, x_from, t_from, t_to, teacher_steps, method=method,
+                             generator=generator)
+    default_s = t_from / teacher_steps
+    s_time = default_s if s is None else torch.where(torch.full_like(t_from, float(s)) < t_from,
+                                                     torch.full_like(t_from, float(s)), default_s)
+    x_s = x_from
+    if teacher_steps > 1:
+        x_s = teacher_chain(teacher, graph, noise, x_from, t_from, s_time, teacher_steps - 1, method=method,
+                            generator=generator)
+    return teacher_chain(teacher, graph, noise, x_s, s_time, torch.zeros_like(t_from), 1, method=method,
+                         generator=generator)
+
+
+def _mixture_log_likelihoods(student, graph: ck.Graph, noise, x_t: torch.Tensor, t: torch.Tensor,
+                             t_next: torch.Tensor, targets: Optional[torch.Tensor], *, num_latents: int,
+                             stratified: bool, target: str, method: str, generator) -> torch.Tensor:
+    """``log sum_m prod_i p(y^i | x_t, lambda_m) - log M`` (B, R) for the R targets y
+    per x_t in ``targets`` (B * R, L), or (B, S) for every sequence of the support
+    (``target="exact"``, ``targets`` None); with mixture weights, each latent's term
+    carries its importance weight ``K w_k(x_t)``."""
+    device, (batch, seq_len) = x_t.device, x_t.shape
     tau_t = tau_of_time(noise, t)
-    x_t = add_noise(graph, x0, tau_t[:, None], generator)
-    if rollout:
-        own = _uniform(batch, generator, device) < rollout
-        if bool(own.any()):
-            x_t[own] = student_rollout(student, graph, noise, t[own], steps, seq_len, method=method, generator=generator)
-
-    r = num_targets
-    if target == "exact":
-        target_probs = exact_targets.probabilities(x_t, t)  # (B, S): the law of the draws below
-    else:
-        with torch.no_grad():  # r draws from the teacher's conditional per x_t: one (B * r,) batch
-            x_from, t_from, t_to = x_t.repeat_interleave(r, 0), t.repeat_interleave(r), t_next.repeat_interleave(r)
-            if target == "step":
-                x_target = teacher_chain(teacher, graph, noise, x_from, t_from, t_to, teacher_steps, method=method,
-                                         generator=generator)
-            else:
-                default_s = t_from / teacher_steps
-                s_time = default_s if s is None else torch.where(torch.full_like(t_from, float(s)) < t_from,
-                                                                 torch.full_like(t_from, float(s)), default_s)
-                x_s = x_from
-                if teacher_steps > 1:
-                    x_s = teacher_chain(teacher, graph, noise, x_from, t_from, s_time, teacher_steps - 1,
-                                        method=method, generator=generator)
-                x_target = teacher_chain(teacher, graph, noise, x_s, s_time, torch.zeros_like(t_from), 1,
-                                         method=method, generator=generator)
-
     m = num_latents if latent_dim(student) else 1
     x_rep = x_t.repeat_interleave(m, 0)
     tau_rep = tau_t.repeat_interleave(m, 0)[:, None].expand(x_rep.shape)
@@ -469,27 +406,102 @@ def joint_cdm_loss(student, teacher, graph: ck.Graph, noise, x0: torch.Tensor, *
         log_score = _scores(student, x_t, tau_t, lam, graph=graph)
     else:
         log_score = _scores(student, x_rep, tau_rep[:, 0], lam, graph=graph)
-    if target == "step":
-        tau_next = tau_of_time(noise, t_next).repeat_interleave(m, 0)[:, None].expand(x_rep.shape)
-
-    def log_likelihood(y: torch.Tensor) -> torch.Tensor:  # sum_i log p(y^i | x_t, lambda), (B * M,)
-        if target == "step":
-            return step_log_likelihood(graph, log_score, x_rep, tau_rep, tau_next, y, method).sum(-1)
-        # one-hot targets are exact in float32 (a float64 copy would double the memory of the M-fold batch)
-        one_hot = nn.functional.one_hot(y, graph.num_states).to(torch.float32)
-        return -ck.conditional_matching_loss(graph, log_score, x_rep, tau_rep, one_hot, reduction="none").sum(-1)
-
     if target == "exact":  # every x_0 of the support: (B, M, S)
         log_lik = _joint_log_likelihoods(graph, log_score, x_rep, tau_rep).view(batch, m, -1)
     else:
-        x_target = x_target.view(batch, r, seq_len).repeat_interleave(m, 0)  # (B * M, r, L)
-        log_lik = torch.stack([log_likelihood(x_target[:, j]) for j in range(r)], -1).view(batch, m, r)
+        r = len(targets) // batch
+        targets = targets.view(batch, r, seq_len).repeat_interleave(m, 0)  # (B * M, r, L)
+        if target == "step":
+            tau_next = tau_of_time(noise, t_next).repeat_interleave(m, 0)[:, None].expand(x_rep.shape)
+            per_draw = [step_log_likelihood(graph, log_score, x_rep, tau_rep, tau_next, targets[:, j], method).sum(-1)
+                        for j in range(r)]
+        else:  # one-hot targets are exact in float32 (a float64 copy would double the memory of the M-fold batch)
+            per_draw = [-ck.conditional_matching_loss(graph, log_score, x_rep, tau_rep,
+                                                      nn.functional.one_hot(targets[:, j], graph.num_states)
+                                                      .to(torch.float32), reduction="none").sum(-1)
+                        for j in range(r)]
+        log_lik = torch.stack(per_draw, -1).view(batch, m, r)
     log_w = mixture_log_weights(student, x_t, tau_t)
     if log_w is not None:  # lambda was drawn uniformly: importance weight K w_k
         components = log_w.shape[-1]
         index = component_index(lam, components).view(batch, m)
         log_lik = log_lik + (log_w.gather(1, index) + math.log(components)).to(log_lik.dtype)[..., None]
-    log_mixture = torch.logsumexp(log_lik, dim=1) - math.log(m)  # (B, R) draws, or (B, S) support sequences
+    return torch.logsumexp(log_lik, dim=1) - math.log(m)
+
+
+def joint_cdm_loss(student, teacher, graph: ck.Graph, noise, x0: torch.Tensor, *, steps: int = 1,
+                   num_latents: int = 8, num_targets: int = 1, teacher_steps: int = 16, target: str = "clean",
+                   s: Optional[float] = None, t_dist: str = "grid", grid_weights: Optional[Sequence[float]] = None,
+                   stratified: bool = True, rollout: float = 0.0, weighting: Union[str, Callable] = "none",
+                   method: str = "analytic", exact_targets: Optional[ExactTargets] = None,
+                   generator: Optional[torch.Generator] = None, reduction: str = "mean") -> torch.Tensor:
+    """Joint CDM loss on clean data ``x0`` (B, L) for a ``steps``-step mixture student.
+
+    For each sequence: t on the student's grid (``t_dist``, ``grid_weights``: see
+    :func:`sample_times`), ``x_t`` by forward noising, then a draw from the
+    teacher's joint conditional ``x_0' ~ p_0|t(. | x_t)`` through the Markov
+    decomposition: the teacher's ``teacher_steps``-step sampler run from t
+    (``teacher_steps - 1`` steps down to s, then one step to tau = 0, i.e.
+    ``x_0'`` from the teacher's per-token conditional at s). ``s`` (a time)
+    defaults to ``t / teacher_steps``, which makes the chain the teacher's own
+    ``teacher_steps``-step grid restricted to [0, t]; a given ``s >= t`` falls
+    back to that default for the sequence. ``rollout`` (grid times only): the
+    share of sequences whose ``x_t`` comes from the student's own sampler
+    (:func:`student_rollout`), so that it also learns its conditionals at the
+    states its sampler visits; the default 0, because it gained nothing beyond
+    the run-to-run spread (docs/RESULTS.md).
+
+    ``target="step"`` (k > 1; at k = 1 the two coincide): the target is instead
+    ``x_s`` at the student's next grid time ``s = t - 1/k``, drawn by
+    ``teacher_steps`` teacher steps from t to s, and the student is fitted by the
+    mixture NLL of its own reverse step, ``-log E_lambda prod_i P(x_s^i | x_t,
+    lambda)`` (:func:`step_log_likelihood`: the transition its sampler takes).
+    Summed over the grid these are the terms of the path KL between the
+    teacher's chain and the student's sampler, an upper bound on the KL of their
+    outputs; fitting ``p_0|t`` instead (``"clean"``) also spends the mixture on
+    detail of x_0 that the noise between s and 0 washes out.
+
+    ``target="exact"`` (enumerable data; ``exact_targets``, an :class:`ExactTargets`
+    of the same ``steps`` and ``teacher_steps``): the clean target's law itself,
+    ``-sum_{x_0} P(x_0 | x_t) log q(x_0 | x_t)`` over every x_0, in place of R draws
+    (``num_targets`` is ignored and the teacher is not called).
+
+    The student is evaluated at ``(x_t, t)`` with ``num_latents`` (M) latent
+    draws per sequence (stratified in the first coordinate when ``stratified``),
+    and the loss is the mixture NLL per token,
+    ``-(logsumexp_m sum_i log p(x_0'^i | x_t, lambda_m) - log M) / L``,
+    through ``conditional_matching_loss`` with one-hot targets (the per-token
+    log-likelihoods of the student's inverted conditionals). A student without a
+    latent gets M = 1 (plain NLL of the teacher's joint samples). A K-component
+    student with weights ``w(x_t)`` (``mixture_weights``) is fitted by
+    ``-log (1/M) sum_m K w_{k_m}(x_t) prod_i p(x_0'^i | x_t, k_m)``, an unbiased
+    estimate of its mixture likelihood inside the log for any M (exact at
+    M = K, each component once), so the weights are learnt with the components.
+    ``num_targets`` (R): draws of the target per x_t, their NLLs averaged; the
+    student's M evaluations are shared by all R, so the R-fold cost is the
+    teacher's chain only. Returns the batch mean of ``w(t) * NLL``
+    (``reduction="none"``: (B,)). The defaults (M = 8, 16 teacher steps) are
+    where the exact study stopped gaining for its cost (docs/RESULTS.md).
+    """
+    _check_joint_options(x0, steps=steps, num_latents=num_latents, num_targets=num_targets,
+                         teacher_steps=teacher_steps, target=target, s=s, t_dist=t_dist, rollout=rollout,
+                         method=method, exact_targets=exact_targets, reduction=reduction)
+    device, (batch, seq_len) = x0.device, x0.shape
+    t, t_next = sample_times(steps, batch, t_dist=t_dist, grid_weights=grid_weights, generator=generator,
+                             device=device)
+    x_t = add_noise(graph, x0, tau_of_time(noise, t)[:, None], generator)
+    if rollout:
+        own = _uniform(batch, generator, device) < rollout
+        if bool(own.any()):
+            x_t[own] = student_rollout(student, graph, noise, t[own], steps, seq_len, method=method, generator=generator)
+    targets = None
+    if target == "exact":
+        target_probs = exact_targets.probabilities(x_t, t)  # (B, S): the law of the draws
+    else:
+        targets = _teacher_draws(teacher, graph, noise, x_t, t, t_next, num_targets, target=target, s=s,
+                                 teacher_steps=teacher_steps, method=method, generator=generator)
+    log_mixture = _mixture_log_likelihoods(student, graph, noise, x_t, t, t_next, targets, num_latents=num_latents,
+                                           stratified=stratified, target=target, method=method, generator=generator)
     if target == "exact":
         nll = -torch.where(target_probs > 0, target_probs * log_mixture, 0.0).sum(-1)
     else:
