@@ -133,7 +133,7 @@ def exact_handover_metrics(student, teacher, setup: Setup, steps: int, teacher_s
     ``patterns`` (strings of ``steps`` letters) default to the student alone, the
     teacher alone and the student on one interval at a time with the teacher
     around it: each of the latter minus the teacher alone is what that one step
-    of the student costs (README, "Longer runs", for what it found and how
+    of the student costs (docs/RESULTS.md, for what it found and how
     ``--grid-weights`` uses it). Returns ``{pattern: {"kl", "reverse_kl"}}``
     (:func:`exact_metrics`), or None where the state space is not enumerable.
     """

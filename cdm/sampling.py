@@ -415,7 +415,7 @@ def exact_sample_distribution(model, graph: ck.Graph, support: torch.Tensor, tau
     Returns float64 (S,): the probability of each support sequence after the
     last step. Cost per step and latent: S network rows and S^2 multiply-adds
     (the (S, S) transition is streamed in blocks of ``batch_size`` rows, never
-    held whole); S = 8^4 = 4096 takes well under a second a step on a laptop CPU.
+    held whole). Timings: docs/RESULTS.md.
     """
     support = support.long()
     size, seq_len = support.shape
@@ -461,8 +461,8 @@ def exact_chain_matrix(model, graph: ck.Graph, support: torch.Tensor, taus: torc
     The chain takes ``model``'s steps along the decreasing grid ``taus`` (each step's
     transition ``prod_i P(y^i | x)`` of :func:`step_distribution`, the law
     ``fused_euler_step`` samples). It is the product of the steps' (S, S) transitions,
-    one S^3 matrix product a step (S = 4096: ~0.8 s here in float32, whose rounding,
-    ~1e-7 relative per step, is far below anything a loss on these rows resolves);
+    one S^3 matrix product a step in float32, whose rounding (~1e-7 relative per step)
+    is far below anything a loss on these rows resolves (timings: docs/RESULTS.md);
     :func:`exact_sample_distribution` is ``prior @ P`` at S^2 a step. Used as the exact
     targets of joint CDM on enumerable data (``cdm.losses.ExactTargets``).
     """
