@@ -27,9 +27,9 @@ import torch
 
 import cdm_kernels as ck
 from cdm.data.markov import MarkovData, enumerate_sequences, sequence_index
-from cdm.losses import (ExactTargets, get_loss, joint_cdm_loss, kernel_ratios, per_token_cdm_loss, sample_times,
-                        score_entropy, score_entropy_loss)
-from cdm.losses.cdm import student_rollout
+from cdm.losses import ExactTargets, get_loss, joint_cdm_loss, per_token_cdm_loss, score_entropy, score_entropy_loss
+from cdm.losses.cdm import sample_times, student_rollout
+from cdm.losses.score_entropy import kernel_ratios
 from cdm.metrics import exact_kl
 from cdm.models import make_student
 from cdm.sampling import (add_noise, draw_latents, exact_chain_matrix, exact_sample_distribution, prior_sample,

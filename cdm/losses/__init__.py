@@ -14,22 +14,19 @@ from __future__ import annotations
 import functools
 
 from ..models.student import freeze
-from .cdm import ExactTargets, joint_cdm_loss, per_token_cdm_loss, sample_times, teacher_chain
+from .cdm import ExactTargets, joint_cdm_loss, per_token_cdm_loss
 from .di4c import di4c_loss
 from .dmmd import DMMDLoss
-from .score_entropy import kernel_ratios, score_entropy, score_entropy_loss
+from .score_entropy import score_entropy, score_entropy_loss
 
 __all__ = [
     "score_entropy",
     "score_entropy_loss",
-    "kernel_ratios",
     "per_token_cdm_loss",
     "joint_cdm_loss",
     "ExactTargets",
     "di4c_loss",
     "DMMDLoss",
-    "sample_times",
-    "teacher_chain",
     "get_loss",
     "LOSSES",
 ]
