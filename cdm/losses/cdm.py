@@ -67,6 +67,11 @@ JOINT_TARGETS = ("clean", "step", "exact")
 # ----------------------------------------------------------------------------- shared pieces
 
 
+def _check_one_of(name: str, value, choices: tuple) -> None:
+    if value not in choices:
+        raise ValueError(f"{name} must be one of {choices}, got {value!r}")
+
+
 def _uniform(n: int, generator, device) -> torch.Tensor:
     draw_device = generator.device if generator is not None else device
     return torch.rand(n, generator=generator, dtype=torch.float64, device=draw_device).to(device)
@@ -86,8 +91,7 @@ def sample_times(steps: int, batch: int, *, t_dist: str = "grid", grid_weights: 
     """
     if not isinstance(steps, int) or steps < 1:
         raise ValueError(f"steps must be a positive int, got {steps!r}")
-    if t_dist not in T_DISTS:
-        raise ValueError(f"t_dist must be one of {T_DISTS}, got {t_dist!r}")
+    _check_one_of("t_dist", t_dist, T_DISTS)
     if grid_weights is not None:
         grid_weights = _check_grid_weights(grid_weights, steps, t_dist)
     u = _uniform(batch, generator, device)
@@ -194,10 +198,8 @@ def per_token_cdm_loss(student, teacher, graph: ck.Graph, noise, x0: torch.Tenso
       method: the reverse step, ``"analytic"`` or ``"euler"``.
     Returns the mean over the batch of ``w(t) * mean_i CE_i`` (``reduction="none"``: (B,)).
     """
-    if sampler not in SAMPLERS:
-        raise ValueError(f"sampler must be one of {SAMPLERS}, got {sampler!r}")
-    if reduction not in REDUCTIONS:
-        raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
+    _check_one_of("sampler", sampler, SAMPLERS)
+    _check_one_of("reduction", reduction, REDUCTIONS)
     if x0.ndim != 2:
         raise ValueError(f"x0 must have shape (B, L), got {tuple(x0.shape)}")
     device, batch = x0.device, x0.shape[0]
@@ -335,8 +337,7 @@ def _joint_log_likelihoods(graph: ck.Graph, log_score: torch.Tensor, x_t: torch.
 
 def _check_joint_options(x0, *, steps, num_latents, num_targets, teacher_steps, target, s, t_dist, rollout, method,
                          exact_targets, reduction) -> None:
-    if reduction not in REDUCTIONS:
-        raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
+    _check_one_of("reduction", reduction, REDUCTIONS)
     if not isinstance(num_latents, int) or num_latents < 1:
         raise ValueError(f"num_latents must be a positive int, got {num_latents!r}")
     if not isinstance(num_targets, int) or num_targets < 1:
@@ -345,8 +346,7 @@ def _check_joint_options(x0, *, steps, num_latents, num_targets, teacher_steps, 
         raise ValueError(f"teacher_steps must be a positive int, got {teacher_steps!r}")
     if not 0.0 <= rollout <= 1.0 or (rollout and t_dist != "grid"):
         raise ValueError(f"rollout must be in [0, 1] (and needs t_dist='grid'), got {rollout!r}")
-    if target not in JOINT_TARGETS:
-        raise ValueError(f"target must be one of {JOINT_TARGETS}, got {target!r}")
+    _check_one_of("target", target, JOINT_TARGETS)
     if target != "clean" and s is not None:
         raise ValueError("s (the time of the teacher's last per-token conditional) applies to target='clean' only")
     if target == "exact":
@@ -361,8 +361,7 @@ def _check_joint_options(x0, *, steps, num_latents, num_targets, teacher_steps, 
             raise ValueError(f"target='exact' needs t_dist='grid' (its tables hold the grid times), got {t_dist!r}")
     elif exact_targets is not None:
         raise ValueError(f"exact_targets are used by target='exact' only, got target={target!r}")
-    if method not in METHODS:
-        raise ValueError(f"method must be one of {METHODS}, got {method!r}")
+    _check_one_of("method", method, METHODS)
     if x0.ndim != 2:
         raise ValueError(f"x0 must have shape (B, L), got {tuple(x0.shape)}")
 

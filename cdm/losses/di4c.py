@@ -75,7 +75,7 @@ import torch
 import cdm_kernels as ck
 
 from ..sampling import add_noise, draw_latents, has_mixture_weights, latent_dim, tau_of_time
-from .cdm import REDUCTIONS, _reduce, _scores, _uniform, sample_times
+from .cdm import REDUCTIONS, _check_one_of, _reduce, _scores, _uniform, sample_times
 
 __all__ = ["di4c_loss"]
 
@@ -120,12 +120,9 @@ def _kl_rows(p: torch.Tensor, log_p: torch.Tensor, log_q: torch.Tensor) -> torch
 
 def _check_options(student, x0, *, reduction, t_dist, data_schedule, num_latents, min_time, delta_min, delta_max,
                    max_distil_time) -> None:
-    if reduction not in REDUCTIONS:
-        raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
-    if t_dist not in T_DISTS:
-        raise ValueError(f"t_dist must be one of {T_DISTS}, got {t_dist!r}")
-    if data_schedule not in DATA_SCHEDULES:
-        raise ValueError(f"data_schedule must be one of {DATA_SCHEDULES}, got {data_schedule!r}")
+    _check_one_of("reduction", reduction, REDUCTIONS)
+    _check_one_of("t_dist", t_dist, T_DISTS)
+    _check_one_of("data_schedule", data_schedule, DATA_SCHEDULES)
     if not isinstance(num_latents, int) or num_latents < 1:
         raise ValueError(f"num_latents must be a positive int, got {num_latents!r}")
     if not 0 < delta_min <= delta_max or not 0 <= min_time or min_time + delta_max >= 1 or max_distil_time < 0:
