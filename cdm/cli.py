@@ -22,7 +22,6 @@ from pathlib import Path
 import torch
 
 from .experiment import (
-    EXACT_SUPPORT,
     Setup,
     data_reference,
     default_teacher_path,
@@ -36,9 +35,10 @@ from .experiment import (
     result_row,
     save_model,
 )
-from .losses import ExactTargets, get_loss, make_student
+from .losses import ExactTargets, get_loss
 from .models.dit import PRESETS
-from .sampling import has_mixture_weights, network_evaluations
+from .models.student import make_student
+from .sampling import EXACT_SUPPORT, has_mixture_weights, network_evaluations
 from .train import LR_SCHEDULES, PRECISIONS, TrainConfig, Trainer, default_device
 
 #: --methods name -> the loss (cdm.losses.get_loss) and the label of its rows

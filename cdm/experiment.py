@@ -21,7 +21,9 @@ import cdm_kernels as ck
 from .checkpoint import check_metadata, load_checkpoint, save_checkpoint, shape_mismatches
 from .data import get_dataset
 from .models.dit import DiT, DiTConfig, graph_by_name
-from .sampling import exact_sample_distribution, latent_quadrature, model_device, sample, tau_of_time, time_grid
+from .models.student import model_device
+from .sampling import (EXACT_SUPPORT, exact_sample_distribution, latent_quadrature, sample, tau_of_time,
+                       time_grid)
 from .schedules import get_noise
 
 GRAPHS = ("uniform", "absorbing", "ordinal")
@@ -131,7 +133,7 @@ def exact_handover_metrics(student, teacher, setup: Setup, steps: int, teacher_s
     ``patterns`` (strings of ``steps`` letters) default to the student alone, the
     teacher alone and the student on one interval at a time with the teacher
     around it: each of the latter minus the teacher alone is what that one step
-    of the student costs (README, "Longer runs", for what it found and how
+    of the student costs (docs/RESULTS.md, for what it found and how
     ``--grid-weights`` uses it). Returns ``{pattern: {"kl", "reverse_kl"}}``
     (:func:`exact_metrics`), or None where the state space is not enumerable.
     """
@@ -219,10 +221,6 @@ def primary_metric(setup: Setup) -> tuple[str, bool]:
 def enumerable(setup: Setup) -> bool:
     """Whether :func:`exact_metrics` evaluates this run's samplers exactly."""
     return setup.data == "markov" and setup.kernel_graph.num_states ** setup.dataset.seq_len <= EXACT_SUPPORT
-
-#: the largest state space (num_states^L) that ``exact_metrics`` enumerates: it costs
-#: S^2 multiply-adds and S network rows per sampler step (S = 4096: ~0.2 s a step here)
-EXACT_SUPPORT = 8192
 
 
 def data_reference(setup: Setup) -> dict[str, float]:
