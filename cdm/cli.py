@@ -1,11 +1,13 @@
-"""The ``cdm`` command: ``pretrain``, ``distill``, ``compare``, ``sample``, ``eval``.
+"""The ``cdm`` command: ``pretrain``, ``distill``, ``compare``, ``recipes``, ``sample``, ``eval``.
 
 ``cdm distill`` with no arguments runs the whole pipeline on the default data
 (a seeded Markov chain over 8^4 sequences, so every sampler is evaluated
 exactly) with the teacher that ships in the package: the teacher's exact KL at
 1..256 steps, per-token and joint CDM students at 1, 2 and 4 steps, one table,
 ``results.json`` and plots. ``cdm compare`` does the same for every method
-(per-token and joint CDM, Di4C, D-MMD) on one teacher and budget.
+(per-token and joint CDM, Di4C, D-MMD) on one teacher and budget. Both take
+``--recipe NAME`` (``cdm recipes`` lists the shipped ones, in cdm/recipes/) or
+``--config FILE.toml``; options typed on the command line override them.
 """
 
 from __future__ import annotations
@@ -46,6 +48,7 @@ from .train import LR_SCHEDULES, PRECISIONS, TrainConfig, Trainer, default_devic
 METHODS = {"per-token": "cdm_per_token", "joint": "cdm_joint", "di4c": "di4c", "dmmd": "dmmd"}
 METHOD_LABELS = {"per-token": "cdm-per-token", "joint": "cdm-joint", "di4c": "di4c", "dmmd": "d-mmd"}
 MIXTURE_METHODS = ("joint", "di4c")
+_UNSET = object()  # the default of every option in _options_parser: tells what a command line sets
 
 #: the data sets `cdm pretrain --data` trains on (cdm.data.get_dataset); `distill` reads its data from the teacher
 DATA_SETS = ("markov", "digits", "words")
@@ -426,46 +429,46 @@ def recipes_command(args) -> None:
         print(recipes.summary(name))
 
 
+def _options_parser(command: str, **kwargs) -> argparse.ArgumentParser:
+    """A parser of ``command``'s options alone whose defaults are all ``_UNSET``, so
+    that a parse shows what its arguments set."""
+    parser = argparse.ArgumentParser(prog=f"cdm {command}", add_help=False, **kwargs)
+    COMMAND_OPTIONS[command](parser)
+    parser.set_defaults(**{name: _UNSET for name in vars(parser.parse_args([]))})
+    return parser
+
+
+def _set_by(parser: argparse.ArgumentParser, argv: list[str]) -> tuple[dict, list[str]]:
+    """The ``args`` attributes that ``argv`` sets (by an ``_options_parser``), and what it could not read."""
+    namespace, unknown = parser.parse_known_args(argv)
+    return {name: value for name, value in vars(namespace).items() if value is not _UNSET}, unknown
+
+
 def _recipe_settings(command: str, table: dict, source: str) -> dict:
     """The option values (by ``args`` attribute) that a recipe or config table sets
     for ``command``, parsed and checked by that command's own option types."""
-    tokens = []
+    parser = _options_parser(command, allow_abbrev=False, exit_on_error=False)
+    settings = {}
     for key, value in recipes.options_of(table).items():
-        if key in ("recipe", "config", "help") or isinstance(value, dict):
+        if key in ("recipe", "config") or isinstance(value, dict):
             raise ValueError(f"{source}: {key!r} cannot be set in a recipe")
-        if isinstance(value, bool):
-            tokens += [f"--{key}"] if value else []  # every flag is off by default
-            continue
         if isinstance(value, list):
             value = ",".join(map(str, value))
-        tokens.append(f"--{key}={value}")
-    parser = argparse.ArgumentParser(prog=f"cdm {command}", allow_abbrev=False, exit_on_error=False, add_help=False)
-    COMMAND_OPTIONS[command](parser)
-    try:
-        namespace, unknown = parser.parse_known_args(tokens)
-    except argparse.ArgumentError as error:
-        raise ValueError(f"{source}: {error}") from None
-    if unknown:
-        key = unknown[0].lstrip("-").partition("=")[0]
-        raise ValueError(f"{source}: unknown option {key!r} for cdm {command} (keys are the command's options "
-                         f"without their dashes, e.g. latent-components = 64; `cdm {command} --help` lists them)")
-    return {key.replace("-", "_"): getattr(namespace, key.replace("-", "_")) for key in recipes.options_of(table)}
-
-
-def _typed_options(command: str, argv: list[str]) -> set[str]:
-    """The ``args`` attributes that ``argv`` (the command's arguments, already
-    checked by the full parser) sets explicitly."""
-    parser = argparse.ArgumentParser(add_help=False)
-    COMMAND_OPTIONS[command](parser)
-    unset = object()
-    parser.set_defaults(**{name: unset for name in vars(parser.parse_args([]))})
-    return {name for name, value in vars(parser.parse_known_args(argv)[0]).items() if value is not unset}
+        try:
+            values, unknown = _set_by(parser, [f"--{key}" if isinstance(value, bool) else f"--{key}={value}"])
+        except argparse.ArgumentError as error:
+            raise ValueError(f"{source}: {error}") from None
+        if unknown or not values:
+            raise ValueError(f"{source}: unknown option {key!r} for cdm {command} (keys are the command's options "
+                             f"without their dashes, e.g. latent-components = 64; `cdm {command} --help` lists them)")
+        settings.update({name: not flag if value is False else flag for name, flag in values.items()})
+    return settings
 
 
 def _apply_recipe(args, argv: list[str]) -> set[str]:
     """Sets what ``--recipe`` and then ``--config`` give on ``args``, except the
     options typed on the command line, which win; returns those typed options."""
-    typed = _typed_options(args.command, argv)
+    typed = set(_set_by(_options_parser(args.command), argv)[0])
     tables = []
     if args.recipe:
         tables.append((recipes.read_recipe(args.recipe), f"--recipe {args.recipe}"))

@@ -91,6 +91,11 @@ def test_a_users_config_file_over_a_recipe_under_the_command_line(tmp_path, reso
     assert (settings["methods"], settings["student_steps"], settings["lr"]) == (["joint"], [1, 2], 1e-3)
     assert settings["steps"] == 3 and settings["mixture_weights"] and settings["device"].type == "cpu"
     assert (settings["latent_components"], settings["teacher_steps"]) == (64, 64)  # from the recipe
+    config.write_text("mixture-weights = false\n")
+    assert not resolved(["distill", "--recipe", "best-4step-exact", "--config", config])["mixture_weights"]
+    config.write_text("no-mixture-weights = true\nstudent-steps = [2]\n")
+    settings = resolved(["distill", "--recipe", "best-4step-sampled", "--config", config])
+    assert not settings["mixture_weights"] and settings["student_steps"] == [2]
 
 
 def test_recipes_and_config_files_are_refused_by_name(tmp_path, capsys):
@@ -102,6 +107,8 @@ def test_recipes_and_config_files_are_refused_by_name(tmp_path, capsys):
     for text, needles in (('colour = "red"\n', ["unknown option 'colour'", str(path)]),
                           ("latent_components = 8\n", ["unknown option 'latent_components'", "latent-components"]),
                           ("lat = 8\n", ["unknown option 'lat'"]),
+                          ("help = true\n", ["unknown option 'help'"]),
+                          ("lr = true\n", ["argument --lr", "expected one argument"]),
                           ("lr = -1\n", ["argument --lr", str(path)]),
                           ('joint-target = "x0"\n', ["argument --joint-target", "'x0'"]),
                           ('recipe = "default"\n', ["'recipe' cannot be set"]),
