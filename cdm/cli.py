@@ -1,11 +1,13 @@
-"""The ``cdm`` command: ``pretrain``, ``distill``, ``compare``, ``sample``, ``eval``.
+"""The ``cdm`` command: ``pretrain``, ``distill``, ``compare``, ``recipes``, ``sample``, ``eval``.
 
 ``cdm distill`` with no arguments runs the whole pipeline on the default data
 (a seeded Markov chain over 8^4 sequences, so every sampler is evaluated
 exactly) with the teacher that ships in the package: the teacher's exact KL at
 1..256 steps, per-token and joint CDM students at 1, 2 and 4 steps, one table,
 ``results.json`` and plots. ``cdm compare`` does the same for every method
-(per-token and joint CDM, Di4C, D-MMD) on one teacher and budget.
+(per-token and joint CDM, Di4C, D-MMD) on one teacher and budget. Both take
+``--recipe NAME`` (``cdm recipes`` lists the shipped ones, in cdm/recipes/) or
+``--config FILE.toml``; options typed on the command line override them.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ from pathlib import Path
 
 import torch
 
+from . import recipes
 from .experiment import (
     Setup,
     data_reference,
@@ -45,15 +48,20 @@ from .train import LR_SCHEDULES, PRECISIONS, TrainConfig, Trainer, default_devic
 METHODS = {"per-token": "cdm_per_token", "joint": "cdm_joint", "di4c": "di4c", "dmmd": "dmmd"}
 METHOD_LABELS = {"per-token": "cdm-per-token", "joint": "cdm-joint", "di4c": "di4c", "dmmd": "d-mmd"}
 MIXTURE_METHODS = ("joint", "di4c")
+_UNSET = object()  # the default of every option in _options_parser: tells what a command line sets
 
-# Defaults of `cdm distill` / `cdm compare`, chosen by the measurements in README.md
-# ("How the defaults were chosen") so that the default run fits 10 minutes on a 2-core CPU.
-DEFAULT_COMPONENTS = 32
-DEFAULT_TEACHER_STEPS = 16
-DEFAULT_TARGETS = 4  # teacher draws per noisy input (joint CDM): 0.383 -> 0.174 at k = 1 for +50% time
-DEFAULT_STUDENT_STEPS = 800
-DEFAULT_BATCH = 32
-DEFAULT_LR = 2e-3
+#: the data sets `cdm pretrain --data` trains on (cdm.data.get_dataset); `distill` reads its data from the teacher
+DATA_SETS = ("markov", "digits", "words")
+#: the teacher's NFEs each command evaluates (the rest of their defaults: the recipe `default`)
+TEACHER_NFE = {"distill": [1, 2, 4, 8, 16, 32, 64, 128, 256], "compare": [1, 2, 4, 8, 64, 256]}
+#: distill/compare options that only some methods read -> those methods; typing one for a run of
+#: none of them is an error (a recipe's or --config's values for other methods are not: they go unread)
+METHOD_OPTIONS = {
+    "--latent-components": MIXTURE_METHODS, "--latent-dim": MIXTURE_METHODS, "--num-latents": MIXTURE_METHODS,
+    "--shared-blocks": MIXTURE_METHODS, "--mixture-weights": ("joint",), "--teacher-steps": ("joint",),
+    "--num-targets": ("joint",), "--joint-target": ("joint",), "--rollout": ("joint",),
+    "--grid-weights": ("per-token", "joint"), "--dmmd-lr": ("dmmd",),
+}
 
 
 def _int_list(text: str) -> list[int]:
@@ -142,29 +150,31 @@ def _add_device_option(parser) -> None:
                              "cpu, cuda, cuda:N")
 
 
-def _add_training_options(parser, steps: int, batch_size: int, lr: float, ema: float) -> None:
-    _add_device_option(parser)
-    parser.add_argument("--steps", type=_number(int, 1), default=steps, help="training steps (per student for distill)")
-    parser.add_argument("--batch-size", type=_number(int, 1), default=batch_size)
-    parser.add_argument("--lr", type=_number(float, 0, low_open=True), default=lr)
-    parser.add_argument("--warmup", type=_number(int, 0), default=50)
-    parser.add_argument("--lr-schedule", choices=LR_SCHEDULES, default="constant",
-                        help="after the warmup: constant, or a cosine decay to 0 at the last step")
-    parser.add_argument("--ema", type=_number(float, 0, 1), default=ema, help="EMA decay of the weights (0: off)")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--deterministic", action="store_true",
-                        help="torch.use_deterministic_algorithms(True): bit-exact reruns with several CPU threads "
-                             "(a threaded torch op in the joint-CDM path otherwise sums in a varying order)")
-    parser.add_argument("--log-every", type=_number(int, 1), default=25, help="steps between log.jsonl records")
-    parser.add_argument("--save-every", type=_number(int, 1), default=250, help="steps between checkpoints (for --resume)")
-    parser.add_argument("--resume", action="store_true", help="continue from the checkpoints in --out")
-    parser.add_argument("--quiet", action="store_true", help="no progress bars")
-    parser.add_argument("--precision", choices=PRECISIONS, default="bf16",
-                        help="the training loss on a GPU: bf16 autocast, or fp32 (no effect on the CPU, which "
-                             "computes in fp32; tiny networks are launch-bound and gain nothing from bf16)")
-    parser.add_argument("--fsdp", action="store_true",
-                        help="under torchrun: shard the model with FSDP2 instead of DDP (checkpoints stay full; "
-                             "no effect in a single process)")
+def _add_training_options(group) -> None:
+    """The options of every training command; each command sets its own ``steps``,
+    ``batch_size``, ``lr`` and ``ema`` defaults (distill's: the recipe ``default``)."""
+    _add_device_option(group)
+    group.add_argument("--steps", type=_number(int, 1), help="training steps (per student for distill)")
+    group.add_argument("--batch-size", type=_number(int, 1))
+    group.add_argument("--lr", type=_number(float, 0, low_open=True))
+    group.add_argument("--warmup", type=_number(int, 0), default=50)
+    group.add_argument("--lr-schedule", choices=LR_SCHEDULES, default="constant",
+                       help="after the warmup: constant, or a cosine decay to 0 at the last step")
+    group.add_argument("--ema", type=_number(float, 0, 1), help="EMA decay of the weights (0: off)")
+    group.add_argument("--seed", type=int, default=0)
+    group.add_argument("--deterministic", action="store_true",
+                       help="torch.use_deterministic_algorithms(True): bit-exact reruns with several CPU threads "
+                            "(a threaded torch op in the joint-CDM path otherwise sums in a varying order)")
+    group.add_argument("--log-every", type=_number(int, 1), default=25, help="steps between log.jsonl records")
+    group.add_argument("--save-every", type=_number(int, 1), default=250, help="steps between checkpoints (for --resume)")
+    group.add_argument("--resume", action="store_true", help="continue from the checkpoints in --out")
+    group.add_argument("--quiet", action="store_true", help="no progress bars")
+    group.add_argument("--precision", choices=PRECISIONS, default="bf16",
+                       help="the training loss on a GPU: bf16 autocast, or fp32 (no effect on the CPU, which "
+                            "computes in fp32; tiny networks are launch-bound and gain nothing from bf16)")
+    group.add_argument("--fsdp", action="store_true",
+                       help="under torchrun: shard the model with FSDP2 instead of DDP (checkpoints stay full; "
+                            "no effect in a single process)")
 
 
 # ----------------------------------------------------------------------------- pretrain
@@ -201,10 +211,7 @@ def distill(args) -> None:
     """The teacher's metrics at every NFE of ``--teacher-nfe``, then one student per
     method and NFE of ``--student-steps``, all in one table (``cdm compare`` is
     this with every method)."""
-    teacher_path = args.teacher or default_teacher_path()
-    if teacher_path is None:
-        raise SystemExit("error: no --teacher given and no teacher ships with this installation")
-    teacher, setup, _ = load_model(teacher_path, device=args.device)
+    teacher, setup = _load_teacher(args)
     start = teacher
     if args.student_init:
         start, start_setup, _ = load_model(args.student_init, device=args.device)
@@ -244,6 +251,15 @@ def distill(args) -> None:
         _write_results(out, setup, rows, reference, best_samples)
         print(_table(setup, rows, reference))
         print(f"\n{len(rows)} rows in {time.perf_counter() - started:.0f} s; wrote {out / 'results.json'}, {out / 'metric_vs_nfe.png'}")
+
+
+def _load_teacher(args) -> tuple:
+    """The teacher model and its setup: ``--teacher``, else the one shipped with the package."""
+    path = args.teacher or default_teacher_path()
+    if path is None:
+        raise SystemExit("error: no --teacher given and no teacher ships with this installation")
+    teacher, setup, _ = load_model(path, device=args.device)
+    return teacher, setup
 
 
 def _student_and_loss(method: str, k: int, teacher, start, setup: Setup, args):
@@ -304,7 +320,22 @@ def _write_results(out: Path, setup: Setup, rows: list[dict], reference: dict, s
     import matplotlib
 
     matplotlib.use("Agg")
+    _plot_metric_vs_nfe(out / "metric_vs_nfe.png", setup, rows, reference)
+    if setup.data == "digits" and samples:
+        _sample_grid(out / "samples.png", setup, samples)
+
+
+def _spans_orders_of_magnitude(values: list[float]) -> bool:
+    """Whether a plot of ``values`` reads better on a log axis: all positive, spanning more than 10x."""
+    finite = [v for v in values if math.isfinite(v)]
+    return bool(finite) and min(finite) > 0 and max(finite) > 10 * min(finite)
+
+
+def _plot_metric_vs_nfe(path: Path, setup: Setup, rows: list[dict], reference: dict) -> None:
+    """The primary metric of every row against its NFE; a log y axis when the values
+    span orders of magnitude (a 1-step teacher at KL 10 and students at 0.04)."""
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import StrMethodFormatter
 
     metric, _ = primary_metric(setup)
     fig, ax = plt.subplots(figsize=(6, 4))
@@ -313,18 +344,21 @@ def _write_results(out: Path, setup: Setup, rows: list[dict], reference: dict, s
     for method in sorted({r["method"] for r in rows if r["model"] == "student"}):
         points = [r for r in rows if r["method"] == method and r["model"] == "student"]
         ax.plot([r["nfe"] for r in points], [r["metrics"][metric] for r in points], "s--", label=f"student ({method})")
-    if metric in reference:
+    log_axis = _spans_orders_of_magnitude([r["metrics"][metric] for r in rows])
+    if log_axis:
+        ax.set_yscale("log")
+        ax.grid(True, which="both", axis="y", alpha=0.3)
+    if metric in reference and (reference[metric] > 0 or not log_axis):  # 0 (an exact KL) has no place on a log axis
         ax.axhline(reference[metric], color="gray", linestyle=":", label="held-out data")
     ax.set_xscale("log", base=2)
+    ax.xaxis.set_major_formatter(StrMethodFormatter("{x:g}"))  # 1, 2, 4, ... rather than 2^0, 2^1, 2^2
     ax.set_xlabel("NFE (network evaluations per sample)")
-    ax.set_ylabel(metric)
+    ax.set_ylabel(metric + (" (log scale)" if log_axis else ""))
     ax.set_title(f"{setup.data} / {setup.graph}")
     ax.legend()
     fig.tight_layout()
-    fig.savefig(out / "metric_vs_nfe.png", dpi=120)
+    fig.savefig(path, dpi=120)
     plt.close(fig)
-    if setup.data == "digits" and samples:
-        _sample_grid(out / "samples.png", setup, samples)
 
 
 def _sample_grid(path: Path, setup: Setup, samples: dict) -> None:
@@ -371,13 +405,10 @@ def eval_command(args) -> None:
 def handover(student, setup: Setup, args) -> None:
     """``cdm eval --handover``: the exact KL of samplers that take the student's step
     on some grid intervals and the teacher's on the others (``exact_handover_metrics``)."""
-    teacher_path = args.teacher or default_teacher_path()
-    if teacher_path is None:
-        raise SystemExit("error: no --teacher given and no teacher ships with this installation")
-    teacher, teacher_setup, _ = load_model(teacher_path, device=args.device)
+    teacher, teacher_setup = _load_teacher(args)
     if teacher_setup != setup:
-        raise ValueError(f"--teacher: {teacher_path} was trained on another setup than --checkpoint "
-                         f"({teacher_setup.to_json()} against {setup.to_json()})")
+        raise ValueError(f"--teacher: {args.teacher or 'the shipped teacher'} was trained on another setup "
+                         f"than --checkpoint ({teacher_setup.to_json()} against {setup.to_json()})")
     for steps in args.steps:
         results = exact_handover_metrics(student, teacher, setup, steps, args.teacher_steps, method=args.method)
         if results is None:
@@ -390,114 +421,249 @@ def handover(student, setup: Setup, args) -> None:
             print(f"{pattern:>{width}}  {metrics['kl']:8.4f}  {metrics['reverse_kl']:10.4f}")
 
 
+# ----------------------------------------------------------------------------- recipes
+
+
+def recipes_command(args) -> None:
+    for name in recipes.names():
+        print(recipes.summary(name))
+
+
+def _options_parser(command: str, **kwargs) -> argparse.ArgumentParser:
+    """A parser of ``command``'s options alone whose defaults are all ``_UNSET``, so
+    that a parse shows what its arguments set."""
+    parser = argparse.ArgumentParser(prog=f"cdm {command}", add_help=False, **kwargs)
+    COMMAND_OPTIONS[command](parser)
+    parser.set_defaults(**{name: _UNSET for name in vars(parser.parse_args([]))})
+    return parser
+
+
+def _set_by(parser: argparse.ArgumentParser, argv: list[str]) -> tuple[dict, list[str]]:
+    """The ``args`` attributes that ``argv`` sets (by an ``_options_parser``), and what it could not read."""
+    namespace, unknown = parser.parse_known_args(argv)
+    return {name: value for name, value in vars(namespace).items() if value is not _UNSET}, unknown
+
+
+def _recipe_settings(command: str, table: dict, source: str) -> dict:
+    """The option values (by ``args`` attribute) that a recipe or config table sets
+    for ``command``, parsed and checked by that command's own option types."""
+    parser = _options_parser(command, allow_abbrev=False, exit_on_error=False)
+    settings = {}
+    for key, value in recipes.options_of(table).items():
+        if key in ("recipe", "config") or isinstance(value, dict):
+            raise ValueError(f"{source}: {key!r} cannot be set in a recipe")
+        if isinstance(value, list):
+            value = ",".join(map(str, value))
+        try:
+            values, unknown = _set_by(parser, [f"--{key}" if isinstance(value, bool) else f"--{key}={value}"])
+        except argparse.ArgumentError as error:
+            raise ValueError(f"{source}: {error}") from None
+        if unknown or not values:
+            raise ValueError(f"{source}: unknown option {key!r} for cdm {command} (keys are the command's options "
+                             f"without their dashes, e.g. latent-components = 64; `cdm {command} --help` lists them)")
+        settings.update({name: not flag if value is False else flag for name, flag in values.items()})
+    return settings
+
+
+def _apply_recipe(args, argv: list[str]) -> set[str]:
+    """Sets what ``--recipe`` and then ``--config`` give on ``args``, except the
+    options typed on the command line, which win; returns those typed options."""
+    typed = set(_set_by(_options_parser(args.command), argv)[0])
+    tables = []
+    if args.recipe:
+        tables.append((recipes.read_recipe(args.recipe), f"--recipe {args.recipe}"))
+    if args.config:
+        tables.append((recipes.read_file(args.config), f"--config {args.config}"))
+    for table, source in tables:
+        for name, value in _recipe_settings(args.command, table, source).items():
+            if name not in typed:
+                setattr(args, name, value)
+    return typed
+
+
+def _check_distill_options(args, typed: set[str]) -> None:
+    """Refuses an option typed for a run that would not read it, and contradictory settings."""
+    for option, users in METHOD_OPTIONS.items():
+        if option[2:].replace("-", "_") in typed and not set(users) & set(args.methods):
+            raise ValueError(f"{option} applies to --methods {','.join(users)} only; "
+                             f"this run trains {','.join(args.methods)}")
+    if "latent_dim" in typed and args.latent_components:
+        raise ValueError("--latent-dim sizes a continuous latent: it needs --latent-components 0")
+    if "num_targets" in typed and args.joint_target == "exact":
+        raise ValueError("--num-targets: --joint-target exact fits the targets' whole law, not draws from it")
+    if "rollout" in typed and max(args.student_steps) == 1:
+        raise ValueError("--rollout runs the student's own k-step sampler: it needs --student-steps k > 1")
+    if args.mixture_weights and not args.latent_components:
+        raise ValueError("--mixture-weights needs --latent-components K > 0 (weights over a finite set of components)")
+    if args.grid_weights and args.student_steps != [len(args.grid_weights)]:
+        raise ValueError(f"--grid-weights gives {len(args.grid_weights)} grid times: it needs --student-steps "
+                         f"{len(args.grid_weights)} (one student), got --student-steps "
+                         f"{','.join(map(str, args.student_steps))}")
+
+
 # ----------------------------------------------------------------------------- parser
+
+
+def _add_recipe_options(group) -> None:
+    group.add_argument("--recipe", metavar="NAME",
+                       help="start from a shipped recipe's settings (`cdm recipes` lists them; default: default)")
+    group.add_argument("--config", metavar="FILE.toml",
+                       help="start from your own settings: options without their dashes as TOML keys "
+                            "(lr = 1e-3); over --recipe's, under the command line's")
+
+
+def _add_pretrain_data_options(group) -> None:
+    """The data and the model a teacher is trained on (a new data set: DATA_SETS)."""
+    group.add_argument("--data", default="markov", choices=DATA_SETS)
+    group.add_argument("--data-option", action="append", metavar="KEY=VALUE", help="data set option (repeatable)")
+    group.add_argument("--graph", default="uniform", choices=["uniform", "absorbing", "ordinal"])
+    group.add_argument("--noise", default="geometric", choices=["geometric", "loglinear"])
+    group.add_argument("--noise-option", action="append", metavar="KEY=VALUE",
+                       help="schedule option, e.g. sigma_max=8 (repeatable)")
+    group.add_argument("--model", default="tiny", choices=list(PRESETS), help="DiT preset")
+
+
+def _add_pretrain_options(parser) -> None:
+    _add_pretrain_data_options(parser.add_argument_group("data and model"))
+    training = parser.add_argument_group("training")
+    training.add_argument("--out", default="runs/teacher")
+    _add_training_options(training)
+
+
+def _add_student_model_options(group) -> None:
+    """The teacher (which fixes the data) and the students' networks."""
+    group.add_argument("--teacher", help="teacher model file (default: the one shipped with the package)")
+    group.add_argument("--student-size", choices=sorted(PRESETS),
+                       help="the students' network size (default: the teacher's, from its weights); "
+                            "another size starts from random weights")
+    group.add_argument("--latent-components", type=_number(int, 0),
+                       help="mixture students (joint CDM, Di4C): K components; 0: a continuous latent")
+    group.add_argument("--mixture-weights", action=argparse.BooleanOptionalAction, default=False,
+                       help="joint CDM: weigh the K components by w(x_t), a head the student learns, "
+                            "instead of equally")
+    group.add_argument("--shared-blocks", type=_number(int, 0), default=0,
+                       help="mixture students: the leading blocks the latent skips (run once for all latents; "
+                            "with --mixture-weights the weights read them, so a step is one pass)")
+
+
+def _add_distillation_options(group) -> None:
+    group.add_argument("--methods", type=_method_list, help=f"among {','.join(METHODS)}")
+    group.add_argument("--student-steps", default=[1, 2, 4], type=_int_list,
+                       help="sampler steps of the students (NFE: twice that with --mixture-weights "
+                            "and no --shared-blocks)")
+    group.add_argument("--teacher-nfe", type=_int_list, help="the teacher's samplers evaluated for the table")
+    group.add_argument("--num-samples", type=_number(int, 1), default=1024,
+                       help="samples per evaluated sampler (the markov data is also evaluated exactly)")
+    group.add_argument("--num-latents", type=_number(int, 0), default=0,
+                       help="mixture students: latent draws per example (0: one per component, i.e. the exact "
+                            "mixture; 16 for a continuous latent)")
+    group.add_argument("--teacher-steps", type=_number(int, 1),
+                       help="joint CDM: teacher steps behind each target (from t to 0, or to the next grid time "
+                            "with --joint-target step)")
+    group.add_argument("--num-targets", type=_number(int, 1),
+                       help="joint CDM: teacher draws per noisy input; they share the student's evaluations")
+    group.add_argument("--joint-target", default="clean", choices=["clean", "step", "exact"],
+                       help="joint CDM: fit the student's p_0|t to the teacher's x_0 (clean) or its reverse step "
+                            "to the teacher's x at the next grid time (step; the same at 1 step); exact: the clean "
+                            "target's whole law, enumerated (the markov data only; minutes to build)")
+    group.add_argument("--rollout", type=_number(float, 0, 1), default=0.0,
+                       help="joint CDM, k > 1: share of x_t drawn by the student's own sampler instead of by "
+                            "noising data")
+    # D-MMD's generator loss is linear in its probabilities: at the shared lr it runs to one
+    # sequence before its auxiliary model can follow (docs/RESULTS.md, "Every method on one teacher")
+    group.add_argument("--dmmd-lr", type=_number(float, 0, low_open=True), default=2e-4,
+                       help="D-MMD: learning rate of its generator (the others use --lr)")
+
+
+def _add_experimental_options(group) -> None:
+    """Options kept for experiments that measured no gain (docs/RESULTS.md)."""
+    group.add_argument("--student-output", default="posterior", choices=["posterior", "score"],
+                       help="what the students' last layer outputs (cdm.models.dit)")
+    group.add_argument("--latent-dim", type=_number(int, 1), default=4,
+                       help="mixture students with --latent-components 0: size of the continuous latent")
+    group.add_argument("--student-init", metavar="MODEL_FILE",
+                       help="start the students from this model file (an earlier student, or another teacher of "
+                            "the same data) instead of from the teacher; the teacher still makes the targets")
+    group.add_argument("--extra-blocks", type=_number(int, 0), default=0,
+                       help="students get this many more blocks than the model they start from, appended and "
+                            "starting as the identity (adaLN-zero), so they start as that model's function")
+    group.add_argument("--grid-weights", type=_weight_list, metavar="W1,...,Wk",
+                       help="CDM students (one --student-steps k): relative frequencies of the k grid times "
+                            "t = 1, 1 - 1/k, ..., 1/k in training (default equal)")
+
+
+def _add_distill_options(parser) -> None:
+    _add_recipe_options(parser.add_argument_group("recipe"))
+    _add_student_model_options(parser.add_argument_group("data and model"))
+    _add_distillation_options(parser.add_argument_group("distillation"))
+    training = parser.add_argument_group("training")
+    training.add_argument("--out")
+    _add_training_options(training)
+    _add_experimental_options(parser.add_argument_group("experimental", _add_experimental_options.__doc__))
+
+
+#: the commands whose options a recipe or --config may set -> the function that adds those options
+COMMAND_OPTIONS = {"distill": _add_distill_options, "compare": _add_distill_options}
+
+
+def _add_distill_command(commands, name: str, methods: list[str], help_text: str) -> None:
+    p = commands.add_parser(name, help=help_text, description=help_text + "; options given on the command "
+                            "line override a --recipe's or --config's")
+    _add_distill_options(p)
+    p.set_defaults(**_recipe_settings(name, recipes.read_recipe("default"), "--recipe default"))
+    p.set_defaults(methods=methods, teacher_nfe=TEACHER_NFE[name], out=f"runs/{name}", run=distill)
+
+
+def _add_model_file_command(commands, name: str, run) -> None:
+    p = commands.add_parser(name, help=f"{name} a model file's k-step sampler")
+    p.add_argument("--checkpoint", required=True, help="a teacher or student model file")
+    p.add_argument("--steps", type=_number(int, 1) if name == "sample" else _int_list,
+                   default=4 if name == "sample" else [1, 4, 16, 64])
+    p.add_argument("--num-samples", type=_number(int, 1), default=16 if name == "sample" else 4096)
+    p.add_argument("--method", default="analytic", choices=["analytic", "euler"])
+    p.add_argument("--seed", type=int, default=0)
+    _add_device_option(p)
+    if name == "sample":
+        p.add_argument("--out", help="also save the samples (torch.save) here")
+    else:
+        p.add_argument("--handover", action="store_true",
+                       help="a student's file, enumerable data: the exact KL of samplers that take the student's "
+                            "step on some grid intervals and --teacher-steps teacher steps on the others "
+                            "(which of its steps loses)")
+        p.add_argument("--teacher", help="with --handover: the teacher (default: the one shipped with the package)")
+        p.add_argument("--teacher-steps", type=_number(int, 1), default=16,
+                       help="with --handover: teacher steps per grid interval of the student")
+    p.set_defaults(run=run)
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="cdm", description=__doc__.split("\n\n")[0])
     commands = parser.add_subparsers(dest="command", required=True)
-
     p = commands.add_parser("pretrain", help="train a teacher with SEDD's score entropy")
-    p.add_argument("--data", default="markov", choices=["markov", "digits", "words"])
-    p.add_argument("--data-option", action="append", metavar="KEY=VALUE", help="data set option (repeatable)")
-    p.add_argument("--graph", default="uniform", choices=["uniform", "absorbing", "ordinal"])
-    p.add_argument("--noise", default="geometric", choices=["geometric", "loglinear"])
-    p.add_argument("--noise-option", action="append", metavar="KEY=VALUE",
-                   help="schedule option, e.g. sigma_max=8 (repeatable)")
-    p.add_argument("--model", default="tiny", choices=list(PRESETS), help="DiT preset")
-    p.add_argument("--out", default="runs/teacher")
-    _add_training_options(p, steps=3000, batch_size=256, lr=2e-3, ema=0.999)
-    p.set_defaults(run=pretrain)
-
-    for name, methods, teacher_nfe, help_text in (
-        ("distill", "per-token,joint", "1,2,4,8,16,32,64,128,256", "distil a teacher into 1-4 step students (both CDM forms)"),
-        ("compare", ",".join(METHODS), "1,2,4,8,64,256", "every method (CDM per-token/joint, Di4C, D-MMD) on one teacher"),
-    ):
-        p = commands.add_parser(name, help=help_text)
-        p.add_argument("--teacher", help="teacher model file (default: the one shipped with the package)")
-        p.add_argument("--methods", default=methods, type=_method_list, help=f"among {','.join(METHODS)}")
-        p.add_argument("--student-steps", default=[1, 2, 4], type=_int_list,
-                       help="sampler steps of the students (NFE: twice that with --mixture-weights "
-                            "and no --shared-blocks)")
-        p.add_argument("--teacher-nfe", default=_int_list(teacher_nfe), type=_int_list)
-        p.add_argument("--num-samples", type=_number(int, 1), default=1024,
-                       help="samples per evaluated sampler (the markov data is also evaluated exactly)")
-        p.add_argument("--student-output", default="posterior", choices=["posterior", "score"],
-                       help="what the students' last layer outputs (cdm.models.dit)")
-        p.add_argument("--student-size", choices=sorted(PRESETS),
-                       help="the students' network size (default: the teacher's, from its weights); "
-                            "another size starts from random weights")
-        p.add_argument("--student-init", metavar="MODEL_FILE",
-                       help="start the students from this model file (an earlier student, or another teacher of "
-                            "the same data) instead of from the teacher; the teacher still makes the targets")
-        p.add_argument("--extra-blocks", type=_number(int, 0), default=0,
-                       help="students get this many more blocks than the model they start from, appended and "
-                            "starting as the identity (adaLN-zero), so they start as that model's function")
-        p.add_argument("--latent-components", type=_number(int, 0), default=DEFAULT_COMPONENTS,
-                       help="mixture students (joint CDM, Di4C): K components; 0: a continuous latent")
-        p.add_argument("--mixture-weights", action="store_true",
-                       help="joint CDM: weigh the K components by w(x_t), a head the student learns, instead of equally")
-        p.add_argument("--shared-blocks", type=_number(int, 0), default=0,
-                       help="mixture students: the leading blocks the latent skips (run once for all latents; "
-                            "with --mixture-weights the weights read them, so a step is one pass)")
-        p.add_argument("--latent-dim", type=_number(int, 1), default=4, help="size of a continuous latent")
-        p.add_argument("--num-latents", type=_number(int, 0), default=0,
-                       help="latent draws per example (0: one per component, i.e. the exact mixture; 16 for a continuous latent)")
-        p.add_argument("--teacher-steps", type=_number(int, 1), default=DEFAULT_TEACHER_STEPS,
-                       help="teacher steps behind each joint-CDM target (from t to 0, or to the next grid time with --joint-target step)")
-        p.add_argument("--num-targets", type=_number(int, 1), default=DEFAULT_TARGETS,
-                       help="joint CDM: teacher draws per noisy input; they share the student's evaluations")
-        p.add_argument("--joint-target", default="clean", choices=["clean", "step", "exact"],
-                       help="joint CDM: fit the student's p_0|t to the teacher's x_0 (clean) or its reverse step "
-                            "to the teacher's x at the next grid time (step; the same at 1 step); exact: the clean "
-                            "target's whole law, enumerated (the markov data; minutes to build, --num-targets unused)")
-        p.add_argument("--grid-weights", type=_weight_list, metavar="W1,...,Wk",
-                       help="CDM students (one --student-steps k): relative frequencies of the k grid times "
-                            "t = 1, 1 - 1/k, ..., 1/k in training (default equal)")
-        p.add_argument("--rollout", type=_number(float, 0, 1), default=0.0,
-                       help="joint CDM, k > 1: share of x_t drawn by the student's own sampler instead of by noising data")
-        # D-MMD's generator loss is linear in its probabilities: at the shared lr (2e-3) the
-        # generator ran to one sequence (exact KL 70) before its auxiliary model could follow;
-        # 2e-4 gave 0.43 at NFE 1 (README, "Every method on one teacher")
-        p.add_argument("--dmmd-lr", type=_number(float, 0, low_open=True), default=2e-4,
-                       help="learning rate of D-MMD's generator (the others use --lr)")
-        p.add_argument("--out", default=f"runs/{name}")
-        _add_training_options(p, steps=DEFAULT_STUDENT_STEPS, batch_size=DEFAULT_BATCH, lr=DEFAULT_LR, ema=0.99)
-        p.set_defaults(run=distill)
-
-    for name, run in (("sample", sample_command), ("eval", eval_command)):
-        p = commands.add_parser(name, help=f"{name} a model file's k-step sampler")
-        p.add_argument("--checkpoint", required=True, help="a teacher or student model file")
-        p.add_argument("--steps", type=_number(int, 1) if name == "sample" else _int_list, default=4 if name == "sample" else [1, 4, 16, 64])
-        p.add_argument("--num-samples", type=_number(int, 1), default=16 if name == "sample" else 4096)
-        p.add_argument("--method", default="analytic", choices=["analytic", "euler"])
-        p.add_argument("--seed", type=int, default=0)
-        _add_device_option(p)
-        if name == "sample":
-            p.add_argument("--out", help="also save the samples (torch.save) here")
-        else:
-            p.add_argument("--handover", action="store_true",
-                           help="a student's file, enumerable data: the exact KL of samplers that take the student's "
-                                "step on some grid intervals and --teacher-steps teacher steps on the others "
-                                "(which of its steps loses)")
-            p.add_argument("--teacher", help="with --handover: the teacher (default: the one shipped with the package)")
-            p.add_argument("--teacher-steps", type=_number(int, 1), default=16,
-                           help="with --handover: teacher steps per grid interval of the student")
-        p.set_defaults(run=run)
+    _add_pretrain_options(p)
+    p.set_defaults(steps=3000, batch_size=256, lr=2e-3, ema=0.999, run=pretrain)
+    _add_distill_command(commands, "distill", ["per-token", "joint"],
+                         "distil a teacher into 1-4 step students (both CDM forms)")
+    _add_distill_command(commands, "compare", list(METHODS),
+                         "every method (CDM per-token/joint, Di4C, D-MMD) on one teacher")
+    commands.add_parser("recipes", help="list the shipped recipes (cdm distill --recipe NAME)").set_defaults(
+        run=recipes_command)
+    _add_model_file_command(commands, "sample", sample_command)
+    _add_model_file_command(commands, "eval", eval_command)
     return parser
 
 
 def main(argv=None) -> None:
+    argv = sys.argv[1:] if argv is None else list(argv)
     parser = build_parser()
     args = parser.parse_args(argv)
-    if getattr(args, "mixture_weights", False) and not args.latent_components:
-        parser.error("--mixture-weights needs --latent-components K > 0 (weights over a finite set of components)")
-    if getattr(args, "grid_weights", None) and args.student_steps != [len(args.grid_weights)]:
-        parser.error(f"--grid-weights gives {len(args.grid_weights)} grid times: it needs --student-steps "
-                     f"{len(args.grid_weights)} (one student), got --student-steps "
-                     f"{','.join(map(str, args.student_steps))}")
     if getattr(args, "handover", None) is False and args.teacher:
         parser.error("--teacher: cdm eval reads a teacher only with --handover")
+    if args.command in COMMAND_OPTIONS:
+        try:
+            _check_distill_options(args, _apply_recipe(args, argv[argv.index(args.command) + 1:]))
+        except ValueError as error:
+            parser.error(str(error))
     previous = torch.are_deterministic_algorithms_enabled()  # process-wide: restored below
     try:
         if getattr(args, "deterministic", False):
