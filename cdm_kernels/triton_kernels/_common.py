@@ -187,12 +187,64 @@ def check_family(family: int, evals, vecs, vecs_inv, n: int, device) -> tuple:
     return tuple(out)
 
 
+def schema(arguments: str) -> str:
+    """A Triton op's schema: the graph descriptor, then ``arguments``, returning a
+    tensor (the C++ op of the same name has the same one, csrc/ops.cpp)."""
+    return f"(int family, Tensor? evals, Tensor? vecs, Tensor? vecs_inv, {arguments}) -> Tensor"
+
+
 def compute_f64(*tensors: torch.Tensor) -> bool:
     """Whether the kernels accumulate in float64 (float64 storage)."""
     return any(t.dtype == torch.float64 for t in tensors)
 
 
+def prepare(family: int, evals, vecs, vecs_inv, n: int, x: Optional[torch.Tensor], tau: torch.Tensor,
+            *rows: torch.Tensor) -> tuple:
+    """The arguments of a Triton op as its kernels want them: the checked graph
+    tensors, ``x`` contiguous int64 (or None), ``tau`` contiguous float64, then
+    each of ``rows`` contiguous."""
+    graph = check_family(family, evals, vecs, vecs_inv, n, tau.device)
+    x = None if x is None else x.contiguous().long()
+    return (graph, x, tau.to(torch.float64).contiguous(), *(t.contiguous() for t in rows))
+
+
 # ----------------------------------------------------------------------------- device helpers
+
+
+@triton.jit
+def program_rows(P, N, BLOCK_P: tl.constexpr):
+    """This program's positions, their mask and their int64 row offsets."""
+    rows = tl.program_id(0) * BLOCK_P + tl.arange(0, BLOCK_P)
+    return rows, rows < P, rows.to(tl.int64) * N
+
+
+@triton.jit
+def row_tile(start, base, rmask, N, BLOCK_N: tl.constexpr):
+    """The vocabulary block at ``start``: its state ids, the in-bounds mask of the
+    ``[BLOCK_P, BLOCK_N]`` tile and the tile's element offsets."""
+    cols = start + tl.arange(0, BLOCK_N)
+    return cols, rmask[:, None] & (cols[None, :] < N), base[:, None] + cols[None, :]
+
+
+@triton.jit
+def row_sum(ptr, base, rmask, N, CT: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr):
+    """``sum_y ptr[row, y]`` per row, in ``CT`` (0 for masked rows)."""
+    total = tl.zeros([BLOCK_P], CT)
+    for start in range(0, N, BLOCK_N):
+        cols, msk, offs = row_tile(start, base, rmask, N, BLOCK_N)
+        total += tl.sum(tl.load(ptr + offs, mask=msk, other=0.0).to(CT), axis=1)
+    return total
+
+
+@triton.jit
+def upstream_scale(gl_ptr, rows, rmask, FROM_TARGET: tl.constexpr, CT: tl.constexpr, BLOCK_P: tl.constexpr):
+    """The per-row factor of the upstream gradient: ``-grad_loss`` when it is built
+    from the target (the matching loss's backward), else 1."""
+    if FROM_TARGET:
+        gscale = -tl.load(gl_ptr + rows, mask=rmask, other=0.0).to(CT)
+    else:
+        gscale = tl.full([BLOCK_P], 1.0, CT)
+    return gscale
 
 
 @triton.jit
@@ -208,6 +260,17 @@ def decay_coefficients(tau):
     """``alpha = e^-tau`` and ``1 - alpha = -expm1(-tau)`` (float64 in, float64 out)."""
     tau = tau.to(tl.float64)
     return tl.exp(-tau), -expm1_f64(-tau)
+
+
+@triton.jit
+def spread(oma, total, N, FAMILY: tl.constexpr):
+    """What a closed-form kernel adds from a row's sum: ``(1 - alpha) / N`` of it
+    to every state (uniform), ``(1 - alpha)`` of it to one state (absorbing)."""
+    if FAMILY == 0:
+        add = oma / N * total
+    else:
+        add = oma * total
+    return add
 
 
 @triton.jit

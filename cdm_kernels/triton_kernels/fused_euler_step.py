@@ -33,14 +33,12 @@ import triton
 import triton.language as tl
 
 from . import _dense
-from ._common import (DENSE, FLOOR_INV, SMALLEST_FLOOR, check_family, compute_f64, decay_coefficients, finish_scan,
-                      online_update, row_kernel, scan_step)
+from ._common import (DENSE, FLOOR_INV, SMALLEST_FLOOR, compute_f64, decay_coefficients, finish_scan, prepare,
+                      program_rows, row_kernel, row_tile, scan_step, schema)
+from ._inversion import excluded_max_sumexp
 from .scores_to_posterior import posterior
 
-SCHEMA = (
-    "(int family, Tensor? evals, Tensor? vecs, Tensor? vecs_inv, "
-    "Tensor log_score, Tensor x, Tensor tau_t, Tensor tau_s, int method, Tensor seed_offset) -> Tensor"
-)
+SCHEMA = schema("Tensor log_score, Tensor x, Tensor tau_t, Tensor tau_s, int method, Tensor seed_offset")
 
 
 @triton.jit
@@ -58,9 +56,7 @@ def _fused_euler_step_kernel(ls_ptr, x_ptr, taut_ptr, taus_ptr, out_ptr, P, N, s
                        FAMILY: tl.constexpr, METHOD: tl.constexpr, F64: tl.constexpr,
                        BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr):
     CT: tl.constexpr = tl.float64 if F64 else tl.float32
-    rows = tl.program_id(0) * BLOCK_P + tl.arange(0, BLOCK_P)
-    rmask = rows < P
-    base = rows.to(tl.int64) * N
+    rows, rmask, base = program_rows(P, N, BLOCK_P)
     x = tl.load(x_ptr + rows, mask=rmask, other=0)
     tau_t = tl.load(taut_ptr + rows, mask=rmask, other=1.0)
     tau_s = tl.load(taus_ptr + rows, mask=rmask, other=0.0)
@@ -75,13 +71,7 @@ def _fused_euler_step_kernel(ls_ptr, x_ptr, taut_ptr, taus_ptr, out_ptr, P, N, s
         active = rmask & (x == N - 1)  # an unmasked token never moves
 
     # pass 1: online max / sum-exp over y != x
-    m = tl.full([BLOCK_P], float("-inf"), CT)
-    s = tl.zeros([BLOCK_P], CT)
-    for start in range(0, N, BLOCK_N):
-        cols = start + tl.arange(0, BLOCK_N)
-        msk = active[:, None] & (cols[None, :] < N)
-        v = tl.load(ls_ptr + base[:, None] + cols[None, :], mask=msk, other=float("-inf")).to(CT)
-        m, s = online_update(m, s, tl.where(cols[None, :] == x[:, None], float("-inf"), v))
+    m, s = excluded_max_sumexp(ls_ptr, x, base, active, N, CT, BLOCK_P, BLOCK_N)
     m_safe = tl.where(m == float("-inf"), 0.0, m)
     M = tl.maximum(m, 0.0)  # the inversion's shift (ls_x = 0 is in the row)
     k = tl.exp(m - M)
@@ -109,10 +99,9 @@ def _fused_euler_step_kernel(ls_ptr, x_ptr, taut_ptr, taus_ptr, out_ptr, P, N, s
         acc = tl.zeros([BLOCK_P], CT)
         colx = (alpha_t + oma_t / N).to(CT)
         for start in range(0, N, BLOCK_N):
-            cols = start + tl.arange(0, BLOCK_N)
-            msk = need[:, None] & (cols[None, :] < N)
+            cols, msk, offs = row_tile(start, base, need, N, BLOCK_N)
             is_x = cols[None, :] == x[:, None]
-            e, r = step_block(ls_ptr, base[:, None] + cols[None, :], msk, is_x, m_safe, k, ex, CT)
+            e, r = step_block(ls_ptr, offs, msk, is_x, m_safe, k, ex, CT)
             u = tl.maximum(r - (beta_t * S)[:, None], thr[:, None])
             if METHOD == 0:
                 acc += tl.sum(tl.where(msk, u, 0.0), axis=1)
@@ -143,10 +132,9 @@ def _fused_euler_step_kernel(ls_ptr, x_ptr, taut_ptr, taus_ptr, out_ptr, P, N, s
     result = tl.zeros([BLOCK_P], tl.int32)
     lastpos = tl.full([BLOCK_P], -1, tl.int32)
     for start in range(0, N, BLOCK_N):
-        cols = start + tl.arange(0, BLOCK_N)
-        lmask = (active & (found == 0))[:, None] & (cols[None, :] < N)
+        cols, lmask, offs = row_tile(start, base, active & (found == 0), N, BLOCK_N)
         is_x = cols[None, :] == x[:, None]
-        e, r = step_block(ls_ptr, base[:, None] + cols[None, :], lmask, is_x, m_safe, k, ex, CT)
+        e, r = step_block(ls_ptr, offs, lmask, is_x, m_safe, k, ex, CT)
         if FAMILY == 0:
             u = tl.maximum(r - (beta_t * S)[:, None], thr[:, None])
             if METHOD == 0:
@@ -177,16 +165,13 @@ def fused_euler_step(family: int, evals: Optional[torch.Tensor], vecs: Optional[
                vecs_inv: Optional[torch.Tensor], log_score: torch.Tensor, x: torch.Tensor, tau_t: torch.Tensor,
                tau_s: torch.Tensor, method: int, seed_offset: torch.Tensor) -> torch.Tensor:
     p, n = log_score.shape
-    graph = check_family(family, evals, vecs, vecs_inv, n, log_score.device)
+    graph, x, tau_t, log_score = prepare(family, evals, vecs, vecs_inv, n, x, tau_t, log_score)
     if method not in (0, 1):
         raise ValueError(f"method must be 0 (analytic) or 1 (euler), got {method}")
     if seed_offset.numel() != 2:
         raise ValueError("seed_offset must hold [seed, offset]")
     # a CPU tensor: reading it is not a device synchronisation
     seed, offset = (int(v) for v in seed_offset.to("cpu", torch.int64).tolist())
-    log_score = log_score.contiguous()
-    x = x.contiguous().long()
-    tau_t = tau_t.to(torch.float64).contiguous()
     tau_s = tau_s.to(torch.float64).contiguous()
     if family == DENSE:
         log_q = posterior(DENSE, graph, log_score, x, tau_t, torch.float64)
