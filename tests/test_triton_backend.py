@@ -400,6 +400,49 @@ def test_large_vocabulary(monkeypatch):
     assert ((step >= 0) & (step < 100003)).all()
 
 
+# ----------------------------------------------------------------------------- any layout
+
+
+@pytest.mark.parametrize("layout", ["transposed", "strided", "expanded"])
+@pytest.mark.parametrize("op", ["transition_column", "apply_kernel", "scores_to_posterior", "posterior_to_scores",
+                                "fused_euler_step", "conditional_matching_loss"])
+@pytest.mark.parametrize("family", FAMILIES)
+def test_any_layout(family, op, layout):
+    """Scores, tokens (2-D), noise levels and targets as views in ``layout``: exactly
+    the output and gradient of contiguous copies."""
+    from layouts import assert_layout_free
+
+    graph = make_graph(family, 17)
+    log_score, x, tau = make_inputs(graph, 6, seed=19)
+    log_score, x, tau = (t.reshape(2, 3, *t.shape[1:]) for t in (log_score.float(), x, tau))
+    target = _target(graph, 6, seed=20).float().reshape(2, 3, 17)
+    target = target / target.sum(-1, keepdim=True)
+    log_score, x, tau, target = to_device(log_score, x, tau, target)
+    cotangent = torch.randn(log_score.shape, generator=torch.Generator().manual_seed(21)).to(DEVICE)
+    others = {"x": x, "tau": tau}
+    if op == "transition_column":
+        call, data, cotangent = (lambda data, x, tau: ck.transition_column(graph, x, tau + data, backend="triton"),
+                                 torch.zeros((), dtype=torch.float64, device=DEVICE), None)
+    elif op == "apply_kernel":
+        call, data, others = lambda data, tau: ck.apply_kernel(graph, data, tau, backend="triton"), target, {"tau": tau}
+    elif op == "scores_to_posterior":
+        call, data = lambda data, x, tau: ck.scores_to_posterior(graph, data, x, tau, backend="triton"), log_score
+    elif op == "posterior_to_scores":
+        log_q = ck.scores_to_posterior(graph, log_score, x, tau, backend="reference")
+        call, data = lambda data, x, tau: ck.posterior_to_scores(graph, data, x, tau, backend="triton"), log_q
+    elif op == "fused_euler_step":
+        call, data, cotangent = (lambda data, x, tau: ck.fused_euler_step(
+            graph, data, x, tau, 0.5 * tau, generator=torch.Generator().manual_seed(22), backend="triton"),
+            log_score, None)
+    else:
+        others["target"] = target
+        call, data, cotangent = (lambda data, x, tau, target: ck.conditional_matching_loss(
+            graph, data, x, tau, target, reduction="none", backend="triton"), log_score, cotangent[..., 0])
+    layouts = {name: layout for name in ("x", "tau", "target")}
+    layouts["data"] = layout if data.ndim else "contiguous"
+    assert_layout_free(call, data, layouts, others, cotangent)
+
+
 # ----------------------------------------------------------------------------- custom-op plumbing
 
 

@@ -4,7 +4,9 @@ one input.
 
 The kernels read contiguous ``(P, N)`` rows and contiguous ``(P,)`` per-position
 tensors; the fronts accept any layout (transposed, strided, broadcast views) and
-:func:`rows` / :func:`positions` copy only what is not already laid out so.
+:func:`rows` / :func:`positions` copy only what is not already laid out so. The
+reference backend gets contiguous inputs too, so that a layout never changes a
+result (PyTorch's reductions round differently over strided rows).
 
 An op differentiable in one input reads ``(family, evals, vecs, vecs_inv, data, *rest)`` and is
 differentiable in ``data`` only; its twin ``<op>_backward(family, evals, vecs,
@@ -44,7 +46,7 @@ def dispatch(op: str, backend: Optional[str], graph, data: torch.Tensor, *per_po
     data, *per_position)``, or the compiled op on rows (:func:`run_on_rows`)."""
     chosen = select_backend(backend, data.device)
     if chosen == "reference":
-        return getattr(reference, op)(graph, data, *per_position)
+        return getattr(reference, op)(graph, data.contiguous(), *(t.contiguous() for t in per_position))
     return run_on_rows(op, chosen, graph, data, *per_position, extra=extra).view(data.shape)
 
 

@@ -58,7 +58,8 @@ def conditional_matching_loss(
             raise ValueError("target rows must sum to 1 (probabilities, not logits)")
     chosen = select_backend(backend, log_score.device)
     if chosen == "reference":
-        per_position = reference.conditional_matching_loss(graph, log_score, x_t, tau_t, target).float()
+        per_position = reference.conditional_matching_loss(
+            graph, log_score.contiguous(), x_t.contiguous(), tau_t, target.contiguous()).float()
     else:
         extra = (rows(target, graph.num_states),)
         per_position = run_on_rows("conditional_matching_loss", chosen, graph, log_score, x_t, tau_t,

@@ -69,7 +69,8 @@ def fused_euler_step(
         raise ValueError("tau_s must be < tau_t (a reverse step goes from more noise to less)")
     chosen = select_backend(backend, log_score.device)
     if chosen == "reference":
-        return reference.fused_euler_step(graph, log_score, x, tau_t, tau_s, method, generator)
+        return reference.fused_euler_step(graph, log_score.contiguous(), x.contiguous(), tau_t, tau_s, method,
+                                          generator)
     extra = (METHOD_IDS[method], seed_and_offset(generator, x.numel()))
     return run_on_rows("fused_euler_step", chosen, graph, log_score, x, tau_t, tau_s, extra=extra).view(x.shape)
 
