@@ -360,6 +360,70 @@ def test_euler_step_matches_cpp(family):
             assert (ours == theirs).float().mean() > 0.95, (method, dtype, ours, theirs)
 
 
+def _one_big_many_small(small: int, big_mass: float = 1 - 1e-3):
+    """An absorbing graph whose masked position draws (``tau_s = 0``: from the softmax
+    of its scores) state 0 with ``big_mass`` and ``small`` states sharing the rest,
+    far below float32's resolution next to the first state's mass."""
+    n = small + 2  # state 0, the small ones, the mask
+    graph = make_graph("absorbing", n)
+    scores = torch.full((n,), math.log((1 - big_mass) / small))
+    scores[0] = math.log(big_mass)
+    scores[-1] = 0.0
+    return graph, scores
+
+
+@pytest.mark.parametrize("method", ["analytic", "euler"])
+@pytest.mark.parametrize("one_block", [True, False])
+def test_sampling_precision_large_vocabulary(method, one_block, monkeypatch):
+    """One state with 1 - 1e-3 of the mass first, 4095 sharing 1e-3 after it (each
+    ~2.4e-7 of the row, ~4 float32 ulps of the running CDF there): the float64
+    running sum of the sampling rule draws each small state where the float64
+    inverse CDF puts it (to a neighbour: the float32 masses themselves carry that
+    much rounding), and the small states at their rate. (The interpreter makes
+    50,000 small states too slow; 4095 already sit below float32's resolution.)"""
+    from cdm_kernels.triton_kernels import _common
+
+    graph, scores = _one_big_many_small(4095)
+    n = graph.num_states
+    monkeypatch.setitem(_common.INTERPRET_BLOCKS, "BLOCK_N", 8192 if one_block else 1024)
+    monkeypatch.setitem(_common.INTERPRET_BLOCKS, "BLOCK_P", 1)
+    tau_t = torch.tensor([1.0], dtype=torch.float64)
+    x = torch.tensor([n - 1])
+    probs = reference.step_probabilities(graph, scores.double()[None], x, tau_t, torch.zeros(1, dtype=torch.float64),
+                                         method)[0]
+    cdf = probs.cumsum(0)
+    seed = 2**33 + 7
+    uniforms = _uniforms(1 << 16, seed, 0).double()
+    chosen = torch.nonzero(uniforms > 1 - 1e-3).flatten()[:24]  # the draws that land among the small states
+    assert len(chosen) >= 24
+    for offset in chosen.tolist():
+        draw = torch.ops.cdm_kernels.triton_fused_euler_step(
+            *graph.descriptor(DEVICE), *to_device(scores[None], x, tau_t, torch.zeros(1, dtype=torch.float64)),
+            0 if method == "analytic" else 1, torch.tensor([seed, offset]))
+        expected = int(torch.searchsorted(cdf, uniforms[offset] * cdf[-1], right=True))
+        assert 1 <= int(draw) <= n - 2, f"u = {uniforms[offset]:.9f} drew state {int(draw)}, not a small one"
+        assert abs(int(draw) - expected) <= 1, f"u = {uniforms[offset]:.9f}: drew {int(draw)}, expected {expected}"
+
+
+def test_sampling_rate_of_the_small_states(monkeypatch):
+    """8192 draws of the row above (the analytic step; the Euler step draws from the
+    same scan): the small states' share within Poisson noise of 1e-3."""
+    from cdm_kernels.triton_kernels import _common
+
+    graph, scores = _one_big_many_small(4095)
+    monkeypatch.setitem(_common.INTERPRET_BLOCKS, "BLOCK_N", 8192)
+    monkeypatch.setitem(_common.INTERPRET_BLOCKS, "BLOCK_P", 128)
+    draws = 8192
+    log_score = scores.expand(draws, -1)  # a broadcast view: one row, drawn 8192 times
+    x = torch.full((draws,), graph.num_states - 1)
+    out = ck.fused_euler_step(graph, *to_device(log_score, x), 1.0, 0.0,
+                              generator=torch.Generator().manual_seed(23), backend="triton").cpu()
+    small = int(((out > 0) & (out < graph.num_states - 1)).sum())
+    expected = 1e-3 * draws
+    assert (out < graph.num_states - 1).all(), "drew the mask at tau_s = 0"
+    assert abs(small - expected) <= 5 * math.sqrt(expected) + 1, f"{small} small draws, expected {expected:.1f}"
+
+
 # ----------------------------------------------------------------------------- other dtypes, long rows
 
 
@@ -492,7 +556,8 @@ def test_torch_compile():
 
 def test_fixed_config_is_one_autotune_would_try():
     """CDM_KERNELS_TRITON_AUTOTUNE=0 launches a config the pruned autotune list holds:
-    one long-row program for big vocabularies, several rows per program for small ones."""
+    one long-row program for big vocabularies, several rows per program for small ones,
+    a block spanning the row for kernels that hold it in registers (``ONE_BLOCK``)."""
     from cdm_kernels.triton_kernels import _common
 
     for n in (2, 17, 130, 256, 257, 1024, 4097, 50257, 262144):
@@ -502,6 +567,11 @@ def test_fixed_config_is_one_autotune_would_try():
             assert config.kwargs["BLOCK_P"] == 1
         if n <= 256:
             assert config.kwargs["BLOCK_P"] > 1
+        # a row that fits one block: a config whose block spans it
+        if n <= _common.ONE_BLOCK_MAX:
+            config = _common.fixed_config("row", n, one_block=True)
+            assert config.kwargs["BLOCK_N"] >= n
+            assert config in _common.prune_row_configs(_common.row_configs(), {"N": n}, ONE_BLOCK=True)
     assert _common.fixed_config("dense", 64) in _common.dense_configs()
 
 
@@ -611,6 +681,7 @@ def test_aot_compile(monkeypatch):
     import sys
 
     from cdm_kernels.triton_kernels import _common
+    from every_op import run_every_op
 
     record = []
     monkeypatch.setattr(_common, "RECORD", record)
@@ -619,21 +690,7 @@ def test_aot_compile(monkeypatch):
         for dtype in DTYPES:
             log_score, x, tau = make_inputs(graph, 3, seed=14)
             log_score, x, tau = to_device(log_score.to(dtype), x, tau)
-            target = torch.softmax(log_score.float(), -1).to(dtype)
-            s = log_score.clone().requires_grad_(True)
-            q = ck.scores_to_posterior(graph, s, x, tau, backend="triton")
-            torch.autograd.grad(q, s, torch.ones_like(q))
-            lq = q.detach().clone().requires_grad_(True)
-            r = ck.posterior_to_scores(graph, lq, x, tau, backend="triton")
-            torch.autograd.grad(r, lq, torch.ones_like(r))
-            v = log_score.clone().requires_grad_(True)
-            torch.autograd.grad(ck.apply_kernel(graph, v, tau, backend="triton").sum(), v)
-            s = log_score.clone().requires_grad_(True)
-            loss = ck.conditional_matching_loss(graph, s, x, tau, target, backend="triton")
-            torch.autograd.grad(loss, s)
-            for method in ("analytic", "euler"):
-                ck.fused_euler_step(graph, log_score, x, tau, 0.5 * tau, method=method, backend="triton")
-        ck.transition_column(graph, x, tau, backend="triton")
+            run_every_op(graph, log_score, x, tau, torch.softmax(log_score.float(), -1).to(dtype))
         ck.transition_column(graph, x, tau.float(), backend="triton")
     variants = {}
     for fn, args, constexprs, kind in record:

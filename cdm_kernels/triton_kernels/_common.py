@@ -56,6 +56,10 @@ if INTERPRET:
             f"numpy {numpy.__version__}; use triton >= 3.7 or numpy < 2.4 (GPU runs are unaffected)"
         )
 
+#: the longest row a GPU program holds in registers (``ONE_BLOCK``): every pass
+#: after the first then reads registers, not memory; longer rows stream in blocks
+ONE_BLOCK_MAX = 16384
+
 #: the fixed config used under the interpreter (tests may change these dicts)
 INTERPRET_BLOCKS: Dict[str, int] = {"BLOCK_P": 8, "BLOCK_N": 32}
 INTERPRET_DENSE_BLOCKS: Dict[str, int] = {"BLOCK_P": 8, "BLOCK_I": 64, "BLOCK_J": 64}
@@ -83,9 +87,23 @@ def row_configs() -> List[triton.Config]:
     return configs
 
 
+def one_block_configs(n: int) -> List[triton.Config]:
+    """GPU configs of a row kernel whose rows fit one block (``ONE_BLOCK``): the
+    block spans the whole row, which stays in registers between the passes."""
+    width = max(16, triton.next_power_of_2(n))
+    if width <= 256:
+        return [triton.Config({"BLOCK_P": rows, "BLOCK_N": width}, num_warps=4) for rows in (4, 16, 32)
+                if rows * width <= 8192]
+    warps = min(16, max(4, width // 512))
+    return [triton.Config({"BLOCK_P": 1, "BLOCK_N": width}, num_warps=w) for w in sorted({warps, min(16, 2 * warps)})]
+
+
 def prune_row_configs(configs, named_args, **kwargs):
-    """Drop blocks wider than the vocabulary and multi-row programs for long rows."""
+    """Drop blocks wider than the vocabulary and multi-row programs for long rows;
+    a kernel told ``ONE_BLOCK`` gets :func:`one_block_configs` instead."""
     n = int(named_args["N"])
+    if kwargs.get("ONE_BLOCK"):
+        return one_block_configs(n)
     width = max(16, triton.next_power_of_2(n))
     kept = [
         c
@@ -96,12 +114,12 @@ def prune_row_configs(configs, named_args, **kwargs):
     return kept or [configs[0]]
 
 
-def fixed_config(kind: str, n: int) -> triton.Config:
+def fixed_config(kind: str, n: int, one_block: bool = False) -> triton.Config:
     """The config used without autotuning: the first row config that
     :func:`prune_row_configs` keeps for this N (dense kernels: the middle one)."""
     if kind == "dense":
         return dense_configs()[1]
-    return prune_row_configs(row_configs(), {"N": n})[0]
+    return prune_row_configs(row_configs(), {"N": n}, ONE_BLOCK=one_block)[0]
 
 
 def dense_configs() -> List[triton.Config]:
@@ -132,6 +150,9 @@ class Kernel:
         output columns); ``constexprs`` are the non-block compile-time arguments."""
         if grid_rows == 0:
             return
+        n = int(args[self.fn.arg_names.index("N")])  # every kernel takes N as a runtime argument
+        if "ONE_BLOCK" in self.fn.arg_names:
+            constexprs["ONE_BLOCK"] = n <= (INTERPRET_BLOCKS["BLOCK_N"] if INTERPRET else ONE_BLOCK_MAX)
         if RECORD is not None:
             RECORD.append((self.fn, args, dict(constexprs), self.kind))
         if INTERPRET:
@@ -152,8 +173,7 @@ class Kernel:
                 return (triton.cdiv(grid_rows, meta["BLOCK_P"]), triton.cdiv(grid_cols, meta["BLOCK_J"]))
 
         if not AUTOTUNE:
-            n = int(args[self.fn.arg_names.index("N")])  # every kernel takes N as a runtime argument
-            config = fixed_config(self.kind, n)
+            config = fixed_config(self.kind, n, constexprs.get("ONE_BLOCK", False))
             self.fn[grid(config.kwargs)](*args, **constexprs, **config.kwargs, num_warps=config.num_warps)
             return
 
@@ -227,12 +247,40 @@ def row_tile(start, base, rmask, N, BLOCK_N: tl.constexpr):
 
 
 @triton.jit
-def row_sum(ptr, base, rmask, N, CT: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr):
+def row_cache(ptr, base, rmask, N, ONE_BLOCK: tl.constexpr, BLOCK_N: tl.constexpr):
+    """When the row fits one block (``ONE_BLOCK``): its ``[BLOCK_P, BLOCK_N]`` tile of
+    ``ptr``, read once and kept in registers for every pass; else nothing (0: each
+    pass streams the row from memory)."""
+    if ONE_BLOCK:
+        cols, msk, offs = row_tile(0, base, rmask, N, BLOCK_N)
+        cache = tl.load(ptr + offs, mask=msk, other=0.0)
+    else:
+        cache = 0.0
+    return cache
+
+
+@triton.jit
+def tile_load(ptr, offs, msk, other, cache, ONE_BLOCK: tl.constexpr):
+    """A tile of ``ptr`` (``other`` outside ``msk``): from the registers of
+    :func:`row_cache` when the row fits one block, else from memory. Half types
+    come back as float32 from the registers (exact; every caller widens them)."""
+    if ONE_BLOCK:
+        if cache.dtype == tl.bfloat16 or cache.dtype == tl.float16:
+            cache = cache.to(tl.float32)
+        v = tl.where(msk, cache, other)
+    else:
+        v = tl.load(ptr + offs, mask=msk, other=other)
+    return v
+
+
+@triton.jit
+def row_sum(ptr, base, rmask, N, cache, CT: tl.constexpr, ONE_BLOCK: tl.constexpr, BLOCK_P: tl.constexpr,
+            BLOCK_N: tl.constexpr):
     """``sum_y ptr[row, y]`` per row, in ``CT`` (0 for masked rows)."""
     total = tl.zeros([BLOCK_P], CT)
     for start in range(0, N, BLOCK_N):
         cols, msk, offs = row_tile(start, base, rmask, N, BLOCK_N)
-        total += tl.sum(tl.load(ptr + offs, mask=msk, other=0.0).to(CT), axis=1)
+        total += tl.sum(tile_load(ptr, offs, msk, 0.0, cache, ONE_BLOCK).to(CT), axis=1)
     return total
 
 
@@ -286,12 +334,17 @@ def online_update(m, s, vals):
 
 @triton.jit
 def scan_step(p, cols, target, carry, found, result, lastpos):
-    """One block of the inverse-CDF search. ``p`` [BP, BN] non-negative masses
-    (0 outside the row), ``cols`` [BN] their state ids, ``target`` [BP] the
-    uniform times the row total, ``carry`` [BP] the mass before this block.
-    A state is picked where the running CDF first exceeds the target and its own
-    mass is positive (never a zero-probability state); ``lastpos`` tracks the
-    last state with mass for rows whose target rounding walks past the end."""
+    """One block of the inverse-CDF search, the sampling rule of every backend
+    (csrc/cpu/fused_euler_step.cpp ``pick``). ``p`` [BP, BN] non-negative masses
+    in the compute dtype (0 outside the row), ``cols`` [BN] their state ids,
+    ``target`` [BP] the float64 uniform times the float64 sum of the masses
+    (:func:`mass_total`), ``carry`` [BP] the float64 mass before this block. The
+    masses are summed in float64, so a state far below float32's resolution
+    relative to its row's running CDF is still drawn at its rate. A state is
+    picked where the running CDF first exceeds the target and its own mass is
+    positive (never a zero-probability state); ``lastpos`` tracks the last state
+    with mass for rows whose target rounding walks past the end."""
+    p = p.to(tl.float64)
     cdf = tl.cumsum(p, axis=1) + carry[:, None]
     hit = (cdf > target[:, None]) & (p > 0)
     first = tl.min(tl.where(hit, cols[None, :], 2147483647), axis=1)
@@ -301,6 +354,12 @@ def scan_step(p, cols, target, carry, found, result, lastpos):
     lastpos = tl.maximum(lastpos, tl.max(tl.where(p > 0, cols[None, :], -1), axis=1))
     carry = carry + tl.sum(p, axis=1)
     return carry, found, result, lastpos
+
+
+@triton.jit
+def mass_total(total, p):
+    """``total`` [BP] plus the float64 sum of one block of masses ``p`` [BP, BN]."""
+    return total + tl.sum(p.to(tl.float64), axis=1)
 
 
 @triton.jit

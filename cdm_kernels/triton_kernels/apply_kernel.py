@@ -3,8 +3,8 @@
 Uniform (symmetric): ``alpha v + beta (sum v)``; absorbing: transpose
 ``[alpha v_real, v_mask + (1 - alpha) sum v_real]``, else
 ``[alpha v_real + (1 - alpha) v_mask, v_mask]``. Two passes (sum, write), float32
-accumulation (float64 for float64 ``v``); a negative ``tau`` applies the
-inverse. Dense: two float64 eigenbasis matrix-vector passes (``_dense.apply``).
+accumulation (float64 for float64 ``v``; a row that fits one block is read
+once); a negative ``tau`` applies the inverse. Dense: two float64 eigenbasis matrix-vector passes (``_dense.apply``).
 """
 
 from __future__ import annotations
@@ -16,17 +16,18 @@ import triton
 import triton.language as tl
 
 from . import _dense
-from ._common import (DENSE, compute_f64, decay_coefficients, prepare, program_rows, row_kernel, row_tile, schema,
-                      spread, to_store)
+from ._common import (DENSE, compute_f64, decay_coefficients, prepare, program_rows, row_cache, row_kernel, row_tile,
+                      schema, spread, tile_load, to_store)
 
 SCHEMA = schema("Tensor v, Tensor tau, bool transpose")
 
 
 @triton.jit
 def _apply_kernel_kernel(v_ptr, tau_ptr, out_ptr, P, N, FAMILY: tl.constexpr, TRANSPOSE: tl.constexpr,
-                         F64: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr):
+                         F64: tl.constexpr, ONE_BLOCK: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr):
     CT: tl.constexpr = tl.float64 if F64 else tl.float32
     rows, rmask, base = program_rows(P, N, BLOCK_P)
+    cache = row_cache(v_ptr, base, rmask, N, ONE_BLOCK, BLOCK_N)
     alpha, oma = decay_coefficients(tl.load(tau_ptr + rows, mask=rmask, other=0.0))
     alpha = alpha.to(CT)
     oma = oma.to(CT)
@@ -34,7 +35,7 @@ def _apply_kernel_kernel(v_ptr, tau_ptr, out_ptr, P, N, FAMILY: tl.constexpr, TR
     total = tl.zeros([BLOCK_P], CT)
     for start in range(0, N, BLOCK_N):
         cols, msk, offs = row_tile(start, base, rmask, N, BLOCK_N)
-        v = tl.load(v_ptr + offs, mask=msk, other=0.0).to(CT)
+        v = tile_load(v_ptr, offs, msk, 0.0, cache, ONE_BLOCK).to(CT)
         if FAMILY == 0:
             keep = msk
         elif TRANSPOSE:
@@ -45,7 +46,7 @@ def _apply_kernel_kernel(v_ptr, tau_ptr, out_ptr, P, N, FAMILY: tl.constexpr, TR
     add = spread(oma, total, N, FAMILY)
     for start in range(0, N, BLOCK_N):
         cols, msk, offs = row_tile(start, base, rmask, N, BLOCK_N)
-        v = tl.load(v_ptr + offs, mask=msk, other=0.0).to(CT)
+        v = tile_load(v_ptr, offs, msk, 0.0, cache, ONE_BLOCK).to(CT)
         if FAMILY == 0:
             out = alpha[:, None] * v + add[:, None]
         else:

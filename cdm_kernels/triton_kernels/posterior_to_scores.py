@@ -17,8 +17,8 @@ import triton
 import triton.language as tl
 
 from . import _dense
-from ._common import (DENSE, compute_f64, decay_coefficients, prepare, program_rows, row_kernel, row_tile, schema,
-                      spread, to_store)
+from ._common import (DENSE, compute_f64, decay_coefficients, prepare, program_rows, row_cache, row_kernel, row_tile,
+                      schema, spread, tile_load, to_store)
 
 SCHEMA = schema("Tensor log_p0, Tensor x, Tensor tau")
 
@@ -41,21 +41,21 @@ def column_logs(x, tau, N, FAMILY: tl.constexpr, CT: tl.constexpr):
 
 
 @triton.jit
-def weights_block(lq_ptr, offs, msk, is_x, l_on, l_off, CT: tl.constexpr):
+def weights_block(lq_ptr, offs, msk, is_x, l_on, l_off, cache, CT: tl.constexpr, ONE_BLOCK: tl.constexpr):
     """``u = exp(log q - log col)`` where ``log q > -inf``, else 0 (padding: 0)."""
-    lq = tl.load(lq_ptr + offs, mask=msk, other=float("-inf")).to(CT)
+    lq = tile_load(lq_ptr, offs, msk, float("-inf"), cache, ONE_BLOCK).to(CT)
     lcol = tl.where(is_x, l_on[:, None], l_off[:, None])
     return lq, tl.where(lq > float("-inf"), tl.exp(lq - lcol), 0.0)
 
 
 @triton.jit
-def weights_total(lq_ptr, x, base, rmask, l_on, l_off, N, FAMILY: tl.constexpr, CT: tl.constexpr,
-                  BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr):
+def weights_total(lq_ptr, x, base, rmask, l_on, l_off, N, cache, FAMILY: tl.constexpr, CT: tl.constexpr,
+                  ONE_BLOCK: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr):
     """Pass 1: ``sum u`` per row (absorbing: over the real tokens only)."""
     total = tl.zeros([BLOCK_P], CT)
     for start in range(0, N, BLOCK_N):
         cols, msk, offs = row_tile(start, base, rmask, N, BLOCK_N)
-        lq, u = weights_block(lq_ptr, offs, msk, cols[None, :] == x[:, None], l_on, l_off, CT)
+        lq, u = weights_block(lq_ptr, offs, msk, cols[None, :] == x[:, None], l_on, l_off, cache, CT, ONE_BLOCK)
         if FAMILY == 1:
             u = tl.where(cols[None, :] < N - 1, u, 0.0)
         total += tl.sum(u, axis=1)
@@ -64,16 +64,18 @@ def weights_total(lq_ptr, x, base, rmask, l_on, l_off, N, FAMILY: tl.constexpr, 
 
 @triton.jit
 def _posterior_to_scores_kernel(lq_ptr, x_ptr, tau_ptr, out_ptr, P, N, FAMILY: tl.constexpr, F64: tl.constexpr,
-                                BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr):
+                                ONE_BLOCK: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr):
     CT: tl.constexpr = tl.float64 if F64 else tl.float32
     rows, rmask, base = program_rows(P, N, BLOCK_P)
     x = tl.load(x_ptr + rows, mask=rmask, other=0)
     tau = tl.load(tau_ptr + rows, mask=rmask, other=0.0)
     alpha, oma, l_on, l_off = column_logs(x, tau, N, FAMILY, CT)
-    add = spread(oma, weights_total(lq_ptr, x, base, rmask, l_on, l_off, N, FAMILY, CT, BLOCK_P, BLOCK_N), N, FAMILY)
+    cache = row_cache(lq_ptr, base, rmask, N, ONE_BLOCK, BLOCK_N)
+    add = spread(oma, weights_total(lq_ptr, x, base, rmask, l_on, l_off, N, cache, FAMILY, CT, ONE_BLOCK, BLOCK_P,
+                                    BLOCK_N), N, FAMILY)
     for start in range(0, N, BLOCK_N):
         cols, msk, offs = row_tile(start, base, rmask, N, BLOCK_N)
-        lq, u = weights_block(lq_ptr, offs, msk, cols[None, :] == x[:, None], l_on, l_off, CT)
+        lq, u = weights_block(lq_ptr, offs, msk, cols[None, :] == x[:, None], l_on, l_off, cache, CT, ONE_BLOCK)
         if FAMILY == 0:
             r = alpha[:, None] * u + add[:, None]
         else:

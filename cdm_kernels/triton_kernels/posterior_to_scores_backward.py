@@ -16,7 +16,8 @@ import triton
 import triton.language as tl
 
 from . import _dense
-from ._common import DENSE, compute_f64, prepare, program_rows, row_kernel, row_tile, schema, spread, to_store
+from ._common import (DENSE, compute_f64, prepare, program_rows, row_cache, row_kernel, row_tile, schema, spread,
+                      tile_load, to_store)
 from .posterior_to_scores import column_logs, weights_block, weights_total
 
 SCHEMA = schema("Tensor grad, Tensor log_p0, Tensor x, Tensor tau")
@@ -24,14 +25,17 @@ SCHEMA = schema("Tensor grad, Tensor log_p0, Tensor x, Tensor tau")
 
 @triton.jit
 def _posterior_to_scores_backward_kernel(g_ptr, lq_ptr, x_ptr, tau_ptr, out_ptr, P, N, FAMILY: tl.constexpr,
-                                         F64: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr):
+                                         F64: tl.constexpr, ONE_BLOCK: tl.constexpr, BLOCK_P: tl.constexpr,
+                                         BLOCK_N: tl.constexpr):
     """The gradient through ``r = K^T u``, ``u = q / col``: uniform three passes, absorbing two."""
     CT: tl.constexpr = tl.float64 if F64 else tl.float32
     rows, rmask, base = program_rows(P, N, BLOCK_P)
     x = tl.load(x_ptr + rows, mask=rmask, other=0)
     tau = tl.load(tau_ptr + rows, mask=rmask, other=0.0)
     alpha, oma, l_on, l_off = column_logs(x, tau, N, FAMILY, CT)
-    total = weights_total(lq_ptr, x, base, rmask, l_on, l_off, N, FAMILY, CT, BLOCK_P, BLOCK_N)
+    cache = row_cache(lq_ptr, base, rmask, N, ONE_BLOCK, BLOCK_N)
+    g_cache = row_cache(g_ptr, base, rmask, N, ONE_BLOCK, BLOCK_N)
+    total = weights_total(lq_ptr, x, base, rmask, l_on, l_off, N, cache, FAMILY, CT, ONE_BLOCK, BLOCK_P, BLOCK_N)
     add = spread(oma, total, N, FAMILY)
     if FAMILY == 0:
         beta = oma / N
@@ -39,9 +43,9 @@ def _posterior_to_scores_backward_kernel(g_ptr, lq_ptr, x_ptr, tau_ptr, out_ptr,
         gr_sum = tl.zeros([BLOCK_P], CT)
         for start in range(0, N, BLOCK_N):
             cols, msk, offs = row_tile(start, base, rmask, N, BLOCK_N)
-            lq, u = weights_block(lq_ptr, offs, msk, cols[None, :] == x[:, None], l_on, l_off, CT)
+            lq, u = weights_block(lq_ptr, offs, msk, cols[None, :] == x[:, None], l_on, l_off, cache, CT, ONE_BLOCK)
             r = alpha[:, None] * u + add[:, None]
-            g = tl.load(g_ptr + offs, mask=msk, other=0.0).to(CT)
+            g = tile_load(g_ptr, offs, msk, 0.0, g_cache, ONE_BLOCK).to(CT)
             gr_sum += tl.sum(tl.where(msk & (r > 0), g / r, 0.0), axis=1)
         gu_add = beta * gr_sum
     else:
@@ -56,8 +60,8 @@ def _posterior_to_scores_backward_kernel(g_ptr, lq_ptr, x_ptr, tau_ptr, out_ptr,
         gu_add = oma * gr_m
     for start in range(0, N, BLOCK_N):
         cols, msk, offs = row_tile(start, base, rmask, N, BLOCK_N)
-        lq, u = weights_block(lq_ptr, offs, msk, cols[None, :] == x[:, None], l_on, l_off, CT)
-        g = tl.load(g_ptr + offs, mask=msk, other=0.0).to(CT)
+        lq, u = weights_block(lq_ptr, offs, msk, cols[None, :] == x[:, None], l_on, l_off, cache, CT, ONE_BLOCK)
+        g = tile_load(g_ptr, offs, msk, 0.0, g_cache, ONE_BLOCK).to(CT)
         if FAMILY == 0:
             r = alpha[:, None] * u + add[:, None]
             gu = alpha[:, None] * tl.where(r > 0, g / r, 0.0) + gu_add[:, None]

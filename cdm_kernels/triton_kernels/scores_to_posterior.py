@@ -16,31 +16,31 @@ import triton
 import triton.language as tl
 
 from . import _dense
-from ._common import (ABSORBING, DENSE, compute_f64, online_update, prepare, program_rows, row_kernel, row_tile,
-                      schema, to_store)
+from ._common import (ABSORBING, DENSE, compute_f64, online_update, prepare, program_rows, row_cache, row_kernel,
+                      row_tile, schema, tile_load, to_store)
 from ._inversion import posterior_kernel
 
 SCHEMA = schema("Tensor log_score, Tensor x, Tensor tau")
 
 
 @triton.jit
-def _absorbing_posterior_kernel(ls_ptr, x_ptr, out_ptr, P, N, F64: tl.constexpr,
+def _absorbing_posterior_kernel(ls_ptr, x_ptr, out_ptr, P, N, F64: tl.constexpr, ONE_BLOCK: tl.constexpr,
                                 BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr):
     CT: tl.constexpr = tl.float64 if F64 else tl.float32
     rows, rmask, base = program_rows(P, N, BLOCK_P)
     x = tl.load(x_ptr + rows, mask=rmask, other=0)
     masked = rmask & (x == N - 1)  # only these rows read their scores
+    cache = row_cache(ls_ptr, base, masked, N, ONE_BLOCK, BLOCK_N)
     m = tl.full([BLOCK_P], float("-inf"), CT)
     s = tl.zeros([BLOCK_P], CT)
     for start in range(0, N - 1, BLOCK_N):
         cols, msk, offs = row_tile(start, base, masked, N - 1, BLOCK_N)
-        v = tl.load(ls_ptr + offs, mask=msk, other=float("-inf")).to(CT)
-        m, s = online_update(m, s, v)
+        m, s = online_update(m, s, tile_load(ls_ptr, offs, msk, float("-inf"), cache, ONE_BLOCK).to(CT))
     lse = m + tl.log(s)
     for start in range(0, N, BLOCK_N):
         cols, msk, offs = row_tile(start, base, rmask, N, BLOCK_N)
         real = cols[None, :] < N - 1
-        v = tl.load(ls_ptr + offs, mask=msk & masked[:, None] & real, other=0.0).to(CT)
+        v = tile_load(ls_ptr, offs, msk & masked[:, None] & real, 0.0, cache, ONE_BLOCK).to(CT)
         out_masked = tl.where(real, v - lse[:, None], float("-inf"))
         out_real = tl.where(cols[None, :] == x[:, None], 0.0, float("-inf"))
         out = tl.where(masked[:, None], out_masked, out_real)

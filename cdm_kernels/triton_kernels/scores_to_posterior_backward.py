@@ -17,8 +17,8 @@ import triton
 import triton.language as tl
 
 from . import _dense
-from ._common import (ABSORBING, DENSE, compute_f64, online_update, prepare, program_rows, row_kernel, row_sum,
-                      row_tile, schema, to_store, upstream_scale)
+from ._common import (ABSORBING, DENSE, compute_f64, online_update, prepare, program_rows, row_cache, row_kernel,
+                      row_sum, row_tile, schema, tile_load, to_store, upstream_scale)
 from ._inversion import posterior_backward_kernel
 
 SCHEMA = schema("Tensor grad, Tensor log_score, Tensor x, Tensor tau")
@@ -26,26 +26,29 @@ SCHEMA = schema("Tensor grad, Tensor log_score, Tensor x, Tensor tau")
 
 @triton.jit
 def _absorbing_backward_kernel(g_ptr, gl_ptr, ls_ptr, x_ptr, out_ptr, P, N, F64: tl.constexpr,
-                               FROM_TARGET: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr):
+                               FROM_TARGET: tl.constexpr, ONE_BLOCK: tl.constexpr, BLOCK_P: tl.constexpr,
+                               BLOCK_N: tl.constexpr):
     """``FROM_TARGET``: ``g = -grad_loss * target`` (the matching loss's backward)."""
     CT: tl.constexpr = tl.float64 if F64 else tl.float32
     rows, rmask, base = program_rows(P, N, BLOCK_P)
     x = tl.load(x_ptr + rows, mask=rmask, other=0)
     masked = rmask & (x == N - 1)
     gscale = upstream_scale(gl_ptr, rows, rmask, FROM_TARGET, CT, BLOCK_P)
+    ls_cache = row_cache(ls_ptr, base, masked, N, ONE_BLOCK, BLOCK_N)
+    g_cache = row_cache(g_ptr, base, masked, N, ONE_BLOCK, BLOCK_N)
     m = tl.full([BLOCK_P], float("-inf"), CT)
     s = tl.zeros([BLOCK_P], CT)
     for start in range(0, N - 1, BLOCK_N):
         cols, msk, offs = row_tile(start, base, masked, N - 1, BLOCK_N)
-        m, s = online_update(m, s, tl.load(ls_ptr + offs, mask=msk, other=float("-inf")).to(CT))
-    G = row_sum(g_ptr, base, masked, N, CT, BLOCK_P, BLOCK_N) * gscale
+        m, s = online_update(m, s, tile_load(ls_ptr, offs, msk, float("-inf"), ls_cache, ONE_BLOCK).to(CT))
+    G = row_sum(g_ptr, base, masked, N, g_cache, CT, ONE_BLOCK, BLOCK_P, BLOCK_N) * gscale
     m_safe = tl.where(m == float("-inf"), 0.0, m)
     coef = G / s  # softmax_y * G = exp(ls_y - m) * G / s
     for start in range(0, N, BLOCK_N):
         cols, msk, offs = row_tile(start, base, rmask, N, BLOCK_N)
         real = masked[:, None] & (cols[None, :] < N - 1)
-        v = tl.load(ls_ptr + offs, mask=msk & real, other=float("-inf")).to(CT)
-        g = tl.load(g_ptr + offs, mask=msk & real, other=0.0).to(CT) * gscale[:, None]
+        v = tile_load(ls_ptr, offs, msk & real, float("-inf"), ls_cache, ONE_BLOCK).to(CT)
+        g = tile_load(g_ptr, offs, msk & real, 0.0, g_cache, ONE_BLOCK).to(CT) * gscale[:, None]
         out = tl.where(real, g - tl.exp(v - m_safe[:, None]) * coef[:, None], 0.0)
         tl.store(out_ptr + offs, to_store(out, out_ptr), mask=msk)
 
