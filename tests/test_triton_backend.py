@@ -616,7 +616,7 @@ target = GPUTarget("cuda", 90, 32)
 compiled, failures = 0, []
 for v in json.load(sys.stdin):
     fn = getattr(importlib.import_module(v["module"]), v["name"])
-    configs = _common.row_configs() if v["kind"] == "row" else _common.dense_configs()
+    configs = _common.launch_configs(v["kind"], v["constants"].get("ONE_BLOCK", False))
     for index in v["configs"]:
         config = configs[index]
         signature = dict(v["signature"], **{k: "constexpr" for k in config.kwargs})
@@ -637,14 +637,15 @@ def _configs_to_compile(variant: dict, index: int, every: bool):
     """Which autotune configs to compile a variant with: all of them when ``every``
     (CDM_AOT_ALL_CONFIGS=1); else one: the widest single-row config for float32
     data (the layout where Triton's in-loop reduction rewrites apply, which have
-    crashed on float32 loads), otherwise rotating so every config is covered."""
+    crashed on float32 loads), otherwise rotating so every config is covered. A row
+    held in registers compiles with the configs of the longest such row."""
     from cdm_kernels.triton_kernels import _common
 
-    count = len(_common.row_configs() if variant["kind"] == "row" else _common.dense_configs())
+    count = len(_common.launch_configs(variant["kind"], variant["constants"].get("ONE_BLOCK", False)))
     if every:
         return list(range(count))
     if variant["kind"] == "row" and "*fp32" in variant["signature"].values():
-        return [2]
+        return [min(2, count - 1)]
     return [index % count]
 
 
@@ -673,7 +674,8 @@ def _variant(fn, args, constexprs, kind):
 
 def test_aot_compile(monkeypatch):
     """Every kernel launched by the ops (bf16 and fp32, every family, both step methods,
-    forward and backward), compiled for Hopper with each GPU config of its autotuner."""
+    forward and backward; rows held in registers and streamed rows), compiled for
+    Hopper with each GPU config of its autotuner."""
     import json
     import os
     import pathlib
@@ -692,6 +694,10 @@ def test_aot_compile(monkeypatch):
             log_score, x, tau = to_device(log_score.to(dtype), x, tau)
             run_every_op(graph, log_score, x, tau, torch.softmax(log_score.float(), -1).to(dtype))
         ck.transition_column(graph, x, tau.float(), backend="triton")
+    for family in ("uniform", "absorbing"):  # rows longer than the interpreter's block: the streaming variants
+        graph = make_graph(family, 40)
+        log_score, x, tau = to_device(*make_inputs(graph, 3, seed=14))
+        run_every_op(graph, log_score.float(), x, tau, torch.softmax(log_score.float(), -1))
     variants = {}
     for fn, args, constexprs, kind in record:
         v = _variant(fn, args, constexprs, kind)

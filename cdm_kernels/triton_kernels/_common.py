@@ -98,6 +98,21 @@ def one_block_configs(n: int) -> List[triton.Config]:
     return [triton.Config({"BLOCK_P": 1, "BLOCK_N": width}, num_warps=w) for w in sorted({warps, min(16, 2 * warps)})]
 
 
+def fits_one_block(n: int) -> bool:
+    """Whether a row of ``n`` states is held in registers (``ONE_BLOCK``)."""
+    return n <= (INTERPRET_BLOCKS["BLOCK_N"] if INTERPRET else ONE_BLOCK_MAX)
+
+
+def stream_chunks(n: int) -> int:
+    """How many vocabulary blocks a row of ``n`` states spans at most (a power of
+    two; 1 when it fits one block): the narrowest block any config may launch."""
+    if fits_one_block(n):
+        return 1
+    narrowest = INTERPRET_BLOCKS["BLOCK_N"] if INTERPRET else min(
+        c.kwargs["BLOCK_N"] for c in prune_row_configs(row_configs(), {"N": n}))
+    return triton.next_power_of_2(triton.cdiv(n, narrowest))
+
+
 def prune_row_configs(configs, named_args, **kwargs):
     """Drop blocks wider than the vocabulary and multi-row programs for long rows;
     a kernel told ``ONE_BLOCK`` gets :func:`one_block_configs` instead."""
@@ -120,6 +135,14 @@ def fixed_config(kind: str, n: int, one_block: bool = False) -> triton.Config:
     if kind == "dense":
         return dense_configs()[1]
     return prune_row_configs(row_configs(), {"N": n}, ONE_BLOCK=one_block)[0]
+
+
+def launch_configs(kind: str, one_block: bool = False) -> List[triton.Config]:
+    """Every GPU config a kernel of ``kind`` may launch with (``one_block``: those of
+    the longest row held in registers)."""
+    if kind == "dense":
+        return dense_configs()
+    return one_block_configs(ONE_BLOCK_MAX) if one_block else row_configs()
 
 
 def dense_configs() -> List[triton.Config]:
@@ -152,7 +175,7 @@ class Kernel:
             return
         n = int(args[self.fn.arg_names.index("N")])  # every kernel takes N as a runtime argument
         if "ONE_BLOCK" in self.fn.arg_names:
-            constexprs["ONE_BLOCK"] = n <= (INTERPRET_BLOCKS["BLOCK_N"] if INTERPRET else ONE_BLOCK_MAX)
+            constexprs["ONE_BLOCK"] = fits_one_block(n)
         if RECORD is not None:
             RECORD.append((self.fn, args, dict(constexprs), self.kind))
         if INTERPRET:
@@ -322,21 +345,30 @@ def spread(oma, total, N, FAMILY: tl.constexpr):
 
 
 @triton.jit
-def online_update(m, s, vals):
+def online_step(m, s, vals):
     """One block of an online max / sum-exp: ``vals`` [BP, BN] (excluded entries -inf),
-    ``m``, ``s`` [BP]; returns the running max and ``sum exp(v - max)``.
-    One exp per element, one per row per block."""
+    ``m``, ``s`` [BP]; returns the running max, ``sum exp(v - max)``, the finite
+    shift used and the block's ``exp(vals - shift)``. One exp per element, one per
+    row per block."""
     m_new = tl.maximum(m, tl.max(vals, axis=1))
     m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-    s = s * tl.exp(m - m_safe) + tl.sum(tl.exp(vals - m_safe[:, None]), axis=1)
-    return m_new, s
+    e = tl.exp(vals - m_safe[:, None])
+    s = s * tl.exp(m - m_safe) + tl.sum(e, axis=1)
+    return m_new, s, m_safe, e
+
+
+@triton.jit
+def online_update(m, s, vals):
+    """:func:`online_step`'s running max and sum-exp."""
+    m, s, m_safe, e = online_step(m, s, vals)
+    return m, s
 
 
 @triton.jit
 def scan_step(p, cols, target, carry, found, result, lastpos):
     """One block of the inverse-CDF search, the sampling rule of every backend
     (csrc/cpu/fused_euler_step.cpp ``pick``). ``p`` [BP, BN] non-negative masses
-    in the compute dtype (0 outside the row), ``cols`` [BN] their state ids,
+    in the compute dtype (0 outside the row), ``cols`` [BP or 1, BN] their state ids,
     ``target`` [BP] the float64 uniform times the float64 sum of the masses
     (:func:`mass_total`), ``carry`` [BP] the float64 mass before this block. The
     masses are summed in float64, so a state far below float32's resolution
@@ -347,11 +379,11 @@ def scan_step(p, cols, target, carry, found, result, lastpos):
     p = p.to(tl.float64)
     cdf = tl.cumsum(p, axis=1) + carry[:, None]
     hit = (cdf > target[:, None]) & (p > 0)
-    first = tl.min(tl.where(hit, cols[None, :], 2147483647), axis=1)
+    first = tl.min(tl.where(hit, cols, 2147483647), axis=1)
     newly = (found == 0) & (first < 2147483647)
     result = tl.where(newly, first, result)
     found = tl.where(newly, 1, found)
-    lastpos = tl.maximum(lastpos, tl.max(tl.where(p > 0, cols[None, :], -1), axis=1))
+    lastpos = tl.maximum(lastpos, tl.max(tl.where(p > 0, cols, -1), axis=1))
     carry = carry + tl.sum(p, axis=1)
     return carry, found, result, lastpos
 

@@ -184,7 +184,7 @@ def _sample_kernel(probs_ptr, x_ptr, out_ptr, P, N, seed, offset, ONE_BLOCK: tl.
     for start in range(0, N, BLOCK_N):
         cols, msk, offs = row_tile(start, base, rmask & (found == 0), N, BLOCK_N)
         p = tl.maximum(tile_load(probs_ptr, offs, msk, 0.0, cache, ONE_BLOCK), 0.0)
-        carry, found, result, lastpos = scan_step(p, cols, target, carry, found, result, lastpos)
+        carry, found, result, lastpos = scan_step(p, cols[None, :], target, carry, found, result, lastpos)
     tl.store(out_ptr + rows, finish_scan(found, result, lastpos, x).to(tl.int64), mask=rmask)
 
 

@@ -6,18 +6,21 @@ C++ backend's generator too) and follows the sampling rule every backend shares
 (``_common.scan_step``): the masses ``P(y)`` in the compute dtype, their float64
 sum as the total, and the first state whose float64 running CDF exceeds
 ``uniform * total`` and whose own mass is positive; when rounding walks past the
-end it takes the last state with mass. Passes (one exp per element each):
+end it takes the last state with mass. The row is cut into vocabulary blocks;
+each block's float64 mass is known before the scan, so the scan finds the block
+the draw falls in and reads only that block again. Passes (one exp per element):
 
-* (1) online max / sum-exp over ``y != x`` (absorbing: only positions on the
-  mask read their scores; the others keep ``x``);
-* (2) uniform, analytic only: ``U = sum u`` of the clamped inverted ratios, as
-  ``P(y) = K(Delta)[y, x] (alpha_s u_y + beta_s U)`` needs it (``w = u / Z`` up
-  to the normaliser, which cancels);
-* (3) the float64 total of the masses: uniform euler ``Delta Q[y, x] r_y`` with
-  the overflow-safe stay mass on ``x`` (``p_0|t`` where ``tau_s = 0``); absorbing
-  the softmax scaled by ``(1 - alpha_Delta) alpha_s`` with ``1 - alpha_s`` on the
-  mask (euler: the same jumps with the stay mass on the mask);
-* (4) the scan, each row stopping at its pick.
+* (1) online max / sum-exp over ``y != x``, keeping each block's running max
+  and sum (absorbing: only positions on the mask read their scores; the others
+  keep ``x``). Where ``P(y)`` is ``e_y = exp(ls_y - max)`` times a per-row
+  factor (Euler jumps ``Delta Q[y, x] r_y`` with the overflow-safe stay mass on
+  ``x``; the absorbing softmax scaled by ``(1 - alpha_Delta) alpha_s`` with
+  ``1 - alpha_s`` on the mask) the blocks' masses follow from these sums;
+* (2) uniform only, where ``P`` needs the clamp of ``u`` against ``beta S``
+  (the analytic step, and ``p_0|t`` where ``tau_s = 0``): each block's float64
+  mass, and ``U = sum u`` for ``P(y) = K(Delta)[y, x] (alpha_s u_y + beta_s U)``
+  (``w = u / Z`` up to the normaliser, which cancels);
+* (3) the drawn block, scanned state by state.
 
 A row that fits one block (``ONE_BLOCK``) is read once, in pass 1: the other
 passes work on the registers it loaded.
@@ -36,9 +39,9 @@ import triton
 import triton.language as tl
 
 from . import _dense
-from ._common import (DENSE, FLOOR_INV, SMALLEST_FLOOR, compute_f64, decay_coefficients, finish_scan, mass_total,
-                      prepare, program_rows, row_cache, row_kernel, row_tile, scan_step, schema, tile_load)
-from ._inversion import excluded_max_sumexp
+from ._common import (DENSE, FLOOR_INV, SMALLEST_FLOOR, compute_f64, decay_coefficients, finish_scan, online_step,
+                      prepare, program_rows, row_cache, row_kernel, row_tile, scan_step, schema, stream_chunks,
+                      tile_load)
 from .scores_to_posterior import posterior
 
 SCHEMA = schema("Tensor log_score, Tensor x, Tensor tau_t, Tensor tau_s, int method, Tensor seed_offset")
@@ -81,7 +84,7 @@ def step_masses(ls_ptr, offs, lmask, is_x, cache, coef, FAMILY: tl.constexpr, ME
 @triton.jit(do_not_specialize=["seed", "offset"])
 def _fused_euler_step_kernel(ls_ptr, x_ptr, taut_ptr, taus_ptr, out_ptr, P, N, seed, offset,
                              FAMILY: tl.constexpr, METHOD: tl.constexpr, F64: tl.constexpr, ONE_BLOCK: tl.constexpr,
-                             BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr):
+                             CHUNKS: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr):
     CT: tl.constexpr = tl.float64 if F64 else tl.float32
     rows, rmask, base = program_rows(P, N, BLOCK_P)
     x = tl.load(x_ptr + rows, mask=rmask, other=0)
@@ -97,9 +100,21 @@ def _fused_euler_step_kernel(ls_ptr, x_ptr, taut_ptr, taus_ptr, out_ptr, P, N, s
     else:
         active = rmask & (x == N - 1)  # an unmasked token never moves
     cache = row_cache(ls_ptr, base, active, N, ONE_BLOCK, BLOCK_N)
+    chunk = tl.arange(0, CHUNKS)
+    x_chunk = chunk[None, :] == (x // BLOCK_N)[:, None]
 
-    # pass 1: online max / sum-exp over y != x
-    m, s = excluded_max_sumexp(ls_ptr, x, base, active, N, cache, CT, ONE_BLOCK, BLOCK_P, BLOCK_N)
+    # pass 1: online max / sum-exp over y != x, keeping each block's running max and sum
+    m = tl.full([BLOCK_P], float("-inf"), CT)
+    s = tl.zeros([BLOCK_P], CT)
+    chunk_max = tl.zeros([BLOCK_P, CHUNKS], CT)
+    chunk_sum = tl.zeros([BLOCK_P, CHUNKS], tl.float64)
+    for start in range(0, N, BLOCK_N):
+        cols, msk, offs = row_tile(start, base, active, N, BLOCK_N)
+        v = tile_load(ls_ptr, offs, msk, float("-inf"), cache, ONE_BLOCK).to(CT)
+        m, s, m_safe, e = online_step(m, s, tl.where(cols[None, :] == x[:, None], float("-inf"), v))
+        here = chunk[None, :] == start // BLOCK_N
+        chunk_max = tl.where(here, m_safe[:, None], chunk_max)
+        chunk_sum = tl.where(here, tl.sum(e.to(tl.float64), axis=1)[:, None], chunk_sum)
     m_safe = tl.where(m == float("-inf"), 0.0, m)
     M = tl.maximum(m, 0.0)  # the inversion's shift (ls_x = 0 is in the row)
     k = tl.exp(m - M)
@@ -120,35 +135,53 @@ def _fused_euler_step_kernel(ls_ptr, x_ptr, taut_ptr, taus_ptr, out_ptr, P, N, s
     # absorbing, analytic: the softmax scaled by (1 - alpha_Delta) alpha_s, the mask keeps 1 - alpha_s
     c_real = (oma_d * alpha_s).to(CT) / tl.where(s > 0, s, 1.0)
     c_mask = oma_s.to(CT)
+    a_s, b_s = alpha_s.to(CT), (oma_s / N).to(CT)
+    a_d, b_d = alpha_d.to(CT), (oma_d / N).to(CT)
 
-    # pass 2, uniform analytic: U = sum u
+    # each block's float64 mass: where P(y) is e_y times a per-row factor, from pass 1
+    # (its sums rescaled to the row's max); the uniform masses need S (the clamp):
+    # pass 2 sums them (analytic: also U = sum u, and P's two terms apart)
+    if METHOD == 0:
+        factor, x_mass = c_real, c_mask
+    else:
+        factor, x_mass = tl.where(ts0, 1.0, fj), tl.where(ts0, 0.0, stay)
+    masses = chunk_sum * tl.exp(chunk_max - m_safe[:, None]).to(tl.float64) * factor.to(tl.float64)[:, None]
+    masses += tl.where(x_chunk, x_mass.to(tl.float64)[:, None], 0.0)
     U = tl.zeros([BLOCK_P], CT)
     if FAMILY == 0:
+        exact = active & ((METHOD == 0) | ts0)
+        for start in range(0, N, BLOCK_N):
+            cols, msk, offs = row_tile(start, base, exact, N, BLOCK_N)
+            is_x = cols[None, :] == x[:, None]
+            e, r = step_block(ls_ptr, offs, msk, is_x, m_safe, k, ex, cache, CT, ONE_BLOCK)
+            u = tl.where(msk, tl.maximum(r - (beta_t * S)[:, None], thr[:, None]), 0.0)
+            if METHOD == 0:  # P = col_Delta (alpha_s u + beta_s U): the u term here, the U term below
+                U += tl.sum(u, axis=1)
+                p = tl.where(is_x, a_d[:, None] + b_d[:, None], b_d[:, None]) * u
+            else:
+                p = tl.where(is_x, colx[:, None], beta_t[:, None]) * u
+            here = exact[:, None] & (chunk[None, :] == start // BLOCK_N)
+            masses = tl.where(here, tl.sum(p.to(tl.float64), axis=1)[:, None], masses)
         if METHOD == 0:
-            for start in range(0, N, BLOCK_N):
-                cols, msk, offs = row_tile(start, base, active, N, BLOCK_N)
-                e, r = step_block(ls_ptr, offs, msk, cols[None, :] == x[:, None], m_safe, k, ex, cache, CT, ONE_BLOCK)
-                U += tl.sum(tl.where(msk, tl.maximum(r - (beta_t * S)[:, None], thr[:, None]), 0.0), axis=1)
-    coef = (m_safe, k, ex, beta_t, S, thr, colx, alpha_s.to(CT), (oma_s / N).to(CT), U, alpha_d.to(CT),
-            (oma_d / N).to(CT), stay, fj, ts0, c_mask, c_real)
+            width = tl.maximum(tl.minimum(N - chunk * BLOCK_N, BLOCK_N), 0).to(tl.float64)  # states per block
+            col_sum = b_d.to(tl.float64)[:, None] * width[None, :] + tl.where(x_chunk, a_d.to(tl.float64)[:, None], 0.0)
+            masses = a_s.to(tl.float64)[:, None] * masses + (b_s * U).to(tl.float64)[:, None] * col_sum
+    coef = (m_safe, k, ex, beta_t, S, thr, colx, a_s, b_s, U, a_d, b_d, stay, fj, ts0, c_mask, c_real)
 
-    # pass 3: the float64 sum of the masses (the sampling rule's total)
-    total = tl.zeros([BLOCK_P], tl.float64)
-    for start in range(0, N, BLOCK_N):
-        cols, msk, offs = row_tile(start, base, active, N, BLOCK_N)
-        total = mass_total(total, step_masses(ls_ptr, offs, msk, cols[None, :] == x[:, None], cache, coef, FAMILY,
-                                              METHOD, CT, ONE_BLOCK))
-
-    # pass 4: the inverse-CDF scan, stopping at each row's pick
-    target = tl.rand(seed, offset + rows.to(tl.int64)).to(tl.float64) * total
-    carry = tl.zeros([BLOCK_P], tl.float64)
+    # the sampling rule: target = u * (float64 total); the first block whose running
+    # sum passes it (none: the last block with mass), then the scan of that block only
+    target = tl.rand(seed, offset + rows.to(tl.int64)).to(tl.float64) * tl.sum(masses, axis=1)
+    cum = tl.cumsum(masses, axis=1)
+    passed = tl.min(tl.where((cum > target[:, None]) & (masses > 0), chunk[None, :], CHUNKS), axis=1)
+    last = tl.max(tl.where(masses > 0, chunk[None, :], -1), axis=1)
+    pick_chunk = tl.where(passed < CHUNKS, passed, last)
+    carry = tl.sum(tl.where(chunk[None, :] == pick_chunk[:, None], cum - masses, 0.0), axis=1)
+    cols = pick_chunk[:, None] * BLOCK_N + tl.arange(0, BLOCK_N)[None, :]
+    lmask = (active & (pick_chunk >= 0))[:, None] & (cols < N)
+    p = step_masses(ls_ptr, base[:, None] + cols, lmask, cols == x[:, None], cache, coef, FAMILY, METHOD, CT, ONE_BLOCK)
     found = tl.zeros([BLOCK_P], tl.int32)
     result = tl.zeros([BLOCK_P], tl.int32)
-    lastpos = tl.full([BLOCK_P], -1, tl.int32)
-    for start in range(0, N, BLOCK_N):
-        cols, lmask, offs = row_tile(start, base, active & (found == 0), N, BLOCK_N)
-        p = step_masses(ls_ptr, offs, lmask, cols[None, :] == x[:, None], cache, coef, FAMILY, METHOD, CT, ONE_BLOCK)
-        carry, found, result, lastpos = scan_step(p, cols, target, carry, found, result, lastpos)
+    carry, found, result, lastpos = scan_step(p, cols, target, carry, found, result, tl.full([BLOCK_P], -1, tl.int32))
     pick = finish_scan(found, result, lastpos, x)
     if FAMILY == 1:
         pick = tl.where(active, pick, x)
@@ -183,5 +216,5 @@ def fused_euler_step(family: int, evals: Optional[torch.Tensor], vecs: Optional[
         return _dense.sample(probs, x, seed, offset)
     out = torch.empty_like(x)
     fused_euler_step_kernel(p, log_score, x, tau_t, tau_s, out, p, n, seed, offset, FAMILY=family, METHOD=int(method),
-                      F64=compute_f64(log_score))
+                            F64=compute_f64(log_score), CHUNKS=stream_chunks(n))
     return out
