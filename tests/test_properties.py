@@ -315,7 +315,8 @@ def test_any_layout(backend, case, dtype, op, layouts):
         call, data, cotangent = (lambda data, x, tau: ck.transition_column(graph, x, tau + data, backend=backend),
                                  torch.zeros(()), None)
     elif op == "apply_kernel":
-        call, data, others = lambda data, tau: ck.apply_kernel(graph, data, tau, backend=backend), p0.to(dtype), {"tau": tau}
+        call, data, others = (lambda data, tau: ck.apply_kernel(graph, data, tau, backend=backend), p0.to(dtype),
+                              {"tau": tau})
     elif op == "scores_to_posterior":
         call, data = lambda data, x, tau: ck.scores_to_posterior(graph, data, x, tau, backend=backend), log_score
     elif op == "posterior_to_scores":

@@ -41,7 +41,8 @@ def run_on_rows(op: str, backend: str, graph, data: torch.Tensor, *per_position:
     return kernel(*graph.descriptor(data.device), rows(data, graph.num_states), *map(positions, per_position), *extra)
 
 
-def dispatch(op: str, backend: Optional[str], graph, data: torch.Tensor, *per_position: torch.Tensor, extra: tuple = ()):
+def dispatch(op: str, backend: Optional[str], graph, data: torch.Tensor, *per_position: torch.Tensor,
+             extra: tuple = ()):
     """``op`` of an ``(..., N) -> (..., N)`` op on the chosen backend: ``reference.<op>(graph,
     data, *per_position)``, or the compiled op on rows (:func:`run_on_rows`)."""
     chosen = select_backend(backend, data.device)

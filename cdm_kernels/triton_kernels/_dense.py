@@ -19,8 +19,8 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import (dense_kernel, finish_scan, mass_total, online_update, program_rows, row_cache, row_kernel, row_tile,
-                      scan_step, tile_load, to_store)
+from ._common import (dense_kernel, finish_scan, mass_total, online_update, program_rows, row_cache, row_kernel,
+                      row_tile, scan_step, tile_load, to_store)
 
 
 @triton.jit

@@ -184,7 +184,8 @@ def _posterior_backward_kernel(g_ptr, gl_ptr, ls_ptr, x_ptr, tau_ptr, inv_ptr, c
 def _loss_kernel(ls_ptr, x_ptr, tau_ptr, t_ptr, inv_ptr, col_ptr, out_ptr, P, N,
                  FAMILY: tl.constexpr, F64: tl.constexpr, ONE_BLOCK: tl.constexpr, BLOCK_P: tl.constexpr,
                  BLOCK_N: tl.constexpr):
-    """Per-position ``-sum_{t > 0} t log q = log Z sum t - sum_{t > 0} t (log col + log u)``. Two passes (one read when ``ONE_BLOCK``)."""
+    """Per-position ``-sum_{t > 0} t log q = log Z sum t - sum_{t > 0} t (log col + log u)``.
+    Two passes (one read when ``ONE_BLOCK``)."""
     CT: tl.constexpr = tl.float64 if F64 else tl.float32
     rows, rmask, base, x, caches, coef = inversion_setup(ls_ptr, x_ptr, tau_ptr, inv_ptr, col_ptr, P, N, FAMILY, CT,
                                                          ONE_BLOCK, BLOCK_P, BLOCK_N)
