@@ -63,14 +63,22 @@ def weights_total(lq_ptr, x, base, rmask, l_on, l_off, N, cache, FAMILY: tl.cons
 
 
 @triton.jit
+def forward_map_setup(lq_ptr, x_ptr, tau_ptr, P, N, FAMILY: tl.constexpr, CT: tl.constexpr, ONE_BLOCK: tl.constexpr,
+                      BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr):
+    """This program's positions, tokens, :func:`column_logs` and the row cache of ``log q``."""
+    rows, rmask, base = program_rows(P, N, BLOCK_P)
+    x = tl.load(x_ptr + rows, mask=rmask, other=0)
+    alpha, oma, l_on, l_off = column_logs(x, tl.load(tau_ptr + rows, mask=rmask, other=0.0), N, FAMILY, CT)
+    cache = row_cache(lq_ptr, base, rmask, N, ONE_BLOCK, BLOCK_N)
+    return rows, rmask, base, x, alpha, oma, l_on, l_off, cache
+
+
+@triton.jit
 def _posterior_to_scores_kernel(lq_ptr, x_ptr, tau_ptr, out_ptr, P, N, FAMILY: tl.constexpr, F64: tl.constexpr,
                                 ONE_BLOCK: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr):
     CT: tl.constexpr = tl.float64 if F64 else tl.float32
-    rows, rmask, base = program_rows(P, N, BLOCK_P)
-    x = tl.load(x_ptr + rows, mask=rmask, other=0)
-    tau = tl.load(tau_ptr + rows, mask=rmask, other=0.0)
-    alpha, oma, l_on, l_off = column_logs(x, tau, N, FAMILY, CT)
-    cache = row_cache(lq_ptr, base, rmask, N, ONE_BLOCK, BLOCK_N)
+    rows, rmask, base, x, alpha, oma, l_on, l_off, cache = forward_map_setup(lq_ptr, x_ptr, tau_ptr, P, N, FAMILY, CT,
+                                                                             ONE_BLOCK, BLOCK_P, BLOCK_N)
     add = spread(oma, weights_total(lq_ptr, x, base, rmask, l_on, l_off, N, cache, FAMILY, CT, ONE_BLOCK, BLOCK_P,
                                     BLOCK_N), N, FAMILY)
     for start in range(0, N, BLOCK_N):

@@ -16,9 +16,8 @@ import triton
 import triton.language as tl
 
 from . import _dense
-from ._common import (DENSE, compute_f64, prepare, program_rows, row_cache, row_kernel, row_tile, schema, spread,
-                      tile_load, to_store)
-from .posterior_to_scores import column_logs, weights_block, weights_total
+from ._common import DENSE, compute_f64, prepare, row_cache, row_kernel, row_tile, schema, spread, tile_load, to_store
+from .posterior_to_scores import forward_map_setup, weights_block, weights_total
 
 SCHEMA = schema("Tensor grad, Tensor log_p0, Tensor x, Tensor tau")
 
@@ -29,11 +28,8 @@ def _posterior_to_scores_backward_kernel(g_ptr, lq_ptr, x_ptr, tau_ptr, out_ptr,
                                          BLOCK_N: tl.constexpr):
     """The gradient through ``r = K^T u``, ``u = q / col``: uniform three passes, absorbing two."""
     CT: tl.constexpr = tl.float64 if F64 else tl.float32
-    rows, rmask, base = program_rows(P, N, BLOCK_P)
-    x = tl.load(x_ptr + rows, mask=rmask, other=0)
-    tau = tl.load(tau_ptr + rows, mask=rmask, other=0.0)
-    alpha, oma, l_on, l_off = column_logs(x, tau, N, FAMILY, CT)
-    cache = row_cache(lq_ptr, base, rmask, N, ONE_BLOCK, BLOCK_N)
+    rows, rmask, base, x, alpha, oma, l_on, l_off, cache = forward_map_setup(lq_ptr, x_ptr, tau_ptr, P, N, FAMILY, CT,
+                                                                             ONE_BLOCK, BLOCK_P, BLOCK_N)
     g_cache = row_cache(g_ptr, base, rmask, N, ONE_BLOCK, BLOCK_N)
     total = weights_total(lq_ptr, x, base, rmask, l_on, l_off, N, cache, FAMILY, CT, ONE_BLOCK, BLOCK_P, BLOCK_N)
     add = spread(oma, total, N, FAMILY)

@@ -24,6 +24,19 @@ SCHEMA = schema("Tensor log_score, Tensor x, Tensor tau")
 
 
 @triton.jit
+def real_max_sumexp(ls_ptr, base, masked, N, cache, CT: tl.constexpr, ONE_BLOCK: tl.constexpr, BLOCK_P: tl.constexpr,
+                    BLOCK_N: tl.constexpr):
+    """The absorbing pass 1: online max and sum-exp over the real tokens of the
+    ``masked`` rows (the others read nothing)."""
+    m = tl.full([BLOCK_P], float("-inf"), CT)
+    s = tl.zeros([BLOCK_P], CT)
+    for start in range(0, N - 1, BLOCK_N):
+        cols, msk, offs = row_tile(start, base, masked, N - 1, BLOCK_N)
+        m, s = online_update(m, s, tile_load(ls_ptr, offs, msk, float("-inf"), cache, ONE_BLOCK).to(CT))
+    return m, s
+
+
+@triton.jit
 def _absorbing_posterior_kernel(ls_ptr, x_ptr, out_ptr, P, N, F64: tl.constexpr, ONE_BLOCK: tl.constexpr,
                                 BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr):
     CT: tl.constexpr = tl.float64 if F64 else tl.float32
@@ -31,11 +44,7 @@ def _absorbing_posterior_kernel(ls_ptr, x_ptr, out_ptr, P, N, F64: tl.constexpr,
     x = tl.load(x_ptr + rows, mask=rmask, other=0)
     masked = rmask & (x == N - 1)  # only these rows read their scores
     cache = row_cache(ls_ptr, base, masked, N, ONE_BLOCK, BLOCK_N)
-    m = tl.full([BLOCK_P], float("-inf"), CT)
-    s = tl.zeros([BLOCK_P], CT)
-    for start in range(0, N - 1, BLOCK_N):
-        cols, msk, offs = row_tile(start, base, masked, N - 1, BLOCK_N)
-        m, s = online_update(m, s, tile_load(ls_ptr, offs, msk, float("-inf"), cache, ONE_BLOCK).to(CT))
+    m, s = real_max_sumexp(ls_ptr, base, masked, N, cache, CT, ONE_BLOCK, BLOCK_P, BLOCK_N)
     lse = m + tl.log(s)
     for start in range(0, N, BLOCK_N):
         cols, msk, offs = row_tile(start, base, rmask, N, BLOCK_N)

@@ -17,9 +17,10 @@ import triton
 import triton.language as tl
 
 from . import _dense
-from ._common import (ABSORBING, DENSE, compute_f64, online_update, prepare, program_rows, row_cache, row_kernel,
-                      row_sum, row_tile, schema, tile_load, to_store, upstream_scale)
+from ._common import (ABSORBING, DENSE, compute_f64, prepare, program_rows, row_cache, row_kernel, row_sum, row_tile,
+                      schema, tile_load, to_store, upstream_scale)
 from ._inversion import posterior_backward_kernel
+from .scores_to_posterior import real_max_sumexp
 
 SCHEMA = schema("Tensor grad, Tensor log_score, Tensor x, Tensor tau")
 
@@ -36,11 +37,7 @@ def _absorbing_backward_kernel(g_ptr, gl_ptr, ls_ptr, x_ptr, out_ptr, P, N, F64:
     gscale = upstream_scale(gl_ptr, rows, rmask, FROM_TARGET, CT, BLOCK_P)
     ls_cache = row_cache(ls_ptr, base, masked, N, ONE_BLOCK, BLOCK_N)
     g_cache = row_cache(g_ptr, base, masked, N, ONE_BLOCK, BLOCK_N)
-    m = tl.full([BLOCK_P], float("-inf"), CT)
-    s = tl.zeros([BLOCK_P], CT)
-    for start in range(0, N - 1, BLOCK_N):
-        cols, msk, offs = row_tile(start, base, masked, N - 1, BLOCK_N)
-        m, s = online_update(m, s, tile_load(ls_ptr, offs, msk, float("-inf"), ls_cache, ONE_BLOCK).to(CT))
+    m, s = real_max_sumexp(ls_ptr, base, masked, N, ls_cache, CT, ONE_BLOCK, BLOCK_P, BLOCK_N)
     G = row_sum(g_ptr, base, masked, N, g_cache, CT, ONE_BLOCK, BLOCK_P, BLOCK_N) * gscale
     m_safe = tl.where(m == float("-inf"), 0.0, m)
     coef = G / s  # softmax_y * G = exp(ls_y - m) * G / s
