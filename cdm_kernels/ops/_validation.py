@@ -10,7 +10,6 @@ traces (a data-dependent branch cannot be compiled into a graph).
 from __future__ import annotations
 
 import numbers
-from typing import Tuple
 
 import torch
 
@@ -119,8 +118,3 @@ def check_invertible(graph: Graph, tau: torch.Tensor, name: str = "tau") -> None
             "(use fewer states, a smaller tau or a graph with a smaller spectral radius)"
         )
 
-
-def flatten(tensor: torch.Tensor, trailing: int) -> Tuple[torch.Tensor, torch.Size]:
-    """``tensor`` as a contiguous ``(P, ...)`` view/copy keeping ``trailing`` dims, and its leading shape."""
-    lead = tensor.shape[: tensor.ndim - trailing]
-    return tensor.reshape((-1,) + tuple(tensor.shape[tensor.ndim - trailing :])).contiguous(), lead

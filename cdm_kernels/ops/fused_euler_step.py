@@ -7,7 +7,8 @@ from typing import Optional
 import torch
 
 from .. import reference
-from ..backends import kernel_op, select_backend
+from ..backends import select_backend
+from ._compiled import run_on_rows
 from ._validation import check_graph, check_invertible, check_scores, check_tau, check_tokens, value_checks_enabled
 
 METHOD_IDS = {"analytic": 0, "euler": 1}
@@ -68,19 +69,10 @@ def fused_euler_step(
         raise ValueError("tau_s must be < tau_t (a reverse step goes from more noise to less)")
     chosen = select_backend(backend, log_score.device)
     if chosen == "reference":
-        return reference.fused_euler_step(graph, log_score, x, tau_t, tau_s, method, generator)
-    op = kernel_op("fused_euler_step", chosen)
-    flat = log_score.reshape(-1, graph.num_states).contiguous()
-    out = op(
-        *graph.descriptor(x.device),
-        flat,
-        x.reshape(-1),
-        tau_t.reshape(-1).contiguous(),
-        tau_s.reshape(-1).contiguous(),
-        METHOD_IDS[method],
-        seed_and_offset(generator, x.numel()),
-    )
-    return out.view(x.shape)
+        return reference.fused_euler_step(graph, log_score.contiguous(), x.contiguous(), tau_t, tau_s, method,
+                                          generator)
+    extra = (METHOD_IDS[method], seed_and_offset(generator, x.numel()))
+    return run_on_rows("fused_euler_step", chosen, graph, log_score, x, tau_t, tau_s, extra=extra).view(x.shape)
 
 
 def register(prefix: str) -> None:
