@@ -45,6 +45,7 @@
 #endif
 
 #include "graph.h"
+#include "row_checks.h"
 #include "cpu/vec_math.h"
 
 #define CDM_TARGET_AVX2 __attribute__((target("avx2,fma")))
@@ -249,6 +250,17 @@ inline DT dt_of(const at::Tensor& t) {
 
 inline int64_t round_up(int64_t n) { return (n + W - 1) / W * W; }
 
+// run_rows over rows of n states in the compute type of their dtype: double for float64
+// rows, float for the others
+template <class K>
+void run_rows_of(DT dt, const typename K::Args& args, int64_t positions, int64_t n) {
+  if (dt == DT::F64) {
+    run_rows<K, double>(args, positions, row_grain(n));
+  } else {
+    run_rows<K, float>(args, positions, row_grain(n));
+  }
+}
+
 // ----------------------------------------------------------------------------- scratch rows
 
 // One thread's scratch: `count` rows of round_up(n) elements of T (64-byte aligned).
@@ -399,12 +411,7 @@ inline at::Tensor empty_output_like(const at::Tensor& t) { return empty_output(t
 
 inline void check_rows(const at::Tensor& t, const char* what) {
   TORCH_CHECK(t.device().is_cpu(), "cdm_kernels (CPU): ", what, " must be a CPU tensor");
-  TORCH_CHECK(t.dim() == 2, "cdm_kernels: ", what, " must be (P, N), got ", t.sizes());
-  TORCH_CHECK(t.is_contiguous(), "cdm_kernels: ", what, " must be contiguous");
-  const auto s = t.scalar_type();
-  TORCH_CHECK(s == at::kFloat || s == at::kDouble || s == at::kBFloat16 || s == at::kHalf, "cdm_kernels: ", what,
-              " must be float32, float64, bfloat16 or float16, got ", s);
-  TORCH_CHECK(t.size(1) >= 2, "cdm_kernels: ", what, " needs at least 2 states, got ", t.size(1));
+  check_row_layout(t, what);
 }
 
 inline void check_positions(const at::Tensor& t, const char* what, int64_t positions, at::ScalarType dtype) {
@@ -423,8 +430,45 @@ inline void check_token_range(const at::Tensor& x, int64_t n) {
   TORCH_CHECK(ok, "cdm_kernels: x must hold states in [0, ", n, ")");
 }
 
-inline void check_same_shape(const at::Tensor& a, const at::Tensor& b, const char* what) {
-  TORCH_CHECK(a.sizes() == b.sizes(), "cdm_kernels: ", what, " must have shape ", b.sizes(), ", got ", a.sizes());
+// (P, N) rows `what` with their tokens x (P,) int64 in [0, N) and noise levels `tau_what` (P,) float64
+inline void check_row_inputs(const at::Tensor& rows, const char* what, const at::Tensor& x, const at::Tensor& tau,
+                             const char* tau_what = "tau") {
+  check_rows(rows, what);
+  const int64_t positions = rows.size(0);
+  check_positions(x, "x", positions, at::kLong);
+  check_token_range(x, rows.size(1));
+  check_positions(tau, tau_what, positions, at::kDouble);
+}
+
+// ----------------------------------------------------------------------------- kernel arguments
+
+// What a row kernel reads and writes: (P, n) input rows (log-scores, or log p_0|t) of
+// dtype dt with a token x and a noise level tau per position, (P, n) output rows in the
+// same dtype, and a second (P, n) input where the op has one (a backward's grad, the
+// matching loss's target).
+struct RowArgs {
+  int64_t family, n;
+  const void* rows;
+  DT dt;
+  const int64_t* x;
+  const double* tau;
+  void* out;
+  const void* second;
+  DT second_dt;
+};
+
+inline RowArgs row_args(int64_t family, const at::Tensor& rows, const at::Tensor& x, const at::Tensor& tau,
+                        void* out, const at::Tensor* second = nullptr) {
+  const DT dt = dt_of(rows);
+  return {family,
+          rows.size(1),
+          rows.data_ptr(),
+          dt,
+          x.data_ptr<int64_t>(),
+          tau.data_ptr<double>(),
+          out,
+          second != nullptr ? second->data_ptr() : nullptr,
+          second != nullptr ? dt_of(*second) : dt};
 }
 
 // ----------------------------------------------------------------------------- dense graphs (dense.cpp)
@@ -465,6 +509,19 @@ at::Tensor dense_rate_matrix(const Dense& g);
 void dense_log_posterior(const Dense& g, const void* log_score, DT dt, const int64_t* x, const double* tau, int64_t p0,
                          int64_t rows, double* R, double* Uraw, double* L, double* work, double* M);
 
+// A block of positions p0 .. p0+rows of a dense-graph posterior: dense_log_posterior's
+// R, Uraw, L and M for a.rows, `second` the block's rows of a.second (0 padding; unset
+// without one), `work` a free buffer (rows x n each).
+struct DensePosterior {
+  int64_t p0, rows;
+  double *R, *Uraw, *L, *work, *second;
+  const double* M;
+};
+
+// The backward of the block's posterior from G (the gradient of log q) in blk.second:
+// dL/dlog_score (0 at x) into a.out. Overwrites second, L and work.
+void dense_posterior_backward(const Dense& g, const RowArgs& a, const DensePosterior& blk);
+
 // Runs f(begin, end) over row blocks of `positions` in parallel (one block per task).
 template <class F>
 void dense_blocks(int64_t positions, int64_t block, F&& f) {
@@ -473,6 +530,72 @@ void dense_blocks(int64_t positions, int64_t block, F&& f) {
     for (int64_t b = b0; b < b1; ++b) f(b * block, std::min(positions, (b + 1) * block));
   });
 }
+
+// Runs f(const DensePosterior&) over the row blocks of a's positions, in parallel.
+template <class F>
+void dense_posterior_blocks(const Dense& g, const RowArgs& a, int64_t positions, F&& f) {
+  const int64_t n = a.n;
+  dense_blocks(positions, dense_block_rows(n), [&](int64_t b, int64_t e) {
+    const int64_t rows = e - b;
+    Scratch<double> buf(rows * n + W, 5);
+    std::vector<double> mx(rows);
+    const DensePosterior blk{b, rows, buf.row(0), buf.row(1), buf.row(2), buf.row(3), buf.row(4), mx.data()};
+    dense_log_posterior(g, a.rows, a.dt, a.x + b, a.tau + b, b, rows, blk.R, blk.Uraw, blk.L, blk.work, mx.data());
+    if (a.second) {
+      for (int64_t c = 0; c < rows; ++c) load_row<DenseVT>(a.second, a.second_dt, b + c, n, blk.second + c * n, 0.0);
+    }
+    f(blk);
+  });
+}
+
+// ----------------------------------------------------------------------------- op bodies
+
+// Runs the row kernel Forward, or Backward when `backward`; dense graphs go to
+// dense(graph, args, positions, backward).
+template <class Forward, class Backward, class Args, class DenseFn>
+void run_forward_or_backward(const Dense& g, const Args& args, int64_t positions, bool backward, const DenseFn& dense) {
+  if (args.family == DENSE) {
+    dense(g, args, positions, backward);
+  } else if (backward) {
+    run_rows_of<Backward>(args.dt, args, positions, args.n);
+  } else {
+    run_rows_of<Forward>(args.dt, args, positions, args.n);
+  }
+}
+
+// An op from (P, N) rows (with tokens x and noise levels tau) to (P, N) rows, and its
+// backward (args.second: grad): the entry points `forward` and `backward` registered for
+// it. Forward::kRows names the rows in errors.
+template <class Forward, class Backward, void (*dense_rows)(const Dense&, const RowArgs&, int64_t, bool)>
+struct RowOp {
+  static at::Tensor run(int64_t family, const c10::optional<at::Tensor>& evals, const c10::optional<at::Tensor>& vecs,
+                        const c10::optional<at::Tensor>& vecs_inv, const at::Tensor* grad, const at::Tensor& rows,
+                        const at::Tensor& x, const at::Tensor& tau) {
+    check_row_inputs(rows, Forward::kRows, x, tau);
+    if (grad) {
+      check_rows(*grad, "grad");
+      check_same_shape(*grad, rows, "grad");
+    }
+    const int64_t positions = rows.size(0);
+    const Dense g = check_graph(family, evals, vecs, vecs_inv, rows.size(1));
+    at::Tensor out = empty_output_like(rows);
+    if (positions == 0) return out;
+    const RowArgs args = row_args(family, rows, x, tau, out.data_ptr(), grad);
+    run_forward_or_backward<Forward, Backward>(g, args, positions, grad != nullptr, dense_rows);
+    return out;
+  }
+  static at::Tensor forward(int64_t family, const c10::optional<at::Tensor>& evals,
+                            const c10::optional<at::Tensor>& vecs, const c10::optional<at::Tensor>& vecs_inv,
+                            const at::Tensor& rows, const at::Tensor& x, const at::Tensor& tau) {
+    return run(family, evals, vecs, vecs_inv, nullptr, rows, x, tau);
+  }
+  static at::Tensor backward(int64_t family, const c10::optional<at::Tensor>& evals,
+                             const c10::optional<at::Tensor>& vecs, const c10::optional<at::Tensor>& vecs_inv,
+                             const at::Tensor& grad, const at::Tensor& rows, const at::Tensor& x,
+                             const at::Tensor& tau) {
+    return run(family, evals, vecs, vecs_inv, &grad, rows, x, tau);
+  }
+};
 
 }  // namespace cpu
 }  // namespace cdm
