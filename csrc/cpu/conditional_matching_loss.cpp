@@ -43,8 +43,9 @@ CDM_INLINE double uniform_loss_row(const LossArgs& a, int64_t p, typename VV::T*
   using T = typename VV::T;
   using V = typename VV::V;
   const int64_t n = a.n, np = round_up(n), x = a.x[p];
-  load_row<VV>(a.rows, a.dt, p, n, s, -kInf<T>);
+  load_row<VV>(a.rows, a.dt, p, n, s, -kInf<T>, a.errors);
   load_row<VV>(a.second, a.second_dt, p, n, t, T(0));
+  if (a.errors != nullptr) check_probability_row<VV>(t, n, a.errors);
   const UniformRow<T> row = uniform_ratios<VV>(s, n, x, uniform_coeffs(dc(a.tau[p]), n), pf);
   const V zero{};
   typename VV::Acc acc_u, acc_t, acc_tl;
@@ -76,13 +77,17 @@ CDM_INLINE double absorbing_loss_row(const LossArgs& a, int64_t p, typename VV::
   const int64_t n = a.n, np = round_up(n), x = a.x[p], m = n - 1;
   const double inf = std::numeric_limits<double>::infinity();
   load_row<VV>(a.second, a.second_dt, p, n, t, T(0));
+  if (a.errors != nullptr) {
+    check_probability_row<VV>(t, n, a.errors);
+    if (x != m || t[m] > T(0)) load_row<VV>(a.rows, a.dt, p, n, s, -kInf<T>, a.errors);  // read for the check only
+  }
   if (x != m) {  // log q = log e_x
     for (int64_t b = 0; b < n; ++b)
       if (b != x && t[b] > T(0)) return inf;
     return -0.0;
   }
   if (t[m] > T(0)) return inf;  // the mask has probability 0
-  load_row<VV>(a.rows, a.dt, p, n, s, -kInf<T>);
+  load_row<VV>(a.rows, a.dt, p, n, s, -kInf<T>, a.errors);
   s[m] = -kInf<T>;
   const T mx = row_max<VV>(s, np);
   const T lsum = static_cast<T>(std::log(exp_shift_sum<VV>(s, np, mx, pf)));
@@ -104,8 +109,9 @@ CDM_INLINE typename VV::V uniform_loss_group(const LossArgs& a, const Group<VV>&
   using V = typename VV::V;
   using M = typename VV::M;
   const int64_t n = a.n;
-  g.load(a.rows, a.dt, t);
+  g.load(a.rows, a.dt, t, a.errors);
   g.load(a.second, a.second_dt, tg);
+  if (a.errors != nullptr) g.check_probabilities(tg, a.errors);
   const LaneCoeffs<VV> lc = uniform_lane_coeffs<VV>(g, a.tau, cache);
   const M xv = g.lanes_index(a.x);
   const V zero{};
@@ -138,8 +144,9 @@ CDM_INLINE typename VV::V absorbing_loss_group(const LossArgs& a, const Group<VV
   using V = typename VV::V;
   using M = typename VV::M;
   const int64_t n = a.n, m = n - 1;
-  g.load(a.rows, a.dt, t);
+  g.load(a.rows, a.dt, t, a.errors);
   g.load(a.second, a.second_dt, tg);
+  if (a.errors != nullptr) g.check_probabilities(tg, a.errors);
   const M xv = g.lanes_index(a.x);
   const M real = Group<VV>::ne(xv, m);
   const V zero{}, inf = VV::splat(kInf<T>);
@@ -233,6 +240,7 @@ void dense_loss(const Dense& g, const LossArgs& a, int64_t positions, bool backw
         for (int64_t k = 0; k < n; ++k) t[k] = t[k] > 0.0 ? -gl * t[k] : 0.0;
         continue;
       }
+      if (a.errors != nullptr) check_probability_row<DenseVT>(t, n, a.errors);
       double sum = 0.0;
       for (int64_t k = 0; k < n; ++k) {
         if (t[k] > 0.0) sum += t[k] * blk.L[c * n + k];
@@ -269,7 +277,9 @@ at::Tensor run(int64_t family, const c10::optional<at::Tensor>& evals, const c10
   at::Tensor out = grad_loss ? empty_output_like(log_score)
                              : at::empty({positions}, log_score.options().dtype(at::kFloat));
   if (positions == 0) return out;
+  ValueErrors errors;
   LossArgs a{row_args(family, log_score, x, tau, grad_loss ? out.data_ptr() : nullptr, &target)};
+  a.errors = grad_loss == nullptr && value_checks_on() ? &errors : nullptr;  // the backward trusts its forward
   if (grad_loss) {
     a.grad_loss = grad_loss->data_ptr();
     a.grad_f64 = grad_loss->scalar_type() == at::kDouble;
@@ -278,6 +288,10 @@ at::Tensor run(int64_t family, const c10::optional<at::Tensor>& evals, const c10
     a.loss_f64 = false;
   }
   run_forward_or_backward<LossForward, LossBackward>(g, a, positions, grad_loss != nullptr, dense_loss);
+  raise_value_errors(errors, {{kRowsNotFinite, "student_log_score contains NaN or inf"},
+                              {kSecondNotFinite, "target contains NaN or inf"},
+                              {kSecondNegative, "target must be probabilities (non-negative)"},
+                              {kSecondRowSum, "target rows must sum to 1 (probabilities, not logits)"}});
   return out;
 }
 

@@ -105,12 +105,13 @@ at::Tensor dense_rate_matrix(const Dense& g) {
 }
 
 void dense_log_posterior(const Dense& g, const void* log_score, DT dt, const int64_t* x, const double* tau, int64_t p0,
-                         int64_t rows, double* R, double* Uraw, double* L, double* work, double* M) {
+                         int64_t rows, double* R, double* Uraw, double* L, double* work, double* M,
+                         ValueErrors* errors) {
   const int64_t n = g.n;
   const double inf = std::numeric_limits<double>::infinity();
   for (int64_t c = 0; c < rows; ++c) {  // in order: each row's padding spills into the next, rewritten after
     double* r = R + c * n;
-    load_row<DenseVT>(log_score, dt, p0 + c, n, r, -inf);
+    load_row<DenseVT>(log_score, dt, p0 + c, n, r, -inf, errors);
     r[x[c]] = 0.0;  // r_x := 1
     double m = -inf;
     for (int64_t b = 0; b < n; ++b) m = r[b] > m ? r[b] : m;

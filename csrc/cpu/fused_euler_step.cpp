@@ -151,9 +151,12 @@ struct StepKernel {
     const double draw = static_cast<double>(philox_uniform(a.seed, a.offset, p));
     const bool euler = a.method == 1 && tau_s != 0.0;
     const double delta = tau_t - tau_s;
-    if (a.family == ABSORBING && x != m) return x;  // an unmasked token stays (both methods)
-    if (euler && !(delta > 0.0)) return x;         // no jump rate
-    load_row<VV>(a.rows, a.dt, p, n, s, -kInf<T>);
+    // an unmasked token stays (both methods); so does x without a jump rate
+    if ((a.family == ABSORBING && x != m) || (euler && !(delta > 0.0))) {
+      if (a.errors != nullptr) load_row<VV>(a.rows, a.dt, p, n, s, -kInf<T>, a.errors);  // read for the check only
+      return x;
+    }
+    load_row<VV>(a.rows, a.dt, p, n, s, -kInf<T>, a.errors);
     co.update(tau_t, tau_s);
 
     if (a.family == UNIFORM && !euler) {
@@ -222,7 +225,7 @@ struct StepKernel {
     using E = typename Group<VV>::E;
     const int64_t n = a.n, m = n - 1;
     const V zero{}, ninf = VV::splat(-kInf<T>);
-    g.load(a.rows, a.dt, t);
+    g.load(a.rows, a.dt, t, a.errors);
     const M xv = g.lanes_index(a.x);
     V c1, c2, c3, c4, c5;  // per-lane coefficients (meaning depends on the mode)
     for (int j = 0; j < VV::L; ++j) {
@@ -338,6 +341,7 @@ struct StepKernel {
           mode = mj;
         }
         if (mode == kStay) {
+          if (a.errors != nullptr) g.load(a.rows, a.dt, tile.row(0), a.errors);  // read for the check only
           for (int j = 0; j < g.cnt; ++j) a.samples[p0 + j] = a.x[p0 + j];
         } else if (!mixed) {
           group_step<VV>(a, g, mode, tile.row(0), co);
@@ -367,7 +371,7 @@ void dense_step(const Dense& g, const StepArgs& a, int64_t positions) {
     double *r = buf.row(0), *u = buf.row(1), *l = buf.row(2), *work = buf.row(3), *w = buf.row(4), *col = buf.row(5);
     std::vector<double> mx(rows), tau_s(a.tau_s + b, a.tau_s + e), delta(rows);
     for (int64_t c = 0; c < rows; ++c) delta[c] = a.tau[b + c] - tau_s[c];
-    dense_log_posterior(g, a.rows, a.dt, a.x + b, a.tau + b, b, rows, r, u, l, work, mx.data());
+    dense_log_posterior(g, a.rows, a.dt, a.x + b, a.tau + b, b, rows, r, u, l, work, mx.data(), a.errors);
     double* probs = u;
     if (a.method == 0) {
       // w = q / K(tau_t)[:, x] (0 where q = 0), P = K(Delta)[:, x] * (K(tau_s)^T w), clamped at 0
@@ -439,13 +443,16 @@ at::Tensor fused_euler_step_cpu(int64_t family, const c10::optional<at::Tensor>&
   const Dense g = check_graph(family, evals, vecs, vecs_inv, n);
   at::Tensor out = at::empty({positions}, x.options());
   if (positions == 0) return out;
-  const StepArgs args{row_args(family, log_score, x, tau_t, nullptr), tau_s.data_ptr<double>(), method, seed, offset,
-                      out.data_ptr<int64_t>()};
+  ValueErrors errors;
+  StepArgs args{row_args(family, log_score, x, tau_t, nullptr), tau_s.data_ptr<double>(), method, seed, offset,
+                out.data_ptr<int64_t>()};
+  args.errors = value_checks_on() ? &errors : nullptr;
   if (family == DENSE) {
     dense_step(g, args, positions);
   } else {
     run_rows_of<StepKernel>(args.dt, args, positions, n);
   }
+  raise_value_errors(errors, {{kRowsNotFinite, "log_score contains NaN or inf"}});
   return out;
 }
 

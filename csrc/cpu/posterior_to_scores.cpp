@@ -140,7 +140,7 @@ CDM_INLINE void posterior_to_scores_group(const RowArgs& a, const Group<VV>& g, 
   using V = typename VV::V;
   const int64_t n = a.n, m = n - 1;
   const bool uniform = a.family == UNIFORM;
-  g.load(a.rows, a.dt, tq);
+  g.load(a.rows, a.dt, tq, a.errors, /*allow_minus_inf=*/true);
   V alpha, oma;
   const V U = inverted_group<VV>(a, g, tq, tq, uniform ? n : m, cache, alpha, oma);
   if (uniform) {
@@ -197,6 +197,7 @@ CDM_INLINE void posterior_to_scores_backward_group(const RowArgs& a, const Group
 struct ForwardMapForward {
   using Args = RowArgs;
   static constexpr const char* kRows = "log_p0";
+  static constexpr const char* kRowsNotFinite = "log_p0 contains NaN or inf";
   template <class VV>
   static CDM_INLINE void rows(const Args& a, int64_t b, int64_t e) {
     using T = typename VV::T;
@@ -213,7 +214,7 @@ struct ForwardMapForward {
       const int64_t x = a.x[p];
       const LogColumn<T> col = cache(a.family, n, x, a.tau[p]);
       const Decay& d = cache.d;
-      load_row<VV>(a.rows, a.dt, p, n, q, -kInf<T>);
+      load_row<VV>(a.rows, a.dt, p, n, q, -kInf<T>, a.errors, /*allow_minus_inf=*/true);
       const T alpha = static_cast<T>(d.alpha);
       if (a.family == UNIFORM) {
         const double sum = inverted_row<VV>(q, s, n, n, col, next_rows(p, e, n, a.rows, a.dt));
@@ -298,7 +299,9 @@ void dense_rows(const Dense& g, const RowArgs& a, int64_t positions, bool backwa
     const int64_t rows = e - b;
     Scratch<double> buf(rows * n + W, 5);
     double *q = buf.row(0), *u = buf.row(1), *r = buf.row(2), *work = buf.row(3), *col = buf.row(4);
-    for (int64_t c = 0; c < rows; ++c) load_row<DenseVT>(a.rows, a.dt, b + c, n, q + c * n, -inf);
+    for (int64_t c = 0; c < rows; ++c) {
+      load_row<DenseVT>(a.rows, a.dt, b + c, n, q + c * n, -inf, a.errors, /*allow_minus_inf=*/true);
+    }
     dense_column(g, a.x + b, a.tau + b, rows, col, work);
     for (int64_t i = 0; i < rows * n; ++i) {
       const double lc = col[i] > 0.0 ? std::max(std::log(col[i]), -1e30) : -1e30;

@@ -34,7 +34,7 @@ CDM_INLINE void uniform_forward_row(const RowArgs& a, int64_t p, typename VV::T*
   using T = typename VV::T;
   using V = typename VV::V;
   const int64_t n = a.n, np = round_up(n), x = a.x[p];
-  load_row<VV>(a.rows, a.dt, p, n, s, -kInf<T>);
+  load_row<VV>(a.rows, a.dt, p, n, s, -kInf<T>, a.errors);
   const UniformLogCache& c = cache(a.tau[p], n);
   const UniformRow<T> row = uniform_ratios<VV>(s, n, x, c.c, pf);
   typename VV::Acc acc;
@@ -58,11 +58,12 @@ CDM_INLINE void absorbing_forward_row(const RowArgs& a, int64_t p, typename VV::
   using T = typename VV::T;
   const int64_t n = a.n, np = round_up(n), x = a.x[p], m = n - 1;
   if (x != m) {
+    if (a.errors != nullptr) load_row<VV>(a.rows, a.dt, p, n, s, -kInf<T>, a.errors);  // read for the check only
     for (int64_t i = 0; i < np; ++i) s[i] = -kInf<T>;
     s[x] = T(0);
     return;
   }
-  load_row<VV>(a.rows, a.dt, p, n, s, -kInf<T>);
+  load_row<VV>(a.rows, a.dt, p, n, s, -kInf<T>, a.errors);
   s[m] = -kInf<T>;
   const T mx = row_max<VV>(s, np);
   const T lsum = static_cast<T>(std::log(exp_shift_sum<VV>(s, np, mx, pf)));
@@ -77,7 +78,7 @@ CDM_INLINE void uniform_forward_group(const RowArgs& a, const Group<VV>& g, type
   using V = typename VV::V;
   using M = typename VV::M;
   const int64_t n = a.n;
-  g.load(a.rows, a.dt, t);
+  g.load(a.rows, a.dt, t, a.errors);
   const LaneCoeffs<VV> lc = uniform_lane_coeffs<VV>(g, a.tau, cache);
   const M xv = g.lanes_index(a.x);
   const GroupRatios<VV> gr = uniform_group_ratios<VV>(g, a.x, t, lc.alpha, lc.beta);
@@ -102,7 +103,7 @@ CDM_INLINE void absorbing_forward_group(const RowArgs& a, const Group<VV>& g, ty
   using V = typename VV::V;
   using M = typename VV::M;
   const int64_t n = a.n, m = n - 1;
-  g.load(a.rows, a.dt, t);
+  g.load(a.rows, a.dt, t, a.errors);
   const M xv = g.lanes_index(a.x);
   const M real = Group<VV>::ne(xv, m);
   g.put(t, m, VV::splat(-kInf<T>));
@@ -121,6 +122,7 @@ CDM_INLINE void absorbing_forward_group(const RowArgs& a, const Group<VV>& g, ty
 struct PosteriorForward {
   using Args = RowArgs;
   static constexpr const char* kRows = "log_score";
+  static constexpr const char* kRowsNotFinite = "log_score contains NaN or inf";
   template <class VV>
   static CDM_INLINE void rows(const Args& a, int64_t b, int64_t e) {
     UniformLogCache cache;
