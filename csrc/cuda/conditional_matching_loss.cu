@@ -29,9 +29,14 @@ CDM_GLOBAL void CDM_BOUNDS(Group<W>::kBlock, min_blocks<S>()) loss_kernel(const 
   const int64_t n = a.n, x = a.x[p];
   const S* row = a.ls + p * n;
   const S* trow = a.target + p * n;
+  const bool checked = a.errors != nullptr;
+  int bad_rows = 0;
+  TargetChecks<C> tc;  // the target's value checks, in the pass that reads it
+  if (checked && g.tid == 0) check_position(a.errors, n, x, a.tau[p], nullptr);
   if (a.family == ABSORBING && x != n - 1) {  // q = e_x
     int bad = 0;
     read_segments<S, AL, W>(g, trow, n, nullptr, [&](int64_t seg, const S* traw) {
+      if (checked) tc.add(traw);
 #pragma unroll
       for (int k = 0; k < kEPT; ++k) {
         const int64_t i = slot_index<AL>(seg, g.lane, k);
@@ -40,19 +45,26 @@ CDM_GLOBAL void CDM_BOUNDS(Group<W>::kBlock, min_blocks<S>()) loss_kernel(const 
     });
     bad = g.max(bad);
     if (g.tid == 0) a.out[p] = bad ? INFINITY : 0.0f;
+    if (checked) {  // the log-scores, read for the check only
+      read_segments<S, AL, W>(g, row, n, nullptr, [&](int64_t, const S* raw) { bad_rows |= raw_not_finite(raw, false); });
+      if (bad_rows) flag_error(a.errors, kRowsNotFinite);
+      tc.flag(g, a.errors);
+    }
     return;
   }
   S* cache = cache_row<S>(gs, a.plan, 0);
   prefetch_row(g, row, n * static_cast<int64_t>(sizeof(S)), a.plan.l2_prefetch);
   prefetch_row(g, trow, n * static_cast<int64_t>(sizeof(S)), a.plan.l2_prefetch);  // read by pass 2
   double m, s;
-  pass_max_sumexp<S, AL, W>(g, row, cache, n, x, nullptr, nullptr, m, s, NoExtra{});
+  pass_max_sumexp<S, AL, W>(g, row, cache, n, x, nullptr, nullptr, m, s, NoExtra{}, checked ? &bad_rows : nullptr);
+  if (bad_rows) flag_error(a.errors, kRowsNotFinite);
   const S* src = cache != nullptr ? cache : row;
   C acc_a = C(0), acc_t = C(0), acc_u = C(0);
   int bad = 0;
   if (a.family == ABSORBING) {  // x = mask: q = softmax over the real tokens, q(mask) = 0
     const C mc = static_cast<C>(m);
     read_segment_pairs<S, AL, W>(g, src, trow, n, nullptr, [&](int64_t seg, const S* lraw, const S* traw) {
+      if (checked) tc.add(traw);
 #pragma unroll
       for (int k = 0; k < kEPT; ++k) {
         const int64_t i = slot_index<AL>(seg, g.lane, k);
@@ -71,12 +83,14 @@ CDM_GLOBAL void CDM_BOUNDS(Group<W>::kBlock, min_blocks<S>()) loss_kernel(const 
     const double T = g.sum(static_cast<double>(acc_t));
     bad = g.max(bad);
     if (g.tid == 0) a.out[p] = bad ? INFINITY : static_cast<float>(T * log(s) - A);
+    if (checked) tc.flag(g, a.errors);
     return;
   }
   const UniformCoeffs c = uniform_coeffs(a.tau[p], n);
   const Inversion<C> inv = uniform_inversion<C>(m, s, c);
   const C log_off = static_cast<C>(log(c.off())), log_on = static_cast<C>(log(c.on()));
   read_segment_pairs<S, AL, W>(g, src, trow, n, nullptr, [&](int64_t seg, const S* lraw, const S* traw) {
+    if (checked) tc.add(traw);
 #pragma unroll
     for (int k = 0; k < kEPT; ++k) {
       const int64_t i = slot_index<AL>(seg, g.lane, k);
@@ -96,6 +110,7 @@ CDM_GLOBAL void CDM_BOUNDS(Group<W>::kBlock, min_blocks<S>()) loss_kernel(const 
   const double T = g.sum(static_cast<double>(acc_t));
   const double z = c.beta * U + c.alpha * static_cast<double>(inv.u_of(C(0)));
   if (g.tid == 0) a.out[p] = static_cast<float>(T * log(z) - A);
+  if (checked) tc.flag(g, a.errors);
 }
 
 struct Inputs : RowInputs {
@@ -123,13 +138,15 @@ at::Tensor conditional_matching_loss_cuda(int64_t family, const c10::optional<at
   }
   at::Tensor out = at::empty({in.positions}, log_score.options().dtype(at::kFloat));
   if (in.positions == 0) return out;
+  ValueChecks checks(log_score, {"conditional_matching_loss", "student_log_score", "x_t", "tau_t", nullptr}, in.n);
   const bool aligned = is_aligned_rows(log_score) && is_aligned_rows(in.target);
   dispatch_rows(log_score.scalar_type(), aligned, in.n, [&]<class S, bool AL, int W>() {
-    const LossArgs<S> a{row_args(in, family, plan_smem<S, W>(in.n, /*stats=*/false, /*cache_rows=*/1)),
-                        static_cast<const S*>(log_score.data_ptr()), static_cast<const S*>(in.target.data_ptr()),
-                        out.data_ptr<float>()};
+    const SmemPlan plan = plan_smem<S, W>(in.n, /*stats=*/false, /*cache_rows=*/1);
+    const LossArgs<S> a{row_args(in, family, plan, checks.record()), static_cast<const S*>(log_score.data_ptr()),
+                        static_cast<const S*>(in.target.data_ptr()), out.data_ptr<float>()};
     launch_rows<W>(&loss_kernel<S, AL, W>, a);
   });
+  checks.finish();
   return out;
 }
 

@@ -71,7 +71,10 @@ constexpr unsigned kFull = 0xffffffffu;
 constexpr int kEPT = 8;             // states per lane per segment
 constexpr int kSeg = 32 * kEPT;     // states per segment (one warp)
 constexpr int64_t kSmallRow = 1024;  // up to this N a row group is one warp
-constexpr int64_t kCacheBudget = 100 * 1024;  // bytes of row cache per block
+// bytes of shared memory per block with a row cache: the most that keeps two blocks
+// resident per SM on Hopper (228 KiB per SM, 1 KiB reserved per block), so that a bf16 row
+// of 50257 states and its segment stats (fused_euler_step) are read once
+constexpr int64_t kCacheBudget = 113 * 1024;
 constexpr int kRedSlots = 32;       // doubles of reduction scratch per row group
 constexpr int64_t kNone = int64_t(1) << 62;  // "no index" (exact as a double)
 
@@ -527,14 +530,29 @@ struct NoExtra {
   CDM_DEV void operator()(int64_t) const {}
 };
 
+// 1 when one of the kEPT values of raw is NaN or +-inf (allow_minus_inf: NaN or +inf);
+// slots past n hold 0 (load_raw)
+template <class S>
+CDM_DEV int raw_not_finite(const S* raw, bool allow_minus_inf) {
+  using C = typename Compute<S>::type;
+  int bad = 0;
+#pragma unroll
+  for (int k = 0; k < kEPT; ++k) {
+    const C v = to_compute<C>(raw[k]);
+    bad |= allow_minus_inf ? (v != v || v == pos_inf<C>()) : !(v - v == C(0));
+  }
+  return bad;
+}
+
 // Pass 1 of the inversion kernels: m = max_{y != x} log_score_y and
 // s = sum_{y != x} exp(log_score_y - m) (double, group-uniform). Optionally stores the
 // segment stats (seg_m, seg_s) and fills the row cache; `extra(seg)` runs once per
-// segment in every lane (to stream a second row alongside).
+// segment in every lane (to stream a second row alongside); `bad` (when not null) gets 1
+// where a state of this thread, x's included, is NaN or +-inf (the value checks).
 template <class S, bool AL, int W, class Extra>
 CDM_DEV void pass_max_sumexp(const Group<W>& g, const S* row, S* cache, int64_t n, int64_t x,
                              typename Compute<S>::type* seg_m, typename Compute<S>::type* seg_s, double& m_out,
-                             double& s_out, Extra&& extra) {
+                             double& s_out, Extra&& extra, int* bad = nullptr) {
   using C = typename Compute<S>::type;
   const int64_t nseg = num_segments(n);
   // kBatch segments per step: their loads are all issued before any reduction, so each
@@ -553,6 +571,7 @@ CDM_DEV void pass_max_sumexp(const Group<W>& g, const S* row, S* cache, int64_t 
       const int64_t seg = first + static_cast<int64_t>(b) * W;
       if (seg >= nseg) break;  // warp-uniform
       if (cache != nullptr) store_raw<S, AL>(cache, n, seg, g.lane, raw[b]);
+      if (bad != nullptr) *bad |= raw_not_finite(raw[b], false);
       C v[kEPT];
       with_plain(seg, n, x, [&](auto plain) {
 #pragma unroll
@@ -819,18 +838,21 @@ inline RowInputs check_row_inputs(int64_t family, const at::Tensor& rows, const 
   return {positions, rows.size(1), x.contiguous(), tau.contiguous()};
 }
 
+struct ErrorRecord;  // value_checks.cuh
+
 // The fields every row kernel's arguments share (each kernel's Args derives from it).
 struct RowArgs {
   const int64_t* x;   // (P,) tokens
   const double* tau;  // (P,) noise levels
   int64_t positions, n, family;
   SmemPlan plan;
+  ErrorRecord* errors = nullptr;  // the call's value checks (value_checks.cuh); null: off
 };
 
 // The rows of `in` under graph `family`, launched with `plan`.
-inline RowArgs row_args(const RowInputs& in, int64_t family, const SmemPlan& plan) {
+inline RowArgs row_args(const RowInputs& in, int64_t family, const SmemPlan& plan, ErrorRecord* errors = nullptr) {
   return {in.x.defined() ? in.x.data_ptr<int64_t>() : nullptr, in.tau.data_ptr<double>(), in.positions, in.n, family,
-          plan};
+          plan, errors};
 }
 
 // The float64 eigen-decomposition of a dense graph, validated and on the rows' device.

@@ -37,19 +37,26 @@ CDM_GLOBAL void CDM_BOUNDS(Group<W>::kBlock, min_blocks<S>()) fused_euler_step_k
   using C = typename Compute<S>::type;
   CDM_ROW_GROUP(a, g, p, gs);
   const int64_t n = a.n, nseg = num_segments(n), x = a.x[p];
+  const double tau_t = a.tau[p], tau_s = a.tau_s[p];
+  const S* row = a.ls + p * n;
+  int bad = 0;
+  if (a.errors != nullptr && g.tid == 0) check_position(a.errors, n, x, tau_t, &a.tau_s[p]);
   if (a.family == ABSORBING && x != n - 1) {  // an unmasked token stays
     if (g.tid == 0) a.out[p] = x;
+    if (a.errors != nullptr) {  // a row read for the check only
+      read_segments<S, AL, W>(g, row, n, nullptr, [&](int64_t, const S* raw) { bad |= raw_not_finite(raw, false); });
+      if (bad) flag_error(a.errors, kRowsNotFinite);
+    }
     return;
   }
-  const double tau_t = a.tau[p], tau_s = a.tau_s[p];
   const double delta = tau_t - tau_s;
   const bool inversion = a.family == UNIFORM && (a.method == 0 || tau_s == 0.0);
-  const S* row = a.ls + p * n;
   S* cache = inversion ? cache_row<S>(gs, a.plan, 0) : nullptr;
   const SegStats<C> st = segment_stats<C>(gs, a.plan, nseg);
   prefetch_row(g, row, n * static_cast<int64_t>(sizeof(S)), a.plan.l2_prefetch);
   double m, s;
-  pass_max_sumexp<S, AL, W>(g, row, cache, n, x, st.m, st.s, m, s, NoExtra{});
+  pass_max_sumexp<S, AL, W>(g, row, cache, n, x, st.m, st.s, m, s, NoExtra{}, a.errors != nullptr ? &bad : nullptr);
+  if (bad) flag_error(a.errors, kRowsNotFinite);
   g.sync();  // the segment stats and the row cache, written per warp, are read by the whole group
   const float uniform = philox_uniform(a.seed, a.offset, p);
   int64_t pick;
@@ -181,12 +188,14 @@ at::Tensor fused_euler_step_cuda(int64_t family, const c10::optional<at::Tensor>
   }
   // the row is re-read only by the inversion (uniform analytic, or tau_s = 0)
   const int cache_rows = (family == UNIFORM && method == 0) ? 1 : 0;
+  ValueChecks checks(log_score, {"fused_euler_step", "log_score", "x", "tau_t", "tau_s"}, n);
   dispatch_rows(log_score.scalar_type(), is_aligned_rows(log_score), n, [&]<class S, bool AL, int W>() {
-    const StepArgs<S> a{row_args(in, family, plan_smem<S, W>(n, /*stats=*/true, cache_rows)),
-                        static_cast<const S*>(log_score.data_ptr()), tau_s.data_ptr<double>(), out.data_ptr<int64_t>(),
-                        method, seed, offset};
+    const SmemPlan plan = plan_smem<S, W>(n, /*stats=*/true, cache_rows);
+    const StepArgs<S> a{row_args(in, family, plan, checks.record()), static_cast<const S*>(log_score.data_ptr()),
+                        tau_s.data_ptr<double>(), out.data_ptr<int64_t>(), method, seed, offset};
     launch_rows<W>(&fused_euler_step_kernel<S, AL, W>, a);
   });
+  checks.finish();
   return out;
 }
 

@@ -19,6 +19,7 @@
 #pragma once
 
 #include "cuda/cuda_common.cuh"
+#include "cuda/value_checks.cuh"
 
 namespace cdm {
 namespace gpu {
@@ -89,14 +90,22 @@ CDM_GLOBAL void CDM_BOUNDS(Group<W>::kBlock, min_blocks<S>()) posterior_forward_
   const int64_t n = a.n, x = a.x[p];
   const S* row = a.ls + p * n;
   S* out = a.out + p * n;
+  int bad = 0;
+  if (a.errors != nullptr && g.tid == 0) check_position(a.errors, n, x, a.tau[p], nullptr);
   if (a.family == ABSORBING && x != n - 1) {
+    if (a.errors != nullptr) {  // a row read for the check only
+      read_segments<S, AL, W>(g, row, n, nullptr, [&](int64_t, const S* raw) { bad |= raw_not_finite(raw, false); });
+      if (bad) flag_error(a.errors, kRowsNotFinite);
+    }
     fill_row<S, AL, W>(g, out, n, x, C(0), -pos_inf<C>());
     return;
   }
   S* cache = cache_row<S>(gs, a.plan, 0);
   prefetch_row(g, row, n * static_cast<int64_t>(sizeof(S)), a.plan.l2_prefetch);
   double m, s;
-  pass_max_sumexp<S, AL, W>(g, row, cache, n, x, nullptr, nullptr, m, s, NoExtra{});
+  pass_max_sumexp<S, AL, W>(g, row, cache, n, x, nullptr, nullptr, m, s, NoExtra{},
+                            a.errors != nullptr ? &bad : nullptr);
+  if (bad) flag_error(a.errors, kRowsNotFinite);
   const S* src = cache != nullptr ? cache : row;
   if (a.family == ABSORBING) {  // x = mask: log-softmax over the real tokens
     const C mc = static_cast<C>(m), lsum = static_cast<C>(log(s));

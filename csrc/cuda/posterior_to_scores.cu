@@ -7,7 +7,7 @@
 //   uniform   pass 1 sum(u), pass 2 sum(gr), pass 3 writes u (alpha gr + beta sum(gr))
 //   absorbing pass 1 sum_{a<m} u, pass 2 writes u_a (alpha gr_a + (1 - alpha) gr_m), u_m gr_m
 // Rows read by several passes are cached in shared memory when they fit. Dense: dense.cpp.
-#include "cuda/cuda_common.cuh"
+#include "cuda/value_checks.cuh"
 
 namespace cdm {
 namespace gpu {
@@ -61,18 +61,22 @@ CDM_DEV C safe_log(C r) {
 }
 
 // sum of u over the row (over the real tokens for the absorbing graph); its states go to
-// `cache` unless it is null
+// `cache` unless it is null; `errors` (not null): the value checks of log p_0|t (NaN, +inf)
 template <class S, bool AL, int W, class C>
-CDM_DEV double column_u_sum(const Group<W>& g, const Column<C>& col, const S* row, S* cache, int64_t n, bool uniform) {
+CDM_DEV double column_u_sum(const Group<W>& g, const Column<C>& col, const S* row, S* cache, int64_t n, bool uniform,
+                            ErrorRecord* errors = nullptr) {
   const int64_t m = n - 1;
   C acc = C(0);
+  int bad = 0;
   read_segments<S, AL, W>(g, row, n, cache, [&](int64_t seg, const S* raw) {
+    if (errors != nullptr) bad |= raw_not_finite(raw, /*allow_minus_inf=*/true);
 #pragma unroll
     for (int k = 0; k < kEPT; ++k) {
       const int64_t i = slot_index<AL>(seg, g.lane, k);
       if (i < n && (uniform || i != m)) acc += col.u_of(to_compute<C>(raw[k]), i);
     }
   });
+  if (bad) flag_error(errors, kRowsNotFinite);
   return g.sum(static_cast<double>(acc));
 }
 
@@ -86,7 +90,8 @@ CDM_GLOBAL void CDM_BOUNDS(Group<W>::kBlock, min_blocks<S>()) to_scores_kernel(c
   S* out = a.out + p * n;
   const Column<C> col = make_column<C>(a.family, n, x, a.tau[p]);
   S* cache = cache_row<S>(gs, a.plan, 0);
-  const double U = column_u_sum<S, AL, W>(g, col, row, cache, n, uniform);
+  if (a.errors != nullptr && g.tid == 0) check_position(a.errors, n, x, a.tau[p], nullptr);
+  const double U = column_u_sum<S, AL, W>(g, col, row, cache, n, uniform, a.errors);
   const S* src = cache != nullptr ? cache : row;
   const C shift = uniform ? static_cast<C>(col.oma / static_cast<double>(n) * U) : C(0);
   const C mask_add = static_cast<C>(col.oma * U);
@@ -171,13 +176,15 @@ CDM_GLOBAL void CDM_BOUNDS(Group<W>::kBlock, min_blocks<S>()) to_scores_backward
   });
 }
 
+// the forward checks the values of log p_0|t (errors), the backward trusts its forward
 template <bool kBackward>
-void launch(int64_t family, const at::Tensor& log_p0, const at::Tensor* grad, const RowInputs& in, at::Tensor& out) {
+void launch(int64_t family, const at::Tensor& log_p0, const at::Tensor* grad, const RowInputs& in, at::Tensor& out,
+            ErrorRecord* errors = nullptr) {
   bool aligned = is_aligned_rows(log_p0) && is_aligned_rows(out);
   if (grad != nullptr) aligned = aligned && is_aligned_rows(*grad);
   dispatch_rows(log_p0.scalar_type(), aligned, in.n, [&]<class S, bool AL, int W>() {
-    const ToScoresArgs<S> a{row_args(in, family, plan_smem<S, W>(in.n, /*stats=*/false, kBackward ? 2 : 1)),
-                            static_cast<const S*>(log_p0.data_ptr()),
+    const SmemPlan plan = plan_smem<S, W>(in.n, /*stats=*/false, kBackward ? 2 : 1);
+    const ToScoresArgs<S> a{row_args(in, family, plan, errors), static_cast<const S*>(log_p0.data_ptr()),
                             grad != nullptr ? static_cast<const S*>(grad->data_ptr()) : nullptr,
                             static_cast<S*>(out.data_ptr())};
     if (kBackward) {
@@ -198,7 +205,10 @@ at::Tensor posterior_to_scores_cuda(int64_t family, const c10::optional<at::Tens
     return dense::posterior_to_scores(eg, log_p0, in.x, in.tau).to(log_p0.scalar_type());
   }
   at::Tensor out = at::empty_like(log_p0);
-  if (in.positions > 0) launch<false>(family, log_p0, nullptr, in, out);
+  if (in.positions == 0) return out;
+  ValueChecks checks(log_p0, {"posterior_to_scores", "log_p0", "x", "tau", nullptr}, in.n);
+  launch<false>(family, log_p0, nullptr, in, out, checks.record());
+  checks.finish();
   return out;
 }
 

@@ -29,13 +29,15 @@ at::Tensor scores_to_posterior_cuda(int64_t family, const c10::optional<at::Tens
   }
   at::Tensor out = at::empty_like(log_score);
   if (in.positions == 0) return out;
+  ValueChecks checks(log_score, {"scores_to_posterior", "log_score", "x", "tau", nullptr}, in.n);
   const bool aligned = is_aligned_rows(log_score) && is_aligned_rows(out);
   dispatch_rows(log_score.scalar_type(), aligned, in.n, [&]<class S, bool AL, int W>() {
-    const InversionArgs<S> a{row_args(in, family, plan_smem<S, W>(in.n, /*stats=*/false, /*cache_rows=*/1)),
-                             static_cast<const S*>(log_score.data_ptr()), nullptr, nullptr,
-                             static_cast<S*>(out.data_ptr()), 0};
+    const SmemPlan plan = plan_smem<S, W>(in.n, /*stats=*/false, /*cache_rows=*/1);
+    const InversionArgs<S> a{row_args(in, family, plan, checks.record()), static_cast<const S*>(log_score.data_ptr()),
+                             nullptr, nullptr, static_cast<S*>(out.data_ptr()), 0};
     launch_rows<W>(&posterior_forward_kernel<S, AL, W>, a);
   });
+  checks.finish();
   return out;
 }
 
