@@ -9,7 +9,7 @@ from . import backends as _backends
 from . import ops as _ops
 from .backends import available_backends
 from .graphs import AbsorbingGraph, DenseGraph, Graph, UniformGraph, ordinal_graph
-from .ops._validation import set_value_checks
+from .ops._validation import check_value_errors, set_value_checks
 from .ops.apply_kernel import apply_kernel
 from .ops.fused_euler_step import fused_euler_step
 from .ops.conditional_matching_loss import conditional_matching_loss
@@ -28,6 +28,7 @@ __all__ = [
     "ordinal_graph",
     "available_backends",
     "set_value_checks",
+    "check_value_errors",
     "transition_column",
     "apply_kernel",
     "scores_to_posterior",

@@ -10,7 +10,8 @@ import torch
 from .. import reference
 from ..backends import select_backend
 from ._compiled import register_recomputing_backward, rows, run_on_rows
-from ._validation import check_graph, check_invertible, check_scores, check_tau, check_tokens, value_checks_enabled
+from ._validation import (check_graph, check_invertible, check_scores, check_tau, check_tokens, kernel_checks,
+                          value_checks_enabled)
 
 REDUCTIONS = ("mean", "sum", "none")
 
@@ -42,16 +43,17 @@ def conditional_matching_loss(
     check_graph(graph)
     if reduction not in REDUCTIONS:
         raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
-    log_score = check_scores(student_log_score, graph, "student_log_score")
-    x_t = check_tokens(x_t, log_score.shape[:-1], graph.num_states, log_score.device, "x_t")
-    tau_t = check_tau(tau_t, x_t.shape, x_t.device, "tau_t")
+    in_kernel = kernel_checks("conditional_matching_loss", graph, backend, student_log_score)
+    log_score = check_scores(student_log_score, graph, "student_log_score", scan=not in_kernel)
+    x_t = check_tokens(x_t, log_score.shape[:-1], graph.num_states, log_score.device, "x_t", scan=in_kernel != "all")
+    tau_t = check_tau(tau_t, x_t.shape, x_t.device, "tau_t", scan=in_kernel != "all")
     check_invertible(graph, tau_t, "tau_t")
-    target = check_scores(target, graph, "target")
+    target = check_scores(target, graph, "target", scan=not in_kernel)
     if target.shape != log_score.shape:
         raise ValueError(f"target must have the shape of student_log_score {tuple(log_score.shape)}, got {tuple(target.shape)}")
     if target.requires_grad:
         raise ValueError("target must not require grad: it is a fixed teacher target (detach it)")
-    if value_checks_enabled():
+    if not in_kernel and value_checks_enabled():
         if (target < 0).any():
             raise ValueError("target must be probabilities (non-negative)")
         if ((target.float().sum(-1) - 1).abs() > 1e-2).any():

@@ -7,7 +7,7 @@ from typing import Optional
 import torch
 
 from ._compiled import dispatch, register_recomputing_backward
-from ._validation import check_graph, check_scores, check_tau, check_tokens
+from ._validation import check_graph, check_scores, check_tau, check_tokens, kernel_checks
 
 
 def posterior_to_scores(graph, log_p0: torch.Tensor, x: torch.Tensor, tau, *, backend: Optional[str] = None) -> torch.Tensor:
@@ -20,9 +20,10 @@ def posterior_to_scores(graph, log_p0: torch.Tensor, x: torch.Tensor, tau, *, ba
     docs/MATH.md section 6). ``-inf`` in ``log_p0`` is probability 0.
     Differentiable in ``log_p0``."""
     check_graph(graph)
-    log_p0 = check_scores(log_p0, graph, "log_p0", allow_minus_inf=True)
-    x = check_tokens(x, log_p0.shape[:-1], graph.num_states, log_p0.device)
-    tau = check_tau(tau, x.shape, x.device)
+    in_kernel = kernel_checks("posterior_to_scores", graph, backend, log_p0)
+    log_p0 = check_scores(log_p0, graph, "log_p0", allow_minus_inf=True, scan=not in_kernel)
+    x = check_tokens(x, log_p0.shape[:-1], graph.num_states, log_p0.device, scan=in_kernel != "all")
+    tau = check_tau(tau, x.shape, x.device, scan=in_kernel != "all")
     return dispatch("posterior_to_scores", backend, graph, log_p0, x, tau)
 
 

@@ -7,7 +7,7 @@ from typing import Optional
 import torch
 
 from ._compiled import dispatch, register_recomputing_backward
-from ._validation import check_graph, check_invertible, check_scores, check_tau, check_tokens
+from ._validation import check_graph, check_invertible, check_scores, check_tau, check_tokens, kernel_checks
 
 
 def scores_to_posterior(graph, log_score: torch.Tensor, x: torch.Tensor, tau, *, backend: Optional[str] = None) -> torch.Tensor:
@@ -25,9 +25,10 @@ def scores_to_posterior(graph, log_score: torch.Tensor, x: torch.Tensor, tau, *,
     Structural zeros (absorbing graph) are ``-inf``. Differentiable in ``log_score``.
     """
     check_graph(graph)
-    log_score = check_scores(log_score, graph, "log_score")
-    x = check_tokens(x, log_score.shape[:-1], graph.num_states, log_score.device)
-    tau = check_tau(tau, x.shape, x.device)
+    in_kernel = kernel_checks("scores_to_posterior", graph, backend, log_score)
+    log_score = check_scores(log_score, graph, "log_score", scan=not in_kernel)
+    x = check_tokens(x, log_score.shape[:-1], graph.num_states, log_score.device, scan=in_kernel != "all")
+    tau = check_tau(tau, x.shape, x.device, scan=in_kernel != "all")
     check_invertible(graph, tau)
     return dispatch("scores_to_posterior", backend, graph, log_score, x, tau)
 
