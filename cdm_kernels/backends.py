@@ -19,6 +19,7 @@ cause and the other backends still work.
 
 from __future__ import annotations
 
+import importlib
 import os
 import threading
 import warnings
@@ -39,10 +40,11 @@ _C_ERROR: Optional[str] = None
 _C_LOADING = threading.Lock()  # threads asking at once: one loads, the others wait
 _PREBUILT_ERROR: Optional[str] = None
 try:
-    from . import _C  # noqa: F401  (built ahead of time; registers torch.ops.cdm_kernels.*)
+    # built ahead of time; importing registers torch.ops.cdm_kernels.*
+    importlib.import_module(f"{__package__}._C")
 except ImportError as error:
     # no build ahead of time (an isolated `pip install .`, a fresh checkout), or a broken one
-    _PREBUILT_ERROR = None if getattr(error, "name", None) == f"{__package__}._C" else str(error)
+    _PREBUILT_ERROR = None if isinstance(error, ModuleNotFoundError) and error.name == f"{__package__}._C" else str(error)
     _C_ERROR = _NOT_TRIED
 
 _TRITON_ERROR: Optional[str] = None

@@ -36,6 +36,7 @@ import contextlib
 import hashlib
 import json
 import os
+import re
 import shlex
 import shutil
 import sys
@@ -286,7 +287,8 @@ def _first_error_line(message: str) -> str:
     """The line of a failed build's output that says most: a compiler error, else the
     step that failed, else the first."""
     lines = [line.strip() for line in message.splitlines() if line.strip()]
-    for found in ([l for l in lines if "error:" in l.lower()], [l for l in lines if l.startswith("FAILED:")], lines):
+    compiler_errors = [line for line in lines if re.search(r"\berror:", line, re.IGNORECASE)]
+    for found in (compiler_errors, [line for line in lines if line.startswith("FAILED:")], lines):
         if found:
             return found[0][:300]
     return "no output"

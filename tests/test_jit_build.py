@@ -81,6 +81,17 @@ def test_the_entry_name_follows_sources_flags_and_torch(tmp_path, monkeypatch):
     assert build.Plan.create(str(csrc), False, "a").entry_name.startswith("torch0.0.0-")
 
 
+def test_a_failed_build_is_summed_up_by_its_first_compiler_error():
+    output = (
+        "RuntimeError: Error building extension '_C': [1/9] c++ -c ops.cpp -o ops.o\n"
+        "FAILED: isa.o\nc++ -c cpu/isa.cpp -o isa.o\n"
+        "cpu/isa.cpp:12:3: error: 'frobnicate' was not declared in this scope\n"
+        "ninja: build stopped: subcommand failed.\n"
+    )
+    assert build._first_error_line(output) == "cpu/isa.cpp:12:3: error: 'frobnicate' was not declared in this scope"
+    assert build._first_error_line(output.replace("error:", "oops")) == "FAILED: isa.o"
+
+
 def test_sources_are_found_in_the_checkout():
     assert Path(build.source_folder()) == REPO / "csrc"
 
@@ -266,6 +277,7 @@ def fallback(venv, cache, **extra):
     result, err = run(venv, cache, code, **extra)
     assert "cpp" not in result["backends"] and result["backends"][0] == "reference"
     assert err.count("RuntimeWarning") == 1, err
+    assert "ahead of time does not load" not in result["why_cpp"]  # none was installed
     return result, err
 
 
