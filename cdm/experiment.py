@@ -50,6 +50,20 @@ class Setup:
         return self._dataset
 
     @property
+    def evaluator(self):
+        """What scores text samples' gen_ppl (``cdm.metrics_text``): by default the corpus's own causal
+        LM, trained once and cached; set it to a ``HuggingFaceEvaluator`` for ``--eval-model``."""
+        if not hasattr(self, "_evaluator"):
+            from .metrics_text import load_text_evaluator
+
+            self._evaluator = load_text_evaluator(self.dataset)
+        return self._evaluator
+
+    @evaluator.setter
+    def evaluator(self, value) -> None:
+        self._evaluator = value
+
+    @property
     def kernel_graph(self) -> ck.Graph:
         vocab = self.dataset.vocab_size
         return graph_by_name(self.graph, vocab + 1 if self.graph == "absorbing" else vocab)  # the mask: an extra state
@@ -201,11 +215,16 @@ def sample_metrics(setup: Setup, samples: torch.Tensor) -> dict[str, float]:
         return metrics.words_metrics(samples, data)
     if setup.data == "digits":
         return metrics.digits_metrics(samples, data)
+    if setup.data == "text":
+        from .metrics_text import text_metrics
+
+        return text_metrics(samples, data, setup.evaluator)
     raise ValueError(f"no metrics for data set {setup.data!r}")
 
 
 #: the metric each data set is judged by, and whether lower is better
-PRIMARY_METRIC = {"markov": ("kl", True), "words": ("real_word_rate", False), "digits": ("frechet_distance", True)}
+PRIMARY_METRIC = {"markov": ("kl", True), "words": ("real_word_rate", False), "digits": ("frechet_distance", True),
+                  "text": ("gen_ppl", True)}
 
 
 def primary_metric(setup: Setup) -> tuple[str, bool]:
@@ -229,7 +248,8 @@ def data_reference(setup: Setup) -> dict[str, float]:
     """The metrics of held-out data itself: what a perfect sampler scores."""
     generator = torch.Generator().manual_seed(12345)
     data = setup.dataset
-    reference = data.sample(4096, generator) if setup.data == "markov" else getattr(data, "test")
+    held_out = {"markov": lambda: data.sample(4096, generator), "text": lambda: data.validation}
+    reference = held_out.get(setup.data, lambda: data.test)()
     metrics = sample_metrics(setup, reference)
     if enumerable(setup):
         metrics.update(kl=0.0, reverse_kl=0.0)
