@@ -25,6 +25,7 @@ from .experiment import (
     EXACT_SUPPORT,
     Setup,
     data_reference,
+    DEFAULT_TEACHERS,
     default_teacher_path,
     ensure_dir,
     enumerable,
@@ -36,7 +37,9 @@ from .experiment import (
     result_row,
     save_model,
 )
+from .data import DATA_SETS
 from .losses import ExactTargets, get_loss, make_student
+from .metrics_text import EVALUATOR_STEPS
 from .models.dit import PRESETS
 from .sampling import has_mixture_weights, network_evaluations
 from .train import LR_SCHEDULES, PRECISIONS, TrainConfig, Trainer, default_device
@@ -45,6 +48,8 @@ from .train import LR_SCHEDULES, PRECISIONS, TrainConfig, Trainer, default_devic
 METHODS = {"per-token": "cdm_per_token", "joint": "cdm_joint", "di4c": "di4c", "dmmd": "dmmd"}
 METHOD_LABELS = {"per-token": "cdm-per-token", "joint": "cdm-joint", "di4c": "di4c", "dmmd": "d-mmd"}
 MIXTURE_METHODS = ("joint", "di4c")
+#: metrics plotted beside the primary one: text's gen_ppl drops when a sampler loses diversity
+SIDE_METRICS = {"text": ["entropy"]}
 
 # Defaults of `cdm distill` / `cdm compare`, chosen by the measurements in README.md
 # ("How the defaults were chosen") so that the default run fits 10 minutes on a 2-core CPU.
@@ -167,6 +172,15 @@ def _add_training_options(parser, steps: int, batch_size: int, lr: float, ema: f
                              "no effect in a single process)")
 
 
+def _add_evaluation_options(parser) -> None:
+    parser.add_argument("--eval-model", metavar="DIR",
+                        help="text: score gen_ppl with this local Hugging Face causal LM (transformers; never "
+                             "downloaded) instead of the corpus's own evaluator")
+    parser.add_argument("--evaluator-steps", type=_number(int, 1), default=EVALUATOR_STEPS,
+                        help="text without --eval-model: training steps of the corpus's own evaluator "
+                             "(trained once, then cached by corpus and steps)")
+
+
 # ----------------------------------------------------------------------------- pretrain
 
 
@@ -179,7 +193,8 @@ def pretrain(args) -> None:
         except (TypeError, ValueError) as error:  # an unknown key or a bad value
             raise ValueError(f"{flag}: {error}") from None
     torch.manual_seed(args.seed)  # the initial weights: the same seed trains the same model
-    model = new_model(setup, args.model)
+    output = {"parameterization": "posterior", "graph": setup.graph} if args.parameterization == "posterior" else {}
+    model = new_model(setup, args.model, **output)
     out = ensure_dir(args.out)
     loss = get_loss("score_entropy", setup.kernel_graph, setup.schedule)
     metadata = {"name": "pretrain", "setup": setup.to_json(), "model": asdict(model.config)}
@@ -190,7 +205,9 @@ def pretrain(args) -> None:
     teacher = trainer.fit()
     if trainer.rank == 0:
         save_model(out / "teacher.safetensors", teacher, setup, "teacher", train_steps=args.steps)
+        _prepare_evaluation(setup, args)
         metrics, _ = evaluate(teacher, setup, 64, 1024, seed=args.seed)
+        metrics.update(_text_reference(teacher, setup))
         print(f"teacher written to {out / 'teacher.safetensors'}; 64-step sampler: {_format(metrics)}")
 
 
@@ -201,10 +218,8 @@ def distill(args) -> None:
     """The teacher's metrics at every NFE of ``--teacher-nfe``, then one student per
     method and NFE of ``--student-steps``, all in one table (``cdm compare`` is
     this with every method)."""
-    teacher_path = args.teacher or default_teacher_path()
-    if teacher_path is None:
-        raise SystemExit("error: no --teacher given and no teacher ships with this installation")
-    teacher, setup, _ = load_model(teacher_path, device=args.device)
+    teacher, setup = _load_teacher(args)
+    _prepare_evaluation(setup, args)
     start = teacher
     if args.student_init:
         start, start_setup, _ = load_model(args.student_init, device=args.device)
@@ -215,8 +230,9 @@ def distill(args) -> None:
     started = time.perf_counter()
     rows = []
     for nfe in args.teacher_nfe:
+        clock = time.perf_counter()
         metrics, _ = evaluate(teacher, setup, nfe, args.num_samples, seed=args.seed)
-        rows.append(result_row("teacher", "analytic", nfe, metrics))
+        rows.append(result_row("teacher", "analytic", nfe, metrics, seconds=round(time.perf_counter() - clock, 1)))
     best_samples = {}
     for method in args.methods:
         for k in args.student_steps:
@@ -240,7 +256,7 @@ def distill(args) -> None:
                                    seconds=round(time.perf_counter() - clock, 1)))  # training + evaluation
             best_samples[name] = samples
     if rows and (not torch.distributed.is_initialized() or torch.distributed.get_rank() == 0):
-        reference = data_reference(setup)
+        reference = {**data_reference(setup), **_text_reference(teacher, setup)}
         _write_results(out, setup, rows, reference, best_samples)
         print(_table(setup, rows, reference))
         print(f"\n{len(rows)} rows in {time.perf_counter() - started:.0f} s; wrote {out / 'results.json'}, {out / 'metric_vs_nfe.png'}")
@@ -283,6 +299,47 @@ def _student_and_loss(method: str, k: int, teacher, start, setup: Setup, args):
     return student, loss
 
 
+def _load_teacher(args):
+    """``(teacher, setup)`` of ``--teacher``, or of the teacher that ships for ``--data``."""
+    data = args.data or "markov"
+    teacher_path = args.teacher or default_teacher_path(data)
+    if teacher_path is None:
+        raise SystemExit(f"error: no --teacher given and no teacher ships for --data {data} "
+                         f"(train one with cdm pretrain --data {data})")
+    teacher, setup, _ = load_model(teacher_path, device=args.device)
+    _check_data(args, setup, teacher_path)
+    return teacher, setup
+
+
+def _check_data(args, setup: Setup, path) -> None:
+    if args.data is not None and args.data != setup.data:
+        raise ValueError(f"--data {args.data}: {path} was trained on --data {setup.data}")
+
+
+def _prepare_evaluation(setup: Setup, args) -> None:
+    """Text: choose the evaluator of gen_ppl (``--eval-model``, or the corpus's own, trained once)."""
+    if setup.data != "text":
+        if args.eval_model:
+            raise ValueError(f"--eval-model: only text samples are scored by a causal LM, this is {setup.data} data")
+        return
+    from .metrics_text import HuggingFaceEvaluator, load_text_evaluator
+
+    setup.evaluator = (HuggingFaceEvaluator(args.eval_model) if args.eval_model
+                       else load_text_evaluator(setup.dataset, steps=args.evaluator_steps))
+    known = setup.evaluator.validation_ppl
+    print(f"gen_ppl evaluator: {setup.evaluator.name}"
+          + (f" (its validation perplexity: {known:.3f})" if known is not None else ""))
+
+
+def _text_reference(teacher, setup: Setup) -> dict[str, float]:
+    """Text: the teacher's validation NLL bound (nats per token), next to the held-out data's metrics."""
+    if setup.data != "text":
+        return {}
+    from .metrics_text import validation_nll_bound
+
+    return {"teacher_nll_bound": validation_nll_bound(teacher, setup.kernel_graph, setup.schedule, setup.dataset)}
+
+
 def _format(metrics: dict) -> str:
     return ", ".join(f"{k}={v:.4f}" for k, v in metrics.items())
 
@@ -295,6 +352,9 @@ def _table(setup: Setup, rows: list[dict], reference: dict) -> str:
     for row in rows:
         lines.append(f"{row['model']:8} {row['method']:18} {row['nfe']:>4}  " + "  ".join(f"{row['metrics'][n]:>18.4f}" for n in names))
     lines.append(f"{'data':8} {'(held out)':18} {'':>4}  " + "  ".join(f"{reference.get(n, float('nan')):>18.4f}" for n in names))
+    others = {k: v for k, v in reference.items() if k not in names}
+    if others:
+        lines.append(f"also: {_format(others)}")
     return "\n".join(lines)
 
 
@@ -306,20 +366,23 @@ def _write_results(out: Path, setup: Setup, rows: list[dict], reference: dict, s
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    metric, _ = primary_metric(setup)
-    fig, ax = plt.subplots(figsize=(6, 4))
+    metrics = [primary_metric(setup)[0]] + SIDE_METRICS.get(setup.data, [])
+    fig, axes = plt.subplots(1, len(metrics), figsize=(6 * len(metrics), 4), squeeze=False)
     teacher = [r for r in rows if r["model"] == "teacher"]
-    ax.plot([r["nfe"] for r in teacher], [r["metrics"][metric] for r in teacher], "o-", color="black", label="teacher")
-    for method in sorted({r["method"] for r in rows if r["model"] == "student"}):
-        points = [r for r in rows if r["method"] == method and r["model"] == "student"]
-        ax.plot([r["nfe"] for r in points], [r["metrics"][metric] for r in points], "s--", label=f"student ({method})")
-    if metric in reference:
-        ax.axhline(reference[metric], color="gray", linestyle=":", label="held-out data")
-    ax.set_xscale("log", base=2)
-    ax.set_xlabel("NFE (network evaluations per sample)")
-    ax.set_ylabel(metric)
-    ax.set_title(f"{setup.data} / {setup.graph}")
-    ax.legend()
+    for ax, metric in zip(axes[0], metrics):
+        ax.plot([r["nfe"] for r in teacher], [r["metrics"][metric] for r in teacher], "o-", color="black",
+                label="teacher")
+        for method in sorted({r["method"] for r in rows if r["model"] == "student"}):
+            points = [r for r in rows if r["method"] == method and r["model"] == "student"]
+            ax.plot([r["nfe"] for r in points], [r["metrics"][metric] for r in points], "s--",
+                    label=f"student ({method})")
+        if metric in reference:
+            ax.axhline(reference[metric], color="gray", linestyle=":", label="held-out data")
+        ax.set_xscale("log", base=2)
+        ax.set_xlabel("NFE (network evaluations per sample)")
+        ax.set_ylabel(metric)
+        ax.set_title(f"{setup.data} / {setup.graph}: {metric}")
+        ax.legend()
     fig.tight_layout()
     fig.savefig(out / "metric_vs_nfe.png", dpi=120)
     plt.close(fig)
@@ -346,9 +409,13 @@ def _sample_grid(path: Path, setup: Setup, samples: dict) -> None:
 
 def sample_command(args) -> None:
     model, setup, _ = load_model(args.checkpoint, device=args.device)
+    _check_data(args, setup, args.checkpoint)
+    _prepare_evaluation(setup, args)
     metrics, samples = evaluate(model, setup, args.steps, args.num_samples, seed=args.seed, method=args.method)
     if setup.data == "words":
         print("\n".join(setup.dataset.decode(samples)))
+    elif setup.data == "text":  # one sample a line: line breaks, control characters and backslashes escaped
+        print("\n".join(map(_escaped, setup.dataset.decode(samples))))
     else:
         for row in samples.tolist():
             print(" ".join(map(str, row)))
@@ -356,8 +423,15 @@ def sample_command(args) -> None:
         torch.save(samples, args.out)
 
 
+def _escaped(text: str) -> str:
+    """``text`` on one printable line: backslashes and unprintable characters as Python escapes."""
+    return "".join(c if c.isprintable() and c != "\\" else repr(c)[1:-1] for c in text)
+
+
 def eval_command(args) -> None:
     model, setup, _ = load_model(args.checkpoint, device=args.device)
+    _check_data(args, setup, args.checkpoint)
+    _prepare_evaluation(setup, args)
     if args.handover:
         handover(model, setup, args)
         return
@@ -371,9 +445,9 @@ def eval_command(args) -> None:
 def handover(student, setup: Setup, args) -> None:
     """``cdm eval --handover``: the exact KL of samplers that take the student's step
     on some grid intervals and the teacher's on the others (``exact_handover_metrics``)."""
-    teacher_path = args.teacher or default_teacher_path()
+    teacher_path = args.teacher or default_teacher_path(setup.data)
     if teacher_path is None:
-        raise SystemExit("error: no --teacher given and no teacher ships with this installation")
+        raise SystemExit(f"error: no --teacher given and no teacher ships for {setup.data} data")
     teacher, teacher_setup, _ = load_model(teacher_path, device=args.device)
     if teacher_setup != setup:
         raise ValueError(f"--teacher: {teacher_path} was trained on another setup than --checkpoint "
@@ -398,14 +472,18 @@ def build_parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", required=True)
 
     p = commands.add_parser("pretrain", help="train a teacher with SEDD's score entropy")
-    p.add_argument("--data", default="markov", choices=["markov", "digits", "words"])
+    p.add_argument("--data", default="markov", choices=DATA_SETS)
     p.add_argument("--data-option", action="append", metavar="KEY=VALUE", help="data set option (repeatable)")
     p.add_argument("--graph", default="uniform", choices=["uniform", "absorbing", "ordinal"])
     p.add_argument("--noise", default="geometric", choices=["geometric", "loglinear"])
     p.add_argument("--noise-option", action="append", metavar="KEY=VALUE",
                    help="schedule option, e.g. sigma_max=8 (repeatable)")
     p.add_argument("--model", default="tiny", choices=list(PRESETS), help="DiT preset")
+    p.add_argument("--parameterization", default="score", choices=["score", "posterior"],
+                   help="what the network's last layer outputs: log-scores (SEDD) or the logits of p_0|t (MDLM); "
+                        "posterior students then start as an exact copy of a posterior teacher")
     p.add_argument("--out", default="runs/teacher")
+    _add_evaluation_options(p)
     _add_training_options(p, steps=3000, batch_size=256, lr=2e-3, ema=0.999)
     p.set_defaults(run=pretrain)
 
@@ -414,7 +492,11 @@ def build_parser() -> argparse.ArgumentParser:
         ("compare", ",".join(METHODS), "1,2,4,8,64,256", "every method (CDM per-token/joint, Di4C, D-MMD) on one teacher"),
     ):
         p = commands.add_parser(name, help=help_text)
-        p.add_argument("--teacher", help="teacher model file (default: the one shipped with the package)")
+        p.add_argument("--teacher", help="teacher model file (default: the one shipped for --data)")
+        p.add_argument("--data", choices=sorted(DEFAULT_TEACHERS),
+                       help="without --teacher: distil the teacher shipped for this data (default markov); "
+                            "with it: checked against the teacher's")
+        _add_evaluation_options(p)
         p.add_argument("--methods", default=methods, type=_method_list, help=f"among {','.join(METHODS)}")
         p.add_argument("--student-steps", default=[1, 2, 4], type=_int_list,
                        help="sampler steps of the students (NFE: twice that with --mixture-weights "
@@ -472,7 +554,9 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--num-samples", type=_number(int, 1), default=16 if name == "sample" else 4096)
         p.add_argument("--method", default="analytic", choices=["analytic", "euler"])
         p.add_argument("--seed", type=int, default=0)
+        p.add_argument("--data", choices=DATA_SETS, help="checked against the data the model file was trained on")
         _add_device_option(p)
+        _add_evaluation_options(p)
         if name == "sample":
             p.add_argument("--out", help="also save the samples (torch.save) here")
         else:

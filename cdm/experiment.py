@@ -26,7 +26,8 @@ from .schedules import get_noise
 
 GRAPHS = ("uniform", "absorbing", "ordinal")
 ASSETS = Path(__file__).parent / "assets"
-DEFAULT_TEACHER = ASSETS / "teacher-markov.safetensors"
+#: the teacher that ships for each data set's default options (``cdm distill --data NAME``)
+DEFAULT_TEACHERS = {"markov": ASSETS / "teacher-markov.safetensors", "text": ASSETS / "teacher-text.safetensors"}
 
 
 @dataclass
@@ -274,8 +275,10 @@ def result_row(model: str, method: str, nfe: int, metrics: dict[str, float], **e
     return {"model": model, "method": method, "nfe": int(nfe), "metrics": metrics, **extra}
 
 
-def default_teacher_path() -> Optional[Path]:
-    return DEFAULT_TEACHER if DEFAULT_TEACHER.is_file() else None
+def default_teacher_path(data: str = "markov") -> Optional[Path]:
+    """The shipped teacher of a data set, or None where none ships."""
+    path = DEFAULT_TEACHERS.get(data)
+    return path if path is not None and path.is_file() else None
 
 
 def ensure_dir(path) -> Path:

@@ -271,3 +271,92 @@ def test_nll_bound_of_a_uniform_denoiser_is_log_vocab(corpus):
     bound = validation_nll_bound(model, setup.kernel_graph, setup.schedule, setup.dataset, draws=32)
     eps = setup.schedule.eps
     assert bound == pytest.approx((1 - eps) * (1 - 1e-3) * math.log(256), rel=3e-2)
+
+
+# ----------------------------------------------------------------------------- the CLI end to end
+
+FAST = ["--evaluator-steps", "3", "--quiet"]
+
+
+@pytest.fixture(scope="module")
+def text_run(tmp_path_factory):
+    """A teacher pre-trained by ``cdm pretrain --data text`` on a small corpus, and where it lives."""
+    from cdm.cli import main
+
+    root = tmp_path_factory.mktemp("text_cli")
+    corpus = root / "corpus.txt"
+    corpus.write_text(PROSE + UNICODE, encoding="utf-8")
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("CDM_CACHE_DIR", str(root / "cache"))
+        main(["pretrain", "--data", "text", "--data-option", f"path={corpus}", "--data-option", "seq_len=16",
+              "--graph", "absorbing", "--noise", "loglinear", "--parameterization", "posterior",
+              "--steps", "6", "--batch-size", "8", "--out", str(root / "teacher"), *FAST])
+        yield root, corpus, root / "teacher" / "teacher.safetensors"
+
+
+def test_cli_pretrain_distill_eval_sample(text_run, capsys, monkeypatch):
+    import json
+
+    from cdm.cli import main
+
+    root, corpus, teacher = text_run
+    monkeypatch.setenv("CDM_CACHE_DIR", str(root / "cache"))
+    out = root / "distill"
+    main(["distill", "--data", "text", "--teacher", str(teacher), "--teacher-nfe", "1,2", "--student-steps", "1",
+          "--steps", "3", "--num-samples", "8", "--out", str(out), *FAST])
+    table = capsys.readouterr().out
+    assert "primary metric: gen_ppl" in table and "teacher_nll_bound=" in table
+    rows = json.loads((out / "results.json").read_text())
+    assert [(r["model"], r["method"], r["nfe"]) for r in rows] == [
+        ("teacher", "analytic", 1), ("teacher", "analytic", 2), ("student", "cdm-per-token", 1),
+        ("student", "cdm-joint", 1)]
+    for row in rows:
+        assert set(row) >= {"model", "method", "nfe", "metrics"}
+        assert row["metrics"]["gen_ppl"] > 1 and 0 < row["metrics"]["entropy"] <= math.log(16)
+    reference = json.loads((out / "data_reference.json").read_text())
+    assert reference["teacher_nll_bound"] > 0 and reference["gen_ppl"] > 1
+    assert (out / "metric_vs_nfe.png").is_file()
+
+    main(["eval", "--checkpoint", str(out / "student-joint-k1.safetensors"), "--steps", "1", "--num-samples", "8",
+          *FAST[:2]])
+    assert "gen_ppl" in capsys.readouterr().out
+    main(["sample", "--checkpoint", str(out / "student-per-token-k1.safetensors"), "--steps", "1",
+          "--num-samples", "3", "--out", str(root / "samples.pt"), *FAST[:2]])
+    printed = capsys.readouterr().out.split("\n")[-4:-1]
+    samples = torch.load(root / "samples.pt")
+    decoded = TextData(path=corpus, seq_len=16).decode(samples)
+    escaped = ["".join(c if c.isprintable() and c != "\\" else repr(c)[1:-1] for c in t) for t in decoded]
+    assert printed == escaped
+
+
+@pytest.mark.parametrize("options, needle", [
+    (["path=/nowhere/corpus.txt"], "--data-option: path=/nowhere/corpus.txt: no such file or folder"),
+    (["seq_len=100000"], "--data-option: seq_len=100000"),
+    (["tokenizer=/nowhere.json"], "--data-option: tokenizer=/nowhere.json"),
+    (["dtype=uint16"], "--data-option: dtype=uint16: only a .bin path has a dtype"),
+])
+def test_cli_bad_text_options(text_run, capsys, options, needle):
+    from cdm.cli import main
+
+    root, corpus, _ = text_run
+    argv = ["pretrain", "--data", "text", "--steps", "1", "--out", str(root / "bad")]
+    if not options[0].startswith("path="):
+        argv += ["--data-option", f"path={corpus}"]
+    for option in options:
+        argv += ["--data-option", option]
+    with pytest.raises(SystemExit) as exit_info:
+        main(argv)
+    assert exit_info.value.code == 2
+    assert needle in capsys.readouterr().err
+
+
+def test_cli_eval_model_and_data_are_checked(text_run, capsys):
+    from cdm.cli import main
+
+    root, _, teacher = text_run
+    for argv, needle in ((["--data", "markov"], "--data markov: "), (["--eval-model", str(root / "absent")],
+                                                                     "--eval-model")):
+        with pytest.raises(SystemExit) as exit_info:
+            main(["eval", "--checkpoint", str(teacher), "--steps", "1", "--num-samples", "2", *argv])
+        assert exit_info.value.code == 2
+        assert needle in capsys.readouterr().err

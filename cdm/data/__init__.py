@@ -12,9 +12,10 @@ from .markov import MarkovData
 from .text import TextData
 from .words import WordsData
 
-__all__ = ["MarkovData", "DigitsData", "WordsData", "TextData", "get_dataset"]
+__all__ = ["MarkovData", "DigitsData", "WordsData", "TextData", "get_dataset", "DATA_SETS"]
 
 _DATASETS = {"markov": MarkovData, "digits": DigitsData, "words": WordsData, "text": TextData}
+DATA_SETS = tuple(_DATASETS)
 
 
 def get_dataset(name: str, **kwargs):
