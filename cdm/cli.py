@@ -27,6 +27,7 @@ from . import recipes
 from .experiment import (
     Setup,
     data_reference,
+    DEFAULT_TEACHERS,
     default_teacher_path,
     ensure_dir,
     enumerable,
@@ -38,7 +39,9 @@ from .experiment import (
     result_row,
     save_model,
 )
+from .data import DATA_SETS
 from .losses import ExactTargets, get_loss
+from .metrics_text import EVALUATOR_STEPS
 from .models.dit import PRESETS
 from .models.student import make_student
 from .sampling import EXACT_SUPPORT, has_mixture_weights, network_evaluations
@@ -49,9 +52,9 @@ METHODS = {"per-token": "cdm_per_token", "joint": "cdm_joint", "di4c": "di4c", "
 METHOD_LABELS = {"per-token": "cdm-per-token", "joint": "cdm-joint", "di4c": "di4c", "dmmd": "d-mmd"}
 MIXTURE_METHODS = ("joint", "di4c")
 _UNSET = object()  # the default of every option in _options_parser: tells what a command line sets
+#: metrics plotted beside the primary one: text's gen_ppl drops when a sampler loses diversity
+SIDE_METRICS = {"text": ["entropy"]}
 
-#: the data sets `cdm pretrain --data` trains on (cdm.data.get_dataset); `distill` reads its data from the teacher
-DATA_SETS = ("markov", "digits", "words")
 #: the teacher's NFEs each command evaluates (the rest of their defaults: the recipe `default`)
 TEACHER_NFE = {"distill": [1, 2, 4, 8, 16, 32, 64, 128, 256], "compare": [1, 2, 4, 8, 64, 256]}
 #: distill/compare options that only some methods read -> those methods; typing one for a run of
@@ -177,6 +180,15 @@ def _add_training_options(group) -> None:
                             "no effect in a single process)")
 
 
+def _add_evaluation_options(parser) -> None:
+    parser.add_argument("--eval-model", metavar="DIR",
+                        help="text: score gen_ppl with this local Hugging Face causal LM (transformers; never "
+                             "downloaded) instead of the corpus's own evaluator")
+    parser.add_argument("--evaluator-steps", type=_number(int, 1), default=EVALUATOR_STEPS,
+                        help="text without --eval-model: training steps of the corpus's own evaluator "
+                             "(trained once, then cached by corpus and steps)")
+
+
 # ----------------------------------------------------------------------------- pretrain
 
 
@@ -189,7 +201,8 @@ def pretrain(args) -> None:
         except (TypeError, ValueError) as error:  # an unknown key or a bad value
             raise ValueError(f"{flag}: {error}") from None
     torch.manual_seed(args.seed)  # the initial weights: the same seed trains the same model
-    model = new_model(setup, args.model)
+    output = {"parameterization": "posterior", "graph": setup.graph} if args.parameterization == "posterior" else {}
+    model = new_model(setup, args.model, **output)
     out = ensure_dir(args.out)
     loss = get_loss("score_entropy", setup.kernel_graph, setup.schedule)
     metadata = {"name": "pretrain", "setup": setup.to_json(), "model": asdict(model.config)}
@@ -200,7 +213,9 @@ def pretrain(args) -> None:
     teacher = trainer.fit()
     if trainer.rank == 0:
         save_model(out / "teacher.safetensors", teacher, setup, "teacher", train_steps=args.steps)
+        _prepare_evaluation(setup, args)
         metrics, _ = evaluate(teacher, setup, 64, 1024, seed=args.seed)
+        metrics.update(_text_reference(teacher, setup))
         print(f"teacher written to {out / 'teacher.safetensors'}; 64-step sampler: {_format(metrics)}")
 
 
@@ -212,6 +227,7 @@ def distill(args) -> None:
     method and NFE of ``--student-steps``, all in one table (``cdm compare`` is
     this with every method)."""
     teacher, setup = _load_teacher(args)
+    _prepare_evaluation(setup, args)
     start = teacher
     if args.student_init:
         start, start_setup, _ = load_model(args.student_init, device=args.device)
@@ -222,8 +238,9 @@ def distill(args) -> None:
     started = time.perf_counter()
     rows = []
     for nfe in args.teacher_nfe:
+        clock = time.perf_counter()
         metrics, _ = evaluate(teacher, setup, nfe, args.num_samples, seed=args.seed)
-        rows.append(result_row("teacher", "analytic", nfe, metrics))
+        rows.append(result_row("teacher", "analytic", nfe, metrics, seconds=round(time.perf_counter() - clock, 1)))
     best_samples = {}
     for method in args.methods:
         for k in args.student_steps:
@@ -247,19 +264,10 @@ def distill(args) -> None:
                                    seconds=round(time.perf_counter() - clock, 1)))  # training + evaluation
             best_samples[name] = samples
     if rows and (not torch.distributed.is_initialized() or torch.distributed.get_rank() == 0):
-        reference = data_reference(setup)
+        reference = {**data_reference(setup), **_text_reference(teacher, setup)}
         _write_results(out, setup, rows, reference, best_samples)
         print(_table(setup, rows, reference))
         print(f"\n{len(rows)} rows in {time.perf_counter() - started:.0f} s; wrote {out / 'results.json'}, {out / 'metric_vs_nfe.png'}")
-
-
-def _load_teacher(args) -> tuple:
-    """The teacher model and its setup: ``--teacher``, else the one shipped with the package."""
-    path = args.teacher or default_teacher_path()
-    if path is None:
-        raise SystemExit("error: no --teacher given and no teacher ships with this installation")
-    teacher, setup, _ = load_model(path, device=args.device)
-    return teacher, setup
 
 
 def _student_and_loss(method: str, k: int, teacher, start, setup: Setup, args):
@@ -299,6 +307,47 @@ def _student_and_loss(method: str, k: int, teacher, start, setup: Setup, args):
     return student, loss
 
 
+def _load_teacher(args):
+    """``(teacher, setup)`` of ``--teacher``, or of the teacher that ships for ``--data``."""
+    data = args.data or "markov"
+    teacher_path = args.teacher or default_teacher_path(data)
+    if teacher_path is None:
+        raise SystemExit(f"error: no --teacher given and no teacher ships for --data {data} "
+                         f"(train one with cdm pretrain --data {data})")
+    teacher, setup, _ = load_model(teacher_path, device=args.device)
+    _check_data(args, setup, teacher_path)
+    return teacher, setup
+
+
+def _check_data(args, setup: Setup, path) -> None:
+    if args.data is not None and args.data != setup.data:
+        raise ValueError(f"--data {args.data}: {path} was trained on --data {setup.data}")
+
+
+def _prepare_evaluation(setup: Setup, args) -> None:
+    """Text: choose the evaluator of gen_ppl (``--eval-model``, or the corpus's own, trained once)."""
+    if setup.data != "text":
+        if args.eval_model:
+            raise ValueError(f"--eval-model: only text samples are scored by a causal LM, this is {setup.data} data")
+        return
+    from .metrics_text import HuggingFaceEvaluator, load_text_evaluator
+
+    setup.evaluator = (HuggingFaceEvaluator(args.eval_model) if args.eval_model
+                       else load_text_evaluator(setup.dataset, steps=args.evaluator_steps))
+    known = setup.evaluator.validation_ppl
+    print(f"gen_ppl evaluator: {setup.evaluator.name}"
+          + (f" (its validation perplexity: {known:.3f})" if known is not None else ""))
+
+
+def _text_reference(teacher, setup: Setup) -> dict[str, float]:
+    """Text: the teacher's validation NLL bound (nats per token), next to the held-out data's metrics."""
+    if setup.data != "text":
+        return {}
+    from .metrics_text import validation_nll_bound
+
+    return {"teacher_nll_bound": validation_nll_bound(teacher, setup.kernel_graph, setup.schedule, setup.dataset)}
+
+
 def _format(metrics: dict) -> str:
     return ", ".join(f"{k}={v:.4f}" for k, v in metrics.items())
 
@@ -311,6 +360,9 @@ def _table(setup: Setup, rows: list[dict], reference: dict) -> str:
     for row in rows:
         lines.append(f"{row['model']:8} {row['method']:18} {row['nfe']:>4}  " + "  ".join(f"{row['metrics'][n]:>18.4f}" for n in names))
     lines.append(f"{'data':8} {'(held out)':18} {'':>4}  " + "  ".join(f"{reference.get(n, float('nan')):>18.4f}" for n in names))
+    others = {k: v for k, v in reference.items() if k not in names}
+    if others:
+        lines.append(f"also: {_format(others)}")
     return "\n".join(lines)
 
 
@@ -337,25 +389,28 @@ def _plot_metric_vs_nfe(path: Path, setup: Setup, rows: list[dict], reference: d
     import matplotlib.pyplot as plt
     from matplotlib.ticker import StrMethodFormatter
 
-    metric, _ = primary_metric(setup)
-    fig, ax = plt.subplots(figsize=(6, 4))
+    metrics = [primary_metric(setup)[0]] + SIDE_METRICS.get(setup.data, [])
+    fig, axes = plt.subplots(1, len(metrics), figsize=(6 * len(metrics), 4), squeeze=False)
     teacher = [r for r in rows if r["model"] == "teacher"]
-    ax.plot([r["nfe"] for r in teacher], [r["metrics"][metric] for r in teacher], "o-", color="black", label="teacher")
-    for method in sorted({r["method"] for r in rows if r["model"] == "student"}):
-        points = [r for r in rows if r["method"] == method and r["model"] == "student"]
-        ax.plot([r["nfe"] for r in points], [r["metrics"][metric] for r in points], "s--", label=f"student ({method})")
-    log_axis = _spans_orders_of_magnitude([r["metrics"][metric] for r in rows])
-    if log_axis:
-        ax.set_yscale("log")
-        ax.grid(True, which="both", axis="y", alpha=0.3)
-    if metric in reference and (reference[metric] > 0 or not log_axis):  # 0 (an exact KL) has no place on a log axis
-        ax.axhline(reference[metric], color="gray", linestyle=":", label="held-out data")
-    ax.set_xscale("log", base=2)
-    ax.xaxis.set_major_formatter(StrMethodFormatter("{x:g}"))  # 1, 2, 4, ... rather than 2^0, 2^1, 2^2
-    ax.set_xlabel("NFE (network evaluations per sample)")
-    ax.set_ylabel(metric + (" (log scale)" if log_axis else ""))
-    ax.set_title(f"{setup.data} / {setup.graph}")
-    ax.legend()
+    for ax, metric in zip(axes[0], metrics):
+        ax.plot([r["nfe"] for r in teacher], [r["metrics"][metric] for r in teacher], "o-", color="black",
+                label="teacher")
+        for method in sorted({r["method"] for r in rows if r["model"] == "student"}):
+            points = [r for r in rows if r["method"] == method and r["model"] == "student"]
+            ax.plot([r["nfe"] for r in points], [r["metrics"][metric] for r in points], "s--",
+                    label=f"student ({method})")
+        log_axis = _spans_orders_of_magnitude([r["metrics"][metric] for r in rows])
+        if log_axis:
+            ax.set_yscale("log")
+            ax.grid(True, which="both", axis="y", alpha=0.3)
+        if metric in reference and (reference[metric] > 0 or not log_axis):  # 0 (an exact KL) has no place on a log axis
+            ax.axhline(reference[metric], color="gray", linestyle=":", label="held-out data")
+        ax.set_xscale("log", base=2)
+        ax.xaxis.set_major_formatter(StrMethodFormatter("{x:g}"))  # 1, 2, 4, ... rather than 2^0, 2^1, 2^2
+        ax.set_xlabel("NFE (network evaluations per sample)")
+        ax.set_ylabel(metric + (" (log scale)" if log_axis else ""))
+        ax.set_title(f"{setup.data} / {setup.graph}: {metric}")
+        ax.legend()
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
@@ -380,9 +435,13 @@ def _sample_grid(path: Path, setup: Setup, samples: dict) -> None:
 
 def sample_command(args) -> None:
     model, setup, _ = load_model(args.checkpoint, device=args.device)
+    _check_data(args, setup, args.checkpoint)
+    _prepare_evaluation(setup, args)
     metrics, samples = evaluate(model, setup, args.steps, args.num_samples, seed=args.seed, method=args.method)
     if setup.data == "words":
         print("\n".join(setup.dataset.decode(samples)))
+    elif setup.data == "text":  # one sample a line: line breaks, control characters and backslashes escaped
+        print("\n".join(map(_escaped, setup.dataset.decode(samples))))
     else:
         for row in samples.tolist():
             print(" ".join(map(str, row)))
@@ -390,8 +449,15 @@ def sample_command(args) -> None:
         torch.save(samples, args.out)
 
 
+def _escaped(text: str) -> str:
+    """``text`` on one printable line: backslashes and unprintable characters as Python escapes."""
+    return "".join(c if c.isprintable() and c != "\\" else repr(c)[1:-1] for c in text)
+
+
 def eval_command(args) -> None:
     model, setup, _ = load_model(args.checkpoint, device=args.device)
+    _check_data(args, setup, args.checkpoint)
+    _prepare_evaluation(setup, args)
     if args.handover:
         handover(model, setup, args)
         return
@@ -405,10 +471,13 @@ def eval_command(args) -> None:
 def handover(student, setup: Setup, args) -> None:
     """``cdm eval --handover``: the exact KL of samplers that take the student's step
     on some grid intervals and the teacher's on the others (``exact_handover_metrics``)."""
-    teacher, teacher_setup = _load_teacher(args)
+    teacher_path = args.teacher or default_teacher_path(setup.data)
+    if teacher_path is None:
+        raise SystemExit(f"error: no --teacher given and no teacher ships for {setup.data} data")
+    teacher, teacher_setup, _ = load_model(teacher_path, device=args.device)
     if teacher_setup != setup:
-        raise ValueError(f"--teacher: {args.teacher or 'the shipped teacher'} was trained on another setup "
-                         f"than --checkpoint ({teacher_setup.to_json()} against {setup.to_json()})")
+        raise ValueError(f"--teacher: {teacher_path} was trained on another setup than --checkpoint "
+                         f"({teacher_setup.to_json()} against {setup.to_json()})")
     for steps in args.steps:
         results = exact_handover_metrics(student, teacher, setup, steps, args.teacher_steps, method=args.method)
         if results is None:
@@ -521,6 +590,9 @@ def _add_pretrain_data_options(group) -> None:
     group.add_argument("--noise-option", action="append", metavar="KEY=VALUE",
                        help="schedule option, e.g. sigma_max=8 (repeatable)")
     group.add_argument("--model", default="tiny", choices=list(PRESETS), help="DiT preset")
+    group.add_argument("--parameterization", default="score", choices=["score", "posterior"],
+                       help="what the network's last layer outputs: log-scores (SEDD) or the logits of p_0|t (MDLM); "
+                            "posterior students then start as an exact copy of a posterior teacher")
 
 
 def _add_pretrain_options(parser) -> None:
@@ -528,11 +600,15 @@ def _add_pretrain_options(parser) -> None:
     training = parser.add_argument_group("training")
     training.add_argument("--out", default="runs/teacher")
     _add_training_options(training)
+    _add_evaluation_options(parser.add_argument_group("evaluation"))
 
 
 def _add_student_model_options(group) -> None:
     """The teacher (which fixes the data) and the students' networks."""
-    group.add_argument("--teacher", help="teacher model file (default: the one shipped with the package)")
+    group.add_argument("--teacher", help="teacher model file (default: the one shipped for --data)")
+    group.add_argument("--data", choices=sorted(DEFAULT_TEACHERS),
+                       help="without --teacher: distil the teacher shipped for this data (default markov); "
+                            "with it: checked against the teacher's")
     group.add_argument("--student-size", choices=sorted(PRESETS),
                        help="the students' network size (default: the teacher's, from its weights); "
                             "another size starts from random weights")
@@ -599,6 +675,7 @@ def _add_distill_options(parser) -> None:
     training = parser.add_argument_group("training")
     training.add_argument("--out")
     _add_training_options(training)
+    _add_evaluation_options(parser.add_argument_group("evaluation"))
     _add_experimental_options(parser.add_argument_group("experimental", _add_experimental_options.__doc__))
 
 
@@ -622,7 +699,9 @@ def _add_model_file_command(commands, name: str, run) -> None:
     p.add_argument("--num-samples", type=_number(int, 1), default=16 if name == "sample" else 4096)
     p.add_argument("--method", default="analytic", choices=["analytic", "euler"])
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--data", choices=DATA_SETS, help="checked against the data the model file was trained on")
     _add_device_option(p)
+    _add_evaluation_options(p)
     if name == "sample":
         p.add_argument("--out", help="also save the samples (torch.save) here")
     else:

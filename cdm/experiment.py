@@ -28,7 +28,8 @@ from .schedules import get_noise
 
 GRAPHS = ("uniform", "absorbing", "ordinal")
 ASSETS = Path(__file__).parent / "assets"
-DEFAULT_TEACHER = ASSETS / "teacher-markov.safetensors"
+#: the teacher that ships for each data set's default options (``cdm distill --data NAME``)
+DEFAULT_TEACHERS = {"markov": ASSETS / "teacher-markov.safetensors", "text": ASSETS / "teacher-text.safetensors"}
 
 
 @dataclass
@@ -50,6 +51,20 @@ class Setup:
         if not hasattr(self, "_dataset"):
             self._dataset = get_dataset(self.data, **self.data_options)
         return self._dataset
+
+    @property
+    def evaluator(self):
+        """What scores text samples' gen_ppl (``cdm.metrics_text``): by default the corpus's own causal
+        LM, trained once and cached; set it to a ``HuggingFaceEvaluator`` for ``--eval-model``."""
+        if not hasattr(self, "_evaluator"):
+            from .metrics_text import load_text_evaluator
+
+            self._evaluator = load_text_evaluator(self.dataset)
+        return self._evaluator
+
+    @evaluator.setter
+    def evaluator(self, value) -> None:
+        self._evaluator = value
 
     @property
     def kernel_graph(self) -> ck.Graph:
@@ -203,11 +218,16 @@ def sample_metrics(setup: Setup, samples: torch.Tensor) -> dict[str, float]:
         return metrics.words_metrics(samples, data)
     if setup.data == "digits":
         return metrics.digits_metrics(samples, data)
+    if setup.data == "text":
+        from .metrics_text import text_metrics
+
+        return text_metrics(samples, data, setup.evaluator)
     raise ValueError(f"no metrics for data set {setup.data!r}")
 
 
 #: the metric each data set is judged by, and whether lower is better
-PRIMARY_METRIC = {"markov": ("kl", True), "words": ("real_word_rate", False), "digits": ("frechet_distance", True)}
+PRIMARY_METRIC = {"markov": ("kl", True), "words": ("real_word_rate", False), "digits": ("frechet_distance", True),
+                  "text": ("gen_ppl", True)}
 
 
 def primary_metric(setup: Setup) -> tuple[str, bool]:
@@ -227,7 +247,8 @@ def data_reference(setup: Setup) -> dict[str, float]:
     """The metrics of held-out data itself: what a perfect sampler scores."""
     generator = torch.Generator().manual_seed(12345)
     data = setup.dataset
-    reference = data.sample(4096, generator) if setup.data == "markov" else getattr(data, "test")
+    held_out = {"markov": lambda: data.sample(4096, generator), "text": lambda: data.validation}
+    reference = held_out.get(setup.data, lambda: data.test)()
     metrics = sample_metrics(setup, reference)
     if enumerable(setup):
         metrics.update(kl=0.0, reverse_kl=0.0)
@@ -252,8 +273,10 @@ def result_row(model: str, method: str, nfe: int, metrics: dict[str, float], **e
     return {"model": model, "method": method, "nfe": int(nfe), "metrics": metrics, **extra}
 
 
-def default_teacher_path() -> Optional[Path]:
-    return DEFAULT_TEACHER if DEFAULT_TEACHER.is_file() else None
+def default_teacher_path(data: str = "markov") -> Optional[Path]:
+    """The shipped teacher of a data set, or None where none ships."""
+    path = DEFAULT_TEACHERS.get(data)
+    return path if path is not None and path.is_file() else None
 
 
 def ensure_dir(path) -> Path:
