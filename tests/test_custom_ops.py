@@ -70,6 +70,7 @@ def test_compile_fullgraph_matches_eager(backend, case):
 
 
 def test_compile_fullgraph_step_and_backward(backend):
+    torch.manual_seed(0)
     graph = ck.UniformGraph(11)
     log_score = torch.randn(3, 4, 11, requires_grad=True)
     x, target = torch.randint(0, 11, (3, 4)), torch.softmax(torch.randn(3, 4, 11), -1)
@@ -84,5 +85,6 @@ def test_compile_fullgraph_step_and_backward(backend):
     (grad,) = torch.autograd.grad(loss, log_score)
     eager_loss = ck.conditional_matching_loss(graph, log_score, x, 0.7, target, backend=backend)
     (eager_grad,) = torch.autograd.grad(eager_loss, log_score)
-    assert torch.allclose(loss, eager_loss, atol=1e-6) and torch.allclose(grad, eager_grad, atol=1e-6)
+    # inductor fuses the reference's float32 ops in another order: agreement to float32 rounding, not bits
+    assert torch.allclose(loss, eager_loss, atol=1e-5) and torch.allclose(grad, eager_grad, atol=1e-5)
     assert x_s.shape == x.shape and ((x_s >= 0) & (x_s < 11)).all()
