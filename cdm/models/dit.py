@@ -98,6 +98,10 @@ class DiTConfig:
     graph: the forward process over ``vocab_size`` states, needed by the
         posterior form to turn conditionals into scores: ``"uniform"``,
         ``"absorbing"`` (mask = last token) or ``"ordinal"``; ignored by ``"score"``.
+    time_conditioning: whether the network sees the noise level. False (MDLM's
+        released models) conditions every block on sigma = 0, as MDLM's
+        backbone does; the posterior form still turns the conditional into
+        scores with the true sigma.
     """
 
     vocab_size: int
@@ -115,6 +119,7 @@ class DiTConfig:
     shared_blocks: int = 0
     parameterization: str = "score"
     graph: str = ""
+    time_conditioning: bool = True
 
     def __post_init__(self):
         for name in ("vocab_size", "seq_len", "hidden", "n_heads", "n_blocks", "cond_dim", "mlp_ratio"):
@@ -148,6 +153,8 @@ class DiTConfig:
                 raise ValueError(f"a posterior-parameterised DiT needs graph in {POSTERIOR_GRAPHS}, got {self.graph!r}")
             if self.scale_by_sigma:
                 raise ValueError("scale_by_sigma applies to score outputs only, not to parameterization='posterior'")
+        if not isinstance(self.time_conditioning, bool):
+            raise TypeError(f"time_conditioning must be a bool, got {self.time_conditioning!r}")
 
     @classmethod
     def preset(cls, name: str, vocab_size: int, seq_len: int, **overrides) -> DiTConfig:
@@ -430,7 +437,7 @@ class DiT(nn.Module):
         ``-log(vocab_size - 1)`` rather than the sigma-dependent scale.
         """
         group = self._check_inputs(x, sigma, lam, mixture_weights, draw)
-        c_sigma = self.sigma_map(sigma)
+        c_sigma = self.sigma_map(sigma if self.config.time_conditioning else torch.zeros_like(sigma))
         cos, sin = self.rotary_emb(x.shape[1])
         h = self.vocab_embed(x)
         shared = self.config.shared_blocks

@@ -1,0 +1,254 @@
+"""Teachers from the field: SEDD's, MDLM's and DUO's checkpoint layouts, read, written
+and checked against their DDiT written out by hand (tests/test_models.py) and the
+closed-form scores of their outputs."""
+
+import json
+import math
+from types import SimpleNamespace
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from cdm.models import (DiT, DiTConfig, checkpoint_layout, denoiser_config, load_pretrained, save_pretrained,
+                        sedd_config)
+from cdm.models.dit import LOG_ZERO
+from test_models import ddit_reference_logits, sedd_reference
+
+VOCAB, LENGTH, HIDDEN, HEADS, BLOCKS, COND = 9, 6, 32, 4, 2, 16  # VOCAB: data tokens (+1 mask when absorbing)
+
+
+def public_state(num_states: int, seed: int = 0) -> dict[str, torch.Tensor]:
+    """Random weights under the parameter names of SEDD's, MDLM's and DUO's DDiT (models/dit.py in
+    their repositories), shapes as their modules create them."""
+    generator = torch.Generator().manual_seed(seed)
+    shapes = {"vocab_embed.embedding": (num_states, HIDDEN),
+              "sigma_map.mlp.0.weight": (COND, 256), "sigma_map.mlp.0.bias": (COND,),
+              "sigma_map.mlp.2.weight": (COND, COND), "sigma_map.mlp.2.bias": (COND,)}
+    for i in range(BLOCKS):
+        shapes.update({f"blocks.{i}.norm1.weight": (HIDDEN,), f"blocks.{i}.attn_qkv.weight": (3 * HIDDEN, HIDDEN),
+                       f"blocks.{i}.attn_out.weight": (HIDDEN, HIDDEN), f"blocks.{i}.norm2.weight": (HIDDEN,),
+                       f"blocks.{i}.mlp.0.weight": (4 * HIDDEN, HIDDEN), f"blocks.{i}.mlp.0.bias": (4 * HIDDEN,),
+                       f"blocks.{i}.mlp.2.weight": (HIDDEN, 4 * HIDDEN), f"blocks.{i}.mlp.2.bias": (HIDDEN,),
+                       f"blocks.{i}.adaLN_modulation.weight": (6 * HIDDEN, COND),
+                       f"blocks.{i}.adaLN_modulation.bias": (6 * HIDDEN,)})
+    shapes.update({"output_layer.norm_final.weight": (HIDDEN,), "output_layer.linear.weight": (num_states, HIDDEN),
+                   "output_layer.linear.bias": (num_states,),
+                   "output_layer.adaLN_modulation.weight": (2 * HIDDEN, COND),
+                   "output_layer.adaLN_modulation.bias": (2 * HIDDEN,)})
+    state = {name: torch.randn(shape, generator=generator) * 0.3 for name, shape in shapes.items()}
+    head_dim = HIDDEN // HEADS
+    state["rotary_emb.inv_freq"] = 1.0 / 10_000 ** (torch.arange(0, head_dim, 2).float() / head_dim)
+    return state
+
+
+SIZES = SimpleNamespace(hidden=HIDDEN, n_heads=HEADS, n_blocks=BLOCKS)
+
+
+def hf_config(model_type: str, num_states: int, **extra) -> dict:
+    """A config.json as MDLM's and DUO's Hugging Face configs write it."""
+    return {"model_type": model_type, "vocab_size": num_states, "model_length": LENGTH, "hidden_dim": HIDDEN,
+            "cond_dim": COND, "n_blocks": BLOCKS, "n_heads": HEADS, "dropout": 0.1, "return_dict": False,
+            "torch_dtype": "float32", **extra}
+
+
+def write(directory, config: dict, state: dict, prefix: str = "") -> None:
+    directory.mkdir(parents=True, exist_ok=True)
+    (directory / "config.json").write_text(json.dumps(config))
+    save_file({prefix + name: t.contiguous() for name, t in state.items()}, directory / "model.safetensors")
+
+
+def noisy_inputs(num_states: int, masked: bool, batch: int = 4, seed: int = 1):
+    generator = torch.Generator().manual_seed(seed)
+    x = torch.randint(0, num_states - (1 if masked else 0), (batch, LENGTH), generator=generator)
+    if masked:
+        x = torch.where(torch.rand(x.shape, generator=generator) < 0.5, num_states - 1, x)
+    sigma = torch.rand(batch, generator=generator) * 3 + 0.05
+    return x, sigma
+
+
+def absorbing_scores(log_p0: torch.Tensor, x: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
+    """Log-scores of the absorbing graph from a conditional with MDLM's carry-over, in closed form:
+    at a masked position r_y = p0(y) / (e^sigma - 1); a clean token may only be masked, r_mask = e^sigma - 1."""
+    mask = log_p0.shape[-1] - 1
+    log_odds = torch.log(torch.expm1(sigma.double()))[:, None, None]
+    masked = (x == mask)[..., None]
+    clean_scores = torch.full_like(log_p0, LOG_ZERO).index_fill(-1, torch.tensor([mask]), 0.0) + \
+        torch.zeros_like(log_p0).index_fill(-1, torch.tensor([mask]), 1.0) * log_odds
+    out = torch.where(masked, (log_p0 - log_odds).clamp_min(LOG_ZERO), clean_scores)
+    return torch.scatter(out, -1, x[..., None], 0.0)
+
+
+def uniform_scores(log_p0: torch.Tensor, x: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
+    """Log-scores of the uniform graph: r_y = sum_a p0(a) K(a, y) / K(a, x), K = e^-s I + (1 - e^-s) / N."""
+    n = log_p0.shape[-1]
+    alpha = torch.exp(-sigma.double())[:, None, None, None]
+    kernel = alpha * torch.eye(n, dtype=torch.float64) + (1 - alpha) / n  # (B, 1, N, N)
+    p0 = log_p0.exp()
+    column = kernel[:, 0].gather(-1, x[:, :, None].expand(-1, -1, n).transpose(1, 2)).transpose(1, 2)  # K(a, x_i)
+    ratios = torch.einsum("bla,bay->bly", p0 / column, kernel[:, 0])
+    return ratios.log()
+
+
+# ----------------------------------------------------------------------------- layouts built by hand
+
+
+def test_sedd_layout_by_hand(tmp_path):
+    state = public_state(VOCAB + 1)
+    config = {"tokens": VOCAB, "graph": {"type": "absorb"},
+              "noise": {"type": "loglinear", "sigma_min": 1e-4, "sigma_max": 20},
+              "model": {"name": "small", "type": "ddit", "hidden_size": HIDDEN, "cond_dim": COND, "length": LENGTH,
+                        "n_blocks": BLOCKS, "n_heads": HEADS, "scale_by_sigma": True, "dropout": 0.1},
+              "training": {"batch_size": 512}}
+    write(tmp_path, config, state)
+    assert checkpoint_layout(tmp_path) == "sedd"
+    loaded = load_pretrained(tmp_path)
+    assert (loaded.layout, loaded.graph, loaded.noise, loaded.noise_options) == ("sedd", "absorbing", "loglinear", {})
+    assert (loaded.num_states, loaded.seq_len) == (VOCAB + 1, LENGTH)
+    x, sigma = noisy_inputs(VOCAB + 1, masked=True)
+    expected = sedd_reference(state, SimpleNamespace(**vars(SIZES), scale_by_sigma=True), x, sigma)
+    torch.testing.assert_close(loaded.model(x, sigma), expected, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("time_conditioning", [False, True])
+def test_mdlm_layout_by_hand_is_subs(tmp_path, time_conditioning):
+    state = public_state(VOCAB + 1)
+    write(tmp_path, hf_config("mdlm", VOCAB + 1, time_conditioning=time_conditioning,
+                              architectures=["MDLM"]), state, prefix="backbone.")
+    assert checkpoint_layout(tmp_path) == "mdlm"
+    loaded = load_pretrained(tmp_path)
+    assert (loaded.layout, loaded.graph, loaded.noise) == ("mdlm", "absorbing", "loglinear")
+    assert loaded.model.config.parameterization == "posterior"
+    x, sigma = noisy_inputs(VOCAB + 1, masked=True)
+    # MDLM's backbone sees sigma = 0 without time conditioning; SUBS: no mask, carry-over, normalised
+    logits = ddit_reference_logits(state, SIZES, x, sigma if time_conditioning else torch.zeros_like(sigma))
+    log_p0 = logits.double().index_fill(-1, torch.tensor([VOCAB]), -math.inf).log_softmax(-1)
+    expected = absorbing_scores(log_p0, x, sigma)
+    torch.testing.assert_close(loaded.model(x, sigma).double(), expected, rtol=1e-4, atol=1e-4)
+
+
+def test_duo_layout_by_hand_is_the_uniform_posterior(tmp_path):
+    state = public_state(VOCAB)
+    write(tmp_path, hf_config("DUO", VOCAB, causal=False, var_min=True), state, prefix="backbone.")
+    assert checkpoint_layout(tmp_path) == "duo"
+    loaded = load_pretrained(tmp_path)
+    assert (loaded.layout, loaded.graph, loaded.noise) == ("duo", "uniform", "loglinear")
+    x, sigma = noisy_inputs(VOCAB, masked=False)
+    log_p0 = ddit_reference_logits(state, SIZES, x, sigma).double().log_softmax(-1)  # DUO: sigma = -log alpha_t
+    torch.testing.assert_close(loaded.model(x, sigma), uniform_scores(log_p0, x, sigma), rtol=1e-5, atol=1e-5)
+
+
+def test_inv_freq_may_be_absent(tmp_path):
+    state = public_state(VOCAB)
+    del state["rotary_emb.inv_freq"]
+    write(tmp_path, hf_config("DUO", VOCAB), state, prefix="backbone.")
+    x, sigma = noisy_inputs(VOCAB, masked=False)
+    assert torch.isfinite(load_pretrained(tmp_path).model(x, sigma)).all()
+
+
+# ----------------------------------------------------------------------------- written by cdm
+
+
+def randomised(model: DiT, seed: int = 0) -> DiT:
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for parameter in model.parameters():
+            parameter.copy_(torch.randn(parameter.shape, generator=generator) * 0.2)
+    return model.eval()
+
+
+LAYOUT_CASES = {
+    "sedd": dict(scale_by_sigma=True),
+    "mdlm": dict(parameterization="posterior", graph="absorbing", time_conditioning=False),
+    "duo": dict(parameterization="posterior", graph="uniform"),
+}
+
+
+@pytest.mark.parametrize("layout", sorted(LAYOUT_CASES))
+@pytest.mark.parametrize("mixture", [{}, {"latent_dim": 1, "latent_components": 3, "shared_blocks": 1}])
+def test_saved_networks_load_as_they_were(tmp_path, layout, mixture):
+    absorbing = layout != "duo"
+    num_states = VOCAB + 1 if absorbing else VOCAB
+    config = DiTConfig(num_states, LENGTH, HIDDEN, HEADS, BLOCKS, COND, **LAYOUT_CASES[layout], **mixture)
+    model = randomised(DiT(config))
+    written = save_pretrained(model, tmp_path, "absorbing" if absorbing else "uniform", "loglinear", {})
+    assert written == layout == checkpoint_layout(tmp_path)
+    loaded = load_pretrained(tmp_path)
+    assert loaded.model.config == config
+    x, sigma = noisy_inputs(num_states, masked=absorbing)
+    lam = torch.tensor([0.1, 0.5, 0.9, 0.4])[:, None] if mixture else None
+    assert torch.equal(loaded.model(x, sigma, lam), model(x, sigma, lam))
+    if layout != "sedd":  # their wrapper's names: everything behind "backbone."
+        from safetensors.torch import load_file
+        assert all(name.startswith("backbone.") for name in load_file(tmp_path / "model.safetensors"))
+
+
+def test_saving_keeps_the_teachers_other_settings(tmp_path):
+    state = public_state(VOCAB + 1)
+    write(tmp_path / "teacher", hf_config("mdlm", VOCAB + 1, auto_map={"AutoConfig": "configuration_mdlm.MDLMConfig"}),
+          state, prefix="backbone.")
+    teacher = load_pretrained(tmp_path / "teacher")
+    save_pretrained(teacher.model, tmp_path / "student", teacher.graph, teacher.noise, teacher.noise_options,
+                    like=teacher)
+    config = json.loads((tmp_path / "student" / "config.json").read_text())
+    assert config["auto_map"] == {"AutoConfig": "configuration_mdlm.MDLMConfig"}
+    assert config["time_conditioning"] is False and config["vocab_size"] == VOCAB + 1
+
+
+# ----------------------------------------------------------------------------- refusals
+
+
+def test_unknown_and_missing_checkpoints_are_refused(tmp_path):
+    with pytest.raises(FileNotFoundError, match="no checkpoint directory"):
+        load_pretrained(tmp_path / "absent")
+    with pytest.raises(FileNotFoundError, match="config.json"):
+        load_pretrained(tmp_path)
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "llama"}))
+    with pytest.raises(ValueError, match="none of the layouts.*'llama'"):
+        load_pretrained(tmp_path)
+    (tmp_path / "config.json").write_text("[1, 2]")
+    with pytest.raises(ValueError, match="JSON object"):
+        load_pretrained(tmp_path)
+    (tmp_path / "config.json").write_text(json.dumps(hf_config("mdlm", VOCAB + 1)))
+    with pytest.raises(FileNotFoundError, match="MDLM checkpoint .* neither model.safetensors nor pytorch_model.bin"):
+        load_pretrained(tmp_path)
+
+
+@pytest.mark.parametrize("change, message", [
+    (lambda c, s: c.pop("hidden_dim"), r"MDLM config is missing keys \['hidden_dim'\]"),
+    (lambda c, s: c.update(mask_token_id=3), "mask token 3; cdm's absorbing graph needs it last"),
+    (lambda c, s: s.pop("backbone.blocks.1.attn_out.weight"), r"missing parameters \['blocks.1.attn_out.weight'\]"),
+    (lambda c, s: s.update({"backbone.extra.weight": torch.zeros(1)}), r"unexpected parameters \['extra.weight'\]"),
+    (lambda c, s: s.update({"sampling_eps_min": torch.zeros(())}), "parameters outside 'backbone.'"),
+    (lambda c, s: c.update(n_heads=3), "describes no valid network: hidden=32 must split"),
+    (lambda c, s: c.update(vocab_size=VOCAB), r"vocab_embed.embedding: checkpoint shape \(10, 32\), model expects \(9, 32\)"),
+])
+def test_mdlm_mismatches_are_refused(tmp_path, change, message):
+    config = hf_config("mdlm", VOCAB + 1)
+    state = {"backbone." + name: t for name, t in public_state(VOCAB + 1).items()}
+    change(config, state)
+    write(tmp_path, config, state)
+    with pytest.raises(ValueError, match=message):
+        load_pretrained(tmp_path)
+
+
+def test_causal_duo_is_refused(tmp_path):
+    write(tmp_path, hf_config("DUO", VOCAB, causal=True), public_state(VOCAB), prefix="backbone.")
+    with pytest.raises(ValueError, match="causal=true: that is an autoregressive network"):
+        load_pretrained(tmp_path)
+
+
+def test_layouts_refuse_networks_they_cannot_hold(tmp_path):
+    posterior = DiTConfig(VOCAB + 1, LENGTH, HIDDEN, HEADS, BLOCKS, COND, parameterization="posterior",
+                          graph="absorbing")
+    with pytest.raises(ValueError, match="SEDD's layout holds score networks"):
+        sedd_config(posterior, graph="absorb")
+    with pytest.raises(ValueError, match="DUO's layout holds posterior networks of the uniform graph"):
+        denoiser_config(posterior, "duo")
+    with pytest.raises(ValueError, match="records no noise schedule"):
+        save_pretrained(DiT(posterior), tmp_path, "absorbing", "geometric", {})
+    with pytest.raises(ValueError, match="eps=0.001 only"):
+        save_pretrained(DiT(posterior), tmp_path, "absorbing", "loglinear", {"eps": 0.01})
+    ordinal = DiTConfig(VOCAB, LENGTH, HIDDEN, HEADS, BLOCKS, COND, parameterization="posterior", graph="ordinal")
+    with pytest.raises(ValueError, match="no published layout holds a posterior network of the ordinal graph"):
+        save_pretrained(DiT(ordinal), tmp_path, "ordinal", "geometric", {})
