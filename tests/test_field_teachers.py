@@ -252,3 +252,78 @@ def test_layouts_refuse_networks_they_cannot_hold(tmp_path):
     ordinal = DiTConfig(VOCAB, LENGTH, HIDDEN, HEADS, BLOCKS, COND, parameterization="posterior", graph="ordinal")
     with pytest.raises(ValueError, match="no published layout holds a posterior network of the ordinal graph"):
         save_pretrained(DiT(ordinal), tmp_path, "ordinal", "geometric", {})
+
+
+# ----------------------------------------------------------------------------- the chunked joint-CDM loss
+
+import cdm_kernels as ck  # noqa: E402
+from cdm.losses import joint_cdm_loss  # noqa: E402
+from cdm.schedules import LogLinearNoise  # noqa: E402
+
+CHUNK_CASES = {
+    "absorbing-posterior": (dict(parameterization="posterior", graph="absorbing", time_conditioning=False), {}),
+    "absorbing-score-shared": (dict(scale_by_sigma=True, shared_blocks=1), {}),
+    "uniform-posterior-weighted": (dict(parameterization="posterior", graph="uniform", mixture_weights=True), {}),
+    "uniform-score-step": (dict(), dict(steps=2, target="step")),
+}
+
+
+def chunk_case(name: str, vocab: int = VOCAB, length: int = LENGTH):
+    network, options = CHUNK_CASES[name]
+    absorbing = network.get("graph", "absorbing" if "scale_by_sigma" in network else "uniform") == "absorbing"
+    num_states = vocab + 1 if absorbing else vocab
+    graph = ck.AbsorbingGraph(num_states) if absorbing else ck.UniformGraph(num_states)
+    config = DiTConfig(num_states, length, HIDDEN, HEADS, BLOCKS, COND, latent_dim=1, latent_components=4, **network)
+    teacher = randomised(DiT(DiTConfig(num_states, length, HIDDEN, HEADS, BLOCKS, COND)), seed=1)
+    student = randomised(DiT(config), seed=2).train()
+    x0 = torch.randint(0, vocab, (3, length), generator=torch.Generator().manual_seed(3))
+    return student, teacher, graph, x0, dict(num_latents=4, num_targets=2, teacher_steps=2, **options)
+
+
+def loss_and_grads(student, teacher, graph, x0, options, chunk):
+    loss = joint_cdm_loss(student, teacher, graph, LogLinearNoise(), x0, chunk=chunk,
+                          generator=torch.Generator().manual_seed(4), **options)
+    return loss, torch.autograd.grad(loss, [p for p in student.parameters()], allow_unused=True)
+
+
+@pytest.mark.parametrize("name", sorted(CHUNK_CASES))
+def test_chunked_joint_loss_equals_the_whole_one(name):
+    student, teacher, graph, x0, options = chunk_case(name)
+    whole, whole_grads = loss_and_grads(student, teacher, graph, x0, options, None)
+    assert torch.isfinite(whole) and whole > 0
+    for chunk in (1, 4, LENGTH):  # 4: a last chunk shorter than the others
+        loss, grads = loss_and_grads(student, teacher, graph, x0, options, chunk)
+        torch.testing.assert_close(loss, whole, rtol=1e-5, atol=1e-6)
+        for a, b in zip(grads, whole_grads):
+            assert (a is None) == (b is None)
+            if a is not None:
+                torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
+
+
+def allocated_peak(fn) -> int:
+    """Peak bytes of tensor memory allocated during ``fn()`` above what was live before, from the CPU
+    allocator's events as torch.profiler records them (benchmarks/_harness.py measures the same way)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        fn()
+    sizes = sorted((e.start_ns(), e.nbytes()) for e in prof.profiler.kineto_results.events() if e.name() == "[memory]")
+    running = torch.tensor([n for _, n in sizes], dtype=torch.int64).cumsum(0)
+    return int(running.max())
+
+
+def test_chunked_joint_loss_holds_less_memory():
+    student, teacher, graph, x0, options = chunk_case("absorbing-posterior", vocab=2048, length=16)
+    peaks = {chunk: allocated_peak(lambda: loss_and_grads(student, teacher, graph, x0, options, chunk))
+             for chunk in (None, 2)}
+    # whole: B * M * L * N float32 logits, several times over (~50 MB here); chunked: 1/8 of the positions at a time
+    rows = x0.shape[0] * options["num_latents"] * x0.shape[1] * graph.num_states * 4
+    assert peaks[None] > 4 * rows and peaks[2] < peaks[None] / 3, (peaks, rows)
+
+
+def test_chunk_is_validated():
+    student, teacher, graph, x0, options = chunk_case("absorbing-posterior")
+    with pytest.raises(ValueError, match="chunk must be a positive int"):
+        loss_and_grads(student, teacher, graph, x0, options, 0)
+    with pytest.raises(ValueError, match="chunk does not go with target='exact'"):
+        joint_cdm_loss(student, teacher, graph, LogLinearNoise(), x0, chunk=2, target="exact")

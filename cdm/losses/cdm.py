@@ -463,12 +463,24 @@ def _joint_log_likelihoods(graph: ck.Graph, log_score: torch.Tensor, x_t: torch.
     return rows
 
 
+def _position_log_likelihood(graph: ck.Graph, log_score: torch.Tensor, x_t: torch.Tensor, tau_t: torch.Tensor,
+                             y: torch.Tensor, tau_next: Optional[torch.Tensor], method: str) -> torch.Tensor:
+    """``log p(y^i | x_t)`` per position (B, L) of the student's clean conditional, or with
+    ``tau_next`` (B,) of its reverse step to that noise level (:func:`step_log_likelihood`)."""
+    if tau_next is not None:
+        return step_log_likelihood(graph, log_score, x_t, tau_t, tau_next[:, None].expand(x_t.shape), y, method)
+    # one-hot targets are exact in float32 (a float64 copy would double the memory of the M-fold batch)
+    one_hot = nn.functional.one_hot(y, graph.num_states).to(torch.float32)
+    return -ck.conditional_matching_loss(graph, log_score, x_t, tau_t, one_hot, reduction="none")
+
+
 def joint_cdm_loss(student, teacher, graph: ck.Graph, noise, x0: torch.Tensor, *, steps: int = 1,
                    num_latents: int = 8, num_targets: int = 1, teacher_steps: int = 16, target: str = "clean",
                    s: Optional[float] = None, t_dist: str = "grid", grid_weights: Optional[Sequence[float]] = None,
                    stratified: bool = True, rollout: float = 0.0, weighting: Union[str, Callable] = "none",
                    method: str = "analytic", exact_targets: Optional[ExactTargets] = None,
-                   generator: Optional[torch.Generator] = None, reduction: str = "mean") -> torch.Tensor:
+                   chunk: Optional[int] = None, generator: Optional[torch.Generator] = None,
+                   reduction: str = "mean") -> torch.Tensor:
     """Joint CDM loss on clean data ``x0`` (B, L) for a ``steps``-step mixture student.
 
     For each sequence: t on the student's grid (``t_dist``, ``grid_weights``: see
@@ -522,6 +534,15 @@ def joint_cdm_loss(student, teacher, graph: ck.Graph, noise, x0: torch.Tensor, *
     1-step student's exact KL at equal steps (``cdm distill`` uses 4; README).
     Returns the batch mean of ``w(t) * NLL`` (``reduction="none"``: (B,)).
 
+    ``chunk`` (a ``DiT`` student; not with ``target="exact"``, which needs whole
+    conditionals): the student's output layer and the targets' log-likelihoods
+    run ``chunk`` positions at a time under activation checkpointing
+    (``DiT.forward(per_position=...)``), so no (B * M, L, N) tensor is held: at
+    the field's vocabulary that tensor, several times over, is most of a step's
+    memory (docs/ARCHITECTURE.md, "A joint-CDM step at the field's scale"). The
+    value and gradients are those of ``chunk=None``; the output layer runs once
+    more in backward.
+
     Defaults (exact study, tests/test_cdm_exact.py setting, 1-step KL of the
     teacher 0.488; table student, Adam): M = 4 / 8 / 16 gave 0.028 / 0.018 /
     0.014 after 300 steps (M = 8 is the knee); teacher_steps = 16 / 32 / 64
@@ -542,6 +563,8 @@ def joint_cdm_loss(student, teacher, graph: ck.Graph, noise, x0: torch.Tensor, *
         raise ValueError(f"rollout must be in [0, 1] (and needs t_dist='grid'), got {rollout!r}")
     if target not in JOINT_TARGETS:
         raise ValueError(f"target must be one of {JOINT_TARGETS}, got {target!r}")
+    if chunk is not None and target == "exact":
+        raise ValueError("chunk does not go with target='exact' (its likelihoods need whole conditionals)")
     if target != "clean" and s is not None:
         raise ValueError("s (the time of the teacher's last per-token conditional) applies to target='clean' only")
     if target == "exact":
@@ -594,26 +617,26 @@ def joint_cdm_loss(student, teacher, graph: ck.Graph, noise, x0: torch.Tensor, *
     x_rep = x_t.repeat_interleave(m, 0)
     tau_rep = tau_t.repeat_interleave(m, 0)[:, None].expand(x_rep.shape)
     lam = draw_latents(student, batch * m, generator, device, stratified_groups=m if (stratified and m > 1) else 0)
-    if shared_block_count(student):
-        # M latents per sequence in one call: the blocks before the latent run once per sequence
-        log_score = _scores(student, x_t, tau_t, lam, graph=graph)
-    else:
-        log_score = _scores(student, x_rep, tau_rep[:, 0], lam, graph=graph)
-    if target == "step":
-        tau_next = tau_of_time(noise, t_next).repeat_interleave(m, 0)[:, None].expand(x_rep.shape)
-
-    def log_likelihood(y: torch.Tensor) -> torch.Tensor:  # sum_i log p(y^i | x_t, lambda), (B * M,)
-        if target == "step":
-            return step_log_likelihood(graph, log_score, x_rep, tau_rep, tau_next, y, method).sum(-1)
-        # one-hot targets are exact in float32 (a float64 copy would double the memory of the M-fold batch)
-        one_hot = nn.functional.one_hot(y, graph.num_states).to(torch.float32)
-        return -ck.conditional_matching_loss(graph, log_score, x_rep, tau_rep, one_hot, reduction="none").sum(-1)
-
+    # with shared blocks, M latents per sequence go in one call: the blocks before the latent run once per sequence
+    x_in, tau_in = (x_t, tau_t) if shared_block_count(student) else (x_rep, tau_rep[:, 0])
     if target == "exact":  # every x_0 of the support: (B, M, S)
+        log_score = _scores(student, x_in, tau_in, lam, graph=graph)
         log_lik = _joint_log_likelihoods(graph, log_score, x_rep, tau_rep).view(batch, m, -1)
     else:
-        x_target = x_target.view(batch, r, seq_len).repeat_interleave(m, 0)  # (B * M, r, L)
-        log_lik = torch.stack([log_likelihood(x_target[:, j]) for j in range(r)], -1).view(batch, m, r)
+        targets = x_target.view(batch, r, seq_len).repeat_interleave(m, 0)  # (B * M, r, L)
+        tau_next = tau_of_time(noise, t_next).repeat_interleave(m, 0) if target == "step" else None
+
+        def per_position(log_score, x, sigma, positions):  # log p(y^i | x_t, lambda) of each target: (B * M, P, r)
+            log_score = log_score.to(inversion_dtype(graph, log_score.dtype))
+            tau = sigma[:, None].expand(x.shape)
+            return torch.stack([_position_log_likelihood(graph, log_score, x, tau, targets[:, j, positions], tau_next,
+                                                         method) for j in range(r)], -1)
+
+        if chunk is None:
+            per_pos = per_position(call_model(student, x_in, tau_in, lam), x_rep, tau_rep[:, 0], slice(None))
+        else:
+            per_pos = call_model(student, x_in, tau_in, lam, per_position=per_position, chunk=chunk)
+        log_lik = per_pos.sum(1).view(batch, m, r)
     log_w = mixture_log_weights(student, x_t, tau_t)
     if log_w is not None:  # lambda was drawn uniformly: importance weight K w_k
         components = log_w.shape[-1]
