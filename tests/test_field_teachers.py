@@ -280,8 +280,8 @@ def chunk_case(name: str, vocab: int = VOCAB, length: int = LENGTH):
     return student, teacher, graph, x0, dict(num_latents=4, num_targets=2, teacher_steps=2, **options)
 
 
-def loss_and_grads(student, teacher, graph, x0, options, chunk):
-    loss = joint_cdm_loss(student, teacher, graph, LogLinearNoise(), x0, chunk=chunk,
+def loss_and_grads(student, teacher, graph, x0, options, chunk, teacher_batch=None):
+    loss = joint_cdm_loss(student, teacher, graph, LogLinearNoise(), x0, chunk=chunk, teacher_batch=teacher_batch,
                           generator=torch.Generator().manual_seed(4), **options)
     return loss, torch.autograd.grad(loss, [p for p in student.parameters()], allow_unused=True)
 
@@ -293,6 +293,15 @@ def test_chunked_joint_loss_equals_the_whole_one(name):
     assert torch.isfinite(whole) and whole > 0
     for chunk in (1, 4, LENGTH):  # 4: a last chunk shorter than the others
         loss, grads = loss_and_grads(student, teacher, graph, x0, options, chunk)
+        torch.testing.assert_close(loss, whole, rtol=1e-5, atol=1e-6)
+        for a, b in zip(grads, whole_grads):
+            assert (a is None) == (b is None)
+            if a is not None:
+                torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
+    # the teacher's chain one sequence per call: other draws (one generator call per row), the same equality
+    whole, whole_grads = loss_and_grads(student, teacher, graph, x0, options, None, teacher_batch=1)
+    for chunk in (2,):
+        loss, grads = loss_and_grads(student, teacher, graph, x0, options, chunk, teacher_batch=1)
         torch.testing.assert_close(loss, whole, rtol=1e-5, atol=1e-6)
         for a, b in zip(grads, whole_grads):
             assert (a is None) == (b is None)
@@ -325,5 +334,7 @@ def test_chunk_is_validated():
     student, teacher, graph, x0, options = chunk_case("absorbing-posterior")
     with pytest.raises(ValueError, match="chunk must be a positive int"):
         loss_and_grads(student, teacher, graph, x0, options, 0)
+    with pytest.raises(ValueError, match="batch_size must be a positive int"):
+        loss_and_grads(student, teacher, graph, x0, options, None, teacher_batch=0)
     with pytest.raises(ValueError, match="chunk does not go with target='exact'"):
         joint_cdm_loss(student, teacher, graph, LogLinearNoise(), x0, chunk=2, target="exact")

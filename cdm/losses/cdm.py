@@ -255,12 +255,21 @@ def _scores(model, x, tau, lam=None, graph=None) -> torch.Tensor:
 
 @torch.no_grad()
 def teacher_chain(model, graph: ck.Graph, noise, x_t: torch.Tensor, t: torch.Tensor, s: torch.Tensor, steps: int,
-                  *, method: str = "analytic", generator: Optional[torch.Generator] = None) -> torch.Tensor:
+                  *, method: str = "analytic", generator: Optional[torch.Generator] = None,
+                  batch_size: Optional[int] = None) -> torch.Tensor:
     """``x_s`` from ``steps`` reverse steps of ``model`` from time t to time s
     (per sequence, (B,) each, ``s < t``), equally spaced in time; ``s = 0``
-    ends at tau = 0 (clean tokens). Every step is one ``fused_euler_step``."""
+    ends at tau = 0 (clean tokens). Every step is one ``fused_euler_step``.
+    ``batch_size``: sequences per network call (default all B): the chain's
+    (B, L, N) scores, a few copies of which a step holds, shrink to batch_size rows."""
     if not isinstance(steps, int) or steps < 1:
         raise ValueError(f"steps must be a positive int, got {steps!r}")
+    if batch_size is not None:
+        if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+            raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
+        return torch.cat([teacher_chain(model, graph, noise, x_t[i:i + batch_size], t[i:i + batch_size],
+                                        s[i:i + batch_size], steps, method=method, generator=generator)
+                          for i in range(0, len(x_t), batch_size)])
     x = x_t
     for m in range(steps):
         t_from = t + (s - t) * (m / steps)
@@ -479,8 +488,8 @@ def joint_cdm_loss(student, teacher, graph: ck.Graph, noise, x0: torch.Tensor, *
                    s: Optional[float] = None, t_dist: str = "grid", grid_weights: Optional[Sequence[float]] = None,
                    stratified: bool = True, rollout: float = 0.0, weighting: Union[str, Callable] = "none",
                    method: str = "analytic", exact_targets: Optional[ExactTargets] = None,
-                   chunk: Optional[int] = None, generator: Optional[torch.Generator] = None,
-                   reduction: str = "mean") -> torch.Tensor:
+                   chunk: Optional[int] = None, teacher_batch: Optional[int] = None,
+                   generator: Optional[torch.Generator] = None, reduction: str = "mean") -> torch.Tensor:
     """Joint CDM loss on clean data ``x0`` (B, L) for a ``steps``-step mixture student.
 
     For each sequence: t on the student's grid (``t_dist``, ``grid_weights``: see
@@ -541,7 +550,8 @@ def joint_cdm_loss(student, teacher, graph: ck.Graph, noise, x0: torch.Tensor, *
     the field's vocabulary that tensor, several times over, is most of a step's
     memory (docs/ARCHITECTURE.md, "A joint-CDM step at the field's scale"). The
     value and gradients are those of ``chunk=None``; the output layer runs once
-    more in backward.
+    more in backward. ``teacher_batch``: rows of the teacher's chain per network
+    call (its B * R rows at once by default; see :func:`teacher_chain`).
 
     Defaults (exact study, tests/test_cdm_exact.py setting, 1-step KL of the
     teacher 0.488; table student, Adam): M = 4 / 8 / 16 gave 0.028 / 0.018 /
@@ -601,7 +611,7 @@ def joint_cdm_loss(student, teacher, graph: ck.Graph, noise, x0: torch.Tensor, *
             x_from, t_from, t_to = x_t.repeat_interleave(r, 0), t.repeat_interleave(r), t_next.repeat_interleave(r)
             if target == "step":
                 x_target = teacher_chain(teacher, graph, noise, x_from, t_from, t_to, teacher_steps, method=method,
-                                         generator=generator)
+                                         generator=generator, batch_size=teacher_batch)
             else:
                 default_s = t_from / teacher_steps
                 s_time = default_s if s is None else torch.where(torch.full_like(t_from, float(s)) < t_from,
@@ -609,9 +619,9 @@ def joint_cdm_loss(student, teacher, graph: ck.Graph, noise, x0: torch.Tensor, *
                 x_s = x_from
                 if teacher_steps > 1:
                     x_s = teacher_chain(teacher, graph, noise, x_from, t_from, s_time, teacher_steps - 1,
-                                        method=method, generator=generator)
+                                        method=method, generator=generator, batch_size=teacher_batch)
                 x_target = teacher_chain(teacher, graph, noise, x_s, s_time, torch.zeros_like(t_from), 1,
-                                         method=method, generator=generator)
+                                         method=method, generator=generator, batch_size=teacher_batch)
 
     m = num_latents if latent_dim(student) else 1
     x_rep = x_t.repeat_interleave(m, 0)
