@@ -13,7 +13,7 @@ from safetensors.torch import save_file
 from cdm.models import (DiT, DiTConfig, checkpoint_layout, denoiser_config, load_pretrained, save_pretrained,
                         sedd_config)
 from cdm.models.dit import LOG_ZERO
-from test_models import ddit_reference_logits, sedd_reference
+from test_models import ddit_reference_logits, randomised, sedd_reference
 
 VOCAB, LENGTH, HIDDEN, HEADS, BLOCKS, COND = 9, 6, 32, 4, 2, 16  # VOCAB: data tokens (+1 mask when absorbing)
 
@@ -147,14 +147,6 @@ def test_inv_freq_may_be_absent(tmp_path):
 
 
 # ----------------------------------------------------------------------------- written by cdm
-
-
-def randomised(model: DiT, seed: int = 0) -> DiT:
-    generator = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for parameter in model.parameters():
-            parameter.copy_(torch.randn(parameter.shape, generator=generator) * 0.2)
-    return model.eval()
 
 
 LAYOUT_CASES = {
@@ -338,3 +330,76 @@ def test_chunk_is_validated():
         loss_and_grads(student, teacher, graph, x0, options, None, teacher_batch=0)
     with pytest.raises(ValueError, match="chunk does not go with target='exact'"):
         joint_cdm_loss(student, teacher, graph, LogLinearNoise(), x0, chunk=2, target="exact")
+
+
+# ----------------------------------------------------------------------------- through the command line
+
+from cdm.cli import main  # noqa: E402
+from cdm.experiment import Setup, load_model  # noqa: E402
+
+MARKOV = ["--data", "markov", "--data-option", "vocab_size=4", "--data-option", "seq_len=3"]
+
+
+@pytest.fixture(scope="module")
+def sedd_teacher(tmp_path_factory):
+    """A tiny absorbing, log-linear teacher pretrained with score entropy on the markov data
+    (4 tokens + the mask, length 3), written in SEDD's layout."""
+    root = tmp_path_factory.mktemp("sedd-teacher")
+    main(["pretrain", *MARKOV, "--graph", "absorbing", "--noise", "loglinear", "--steps", "40", "--batch-size", "64",
+          "--out", str(root / "run"), "--quiet", "--device", "cpu"])
+    model, setup, _ = load_model(root / "run" / "teacher.safetensors")
+    save_pretrained(model, root / "sedd", setup.graph, setup.noise, setup.noise_options)
+    return root / "sedd"
+
+
+def test_every_method_distils_an_absorbing_sedd_teacher(sedd_teacher, tmp_path, capsys):
+    out = tmp_path / "compare"
+    main(["compare", "--teacher", str(sedd_teacher), *MARKOV, "--steps", "3", "--batch-size", "4",
+          "--student-steps", "1,2", "--teacher-nfe", "1,4", "--num-samples", "32", "--latent-components", "2",
+          "--teacher-steps", "2", "--num-targets", "1", "--out", str(out), "--quiet", "--device", "cpu"])
+    rows = json.loads((out / "results.json").read_text())
+    assert {(r["model"], r["method"], r["nfe"]) for r in rows} == {
+        ("teacher", "analytic", 1), ("teacher", "analytic", 4),
+        *{("student", method, k) for method in ("cdm-per-token", "cdm-joint", "di4c", "d-mmd") for k in (1, 2)}}
+    assert all({"kl", "reverse_kl", "nll"} <= set(r["metrics"]) for r in rows)  # 5^3 states: exact KLs
+    assert "absorbing graph" in capsys.readouterr().out
+    for method in ("per-token", "joint", "di4c", "dmmd"):
+        student, setup, _ = load_model(out / f"student-{method}-k1.safetensors")
+        assert (setup.graph, setup.noise, student.config.parameterization) == ("absorbing", "loglinear", "score")
+        saved = load_pretrained(out / f"student-{method}-k1")  # the teacher's own layout, as the teacher's tools read it
+        assert saved.layout == "sedd" and saved.model.config == student.config
+        x, sigma = torch.randint(0, 5, (3, 3)), torch.tensor([0.3, 1.0, 5.0])
+        lam = torch.tensor([0.1, 0.6, 0.9]) if student.config.latent_dim else None
+        assert torch.equal(saved.model(x, sigma, lam), student(x, sigma, lam))
+
+
+def test_a_posterior_student_of_a_sedd_teacher_is_written_in_mdlms_layout(sedd_teacher, tmp_path):
+    main(["distill", "--teacher", str(sedd_teacher), *MARKOV, "--methods", "per-token", "--student-output",
+          "posterior", "--steps", "2", "--batch-size", "4", "--student-steps", "1", "--teacher-nfe", "1",
+          "--num-samples", "16", "--out", str(tmp_path), "--quiet", "--device", "cpu"])
+    saved = load_pretrained(tmp_path / "student-per-token-k1")
+    assert saved.layout == "mdlm" and not saved.model.config.scale_by_sigma
+
+
+@pytest.mark.parametrize("options, needles", [
+    (["--data-option", "vocab_size=5", "--data-option", "seq_len=3"],
+     ["SEDD checkpoint's absorbing graph has 5 states", "the markov data has 5 tokens plus the mask: 6 states"]),
+    (["--data-option", "vocab_size=4", "--data-option", "seq_len=4"],
+     ["SEDD checkpoint's length is 3", "the markov data's 4"]),
+])
+def test_a_teacher_that_does_not_fit_the_data_is_refused(sedd_teacher, tmp_path, capsys, options, needles):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["distill", "--teacher", str(sedd_teacher), "--data", "markov", *options, "--out", str(tmp_path)])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert all(needle in err for needle in needles), err
+
+
+def test_handover_with_a_teacher_of_another_graph_is_refused(sedd_teacher, tmp_path, capsys):
+    student = tmp_path / "uniform.safetensors"
+    setup = Setup(data="markov", data_options={"vocab_size": 4, "seq_len": 3})
+    from cdm.experiment import new_model, save_model
+    save_model(student, new_model(setup, "tiny"), setup, "student")
+    with pytest.raises(SystemExit):
+        main(["eval", "--checkpoint", str(student), "--steps", "1", "--handover", "--teacher", str(sedd_teacher)])
+    assert "SEDD checkpoint of the absorbing graph; the run is on the uniform graph" in capsys.readouterr().err
