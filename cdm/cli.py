@@ -31,11 +31,14 @@ from .experiment import (
     evaluate,
     exact_handover_metrics,
     load_model,
+    load_teacher,
     new_model,
+    pretrained_setup,
     primary_metric,
     result_row,
     save_model,
 )
+from .models.pretrained import load_pretrained, save_pretrained
 from .losses import ExactTargets, get_loss, make_student
 from .models.dit import PRESETS
 from .sampling import has_mixture_weights, network_evaluations
@@ -204,7 +207,10 @@ def distill(args) -> None:
     teacher_path = args.teacher or default_teacher_path()
     if teacher_path is None:
         raise SystemExit("error: no --teacher given and no teacher ships with this installation")
-    teacher, setup, _ = load_model(teacher_path, device=args.device)
+    teacher, setup, pretrained = load_teacher(teacher_path, args.device, args.data,
+                                              _options(args.data_option, "--data-option"))
+    if args.student_output is None:  # a checkpoint's students keep its output, so its own layout holds them
+        args.student_output = teacher.config.parameterization if pretrained else "posterior"
     start = teacher
     if args.student_init:
         start, start_setup, _ = load_model(args.student_init, device=args.device)
@@ -234,6 +240,10 @@ def distill(args) -> None:
             if trainer.rank != 0:
                 continue
             save_model(out / f"student-{name}.safetensors", student, setup, "student", method=method, k=k)
+            if pretrained is not None:
+                layout = save_pretrained(student, out / f"student-{name}", setup.graph, setup.noise,
+                                         setup.noise_options, like=pretrained)
+                print(f"{name}: also written in {layout.upper()}'s layout to {out / f'student-{name}'}")
             metrics, samples = evaluate(student, setup, k, args.num_samples, seed=args.seed)
             label = METHOD_LABELS[method] + ("-weighted" if has_mixture_weights(student) else "")
             rows.append(result_row("student", label, network_evaluations(student, k), metrics,
@@ -272,7 +282,7 @@ def _student_and_loss(method: str, k: int, teacher, start, setup: Setup, args):
         options["num_latents"] = args.num_latents or args.latent_components or 16
     if method == "joint":
         options.update(teacher_steps=args.teacher_steps, target=args.joint_target, num_targets=args.num_targets,
-                       rollout=args.rollout)
+                       rollout=args.rollout, chunk=args.chunk, teacher_batch=args.teacher_batch)
         if args.joint_target == "exact":
             if not enumerable(setup):
                 raise ValueError(f"--joint-target exact: the targets' law is enumerated over num_states^L "
@@ -374,7 +384,13 @@ def handover(student, setup: Setup, args) -> None:
     teacher_path = args.teacher or default_teacher_path()
     if teacher_path is None:
         raise SystemExit("error: no --teacher given and no teacher ships with this installation")
-    teacher, teacher_setup, _ = load_model(teacher_path, device=args.device)
+    if Path(teacher_path).is_dir():
+        pretrained = load_pretrained(teacher_path, device=args.device)
+        teacher = pretrained.model
+        teacher_setup = pretrained_setup(pretrained, setup.data, setup.data_options, f"--teacher {teacher_path}",
+                                         graph=setup.graph)
+    else:
+        teacher, teacher_setup, _ = load_model(teacher_path, device=args.device)
     if teacher_setup != setup:
         raise ValueError(f"--teacher: {teacher_path} was trained on another setup than --checkpoint "
                          f"({teacher_setup.to_json()} against {setup.to_json()})")
@@ -414,7 +430,15 @@ def build_parser() -> argparse.ArgumentParser:
         ("compare", ",".join(METHODS), "1,2,4,8,64,256", "every method (CDM per-token/joint, Di4C, D-MMD) on one teacher"),
     ):
         p = commands.add_parser(name, help=help_text)
-        p.add_argument("--teacher", help="teacher model file (default: the one shipped with the package)")
+        p.add_argument("--teacher", help="teacher model file (default: the one shipped with the package), or a "
+                                         "local checkpoint directory in SEDD's, MDLM's or DUO's layout (config.json "
+                                         "+ model.safetensors or pytorch_model.bin), which brings its graph, noise "
+                                         "schedule and parameterisation; --data then names the data")
+        p.add_argument("--data", choices=["markov", "digits", "words"],
+                       help="with a checkpoint directory as --teacher: the data (default markov); a model file "
+                            "carries its own")
+        p.add_argument("--data-option", action="append", metavar="KEY=VALUE",
+                       help="with --data: data set option (repeatable)")
         p.add_argument("--methods", default=methods, type=_method_list, help=f"among {','.join(METHODS)}")
         p.add_argument("--student-steps", default=[1, 2, 4], type=_int_list,
                        help="sampler steps of the students (NFE: twice that with --mixture-weights "
@@ -422,8 +446,9 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--teacher-nfe", default=_int_list(teacher_nfe), type=_int_list)
         p.add_argument("--num-samples", type=_number(int, 1), default=1024,
                        help="samples per evaluated sampler (the markov data is also evaluated exactly)")
-        p.add_argument("--student-output", default="posterior", choices=["posterior", "score"],
-                       help="what the students' last layer outputs (cdm.models.dit)")
+        p.add_argument("--student-output", choices=["posterior", "score"],
+                       help="what the students' last layer outputs (cdm.models.dit); default: posterior, or a "
+                            "checkpoint directory's own output")
         p.add_argument("--student-size", choices=sorted(PRESETS),
                        help="the students' network size (default: the teacher's, from its weights); "
                             "another size starts from random weights")
@@ -454,6 +479,11 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--grid-weights", type=_weight_list, metavar="W1,...,Wk",
                        help="CDM students (one --student-steps k): relative frequencies of the k grid times "
                             "t = 1, 1 - 1/k, ..., 1/k in training (default equal)")
+        p.add_argument("--chunk", type=_number(int, 1),
+                       help="joint CDM: the student's output layer and the targets' likelihoods this many positions "
+                            "at a time (no B*M*L*N tensor is held; memory model in docs/ARCHITECTURE.md)")
+        p.add_argument("--teacher-batch", type=_number(int, 1),
+                       help="joint CDM: sequences per call of the teacher's chain (default: all B*R at once)")
         p.add_argument("--rollout", type=_number(float, 0, 1), default=0.0,
                        help="joint CDM, k > 1: share of x_t drawn by the student's own sampler instead of by noising data")
         # D-MMD's generator loss is linear in its probabilities: at the shared lr (2e-3) the
