@@ -213,7 +213,8 @@ def test_unknown_and_missing_checkpoints_are_refused(tmp_path):
     (lambda c, s: s.update({"backbone.extra.weight": torch.zeros(1)}), r"unexpected parameters \['extra.weight'\]"),
     (lambda c, s: s.update({"sampling_eps_min": torch.zeros(())}), "parameters outside 'backbone.'"),
     (lambda c, s: c.update(n_heads=3), "describes no valid network: hidden=32 must split"),
-    (lambda c, s: c.update(vocab_size=VOCAB), r"vocab_embed.embedding: checkpoint shape \(10, 32\), model expects \(9, 32\)"),
+    (lambda c, s: c.update(vocab_size=VOCAB),
+     r"vocab_embed.embedding: checkpoint shape \(10, 32\), model expects \(9, 32\)"),
 ])
 def test_mdlm_mismatches_are_refused(tmp_path, change, message):
     config = hf_config("mdlm", VOCAB + 1)
@@ -366,7 +367,7 @@ def test_every_method_distils_an_absorbing_sedd_teacher(sedd_teacher, tmp_path, 
     for method in ("per-token", "joint", "di4c", "dmmd"):
         student, setup, _ = load_model(out / f"student-{method}-k1.safetensors")
         assert (setup.graph, setup.noise, student.config.parameterization) == ("absorbing", "loglinear", "score")
-        saved = load_pretrained(out / f"student-{method}-k1")  # the teacher's own layout, as the teacher's tools read it
+        saved = load_pretrained(out / f"student-{method}-k1")  # the teacher's own layout, for its own tools
         assert saved.layout == "sedd" and saved.model.config == student.config
         x, sigma = torch.randint(0, 5, (3, 3)), torch.tensor([0.3, 1.0, 5.0])
         lam = torch.tensor([0.1, 0.6, 0.9]) if student.config.latent_dim else None
