@@ -372,6 +372,10 @@ def test_every_method_distils_an_absorbing_sedd_teacher(sedd_teacher, tmp_path, 
         x, sigma = torch.randint(0, 5, (3, 3)), torch.tensor([0.3, 1.0, 5.0])
         lam = torch.tensor([0.1, 0.6, 0.9]) if student.config.latent_dim else None
         assert torch.equal(saved.model(x, sigma, lam), student(x, sigma, lam))
+    capsys.readouterr()
+    main(["eval", "--checkpoint", str(out / "student-joint-k2.safetensors"), "--steps", "2", "--handover",
+          "--teacher", str(sedd_teacher), "--teacher-steps", "2"])
+    assert [line.split()[0] for line in capsys.readouterr().out.splitlines()[2:]] == ["ss", "tt", "st", "ts"]
 
 
 def test_a_posterior_student_of_a_sedd_teacher_is_written_in_mdlms_layout(sedd_teacher, tmp_path):
@@ -394,6 +398,13 @@ def test_a_teacher_that_does_not_fit_the_data_is_refused(sedd_teacher, tmp_path,
     assert exit_info.value.code == 2
     err = capsys.readouterr().err
     assert all(needle in err for needle in needles), err
+
+
+def test_data_goes_with_a_checkpoint_directory_only(sedd_teacher, tmp_path, capsys):
+    teacher_file = sedd_teacher.parent / "run" / "teacher.safetensors"
+    with pytest.raises(SystemExit):
+        main(["distill", "--teacher", str(teacher_file), "--data", "words", "--out", str(tmp_path)])
+    assert "--data: the model file" in capsys.readouterr().err
 
 
 def test_handover_with_a_teacher_of_another_graph_is_refused(sedd_teacher, tmp_path, capsys):
