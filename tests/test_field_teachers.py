@@ -138,12 +138,17 @@ def test_duo_layout_by_hand_is_the_uniform_posterior(tmp_path):
     torch.testing.assert_close(loaded.model(x, sigma), uniform_scores(log_p0, x, sigma), rtol=1e-5, atol=1e-5)
 
 
-def test_inv_freq_may_be_absent(tmp_path):
+def test_pickled_weights_without_inv_freq(tmp_path):
+    """``pytorch_model.bin`` (a pickled state dict, as transformers writes without safetensors),
+    saved without the rotary buffer: the DiT's own frequencies are the checkpoint's."""
     state = public_state(VOCAB)
-    del state["rotary_emb.inv_freq"]
-    write(tmp_path, hf_config("DUO", VOCAB), state, prefix="backbone.")
+    (tmp_path / "config.json").write_text(json.dumps(hf_config("DUO", VOCAB)))
+    torch.save({"backbone." + name: t for name, t in state.items() if name != "rotary_emb.inv_freq"},
+               tmp_path / "pytorch_model.bin")
     x, sigma = noisy_inputs(VOCAB, masked=False)
-    assert torch.isfinite(load_pretrained(tmp_path).model(x, sigma)).all()
+    log_p0 = ddit_reference_logits(state, SIZES, x, sigma).double().log_softmax(-1)
+    torch.testing.assert_close(load_pretrained(tmp_path).model(x, sigma), uniform_scores(log_p0, x, sigma),
+                               rtol=1e-5, atol=1e-5)
 
 
 # ----------------------------------------------------------------------------- written by cdm
