@@ -420,3 +420,22 @@ def test_handover_with_a_teacher_of_another_graph_is_refused(sedd_teacher, tmp_p
     with pytest.raises(SystemExit):
         main(["eval", "--checkpoint", str(student), "--steps", "1", "--handover", "--teacher", str(sedd_teacher)])
     assert "SEDD checkpoint of the absorbing graph; the run is on the uniform graph" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("sharding", [[], ["--fsdp"]], ids=["ddp", "fsdp"])
+def test_chunked_joint_cdm_on_two_ranks_trains_the_whole_ones_student(tmp_path, sharding):
+    """Under torchrun (2 ranks, gloo), --chunk runs inside the wrapped forward: DDP and FSDP
+    reduce the same gradients as without it, so both runs end at the same weights."""
+    import torch.distributed as dist
+    if not (dist.is_available() and dist.is_gloo_available()):
+        pytest.skip("needs torch.distributed with gloo")
+    from test_distributed import WEIGHTED_DISTILL, identical_rank_dumps, torchrun
+
+    runs = {}
+    for name, extra in (("whole", []), ("chunked", ["--chunk", "2"])):
+        torchrun(tmp_path / name, tmp_path / f"{name}-dump", 3, "--teacher-batch", "1", *extra, *sharding,
+                 cli=WEIGHTED_DISTILL)
+        runs[name] = identical_rank_dumps(tmp_path / f"{name}-dump")[0]
+    for key, value in runs["whole"].items():
+        if key.startswith("model."):
+            torch.testing.assert_close(runs["chunked"][key], value, rtol=1e-4, atol=1e-6, msg=key)
