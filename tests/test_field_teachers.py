@@ -180,6 +180,13 @@ def test_saved_networks_load_as_they_were(tmp_path, layout, mixture):
         assert all(name.startswith("backbone.") for name in load_file(tmp_path / "model.safetensors"))
 
 
+def test_a_geometric_schedule_round_trips_in_sedds_layout(tmp_path):
+    save_pretrained(DiT(DiTConfig(VOCAB, LENGTH)), tmp_path, "uniform", "geometric", {"sigma_max": 8})
+    loaded = load_pretrained(tmp_path)
+    assert (loaded.graph, loaded.noise, loaded.noise_options) == ("uniform", "geometric",
+                                                                   {"sigma_min": 1e-3, "sigma_max": 8.0})
+
+
 def test_saving_keeps_the_teachers_other_settings(tmp_path):
     state = public_state(VOCAB + 1)
     write(tmp_path / "teacher", hf_config("mdlm", VOCAB + 1, auto_map={"AutoConfig": "configuration_mdlm.MDLMConfig"}),

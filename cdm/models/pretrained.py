@@ -20,6 +20,7 @@ from typing import Any, Optional
 
 import torch
 
+from ..schedules import get_noise
 from .checkpoint_dir import CONFIG_FILE, MIXTURE_KEY, read_config
 from .dit import DiT
 from .mdlm import MDLM_LAYOUTS, denoiser_config, load_denoiser_checkpoint, save_denoiser_checkpoint
@@ -140,6 +141,8 @@ def save_pretrained(model: DiT, path: str | os.PathLike, graph: str, noise: str,
 
 
 def _sigma_range(noise: str, noise_options: dict) -> dict[str, Any]:
+    """SEDD's ``noise.sigma_min``/``sigma_max`` of a geometric schedule (the log-linear one has none)."""
     if noise == "geometric":
-        return {"sigma_min": noise_options.get("sigma_min", 1e-3), "sigma_max": noise_options.get("sigma_max", 20.0)}
+        schedule = get_noise(noise, **noise_options)
+        return {"sigma_min": schedule.sigma_min, "sigma_max": schedule.sigma_max}
     return {}
