@@ -1,85 +1,91 @@
-"""Builds the extension cdm_kernels._C against the torch that is installed.
+"""Installs cdm-kernels; builds the extension cdm_kernels._C ahead of time when torch is there.
 
-The C++ CPU kernels are always built (OpenMP, with AVX2/AVX-512 code paths
-chosen at run time). The CUDA kernels under csrc/cuda/ are added when torch has
-CUDA and nvcc is found; CDM_KERNELS_CUDA=1 forces them (failing loudly if
-impossible), CDM_KERNELS_CUDA=0 skips them.
+Two ways, chosen by whether torch can be imported while building:
 
-Build with `pip install --no-build-isolation .` after installing torch: an
-isolated build environment would download a second (multi-GB) torch, and an
-extension built against another torch than the one it runs with breaks.
+* ``pip install --no-build-isolation .`` after installing torch: _C is compiled now,
+  against that torch (the sources and flags are in cdm_kernels/_extension_spec.py).
+* ``pip install .`` (pip's isolated build environment holds no torch, and must not:
+  it would download a second, multi-GB torch, and an extension built against another
+  torch than the one it runs with breaks): no compiled extension is installed; the
+  first call that needs the ``cpp`` or ``cuda`` backend compiles _C just in time
+  against the running torch (cdm_kernels/build.py).
+
+Either way the C++/CUDA sources (csrc/) are copied into the package as
+cdm_kernels/csrc/, for the just-in-time build.
 """
 
-import glob
+import importlib.util
 import os
-import sys
+import shutil
 
 from setuptools import setup
+from setuptools.command.build_py import build_py
 
-try:
-    import torch
-    from torch.utils import cpp_extension
-except ImportError:  # pragma: no cover - what a user sees without torch
-    sys.exit(
-        "cdm-kernels builds against the installed torch, and none was found.\n"
-        "Install torch first, then build without isolation:\n"
-        "    pip install torch && pip install --no-build-isolation ."
-    )
+HERE = os.path.dirname(os.path.abspath(__file__))
+CSRC = os.path.join(HERE, "csrc")
 
 
-def build_cuda() -> bool:
-    choice = os.environ.get("CDM_KERNELS_CUDA", "auto").lower()
-    if choice not in ("auto", "0", "1"):
-        sys.exit(f"CDM_KERNELS_CUDA must be auto, 0 or 1, got {choice!r}")
-    possible = torch.version.cuda is not None and cpp_extension.CUDA_HOME is not None
-    if choice == "1" and not possible:
-        sys.exit("CDM_KERNELS_CUDA=1 but torch has no CUDA or nvcc/CUDA_HOME was not found")
-    return choice == "1" or (choice == "auto" and possible)
+def load_spec():
+    # by path: importing the package cdm_kernels would import torch
+    location = os.path.join(HERE, "cdm_kernels", "_extension_spec.py")
+    spec = importlib.util.spec_from_file_location("_cdm_extension_spec", location)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
-def extension():
-    here = os.path.dirname(os.path.abspath(__file__))
+class BuildPyWithSources(build_py):
+    """build_py that also copies csrc/ into the package as cdm_kernels/csrc/. Skipped for
+    editable installs, which find csrc/ where it is (cdm_kernels/build.py looks there)."""
 
-    def files(*pattern):
-        return [os.path.relpath(p, here) for p in sorted(glob.glob(os.path.join(here, "csrc", *pattern)))]
+    def run(self):
+        super().run()
+        if getattr(self, "editable_mode", False):
+            return
+        target = os.path.join(self.build_lib, "cdm_kernels", "csrc")
+        shutil.rmtree(target, ignore_errors=True)
+        shutil.copytree(CSRC, target, ignore=shutil.ignore_patterns("__pycache__", "*.o", "*.so"))
 
-    sources = files("*.cpp") + files("cpu", "*.cpp")
-    include_dirs = [os.path.join(here, "csrc")]
-    openmp = ["-fopenmp"] if sys.platform != "darwin" else []
-    # no -std flag: torch's cpp_extension adds the standard its own headers need (C++20 for
-    # torch 2.13 / 2.14), and nvcc rejects a second -std
-    cxx_flags = ["-O3", "-fno-math-errno", *openmp]
-    # -lstdc++: link the C++ runtime dynamically, the one torch uses, even where the compiler
-    # driver links it statically (the H200 image's /opt/gcc g++ adds -static-libstdc++). With a
-    # second, static libstdc++ inside _C, streaming an integer into an error message used that
-    # copy's locale facets on the process's locale: "got 7" printed as "got ", or a segfault.
-    extra_link = [*openmp, *(["-lstdc++"] if sys.platform.startswith("linux") else [])]
-    if build_cuda():
-        sources += files("cuda", "*.cpp") + files("cuda", "*.cu")
-        # no --use_fast_math: the kernels call the fast intrinsics (__expf, __logf) where the
-        # forward passes can afford ~2 ulp, and keep IEEE expf and division in the backward.
-        # -ftz=true: no denormal fix-ups around each ex2/lg2 (values below float32's smallest
-        # normal never matter here: the inversion's floor is at least that)
-        nvcc_flags = ["-O3", "-ftz=true", "-lineinfo"]
+
+def extension(spec, cpp_extension):
+    try:
+        with_cuda = spec.build_cuda()
+    except spec.CudaChoiceError as error:
+        raise SystemExit(str(error)) from None
+    sources = [os.path.relpath(path, HERE) for path in spec.sources(CSRC, with_cuda)]
+    common = dict(include_dirs=[CSRC], extra_link_args=spec.LINK_FLAGS)
+    if with_cuda:
         return cpp_extension.CUDAExtension(
-            "cdm_kernels._C",
+            f"cdm_kernels.{spec.NAME}",
             sources,
-            include_dirs=include_dirs,
-            define_macros=[("CDM_WITH_CUDA", "1")],
-            extra_compile_args={"cxx": cxx_flags, "nvcc": nvcc_flags},
-            extra_link_args=extra_link,
+            define_macros=spec.CUDA_DEFINES,
+            extra_compile_args={"cxx": spec.CXX_FLAGS, "nvcc": spec.NVCC_FLAGS},
             py_limited_api=False,
+            **common,
         )
     return cpp_extension.CppExtension(
-        "cdm_kernels._C",
-        sources,
-        include_dirs=include_dirs,
-        extra_compile_args={"cxx": cxx_flags},
-        extra_link_args=extra_link,
+        f"cdm_kernels.{spec.NAME}", sources, extra_compile_args={"cxx": spec.CXX_FLAGS}, **common
     )
 
 
-setup(
-    ext_modules=[extension()],
-    cmdclass={"build_ext": cpp_extension.BuildExtension.with_options(use_ninja=True)},
-)
+def ahead_of_time():
+    """setup() arguments of the ahead-of-time build, or none where torch is missing."""
+    try:
+        from torch.utils import cpp_extension
+    except ImportError:
+        print(
+            "cdm-kernels: no torch in this build environment (an isolated build): installing "
+            "without the compiled extension; it is compiled on first use, or by "
+            "`python -m cdm_kernels.build`. For an ahead-of-time build: "
+            "pip install --no-build-isolation ."
+        )
+        return {}
+    return dict(
+        ext_modules=[extension(load_spec(), cpp_extension)],
+        cmdclass={"build_ext": cpp_extension.BuildExtension.with_options(use_ninja=True)},
+    )
+
+
+arguments = ahead_of_time()
+arguments.setdefault("cmdclass", {})["build_py"] = BuildPyWithSources
+setup(**arguments)

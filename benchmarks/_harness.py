@@ -450,6 +450,16 @@ def quick_median(fn: Callable[[], object], device: torch.device, budget_s: float
     return statistics.median(times), (time.process_time() - cpu_start) / (rounds * iterations)
 
 
+def checked_median(fn: Callable[[], object], device: torch.device, budget_s: float) -> float:
+    """Median wall seconds of ``fn`` with the ops' value checks on, as a user calls the
+    ops (the suite otherwise runs with them off)."""
+    ck.set_value_checks(True)
+    try:
+        return quick_median(fn, device, budget_s)[0]
+    finally:
+        ck.set_value_checks(False)
+
+
 # ----------------------------------------------------------------------------- memory guard
 
 

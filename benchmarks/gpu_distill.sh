@@ -34,8 +34,10 @@ summary="$OUT/distill-summary.txt"
 : >"$summary"
 
 recipe=(--methods joint --student-steps 4 --latent-components 64 --mixture-weights --shared-blocks 1
-        --joint-target "$TARGET" --num-targets 8 --teacher-steps "$TEACHER_STEPS" --rollout 0.5
+        --joint-target "$TARGET" --teacher-steps "$TEACHER_STEPS" --rollout 0.5
         --lr-schedule cosine --lr "$LR" --precision "$PRECISION" --device "$DEVICE" --quiet)
+# sampled targets: 8 draws per noisy input (exact targets take the whole law, and refuse --num-targets)
+[ "$TARGET" = exact ] || recipe+=(--num-targets 8)
 # shellcheck disable=SC2206
 extra=(${EXTRA:-})
 

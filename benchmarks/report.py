@@ -200,6 +200,24 @@ def e2e_table(e2e, cpu=False):
     return "\n".join(lines)
 
 
+def value_checks_table(ops):
+    """The cost of the value checks (--cdm-value-checks): a default call against the same
+    call with cdm_kernels.set_value_checks(False), per fused op."""
+    rows = [r for r in ops if r.get("x_value_checks")]
+    if not rows:
+        return None
+    lines = [
+        "| op | graph | B*L x N | dtype | pass | backend | checks off | default (checks on) | ratio |",
+        "|---|---|---|---|---|---|--:|--:|--:|",
+    ]
+    for r in rows:
+        lines.append(
+            f"| {r['op']} | {r['graph']} | {r['P']} x {r['N']} | {r['dtype']} | {r['pass_']} | {r['impl']} | "
+            f"{fmt_time(r['median_s'])} | {fmt_time(r['checked_s'])} | {fmt_ratio(r['x_value_checks'])} |"
+        )
+    return "\n".join(lines)
+
+
 def header(info):
     fields = [
         ("date", info.get("date") or info.get("_datetime")),
@@ -238,6 +256,9 @@ def main(argv=None):
                 f"and >= {TARGET_X_COMPILE:g}x torch.compile", "", target, ""]
     if ops:
         out += ["### Ops", "", op_table(ops, args.cpu_time), ""]
+    table = value_checks_table(ops)
+    if table:
+        out += ["### Value checks: a default call against one with set_value_checks(False)", "", table, ""]
     table = e2e_table(e2e, args.cpu_time)
     if table:
         out += ["### End to end", "", table, ""]

@@ -41,6 +41,9 @@ def test_op(benchmark, bench_session, op_case: H.Case, impl: str):
                 s.results[(case.key, base)] = H.quick_median(other.run, device, s.budget_s)
                 del other
         baselines[base] = s.results.get((case.key, base), (None, None))
+    checked_s = None
+    if s.value_checks and impl in s.fused:  # the same call as a user makes it, value checks on
+        checked_s = H.checked_median(runnable.run, device, s.budget_s)
     nbytes = H.min_bytes(case)
     gbps = nbytes / m.median_s / 1e9
     benchmark.extra_info.update(
@@ -60,6 +63,8 @@ def test_op(benchmark, bench_session, op_case: H.Case, impl: str):
         x_eager=_ratio(baselines["eager"][0], m.median_s),
         x_compile=_ratio(baselines["compile"][0], m.median_s),
         cpu_s=m.cpu_s,
+        checked_s=checked_s,
+        x_value_checks=round(checked_s / m.median_s, 3) if checked_s else None,
         x_eager_cpu=_ratio(baselines["eager"][1], m.cpu_s),
         x_compile_cpu=_ratio(baselines["compile"][1], m.cpu_s),
         peak_mem_bytes=m.peak_bytes,

@@ -1,11 +1,13 @@
-"""The ``cdm`` command: ``pretrain``, ``distill``, ``compare``, ``sample``, ``eval``.
+"""The ``cdm`` command: ``pretrain``, ``distill``, ``compare``, ``recipes``, ``sample``, ``eval``.
 
 ``cdm distill`` with no arguments runs the whole pipeline on the default data
 (a seeded Markov chain over 8^4 sequences, so every sampler is evaluated
 exactly) with the teacher that ships in the package: the teacher's exact KL at
 1..256 steps, per-token and joint CDM students at 1, 2 and 4 steps, one table,
 ``results.json`` and plots. ``cdm compare`` does the same for every method
-(per-token and joint CDM, Di4C, D-MMD) on one teacher and budget.
+(per-token and joint CDM, Di4C, D-MMD) on one teacher and budget. Both take
+``--recipe NAME`` (``cdm recipes`` lists the shipped ones, in cdm/recipes/) or
+``--config FILE.toml``; options typed on the command line override them.
 """
 
 from __future__ import annotations
@@ -21,10 +23,11 @@ from pathlib import Path
 
 import torch
 
+from . import recipes
 from .experiment import (
-    EXACT_SUPPORT,
     Setup,
     data_reference,
+    DEFAULT_TEACHERS,
     default_teacher_path,
     ensure_dir,
     enumerable,
@@ -38,25 +41,43 @@ from .experiment import (
     result_row,
     save_model,
 )
-from .models.pretrained import load_pretrained, save_pretrained
-from .losses import ExactTargets, get_loss, make_student
+from .data import DATA_SETS
+from .losses import ExactTargets, get_loss
+from .metrics_text import EVALUATOR_STEPS
 from .models.dit import PRESETS
-from .sampling import has_mixture_weights, network_evaluations
+from .models.pretrained import load_pretrained, save_pretrained
+from .models.student import make_student
+from .sampling import EXACT_SUPPORT, has_mixture_weights, network_evaluations
 from .train import LR_SCHEDULES, PRECISIONS, TrainConfig, Trainer, default_device
 
 #: --methods name -> the loss (cdm.losses.get_loss) and the label of its rows
 METHODS = {"per-token": "cdm_per_token", "joint": "cdm_joint", "di4c": "di4c", "dmmd": "dmmd"}
 METHOD_LABELS = {"per-token": "cdm-per-token", "joint": "cdm-joint", "di4c": "di4c", "dmmd": "d-mmd"}
 MIXTURE_METHODS = ("joint", "di4c")
+_UNSET = object()  # the default of every option in _options_parser: tells what a command line sets
+#: metrics plotted beside the primary one: text's gen_ppl drops when a sampler loses diversity
+SIDE_METRICS = {"text": ["entropy"]}
 
-# Defaults of `cdm distill` / `cdm compare`, chosen by the measurements in README.md
-# ("How the defaults were chosen") so that the default run fits 10 minutes on a 2-core CPU.
-DEFAULT_COMPONENTS = 32
-DEFAULT_TEACHER_STEPS = 16
-DEFAULT_TARGETS = 4  # teacher draws per noisy input (joint CDM): 0.383 -> 0.174 at k = 1 for +50% time
-DEFAULT_STUDENT_STEPS = 800
-DEFAULT_BATCH = 32
-DEFAULT_LR = 2e-3
+#: the teacher's NFEs each command evaluates (the rest of their defaults: the recipe `default`)
+TEACHER_NFE = {"distill": [1, 2, 4, 8, 16, 32, 64, 128, 256], "compare": [1, 2, 4, 8, 64, 256]}
+#: distill/compare options that only some methods read -> those methods; typing one for a run of
+#: none of them is an error (a recipe's or --config's values for other methods are not: they go unread)
+METHOD_OPTIONS = {
+    "--latent-components": MIXTURE_METHODS, "--latent-dim": MIXTURE_METHODS, "--num-latents": MIXTURE_METHODS,
+    "--shared-blocks": MIXTURE_METHODS, "--mixture-weights": ("joint",), "--teacher-steps": ("joint",),
+    "--num-targets": ("joint",), "--joint-target": ("joint",), "--rollout": ("joint",),
+    "--grid-weights": ("per-token", "joint"), "--dmmd-lr": ("dmmd",), "--chunk": ("joint",),
+    "--teacher-batch": ("joint",),
+}
+
+
+class _Append(argparse.Action):
+    """``action="append"`` that starts a list over any default that is not one (the
+    ``_UNSET`` of ``_options_parser``)."""
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        items = getattr(namespace, self.dest, None)
+        setattr(namespace, self.dest, (items if isinstance(items, list) else []) + [values])
 
 
 def _int_list(text: str) -> list[int]:
@@ -145,29 +166,40 @@ def _add_device_option(parser) -> None:
                              "cpu, cuda, cuda:N")
 
 
-def _add_training_options(parser, steps: int, batch_size: int, lr: float, ema: float) -> None:
-    _add_device_option(parser)
-    parser.add_argument("--steps", type=_number(int, 1), default=steps, help="training steps (per student for distill)")
-    parser.add_argument("--batch-size", type=_number(int, 1), default=batch_size)
-    parser.add_argument("--lr", type=_number(float, 0, low_open=True), default=lr)
-    parser.add_argument("--warmup", type=_number(int, 0), default=50)
-    parser.add_argument("--lr-schedule", choices=LR_SCHEDULES, default="constant",
-                        help="after the warmup: constant, or a cosine decay to 0 at the last step")
-    parser.add_argument("--ema", type=_number(float, 0, 1), default=ema, help="EMA decay of the weights (0: off)")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--deterministic", action="store_true",
-                        help="torch.use_deterministic_algorithms(True): bit-exact reruns with several CPU threads "
-                             "(a threaded torch op in the joint-CDM path otherwise sums in a varying order)")
-    parser.add_argument("--log-every", type=_number(int, 1), default=25, help="steps between log.jsonl records")
-    parser.add_argument("--save-every", type=_number(int, 1), default=250, help="steps between checkpoints (for --resume)")
-    parser.add_argument("--resume", action="store_true", help="continue from the checkpoints in --out")
-    parser.add_argument("--quiet", action="store_true", help="no progress bars")
-    parser.add_argument("--precision", choices=PRECISIONS, default="bf16",
-                        help="the training loss on a GPU: bf16 autocast, or fp32 (no effect on the CPU, which "
-                             "computes in fp32; tiny networks are launch-bound and gain nothing from bf16)")
-    parser.add_argument("--fsdp", action="store_true",
-                        help="under torchrun: shard the model with FSDP2 instead of DDP (checkpoints stay full; "
-                             "no effect in a single process)")
+def _add_training_options(group) -> None:
+    """The options of every training command; each command sets its own ``steps``,
+    ``batch_size``, ``lr`` and ``ema`` defaults (distill's: the recipe ``default``)."""
+    _add_device_option(group)
+    group.add_argument("--steps", type=_number(int, 1), help="training steps (per student for distill)")
+    group.add_argument("--batch-size", type=_number(int, 1))
+    group.add_argument("--lr", type=_number(float, 0, low_open=True))
+    group.add_argument("--warmup", type=_number(int, 0), default=50)
+    group.add_argument("--lr-schedule", choices=LR_SCHEDULES, default="constant",
+                       help="after the warmup: constant, or a cosine decay to 0 at the last step")
+    group.add_argument("--ema", type=_number(float, 0, 1), help="EMA decay of the weights (0: off)")
+    group.add_argument("--seed", type=int, default=0)
+    group.add_argument("--deterministic", action="store_true",
+                       help="torch.use_deterministic_algorithms(True): bit-exact reruns with several CPU threads "
+                            "(a threaded torch op in the joint-CDM path otherwise sums in a varying order)")
+    group.add_argument("--log-every", type=_number(int, 1), default=25, help="steps between log.jsonl records")
+    group.add_argument("--save-every", type=_number(int, 1), default=250, help="steps between checkpoints (for --resume)")
+    group.add_argument("--resume", action="store_true", help="continue from the checkpoints in --out")
+    group.add_argument("--quiet", action="store_true", help="no progress bars")
+    group.add_argument("--precision", choices=PRECISIONS, default="bf16",
+                       help="the training loss on a GPU: bf16 autocast, or fp32 (no effect on the CPU, which "
+                            "computes in fp32; tiny networks are launch-bound and gain nothing from bf16)")
+    group.add_argument("--fsdp", action="store_true",
+                       help="under torchrun: shard the model with FSDP2 instead of DDP (checkpoints stay full; "
+                            "no effect in a single process)")
+
+
+def _add_evaluation_options(parser) -> None:
+    parser.add_argument("--eval-model", metavar="DIR",
+                        help="text: score gen_ppl with this local Hugging Face causal LM (transformers; never "
+                             "downloaded) instead of the corpus's own evaluator")
+    parser.add_argument("--evaluator-steps", type=_number(int, 1), default=EVALUATOR_STEPS,
+                        help="text without --eval-model: training steps of the corpus's own evaluator "
+                             "(trained once, then cached by corpus and steps)")
 
 
 # ----------------------------------------------------------------------------- pretrain
@@ -182,7 +214,8 @@ def pretrain(args) -> None:
         except (TypeError, ValueError) as error:  # an unknown key or a bad value
             raise ValueError(f"{flag}: {error}") from None
     torch.manual_seed(args.seed)  # the initial weights: the same seed trains the same model
-    model = new_model(setup, args.model)
+    output = {"parameterization": "posterior", "graph": setup.graph} if args.parameterization == "posterior" else {}
+    model = new_model(setup, args.model, **output)
     out = ensure_dir(args.out)
     loss = get_loss("score_entropy", setup.kernel_graph, setup.schedule)
     metadata = {"name": "pretrain", "setup": setup.to_json(), "model": asdict(model.config)}
@@ -193,7 +226,9 @@ def pretrain(args) -> None:
     teacher = trainer.fit()
     if trainer.rank == 0:
         save_model(out / "teacher.safetensors", teacher, setup, "teacher", train_steps=args.steps)
+        _prepare_evaluation(setup, args)
         metrics, _ = evaluate(teacher, setup, 64, 1024, seed=args.seed)
+        metrics.update(_text_reference(teacher, setup))
         print(f"teacher written to {out / 'teacher.safetensors'}; 64-step sampler: {_format(metrics)}")
 
 
@@ -204,11 +239,8 @@ def distill(args) -> None:
     """The teacher's metrics at every NFE of ``--teacher-nfe``, then one student per
     method and NFE of ``--student-steps``, all in one table (``cdm compare`` is
     this with every method)."""
-    teacher_path = args.teacher or default_teacher_path()
-    if teacher_path is None:
-        raise SystemExit("error: no --teacher given and no teacher ships with this installation")
-    teacher, setup, pretrained = load_teacher(teacher_path, args.device, args.data,
-                                              _options(args.data_option, "--data-option"))
+    teacher, setup, pretrained = _load_teacher(args)
+    _prepare_evaluation(setup, args)
     if args.student_output is None:  # a checkpoint's students keep its output, so its own layout holds them
         args.student_output = teacher.config.parameterization if pretrained else "posterior"
     start = teacher
@@ -221,8 +253,9 @@ def distill(args) -> None:
     started = time.perf_counter()
     rows = []
     for nfe in args.teacher_nfe:
+        clock = time.perf_counter()
         metrics, _ = evaluate(teacher, setup, nfe, args.num_samples, seed=args.seed)
-        rows.append(result_row("teacher", "analytic", nfe, metrics))
+        rows.append(result_row("teacher", "analytic", nfe, metrics, seconds=round(time.perf_counter() - clock, 1)))
     best_samples = {}
     for method in args.methods:
         for k in args.student_steps:
@@ -250,7 +283,7 @@ def distill(args) -> None:
                                    seconds=round(time.perf_counter() - clock, 1)))  # training + evaluation
             best_samples[name] = samples
     if rows and (not torch.distributed.is_initialized() or torch.distributed.get_rank() == 0):
-        reference = data_reference(setup)
+        reference = {**data_reference(setup), **_text_reference(teacher, setup)}
         _write_results(out, setup, rows, reference, best_samples)
         print(_table(setup, rows, reference))
         print(f"\n{len(rows)} rows in {time.perf_counter() - started:.0f} s; wrote {out / 'results.json'}, {out / 'metric_vs_nfe.png'}")
@@ -293,6 +326,47 @@ def _student_and_loss(method: str, k: int, teacher, start, setup: Setup, args):
     return student, loss
 
 
+def _load_teacher(args):
+    """``(teacher, setup, pretrained)`` of ``--teacher`` (a model file, or a checkpoint
+    directory run on ``--data`` with ``--data-option``: ``pretrained``, else None), or of
+    the teacher that ships for ``--data``."""
+    data = args.data or "markov"
+    teacher_path = args.teacher or default_teacher_path(data)
+    if teacher_path is None:
+        raise SystemExit(f"error: no --teacher given and no teacher ships for --data {data} "
+                         f"(train one with cdm pretrain --data {data})")
+    return load_teacher(teacher_path, args.device, args.data, _options(args.data_option, "--data-option"))
+
+
+def _check_data(args, setup: Setup, path) -> None:
+    if args.data is not None and args.data != setup.data:
+        raise ValueError(f"--data {args.data}: {path} was trained on --data {setup.data}")
+
+
+def _prepare_evaluation(setup: Setup, args) -> None:
+    """Text: choose the evaluator of gen_ppl (``--eval-model``, or the corpus's own, trained once)."""
+    if setup.data != "text":
+        if args.eval_model:
+            raise ValueError(f"--eval-model: only text samples are scored by a causal LM, this is {setup.data} data")
+        return
+    from .metrics_text import HuggingFaceEvaluator, load_text_evaluator
+
+    setup.evaluator = (HuggingFaceEvaluator(args.eval_model) if args.eval_model
+                       else load_text_evaluator(setup.dataset, steps=args.evaluator_steps))
+    known = setup.evaluator.validation_ppl
+    print(f"gen_ppl evaluator: {setup.evaluator.name}"
+          + (f" (its validation perplexity: {known:.3f})" if known is not None else ""))
+
+
+def _text_reference(teacher, setup: Setup) -> dict[str, float]:
+    """Text: the teacher's validation NLL bound (nats per token), next to the held-out data's metrics."""
+    if setup.data != "text":
+        return {}
+    from .metrics_text import validation_nll_bound
+
+    return {"teacher_nll_bound": validation_nll_bound(teacher, setup.kernel_graph, setup.schedule, setup.dataset)}
+
+
 def _format(metrics: dict) -> str:
     return ", ".join(f"{k}={v:.4f}" for k, v in metrics.items())
 
@@ -305,6 +379,9 @@ def _table(setup: Setup, rows: list[dict], reference: dict) -> str:
     for row in rows:
         lines.append(f"{row['model']:8} {row['method']:18} {row['nfe']:>4}  " + "  ".join(f"{row['metrics'][n]:>18.4f}" for n in names))
     lines.append(f"{'data':8} {'(held out)':18} {'':>4}  " + "  ".join(f"{reference.get(n, float('nan')):>18.4f}" for n in names))
+    others = {k: v for k, v in reference.items() if k not in names}
+    if others:
+        lines.append(f"also: {_format(others)}")
     return "\n".join(lines)
 
 
@@ -314,27 +391,48 @@ def _write_results(out: Path, setup: Setup, rows: list[dict], reference: dict, s
     import matplotlib
 
     matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    metric, _ = primary_metric(setup)
-    fig, ax = plt.subplots(figsize=(6, 4))
-    teacher = [r for r in rows if r["model"] == "teacher"]
-    ax.plot([r["nfe"] for r in teacher], [r["metrics"][metric] for r in teacher], "o-", color="black", label="teacher")
-    for method in sorted({r["method"] for r in rows if r["model"] == "student"}):
-        points = [r for r in rows if r["method"] == method and r["model"] == "student"]
-        ax.plot([r["nfe"] for r in points], [r["metrics"][metric] for r in points], "s--", label=f"student ({method})")
-    if metric in reference:
-        ax.axhline(reference[metric], color="gray", linestyle=":", label="held-out data")
-    ax.set_xscale("log", base=2)
-    ax.set_xlabel("NFE (network evaluations per sample)")
-    ax.set_ylabel(metric)
-    ax.set_title(f"{setup.data} / {setup.graph}")
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(out / "metric_vs_nfe.png", dpi=120)
-    plt.close(fig)
+    _plot_metric_vs_nfe(out / "metric_vs_nfe.png", setup, rows, reference)
     if setup.data == "digits" and samples:
         _sample_grid(out / "samples.png", setup, samples)
+
+
+def _spans_orders_of_magnitude(values: list[float]) -> bool:
+    """Whether a plot of ``values`` reads better on a log axis: all positive, spanning more than 10x."""
+    finite = [v for v in values if math.isfinite(v)]
+    return bool(finite) and min(finite) > 0 and max(finite) > 10 * min(finite)
+
+
+def _plot_metric_vs_nfe(path: Path, setup: Setup, rows: list[dict], reference: dict) -> None:
+    """The primary metric of every row against its NFE; a log y axis when the values
+    span orders of magnitude (a 1-step teacher at KL 10 and students at 0.04)."""
+    import matplotlib.pyplot as plt
+    from matplotlib.ticker import StrMethodFormatter
+
+    metrics = [primary_metric(setup)[0]] + SIDE_METRICS.get(setup.data, [])
+    fig, axes = plt.subplots(1, len(metrics), figsize=(6 * len(metrics), 4), squeeze=False)
+    teacher = [r for r in rows if r["model"] == "teacher"]
+    for ax, metric in zip(axes[0], metrics):
+        ax.plot([r["nfe"] for r in teacher], [r["metrics"][metric] for r in teacher], "o-", color="black",
+                label="teacher")
+        for method in sorted({r["method"] for r in rows if r["model"] == "student"}):
+            points = [r for r in rows if r["method"] == method and r["model"] == "student"]
+            ax.plot([r["nfe"] for r in points], [r["metrics"][metric] for r in points], "s--",
+                    label=f"student ({method})")
+        log_axis = _spans_orders_of_magnitude([r["metrics"][metric] for r in rows])
+        if log_axis:
+            ax.set_yscale("log")
+            ax.grid(True, which="both", axis="y", alpha=0.3)
+        if metric in reference and (reference[metric] > 0 or not log_axis):  # 0 (an exact KL) has no place on a log axis
+            ax.axhline(reference[metric], color="gray", linestyle=":", label="held-out data")
+        ax.set_xscale("log", base=2)
+        ax.xaxis.set_major_formatter(StrMethodFormatter("{x:g}"))  # 1, 2, 4, ... rather than 2^0, 2^1, 2^2
+        ax.set_xlabel("NFE (network evaluations per sample)")
+        ax.set_ylabel(metric + (" (log scale)" if log_axis else ""))
+        ax.set_title(f"{setup.data} / {setup.graph}: {metric}")
+        ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
 
 
 def _sample_grid(path: Path, setup: Setup, samples: dict) -> None:
@@ -356,9 +454,13 @@ def _sample_grid(path: Path, setup: Setup, samples: dict) -> None:
 
 def sample_command(args) -> None:
     model, setup, _ = load_model(args.checkpoint, device=args.device)
+    _check_data(args, setup, args.checkpoint)
+    _prepare_evaluation(setup, args)
     metrics, samples = evaluate(model, setup, args.steps, args.num_samples, seed=args.seed, method=args.method)
     if setup.data == "words":
         print("\n".join(setup.dataset.decode(samples)))
+    elif setup.data == "text":  # one sample a line: line breaks, control characters and backslashes escaped
+        print("\n".join(map(_escaped, setup.dataset.decode(samples))))
     else:
         for row in samples.tolist():
             print(" ".join(map(str, row)))
@@ -366,8 +468,15 @@ def sample_command(args) -> None:
         torch.save(samples, args.out)
 
 
+def _escaped(text: str) -> str:
+    """``text`` on one printable line: backslashes and unprintable characters as Python escapes."""
+    return "".join(c if c.isprintable() and c != "\\" else repr(c)[1:-1] for c in text)
+
+
 def eval_command(args) -> None:
     model, setup, _ = load_model(args.checkpoint, device=args.device)
+    _check_data(args, setup, args.checkpoint)
+    _prepare_evaluation(setup, args)
     if args.handover:
         handover(model, setup, args)
         return
@@ -381,9 +490,9 @@ def eval_command(args) -> None:
 def handover(student, setup: Setup, args) -> None:
     """``cdm eval --handover``: the exact KL of samplers that take the student's step
     on some grid intervals and the teacher's on the others (``exact_handover_metrics``)."""
-    teacher_path = args.teacher or default_teacher_path()
+    teacher_path = args.teacher or default_teacher_path(setup.data)
     if teacher_path is None:
-        raise SystemExit("error: no --teacher given and no teacher ships with this installation")
+        raise SystemExit(f"error: no --teacher given and no teacher ships for {setup.data} data")
     if Path(teacher_path).is_dir():
         pretrained = load_pretrained(teacher_path, device=args.device)
         teacher = pretrained.model
@@ -406,128 +515,272 @@ def handover(student, setup: Setup, args) -> None:
             print(f"{pattern:>{width}}  {metrics['kl']:8.4f}  {metrics['reverse_kl']:10.4f}")
 
 
+# ----------------------------------------------------------------------------- recipes
+
+
+def recipes_command(args) -> None:
+    for name in recipes.names():
+        print(recipes.summary(name))
+
+
+def _options_parser(command: str, **kwargs) -> argparse.ArgumentParser:
+    """A parser of ``command``'s options alone whose defaults are all ``_UNSET``, so
+    that a parse shows what its arguments set."""
+    parser = argparse.ArgumentParser(prog=f"cdm {command}", add_help=False, **kwargs)
+    COMMAND_OPTIONS[command](parser)
+    parser.set_defaults(**{name: _UNSET for name in vars(parser.parse_args([]))})
+    return parser
+
+
+def _set_by(parser: argparse.ArgumentParser, argv: list[str]) -> tuple[dict, list[str]]:
+    """The ``args`` attributes that ``argv`` sets (by an ``_options_parser``), and what it could not read."""
+    namespace, unknown = parser.parse_known_args(argv)
+    return {name: value for name, value in vars(namespace).items() if value is not _UNSET}, unknown
+
+
+def _recipe_settings(command: str, table: dict, source: str) -> dict:
+    """The option values (by ``args`` attribute) that a recipe or config table sets
+    for ``command``, parsed and checked by that command's own option types."""
+    parser = _options_parser(command, allow_abbrev=False, exit_on_error=False)
+    settings = {}
+    for key, value in recipes.options_of(table).items():
+        if key in ("recipe", "config") or isinstance(value, dict):
+            raise ValueError(f"{source}: {key!r} cannot be set in a recipe")
+        if isinstance(value, list):
+            value = ",".join(map(str, value))
+        try:
+            values, unknown = _set_by(parser, [f"--{key}" if isinstance(value, bool) else f"--{key}={value}"])
+        except argparse.ArgumentError as error:
+            raise ValueError(f"{source}: {error}") from None
+        if unknown or not values:
+            raise ValueError(f"{source}: unknown option {key!r} for cdm {command} (keys are the command's options "
+                             f"without their dashes, e.g. latent-components = 64; `cdm {command} --help` lists them)")
+        settings.update({name: not flag if value is False else flag for name, flag in values.items()})
+    return settings
+
+
+def _apply_recipe(args, argv: list[str]) -> set[str]:
+    """Sets what ``--recipe`` and then ``--config`` give on ``args``, except the
+    options typed on the command line, which win; returns those typed options."""
+    typed = set(_set_by(_options_parser(args.command), argv)[0])
+    tables = []
+    if args.recipe:
+        tables.append((recipes.read_recipe(args.recipe), f"--recipe {args.recipe}"))
+    if args.config:
+        tables.append((recipes.read_file(args.config), f"--config {args.config}"))
+    for table, source in tables:
+        for name, value in _recipe_settings(args.command, table, source).items():
+            if name not in typed:
+                setattr(args, name, value)
+    return typed
+
+
+def _check_distill_options(args, typed: set[str]) -> None:
+    """Refuses an option typed for a run that would not read it, and contradictory settings."""
+    for option, users in METHOD_OPTIONS.items():
+        if option[2:].replace("-", "_") in typed and not set(users) & set(args.methods):
+            raise ValueError(f"{option} applies to --methods {','.join(users)} only; "
+                             f"this run trains {','.join(args.methods)}")
+    if "latent_dim" in typed and args.latent_components:
+        raise ValueError("--latent-dim sizes a continuous latent: it needs --latent-components 0")
+    if "num_targets" in typed and args.joint_target == "exact":
+        raise ValueError("--num-targets: --joint-target exact fits the targets' whole law, not draws from it")
+    if "rollout" in typed and max(args.student_steps) == 1:
+        raise ValueError("--rollout runs the student's own k-step sampler: it needs --student-steps k > 1")
+    if args.mixture_weights and not args.latent_components:
+        raise ValueError("--mixture-weights needs --latent-components K > 0 (weights over a finite set of components)")
+    if args.grid_weights and args.student_steps != [len(args.grid_weights)]:
+        raise ValueError(f"--grid-weights gives {len(args.grid_weights)} grid times: it needs --student-steps "
+                         f"{len(args.grid_weights)} (one student), got --student-steps "
+                         f"{','.join(map(str, args.student_steps))}")
+
+
 # ----------------------------------------------------------------------------- parser
+
+
+def _add_recipe_options(group) -> None:
+    group.add_argument("--recipe", metavar="NAME",
+                       help="start from a shipped recipe's settings (`cdm recipes` lists them; default: default)")
+    group.add_argument("--config", metavar="FILE.toml",
+                       help="start from your own settings: options without their dashes as TOML keys "
+                            "(lr = 1e-3); over --recipe's, under the command line's")
+
+
+def _add_pretrain_data_options(group) -> None:
+    """The data and the model a teacher is trained on (a new data set: DATA_SETS)."""
+    group.add_argument("--data", default="markov", choices=DATA_SETS)
+    group.add_argument("--data-option", action="append", metavar="KEY=VALUE", help="data set option (repeatable)")
+    group.add_argument("--graph", default="uniform", choices=["uniform", "absorbing", "ordinal"])
+    group.add_argument("--noise", default="geometric", choices=["geometric", "loglinear"])
+    group.add_argument("--noise-option", action="append", metavar="KEY=VALUE",
+                       help="schedule option, e.g. sigma_max=8 (repeatable)")
+    group.add_argument("--model", default="tiny", choices=list(PRESETS), help="DiT preset")
+    group.add_argument("--parameterization", default="score", choices=["score", "posterior"],
+                       help="what the network's last layer outputs: log-scores (SEDD) or the logits of p_0|t (MDLM); "
+                            "posterior students then start as an exact copy of a posterior teacher")
+
+
+def _add_pretrain_options(parser) -> None:
+    _add_pretrain_data_options(parser.add_argument_group("data and model"))
+    training = parser.add_argument_group("training")
+    training.add_argument("--out", default="runs/teacher")
+    _add_training_options(training)
+    _add_evaluation_options(parser.add_argument_group("evaluation"))
+
+
+def _add_student_model_options(group) -> None:
+    """The teacher (which fixes the data) and the students' networks."""
+    group.add_argument("--teacher", help="teacher model file (default: the one shipped for --data), or a local "
+                                         "checkpoint directory in SEDD's, MDLM's or DUO's layout (config.json + "
+                                         "model.safetensors or pytorch_model.bin), which brings its graph, noise "
+                                         "schedule and parameterisation; --data then names the data")
+    group.add_argument("--data", choices=DATA_SETS,
+                       help="without --teacher: distil the teacher shipped for this data (default markov; one ships "
+                            f"for {', '.join(sorted(DEFAULT_TEACHERS))}); with a model file: checked against the "
+                            "teacher's; with a checkpoint directory: the data it runs on (default markov)")
+    group.add_argument("--data-option", action=_Append, metavar="KEY=VALUE",
+                       help="with a checkpoint directory as --teacher: data set option (repeatable)")
+    group.add_argument("--student-size", choices=sorted(PRESETS),
+                       help="the students' network size (default: the teacher's, from its weights); "
+                            "another size starts from random weights")
+    group.add_argument("--latent-components", type=_number(int, 0),
+                       help="mixture students (joint CDM, Di4C): K components; 0: a continuous latent")
+    group.add_argument("--mixture-weights", action=argparse.BooleanOptionalAction, default=False,
+                       help="joint CDM: weigh the K components by w(x_t), a head the student learns, "
+                            "instead of equally")
+    group.add_argument("--shared-blocks", type=_number(int, 0), default=0,
+                       help="mixture students: the leading blocks the latent skips (run once for all latents; "
+                            "with --mixture-weights the weights read them, so a step is one pass)")
+
+
+def _add_distillation_options(group) -> None:
+    group.add_argument("--methods", type=_method_list, help=f"among {','.join(METHODS)}")
+    group.add_argument("--student-steps", default=[1, 2, 4], type=_int_list,
+                       help="sampler steps of the students (NFE: twice that with --mixture-weights "
+                            "and no --shared-blocks)")
+    group.add_argument("--teacher-nfe", type=_int_list, help="the teacher's samplers evaluated for the table")
+    group.add_argument("--num-samples", type=_number(int, 1), default=1024,
+                       help="samples per evaluated sampler (the markov data is also evaluated exactly)")
+    group.add_argument("--num-latents", type=_number(int, 0), default=0,
+                       help="mixture students: latent draws per example (0: one per component, i.e. the exact "
+                            "mixture; 16 for a continuous latent)")
+    group.add_argument("--teacher-steps", type=_number(int, 1),
+                       help="joint CDM: teacher steps behind each target (from t to 0, or to the next grid time "
+                            "with --joint-target step)")
+    group.add_argument("--num-targets", type=_number(int, 1),
+                       help="joint CDM: teacher draws per noisy input; they share the student's evaluations")
+    group.add_argument("--joint-target", default="clean", choices=["clean", "step", "exact"],
+                       help="joint CDM: fit the student's p_0|t to the teacher's x_0 (clean) or its reverse step "
+                            "to the teacher's x at the next grid time (step; the same at 1 step); exact: the clean "
+                            "target's whole law, enumerated (the markov data only; minutes to build)")
+    group.add_argument("--chunk", type=_number(int, 1),
+                       help="joint CDM: the student's output layer and the targets' likelihoods this many positions "
+                            "at a time (no B*M*L*N tensor is held; memory model in docs/ARCHITECTURE.md)")
+    group.add_argument("--teacher-batch", type=_number(int, 1),
+                       help="joint CDM: sequences per call of the teacher's chain (default: all B*R at once)")
+    group.add_argument("--rollout", type=_number(float, 0, 1), default=0.0,
+                       help="joint CDM, k > 1: share of x_t drawn by the student's own sampler instead of by "
+                            "noising data")
+    # D-MMD's generator loss is linear in its probabilities: at the shared lr it runs to one
+    # sequence before its auxiliary model can follow (docs/RESULTS.md, "Every method on one teacher")
+    group.add_argument("--dmmd-lr", type=_number(float, 0, low_open=True), default=2e-4,
+                       help="D-MMD: learning rate of its generator (the others use --lr)")
+
+
+def _add_experimental_options(group) -> None:
+    """Options kept for experiments that measured no gain (docs/RESULTS.md)."""
+    group.add_argument("--student-output", choices=["posterior", "score"],
+                       help="what the students' last layer outputs (cdm.models.dit); default: posterior, or a "
+                            "checkpoint directory's own output")
+    group.add_argument("--latent-dim", type=_number(int, 1), default=4,
+                       help="mixture students with --latent-components 0: size of the continuous latent")
+    group.add_argument("--student-init", metavar="MODEL_FILE",
+                       help="start the students from this model file (an earlier student, or another teacher of "
+                            "the same data) instead of from the teacher; the teacher still makes the targets")
+    group.add_argument("--extra-blocks", type=_number(int, 0), default=0,
+                       help="students get this many more blocks than the model they start from, appended and "
+                            "starting as the identity (adaLN-zero), so they start as that model's function")
+    group.add_argument("--grid-weights", type=_weight_list, metavar="W1,...,Wk",
+                       help="CDM students (one --student-steps k): relative frequencies of the k grid times "
+                            "t = 1, 1 - 1/k, ..., 1/k in training (default equal)")
+
+
+def _add_distill_options(parser) -> None:
+    _add_recipe_options(parser.add_argument_group("recipe"))
+    _add_student_model_options(parser.add_argument_group("data and model"))
+    _add_distillation_options(parser.add_argument_group("distillation"))
+    training = parser.add_argument_group("training")
+    training.add_argument("--out")
+    _add_training_options(training)
+    _add_evaluation_options(parser.add_argument_group("evaluation"))
+    _add_experimental_options(parser.add_argument_group("experimental", _add_experimental_options.__doc__))
+
+
+#: the commands whose options a recipe or --config may set -> the function that adds those options
+COMMAND_OPTIONS = {"distill": _add_distill_options, "compare": _add_distill_options}
+
+
+def _add_distill_command(commands, name: str, methods: list[str], help_text: str) -> None:
+    p = commands.add_parser(name, help=help_text, description=help_text + "; options given on the command "
+                            "line override a --recipe's or --config's")
+    _add_distill_options(p)
+    p.set_defaults(**_recipe_settings(name, recipes.read_recipe("default"), "--recipe default"))
+    p.set_defaults(methods=methods, teacher_nfe=TEACHER_NFE[name], out=f"runs/{name}", run=distill)
+
+
+def _add_model_file_command(commands, name: str, run) -> None:
+    p = commands.add_parser(name, help=f"{name} a model file's k-step sampler")
+    p.add_argument("--checkpoint", required=True, help="a teacher or student model file")
+    p.add_argument("--steps", type=_number(int, 1) if name == "sample" else _int_list,
+                   default=4 if name == "sample" else [1, 4, 16, 64])
+    p.add_argument("--num-samples", type=_number(int, 1), default=16 if name == "sample" else 4096)
+    p.add_argument("--method", default="analytic", choices=["analytic", "euler"])
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--data", choices=DATA_SETS, help="checked against the data the model file was trained on")
+    _add_device_option(p)
+    _add_evaluation_options(p)
+    if name == "sample":
+        p.add_argument("--out", help="also save the samples (torch.save) here")
+    else:
+        p.add_argument("--handover", action="store_true",
+                       help="a student's file, enumerable data: the exact KL of samplers that take the student's "
+                            "step on some grid intervals and --teacher-steps teacher steps on the others "
+                            "(which of its steps loses)")
+        p.add_argument("--teacher", help="with --handover: the teacher, a model file or a checkpoint directory "
+                                         "(default: the one shipped for the student's data)")
+        p.add_argument("--teacher-steps", type=_number(int, 1), default=16,
+                       help="with --handover: teacher steps per grid interval of the student")
+    p.set_defaults(run=run)
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="cdm", description=__doc__.split("\n\n")[0])
     commands = parser.add_subparsers(dest="command", required=True)
-
     p = commands.add_parser("pretrain", help="train a teacher with SEDD's score entropy")
-    p.add_argument("--data", default="markov", choices=["markov", "digits", "words"])
-    p.add_argument("--data-option", action="append", metavar="KEY=VALUE", help="data set option (repeatable)")
-    p.add_argument("--graph", default="uniform", choices=["uniform", "absorbing", "ordinal"])
-    p.add_argument("--noise", default="geometric", choices=["geometric", "loglinear"])
-    p.add_argument("--noise-option", action="append", metavar="KEY=VALUE",
-                   help="schedule option, e.g. sigma_max=8 (repeatable)")
-    p.add_argument("--model", default="tiny", choices=list(PRESETS), help="DiT preset")
-    p.add_argument("--out", default="runs/teacher")
-    _add_training_options(p, steps=3000, batch_size=256, lr=2e-3, ema=0.999)
-    p.set_defaults(run=pretrain)
-
-    for name, methods, teacher_nfe, help_text in (
-        ("distill", "per-token,joint", "1,2,4,8,16,32,64,128,256", "distil a teacher into 1-4 step students (both CDM forms)"),
-        ("compare", ",".join(METHODS), "1,2,4,8,64,256", "every method (CDM per-token/joint, Di4C, D-MMD) on one teacher"),
-    ):
-        p = commands.add_parser(name, help=help_text)
-        p.add_argument("--teacher", help="teacher model file (default: the one shipped with the package), or a "
-                                         "local checkpoint directory in SEDD's, MDLM's or DUO's layout (config.json "
-                                         "+ model.safetensors or pytorch_model.bin), which brings its graph, noise "
-                                         "schedule and parameterisation; --data then names the data")
-        p.add_argument("--data", choices=["markov", "digits", "words"],
-                       help="with a checkpoint directory as --teacher: the data (default markov); a model file "
-                            "carries its own")
-        p.add_argument("--data-option", action="append", metavar="KEY=VALUE",
-                       help="with --data: data set option (repeatable)")
-        p.add_argument("--methods", default=methods, type=_method_list, help=f"among {','.join(METHODS)}")
-        p.add_argument("--student-steps", default=[1, 2, 4], type=_int_list,
-                       help="sampler steps of the students (NFE: twice that with --mixture-weights "
-                            "and no --shared-blocks)")
-        p.add_argument("--teacher-nfe", default=_int_list(teacher_nfe), type=_int_list)
-        p.add_argument("--num-samples", type=_number(int, 1), default=1024,
-                       help="samples per evaluated sampler (the markov data is also evaluated exactly)")
-        p.add_argument("--student-output", choices=["posterior", "score"],
-                       help="what the students' last layer outputs (cdm.models.dit); default: posterior, or a "
-                            "checkpoint directory's own output")
-        p.add_argument("--student-size", choices=sorted(PRESETS),
-                       help="the students' network size (default: the teacher's, from its weights); "
-                            "another size starts from random weights")
-        p.add_argument("--student-init", metavar="MODEL_FILE",
-                       help="start the students from this model file (an earlier student, or another teacher of "
-                            "the same data) instead of from the teacher; the teacher still makes the targets")
-        p.add_argument("--extra-blocks", type=_number(int, 0), default=0,
-                       help="students get this many more blocks than the model they start from, appended and "
-                            "starting as the identity (adaLN-zero), so they start as that model's function")
-        p.add_argument("--latent-components", type=_number(int, 0), default=DEFAULT_COMPONENTS,
-                       help="mixture students (joint CDM, Di4C): K components; 0: a continuous latent")
-        p.add_argument("--mixture-weights", action="store_true",
-                       help="joint CDM: weigh the K components by w(x_t), a head the student learns, instead of equally")
-        p.add_argument("--shared-blocks", type=_number(int, 0), default=0,
-                       help="mixture students: the leading blocks the latent skips (run once for all latents; "
-                            "with --mixture-weights the weights read them, so a step is one pass)")
-        p.add_argument("--latent-dim", type=_number(int, 1), default=4, help="size of a continuous latent")
-        p.add_argument("--num-latents", type=_number(int, 0), default=0,
-                       help="latent draws per example (0: one per component, i.e. the exact mixture; 16 for a continuous latent)")
-        p.add_argument("--teacher-steps", type=_number(int, 1), default=DEFAULT_TEACHER_STEPS,
-                       help="teacher steps behind each joint-CDM target (from t to 0, or to the next grid time with --joint-target step)")
-        p.add_argument("--num-targets", type=_number(int, 1), default=DEFAULT_TARGETS,
-                       help="joint CDM: teacher draws per noisy input; they share the student's evaluations")
-        p.add_argument("--joint-target", default="clean", choices=["clean", "step", "exact"],
-                       help="joint CDM: fit the student's p_0|t to the teacher's x_0 (clean) or its reverse step "
-                            "to the teacher's x at the next grid time (step; the same at 1 step); exact: the clean "
-                            "target's whole law, enumerated (the markov data; minutes to build, --num-targets unused)")
-        p.add_argument("--grid-weights", type=_weight_list, metavar="W1,...,Wk",
-                       help="CDM students (one --student-steps k): relative frequencies of the k grid times "
-                            "t = 1, 1 - 1/k, ..., 1/k in training (default equal)")
-        p.add_argument("--chunk", type=_number(int, 1),
-                       help="joint CDM: the student's output layer and the targets' likelihoods this many positions "
-                            "at a time (no B*M*L*N tensor is held; memory model in docs/ARCHITECTURE.md)")
-        p.add_argument("--teacher-batch", type=_number(int, 1),
-                       help="joint CDM: sequences per call of the teacher's chain (default: all B*R at once)")
-        p.add_argument("--rollout", type=_number(float, 0, 1), default=0.0,
-                       help="joint CDM, k > 1: share of x_t drawn by the student's own sampler instead of by noising data")
-        # D-MMD's generator loss is linear in its probabilities: at the shared lr (2e-3) the
-        # generator ran to one sequence (exact KL 70) before its auxiliary model could follow;
-        # 2e-4 gave 0.43 at NFE 1 (README, "Every method on one teacher")
-        p.add_argument("--dmmd-lr", type=_number(float, 0, low_open=True), default=2e-4,
-                       help="learning rate of D-MMD's generator (the others use --lr)")
-        p.add_argument("--out", default=f"runs/{name}")
-        _add_training_options(p, steps=DEFAULT_STUDENT_STEPS, batch_size=DEFAULT_BATCH, lr=DEFAULT_LR, ema=0.99)
-        p.set_defaults(run=distill)
-
-    for name, run in (("sample", sample_command), ("eval", eval_command)):
-        p = commands.add_parser(name, help=f"{name} a model file's k-step sampler")
-        p.add_argument("--checkpoint", required=True, help="a teacher or student model file")
-        p.add_argument("--steps", type=_number(int, 1) if name == "sample" else _int_list, default=4 if name == "sample" else [1, 4, 16, 64])
-        p.add_argument("--num-samples", type=_number(int, 1), default=16 if name == "sample" else 4096)
-        p.add_argument("--method", default="analytic", choices=["analytic", "euler"])
-        p.add_argument("--seed", type=int, default=0)
-        _add_device_option(p)
-        if name == "sample":
-            p.add_argument("--out", help="also save the samples (torch.save) here")
-        else:
-            p.add_argument("--handover", action="store_true",
-                           help="a student's file, enumerable data: the exact KL of samplers that take the student's "
-                                "step on some grid intervals and --teacher-steps teacher steps on the others "
-                                "(which of its steps loses)")
-            p.add_argument("--teacher", help="with --handover: the teacher (default: the one shipped with the package)")
-            p.add_argument("--teacher-steps", type=_number(int, 1), default=16,
-                           help="with --handover: teacher steps per grid interval of the student")
-        p.set_defaults(run=run)
+    _add_pretrain_options(p)
+    p.set_defaults(steps=3000, batch_size=256, lr=2e-3, ema=0.999, run=pretrain)
+    _add_distill_command(commands, "distill", ["per-token", "joint"],
+                         "distil a teacher into 1-4 step students (both CDM forms)")
+    _add_distill_command(commands, "compare", list(METHODS),
+                         "every method (CDM per-token/joint, Di4C, D-MMD) on one teacher")
+    commands.add_parser("recipes", help="list the shipped recipes (cdm distill --recipe NAME)").set_defaults(
+        run=recipes_command)
+    _add_model_file_command(commands, "sample", sample_command)
+    _add_model_file_command(commands, "eval", eval_command)
     return parser
 
 
 def main(argv=None) -> None:
+    argv = sys.argv[1:] if argv is None else list(argv)
     parser = build_parser()
     args = parser.parse_args(argv)
-    if getattr(args, "mixture_weights", False) and not args.latent_components:
-        parser.error("--mixture-weights needs --latent-components K > 0 (weights over a finite set of components)")
-    if getattr(args, "grid_weights", None) and args.student_steps != [len(args.grid_weights)]:
-        parser.error(f"--grid-weights gives {len(args.grid_weights)} grid times: it needs --student-steps "
-                     f"{len(args.grid_weights)} (one student), got --student-steps "
-                     f"{','.join(map(str, args.student_steps))}")
     if getattr(args, "handover", None) is False and args.teacher:
         parser.error("--teacher: cdm eval reads a teacher only with --handover")
+    if args.command in COMMAND_OPTIONS:
+        try:
+            _check_distill_options(args, _apply_recipe(args, argv[argv.index(args.command) + 1:]))
+        except ValueError as error:
+            parser.error(str(error))
     previous = torch.are_deterministic_algorithms_enabled()  # process-wide: restored below
     try:
         if getattr(args, "deterministic", False):

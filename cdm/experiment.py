@@ -26,12 +26,15 @@ from .checkpoint import check_metadata, load_checkpoint, save_checkpoint, shape_
 from .data import get_dataset
 from .models.dit import DiT, DiTConfig, graph_by_name
 from .models.pretrained import Pretrained, load_pretrained
-from .sampling import exact_sample_distribution, latent_quadrature, model_device, sample, tau_of_time, time_grid
+from .models.student import model_device
+from .sampling import (EXACT_SUPPORT, exact_sample_distribution, latent_quadrature, sample, tau_of_time,
+                       time_grid)
 from .schedules import get_noise
 
 GRAPHS = ("uniform", "absorbing", "ordinal")
 ASSETS = Path(__file__).parent / "assets"
-DEFAULT_TEACHER = ASSETS / "teacher-markov.safetensors"
+#: the teacher that ships for each data set's default options (``cdm distill --data NAME``)
+DEFAULT_TEACHERS = {"markov": ASSETS / "teacher-markov.safetensors", "text": ASSETS / "teacher-text.safetensors"}
 
 
 @dataclass
@@ -53,6 +56,20 @@ class Setup:
         if not hasattr(self, "_dataset"):
             self._dataset = get_dataset(self.data, **self.data_options)
         return self._dataset
+
+    @property
+    def evaluator(self):
+        """What scores text samples' gen_ppl (``cdm.metrics_text``): by default the corpus's own causal
+        LM, trained once and cached; set it to a ``HuggingFaceEvaluator`` for ``--eval-model``."""
+        if not hasattr(self, "_evaluator"):
+            from .metrics_text import load_text_evaluator
+
+            self._evaluator = load_text_evaluator(self.dataset)
+        return self._evaluator
+
+    @evaluator.setter
+    def evaluator(self, value) -> None:
+        self._evaluator = value
 
     @property
     def kernel_graph(self) -> ck.Graph:
@@ -108,8 +125,9 @@ def load_model(path, device="cpu") -> tuple[DiT, Setup, dict]:
 def load_teacher(path, device="cpu", data: Optional[str] = None, data_options: Optional[dict] = None
                  ) -> tuple[DiT, Setup, Optional[Pretrained]]:
     """``(model, setup, pretrained)`` of a teacher: a cdm model file (``pretrained`` None; it
-    carries its own data, so ``data`` must be None or the same) or a checkpoint directory
-    in SEDD's, MDLM's or DUO's layout on ``data`` (default "markov") with ``data_options``.
+    carries its own data, so ``data`` and ``data_options``, where given, must be its own) or a
+    checkpoint directory in SEDD's, MDLM's or DUO's layout on ``data`` (default "markov")
+    with ``data_options``.
 
     Raises ValueError naming both sides when the checkpoint's vocabulary, length or
     graph does not fit the data (:func:`pretrained_setup`).
@@ -117,10 +135,10 @@ def load_teacher(path, device="cpu", data: Optional[str] = None, data_options: O
     path = Path(path)
     if not path.is_dir():
         model, setup, _ = load_model(path, device=device)
-        if data is not None and (data, data_options or {}) != (setup.data, setup.data_options):
-            raise ValueError(f"--data: the model file {path} was trained on {setup.data} data "
-                             f"{setup.data_options or ''}, which it carries; --data {data} goes with a checkpoint "
-                             "directory")
+        if (data is not None and data != setup.data) or (data_options and data_options != setup.data_options):
+            options = "".join(f" --data-option {key}={value}" for key, value in setup.data_options.items())
+            raise ValueError(f"--data: the model file {path} was trained on --data {setup.data}{options}, which it "
+                             "carries; other data (--data, --data-option) goes with a checkpoint directory")
         return model, setup, None
     pretrained = load_pretrained(path, device=device)
     return pretrained.model, pretrained_setup(pretrained, data or "markov", data_options or {}, str(path)), pretrained
@@ -184,7 +202,7 @@ def exact_handover_metrics(student, teacher, setup: Setup, steps: int, teacher_s
     ``patterns`` (strings of ``steps`` letters) default to the student alone, the
     teacher alone and the student on one interval at a time with the teacher
     around it: each of the latter minus the teacher alone is what that one step
-    of the student costs (README, "Longer runs", for what it found and how
+    of the student costs (docs/RESULTS.md, for what it found and how
     ``--grid-weights`` uses it). Returns ``{pattern: {"kl", "reverse_kl"}}``
     (:func:`exact_metrics`), or None where the state space is not enumerable.
     """
@@ -254,11 +272,16 @@ def sample_metrics(setup: Setup, samples: torch.Tensor) -> dict[str, float]:
         return metrics.words_metrics(samples, data)
     if setup.data == "digits":
         return metrics.digits_metrics(samples, data)
+    if setup.data == "text":
+        from .metrics_text import text_metrics
+
+        return text_metrics(samples, data, setup.evaluator)
     raise ValueError(f"no metrics for data set {setup.data!r}")
 
 
 #: the metric each data set is judged by, and whether lower is better
-PRIMARY_METRIC = {"markov": ("kl", True), "words": ("real_word_rate", False), "digits": ("frechet_distance", True)}
+PRIMARY_METRIC = {"markov": ("kl", True), "words": ("real_word_rate", False), "digits": ("frechet_distance", True),
+                  "text": ("gen_ppl", True)}
 
 
 def primary_metric(setup: Setup) -> tuple[str, bool]:
@@ -273,16 +296,13 @@ def enumerable(setup: Setup) -> bool:
     """Whether :func:`exact_metrics` evaluates this run's samplers exactly."""
     return setup.data == "markov" and setup.kernel_graph.num_states ** setup.dataset.seq_len <= EXACT_SUPPORT
 
-#: the largest state space (num_states^L) that ``exact_metrics`` enumerates: it costs
-#: S^2 multiply-adds and S network rows per sampler step (S = 4096: ~0.2 s a step here)
-EXACT_SUPPORT = 8192
-
 
 def data_reference(setup: Setup) -> dict[str, float]:
     """The metrics of held-out data itself: what a perfect sampler scores."""
     generator = torch.Generator().manual_seed(12345)
     data = setup.dataset
-    reference = data.sample(4096, generator) if setup.data == "markov" else getattr(data, "test")
+    held_out = {"markov": lambda: data.sample(4096, generator), "text": lambda: data.validation}
+    reference = held_out.get(setup.data, lambda: data.test)()
     metrics = sample_metrics(setup, reference)
     if enumerable(setup):
         metrics.update(kl=0.0, reverse_kl=0.0)
@@ -307,8 +327,10 @@ def result_row(model: str, method: str, nfe: int, metrics: dict[str, float], **e
     return {"model": model, "method": method, "nfe": int(nfe), "metrics": metrics, **extra}
 
 
-def default_teacher_path() -> Optional[Path]:
-    return DEFAULT_TEACHER if DEFAULT_TEACHER.is_file() else None
+def default_teacher_path(data: str = "markov") -> Optional[Path]:
+    """The shipped teacher of a data set, or None where none ships."""
+    path = DEFAULT_TEACHERS.get(data)
+    return path if path is not None and path.is_file() else None
 
 
 def ensure_dir(path) -> Path:

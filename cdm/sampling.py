@@ -37,8 +37,7 @@ the same backend.
 
 from __future__ import annotations
 
-import math
-from typing import Optional, Sequence
+from typing import Optional
 
 import torch
 from torch import nn
@@ -47,6 +46,7 @@ import cdm_kernels as ck
 from cdm_kernels import reference
 
 from .models.dit import component_index
+from .models.student import model_device
 
 __all__ = [
     "inversion_dtype",
@@ -63,23 +63,21 @@ __all__ = [
     "shared_block_count",
     "mixture_log_weights",
     "network_evaluations",
-    "component_index",
     "draw_latents",
     "step_log_scores",
     "latent_quadrature",
     "call_model",
-    "model_device",
     "sample",
-    "sample_teacher",
-    "sample_student",
     "step_distribution",
     "exact_sample_distribution",
     "exact_chain_matrix",
-    "EnumeratedScoreModel",
-    "TabularScoreModel",
 ]
 
 METHODS = ("analytic", "euler")
+
+#: the largest state space (num_states^L) enumerated exactly, by ``cdm.experiment.exact_metrics``
+#: and the exact targets of joint CDM: S^2 multiply-adds and S network rows per sampler step
+EXACT_SUPPORT = 8192
 
 
 # ----------------------------------------------------------------------------- graph helpers
@@ -314,16 +312,6 @@ def call_model(model, x: torch.Tensor, tau: torch.Tensor, lam: Optional[torch.Te
     return model(x, sigma, lam, **options)
 
 
-def model_device(model) -> torch.device:
-    """The device of a module's first parameter (or buffer); the CPU for anything else."""
-    if isinstance(model, nn.Module):
-        for tensor in model.parameters():
-            return tensor.device
-        for tensor in model.buffers():
-            return tensor.device
-    return torch.device("cpu")
-
-
 # ----------------------------------------------------------------------------- samplers
 
 
@@ -367,16 +355,6 @@ def sample(model, graph: ck.Graph, noise, num_samples: int, seq_len: int, steps:
         if was_training:
             model.train()
     return torch.cat(chunks)
-
-
-def sample_teacher(teacher, graph, noise, num_samples, seq_len, steps, **kwargs) -> torch.Tensor:
-    """A teacher's ``steps``-step sampler (any number of steps); see :func:`sample`."""
-    return sample(teacher, graph, noise, num_samples, seq_len, steps, **kwargs)
-
-
-def sample_student(student, graph, noise, num_samples, seq_len, steps, **kwargs) -> torch.Tensor:
-    """A (mixture) student's k-step sampler, lambda drawn per step and sequence; see :func:`sample`."""
-    return sample(student, graph, noise, num_samples, seq_len, steps, **kwargs)
 
 
 # ----------------------------------------------------------------------------- exact evaluation
@@ -438,7 +416,7 @@ def exact_sample_distribution(model, graph: ck.Graph, support: torch.Tensor, tau
     Returns float64 (S,): the probability of each support sequence after the
     last step. Cost per step and latent: S network rows and S^2 multiply-adds
     (the (S, S) transition is streamed in blocks of ``batch_size`` rows, never
-    held whole); S = 8^4 = 4096 takes well under a second a step on a laptop CPU.
+    held whole). Timings: docs/RESULTS.md.
     """
     support = support.long()
     size, seq_len = support.shape
@@ -484,8 +462,8 @@ def exact_chain_matrix(model, graph: ck.Graph, support: torch.Tensor, taus: torc
     The chain takes ``model``'s steps along the decreasing grid ``taus`` (each step's
     transition ``prod_i P(y^i | x)`` of :func:`step_distribution`, the law
     ``fused_euler_step`` samples). It is the product of the steps' (S, S) transitions,
-    one S^3 matrix product a step (S = 4096: ~0.8 s here in float32, whose rounding,
-    ~1e-7 relative per step, is far below anything a loss on these rows resolves);
+    one S^3 matrix product a step in float32, whose rounding (~1e-7 relative per step)
+    is far below anything a loss on these rows resolves (timings: docs/RESULTS.md);
     :func:`exact_sample_distribution` is ``prior @ P`` at S^2 a step. Used as the exact
     targets of joint CDM on enumerable data (``cdm.losses.ExactTargets``).
     """
@@ -506,113 +484,3 @@ def exact_chain_matrix(model, graph: ck.Graph, support: torch.Tensor, taus: torc
             step[start:start + batch_size] = _joint_rows(probs, support, full_product)
         chain = step if chain is None else step @ chain
     return chain
-
-
-class EnumeratedScoreModel(nn.Module):
-    """The exact concrete score of a distribution over an enumerated support (an
-    exact teacher for studies on small state spaces), in float64.
-
-    support (S, L) and probs (S,) define the clean data distribution. The exact
-    per-token conditional ``p(x_0^i = a | x_t)`` is computed by enumeration,
-    ``prop. to sum_s p(s) [s_i = a] prod_j K(tau)[s_j, x_j]`` (sums of positive
-    terms: no cancellation), and the log-scores from it with
-    ``posterior_to_scores`` (MATH.md section 2: ``r_i = K^T u_i`` holds exactly
-    for the joint). Differencing ``log p_tau`` of neighbouring sequences instead
-    would lose the conditional to rounding at large tau (uniform graph, tau = 20:
-    ``log r ~ 1e-9``).
-    """
-
-    def __init__(self, graph: ck.Graph, support: torch.Tensor, probs: torch.Tensor):
-        super().__init__()
-        self.graph = graph
-        self.register_buffer("support", support.long())
-        self.register_buffer("probs", probs.to(torch.float64))
-
-    def log_conditional(self, x: torch.Tensor, sigma: torch.Tensor, lam=None) -> torch.Tensor:
-        """``log p(x_0^i = a | x_t = x)`` at total noise ``sigma`` (B,): (B, L, N) float64."""
-        n, seq_len = self.graph.num_states, x.shape[1]
-        tau = sigma.to(torch.float64)[:, None].expand(x.shape).contiguous()
-        column = ck.transition_column(self.graph, x, tau)  # (B, L, N): K[a, x_i]
-        log_weight = self.probs.log().expand(x.shape[0], -1).clone()  # (B, S)
-        for i in range(seq_len):
-            entry = column[:, i, self.support[:, i]]
-            log_weight += torch.where(entry > 0, entry, 1.0).log().masked_fill(entry <= 0, -math.inf)
-        log_weight -= torch.logsumexp(log_weight, dim=1, keepdim=True)
-        weight = log_weight.exp()
-        out = torch.zeros(x.shape[0], seq_len, n, dtype=torch.float64, device=x.device)
-        for i in range(seq_len):
-            out[:, i].index_add_(1, self.support[:, i], weight)
-        return torch.where(out > 0, out, 0.0).log()
-
-    def forward(self, x: torch.Tensor, sigma: torch.Tensor, lam=None) -> torch.Tensor:
-        tau = sigma.to(torch.float64)[:, None].expand(x.shape).contiguous()
-        log_score = ck.posterior_to_scores(self.graph, self.log_conditional(x, sigma), x, tau)
-        return log_score.clamp_min(-1e4)  # structural zeros as a finite log-score
-
-
-class TabularScoreModel(nn.Module):
-    """A table-based score model for enumerable studies: one free conditional
-    ``p(x_0^i | x_t, component)`` per (component, time on a grid, sequence,
-    position), exposed as log-scores through ``posterior_to_scores``.
-
-    It answers only at the total-noise values ``taus`` it was built for (the
-    student's grid; the nearest one is used). With ``components = M > 1`` it
-    is a mixture student with ``latent_dim = 1``: ``lam`` in [0, 1] selects
-    component ``floor(lam M)``, and ``sample_latent`` draws the component
-    centres uniformly, so every component has weight 1/M.
-    """
-
-    def __init__(self, graph: ck.Graph, support: torch.Tensor, taus: Sequence[float], components: int = 1):
-        super().__init__()
-        self.graph = graph
-        self.components = int(components)
-        self.latent_dim = 1 if self.components > 1 else 0
-        self.register_buffer("support", support.long())
-        self.register_buffer("taus", torch.as_tensor(list(taus), dtype=torch.float64))
-        size, seq_len = support.shape
-        n = graph.num_states
-        self.logits = nn.Parameter(torch.zeros(self.components, len(self.taus), size, seq_len, n, dtype=torch.float64))
-        self.vocab = n
-        powers = n ** torch.arange(seq_len - 1, -1, -1)
-        lookup = torch.full((n ** seq_len,), -1, dtype=torch.int64)
-        lookup[(self.support * powers).sum(1)] = torch.arange(size)
-        self.register_buffer("powers", powers)
-        self.register_buffer("lookup", lookup)
-
-    def _index(self, x, sigma, lam):
-        rows = self.lookup[(x.long() * self.powers).sum(1)]
-        if bool((rows < 0).any()):
-            raise ValueError("x holds a sequence outside the table's support")
-        grid = (sigma.to(torch.float64)[:, None] - self.taus[None]).abs().argmin(1)
-        if lam is None:
-            comp = torch.zeros_like(rows)
-        else:
-            comp = (lam.reshape(len(x), -1)[:, 0].to(torch.float64) * self.components).long().clamp(0, self.components - 1)
-        return comp, grid, rows
-
-    @torch.no_grad()
-    def init_from(self, model, noise_scale: float = 0.0, generator: Optional[torch.Generator] = None) -> None:
-        """Set every component's conditional to ``model``'s (e.g. the teacher), plus
-        Gaussian noise of ``noise_scale`` on the logits (breaks the symmetry of a mixture)."""
-        size = len(self.support)
-        for g, tau in enumerate(self.taus):
-            tau_b = tau.expand(size)
-            log_q = ck.scores_to_posterior(self.graph, call_model(model, self.support, tau_b).to(torch.float64),
-                                           self.support, tau_b[:, None].expand(self.support.shape).contiguous())
-            self.logits[:, g] = log_q.clamp_min(-60.0)
-        if noise_scale:
-            self.logits.add_(noise_scale * torch.randn(self.logits.shape, generator=generator, dtype=torch.float64))
-
-    def sample_latent(self, n: int, generator: Optional[torch.Generator] = None) -> torch.Tensor:
-        comp = torch.randint(0, self.components, (n, 1), generator=generator)
-        return ((comp + 0.5) / self.components).float()
-
-    def log_conditional(self, x, sigma, lam=None) -> torch.Tensor:
-        """``log p(x_0^i | x_t, component)`` (B, L, N), float64."""
-        comp, grid, rows = self._index(x, sigma, lam)
-        return torch.log_softmax(self.logits[comp, grid, rows], dim=-1)
-
-    def forward(self, x, sigma, lam=None) -> torch.Tensor:
-        tau = sigma.to(torch.float64)[:, None].expand(x.shape).contiguous()
-        log_score = ck.posterior_to_scores(self.graph, self.log_conditional(x, sigma, lam), x, tau)
-        return log_score.clamp_min(-1e4)  # structural zeros (absorbing graph) as a finite log-score

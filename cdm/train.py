@@ -1,7 +1,7 @@
 """The training loop, shared by teacher pre-training and every distillation
 method: AdamW with linear warmup, gradient clipping, an EMA of the weights,
-bf16 autocast on GPU (or fp32: ``TrainConfig.precision``), a progress bar,
-JSONL logs (and TensorBoard, under ``out_dir/tensorboard``, when the package is
+bf16 autocast on GPU (or fp32: ``TrainConfig.precision``), progress on stderr
+(a bar on a terminal, else a line every ``log_every`` steps), JSONL logs (and TensorBoard, under ``out_dir/tensorboard``, when the package is
 installed), atomic safetensors checkpoints and exact resumption (model, EMA,
 optimiser and RNG state).
 
@@ -27,6 +27,7 @@ import copy
 import json
 import math
 import os
+import sys
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -62,7 +63,7 @@ class TrainConfig:
     log_every: int = 25
     save_every: int = 250
     seed: int = 0
-    progress: bool = True
+    progress: bool = True  # a bar where stderr is a terminal, else a line every log_every steps
     fsdp: bool = False  # under torchrun: shard with FSDP2 instead of DDP (no effect in one process)
     precision: str = "bf16"  # on CUDA: bf16 autocast, or "fp32" (tiny networks gain nothing from bf16)
 
@@ -204,6 +205,33 @@ def _truncate_log(path: Path, step: int) -> None:
         tmp = path.with_name(f".{path.name}.tmp")
         tmp.write_text("".join(kept))
         os.replace(tmp, path)
+
+
+class _Progress:
+    """Training progress on stderr: a tqdm bar where stderr is a terminal; elsewhere
+    (a log file, CI, ``nohup``) one plain line every ``every`` steps and at the last,
+    so that a log holds no redraw per step."""
+
+    def __init__(self, name: str, total: int, initial: int, every: int):
+        self.name, self.total, self.every = name, total, every
+        self.start, self.bar = time.perf_counter(), None
+        isatty = getattr(sys.stderr, "isatty", None)
+        if isatty is not None and isatty():
+            from tqdm.auto import tqdm
+
+            self.bar = tqdm(total=total, initial=initial, desc=name, leave=False)
+
+    def update(self, step: int, loss: torch.Tensor) -> None:
+        if self.bar is not None:
+            self.bar.update(1)
+            self.bar.set_postfix(loss=f"{loss.item():.4f}")
+        elif step % self.every == 0 or step == self.total:
+            print(f"{self.name}: step {step}/{self.total}, loss {loss.item():.4f}, "
+                  f"{time.perf_counter() - self.start:.0f} s", file=sys.stderr, flush=True)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
 
 
 def _tensorboard_writer(path: Path):
@@ -355,9 +383,7 @@ class Trainer:
         board = _tensorboard_writer(self.out_dir / "tensorboard") if self.rank == 0 else None
         progress = None
         if config.progress and self.rank == 0:
-            from tqdm.auto import tqdm
-
-            progress = tqdm(total=config.steps, initial=self.step, desc=self.metadata.get("name", "train"), leave=False)
+            progress = _Progress(self.metadata.get("name", "train"), config.steps, self.step, config.log_every)
         self.model.train()
         start, local_batch = time.perf_counter(), config.batch_size // self.world
         autocast = self.device.type == "cuda" and config.precision == "bf16"
@@ -380,8 +406,7 @@ class Trainer:
                             averaged.lerp_(current, 1 - config.ema)
                 self.step += 1
                 if progress is not None:
-                    progress.update(1)
-                    progress.set_postfix(loss=f"{loss.item():.4f}")
+                    progress.update(self.step, loss)
                 if self.step % config.log_every == 0 or self.step == config.steps:
                     logged = loss.detach().float()
                     if self.world > 1:  # a collective: the global batch's loss, as one process would log it

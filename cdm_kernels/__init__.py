@@ -2,14 +2,16 @@
 
 Graphs (the forward CTMC of one token) and the ops over them; every op takes
 ``backend=None`` (the fastest available for the tensors' device) or one of
-:func:`available_backends`. The math is in docs/MATH.md.
+:func:`available_backends` (:func:`why_unavailable` says why one is missing).
+Without a build made ahead of time, the C++ kernels are compiled on first use
+(cdm_kernels/build.py). The math is in docs/MATH.md.
 """
 
 from . import backends as _backends
 from . import ops as _ops
-from .backends import available_backends
+from .backends import available_backends, why_unavailable
 from .graphs import AbsorbingGraph, DenseGraph, Graph, UniformGraph, ordinal_graph
-from .ops._validation import set_value_checks
+from .ops._validation import check_value_errors, set_value_checks
 from .ops.apply_kernel import apply_kernel
 from .ops.fused_euler_step import fused_euler_step
 from .ops.conditional_matching_loss import conditional_matching_loss
@@ -27,7 +29,9 @@ __all__ = [
     "DenseGraph",
     "ordinal_graph",
     "available_backends",
+    "why_unavailable",
     "set_value_checks",
+    "check_value_errors",
     "transition_column",
     "apply_kernel",
     "scores_to_posterior",

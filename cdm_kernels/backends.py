@@ -7,13 +7,21 @@ Backends of every op:
   ``triton``     the Triton kernels (CUDA tensors; CPU tensors only under TRITON_INTERPRET=1)
 
 Importing never fails because a backend is missing: a missing one is simply
-not listed by :func:`available_backends`, and asking for it explicitly raises
-a ``ValueError`` that says why.
+not listed by :func:`available_backends`, :func:`why_unavailable` says why,
+and asking for it explicitly raises a ``ValueError`` that says so too.
+
+``cdm_kernels._C`` is imported with the package where it was built ahead of
+time (``pip install --no-build-isolation .``); otherwise the first question
+about ``cpp`` or ``cuda`` loads it from the cache of cdm_kernels/build.py,
+compiling it there first if needed. Where that fails, one warning names the
+cause and the other backends still work.
 """
 
 from __future__ import annotations
 
+import importlib
 import os
+import threading
 import warnings
 from typing import List, Optional
 
@@ -25,11 +33,19 @@ BACKENDS = ("reference", "cpp", "cuda", "triton")
 # first (benchmarks/RESULTS.md; on an H200 the CUDA C++ kernels beat Triton's).
 _PREFERENCE = {"cpu": ("cpp", "reference"), "cuda": ("cuda", "triton", "reference")}
 
+# why cdm_kernels._C is not loaded: None once it is; _NOT_TRIED until the first
+# question about cpp or cuda loads it from the cache (building it there if needed)
+_NOT_TRIED = "not loaded yet"
 _C_ERROR: Optional[str] = None
+_C_LOADING = threading.Lock()  # threads asking at once: one loads, the others wait
+_PREBUILT_ERROR: Optional[str] = None
 try:
-    from . import _C  # noqa: F401  (registers torch.ops.cdm_kernels.*)
-except ImportError as error:  # not built (e.g. a source checkout without `pip install`)
-    _C_ERROR = str(error)
+    # built ahead of time; importing registers torch.ops.cdm_kernels.*
+    importlib.import_module(f"{__package__}._C")
+except ImportError as error:
+    # no build ahead of time (an isolated `pip install .`, a fresh checkout), or a broken one
+    _PREBUILT_ERROR = None if isinstance(error, ModuleNotFoundError) and error.name == f"{__package__}._C" else str(error)
+    _C_ERROR = _NOT_TRIED
 
 _TRITON_ERROR: Optional[str] = None
 try:
@@ -39,8 +55,36 @@ except ImportError as error:
 
 
 def extension_loaded() -> bool:
-    """Whether the compiled extension ``cdm_kernels._C`` was imported."""
+    """Whether the compiled extension ``cdm_kernels._C`` is loaded (this never builds it)."""
     return _C_ERROR is None
+
+
+def _extension_error() -> Optional[str]:
+    """None once ``cdm_kernels._C`` is loaded, else why it cannot be; the first call
+    without a build made ahead of time loads (or compiles) it just in time."""
+    global _C_ERROR
+    with _C_LOADING:
+        if _C_ERROR is _NOT_TRIED:
+            from . import build
+
+            try:
+                build.load()
+            except build.Unavailable as error:
+                prebuilt = f"the build made ahead of time does not load ({_PREBUILT_ERROR}), and " if _PREBUILT_ERROR else ""
+                _C_ERROR = prebuilt + str(error)
+                if os.environ.get("CDM_KERNELS_QUIET", "0") != "1":
+                    warnings.warn(
+                        f"cdm_kernels: the C++ extension is not available: {_C_ERROR}. "
+                        "The reference backend (and triton on CUDA) still work.",
+                        RuntimeWarning,
+                        stacklevel=2,
+                    )
+            else:
+                from . import ops
+
+                ops.register_compiled_backend("")
+                _C_ERROR = None
+    return _C_ERROR
 
 
 def triton_interpreting() -> bool:
@@ -48,7 +92,7 @@ def triton_interpreting() -> bool:
 
 
 def _has_kernel(dispatch_key: str) -> bool:
-    if not extension_loaded():
+    if _extension_error() is not None:
         return False
     return torch._C._dispatch_has_kernel_for_dispatch_key("cdm_kernels::scores_to_posterior", dispatch_key)
 
@@ -61,8 +105,10 @@ def _triton_ops_loaded() -> bool:
     return triton_kernels.load()
 
 
-def _why_unavailable(backend: str, device: torch.device) -> Optional[str]:
-    """None if ``backend`` can run on ``device``, else the reason."""
+def why_unavailable(backend: str, device="cpu") -> Optional[str]:
+    """None if ``backend`` can run on ``device``, else the reason (e.g. why ``cpp`` is
+    missing from :func:`available_backends`)."""
+    device = torch.device(device)
     kind = device.type
     if backend == "reference":
         return None
@@ -70,13 +116,16 @@ def _why_unavailable(backend: str, device: torch.device) -> Optional[str]:
         if kind != "cpu":
             return f"backend 'cpp' runs on CPU tensors, got {kind} tensors"
         if not _has_kernel("CPU"):
-            return f"the C++ extension cdm_kernels._C is not built ({_C_ERROR or 'no CPU kernels'})"
+            return f"the C++ extension cdm_kernels._C is not available: {_extension_error() or 'it has no CPU kernels'}"
         return None
     if backend == "cuda":
         if kind != "cuda":
             return f"backend 'cuda' runs on CUDA tensors, got {kind} tensors"
         if not _has_kernel("CUDA"):
-            return "cdm_kernels._C was built without CUDA kernels (see setup.py: CDM_KERNELS_CUDA)"
+            reason = _extension_error()
+            if reason:
+                return f"the C++ extension cdm_kernels._C is not available: {reason}"
+            return "cdm_kernels._C was built without CUDA kernels (torch without CUDA, no nvcc, or CDM_KERNELS_CUDA=0)"
         return None
     if backend == "triton":
         if _TRITON_ERROR is not None:
@@ -96,7 +145,7 @@ def available_backends(device="cpu") -> List[str]:
     device = torch.device(device)
     preference = _PREFERENCE.get(device.type, ("reference",))
     extra = tuple(b for b in BACKENDS if b not in preference)
-    return [b for b in preference + extra if _why_unavailable(b, device) is None]
+    return [b for b in preference + extra if why_unavailable(b, device) is None]
 
 
 @torch.compiler.assume_constant_result
@@ -107,7 +156,7 @@ def _default_backend(device_type: str) -> str:
 
 @torch.compiler.assume_constant_result
 def _unavailable_reason(backend: str, device_type: str) -> str:
-    return _why_unavailable(backend, torch.device(device_type)) or ""
+    return why_unavailable(backend, device_type) or ""
 
 
 def select_backend(backend: Optional[str], device: torch.device) -> str:
@@ -127,11 +176,3 @@ def kernel_op(name: str, backend: str):
     namespace = torch.ops.cdm_kernels
     return getattr(namespace, f"triton_{name}" if backend == "triton" else name)
 
-
-if _C_ERROR is not None and os.environ.get("CDM_KERNELS_QUIET", "0") != "1":
-    warnings.warn(
-        f"cdm_kernels: the C++ extension is not available ({_C_ERROR}); using the reference backend on CPU. "
-        "Install with `pip install --no-build-isolation .` to build it.",
-        RuntimeWarning,
-        stacklevel=2,
-    )

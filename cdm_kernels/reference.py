@@ -150,13 +150,18 @@ def scores_to_posterior(graph: Graph, log_score: torch.Tensor, x: torch.Tensor, 
     return (log_q - torch.logsumexp(log_q, dim=-1, keepdim=True)).to(log_score.dtype)
 
 
+def _weights(graph: Graph, log_q: torch.Tensor, x: torch.Tensor, tau: torch.Tensor) -> torch.Tensor:
+    """``u(a) = q(a) / K(tau)[a, x]``, 0 where ``q = 0`` (in ``log_q``'s dtype); a
+    positive ``q`` on a structural zero of the column gives ``inf``."""
+    log_column = _safe_log(transition_column(graph, x, tau, log_q.dtype))
+    return torch.where(log_q > float("-inf"), torch.exp(log_q - log_column.clamp_min(-1e30)), 0.0)
+
+
 def posterior_to_scores(graph: Graph, log_p0: torch.Tensor, x: torch.Tensor, tau: torch.Tensor) -> torch.Tensor:
     """The forward map: ``log r`` from ``log p_0|t``: ``r = K(tau)^T u``,
     ``u(a) = q(a) / K(tau)[a, x]`` (``u = 0`` where ``q = 0``). ``r_x = sum q = 1``."""
     work_dtype = torch.float64 if graph.family_id == DENSE else log_p0.dtype
-    log_column = _safe_log(transition_column(graph, x, tau, work_dtype))
-    log_q = log_p0.to(work_dtype)
-    inverted = torch.where(log_q > float("-inf"), torch.exp(log_q - log_column.clamp_min(-1e30)), 0.0)
+    inverted = _weights(graph, log_p0.to(work_dtype), x, tau)
     return _safe_log(apply_kernel(graph, inverted, tau)).to(log_p0.dtype)
 
 
@@ -185,10 +190,8 @@ def step_probabilities(
     log_q = scores_to_posterior(graph, log_score, x, tau_t).to(dtype)
     delta = (tau_t - tau_s).to(torch.float64)
     if method == "analytic":
-        # w(a) = q(a) / K(tau_t)[a, x]; P = K(Delta)[:, x] * (K(tau_s)^T w)
-        log_column = _safe_log(transition_column(graph, x, tau_t, dtype))
-        weights = torch.where(log_q > float("-inf"), torch.exp(log_q - log_column.clamp_min(-1e30)), 0.0)
-        probs = transition_column(graph, x, delta, dtype) * apply_kernel(graph, weights, tau_s)
+        # P = K(Delta)[:, x] * (K(tau_s)^T w)
+        probs = transition_column(graph, x, delta, dtype) * apply_kernel(graph, _weights(graph, log_q, x, tau_t), tau_s)
     else:
         jump = delta.unsqueeze(-1).to(dtype) * rate_column(graph, x, dtype).clamp_min(0)
         logits = torch.where(jump > 0, _safe_log(jump) + log_score.to(dtype), float("-inf"))
@@ -213,15 +216,8 @@ def sample_categorical(probs: torch.Tensor, generator: Optional[torch.Generator]
     return torch.minimum(index, last_positive)
 
 
-def fused_euler_step(
-    graph: Graph,
-    log_score: torch.Tensor,
-    x: torch.Tensor,
-    tau_t: torch.Tensor,
-    tau_s: torch.Tensor,
-    method: str = "analytic",
-    generator: Optional[torch.Generator] = None,
-) -> torch.Tensor:
+def fused_euler_step(graph: Graph, log_score: torch.Tensor, x: torch.Tensor, tau_t: torch.Tensor, tau_s: torch.Tensor,
+                     method: str = "analytic", generator: Optional[torch.Generator] = None) -> torch.Tensor:
     """One reverse step: ``x_s ~ step_probabilities(...)``, int64 of ``x``'s shape."""
     return sample_categorical(step_probabilities(graph, log_score, x, tau_t, tau_s, method), generator)
 

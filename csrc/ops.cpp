@@ -8,9 +8,14 @@
 //   graph descriptor: family (0 uniform, 1 absorbing, 2 dense) and, for dense
 //   graphs only, the float64 eigen-decomposition Q = V diag(evals) V^-1
 //   (evals (N,), vecs V (N, N), vecs_inv V^-1 (N, N)); None otherwise.
+// The kernels check the values they read (scores finite, a target of probabilities) in the
+// pass they make anyway, and raise ValueError after it, while the switch that
+// _set_value_checks sets is on (csrc/value_checks.h; cdm_kernels.set_value_checks).
 // The CPU kernels live in csrc/cpu/, the CUDA kernels in csrc/cuda/.
 #include <Python.h>
 #include <torch/library.h>
+
+#include "value_checks.h"
 
 extern "C" {
 // Importing cdm_kernels._C runs the static TORCH_LIBRARY registrations below;
@@ -21,7 +26,18 @@ PyObject* PyInit__C(void) {
 }
 }
 
+namespace {
+void set_value_checks(bool enabled) { cdm::value_checks_switch().store(enabled); }
+void raise_value_errors() {
+  if (cdm::deferred_value_errors() != nullptr) cdm::deferred_value_errors()();
+}
+}  // namespace
+
 TORCH_LIBRARY(cdm_kernels, m) {
+  // the switch of the value checks inside the kernels (on by default)
+  m.def("_set_value_checks(bool enabled) -> ()", &set_value_checks);
+  // the errors the CUDA kernels recorded without a synchronisation, raised now (waits for them)
+  m.def("_raise_value_errors() -> ()", &raise_value_errors);
   // out[p, a] = K(tau_p)[a, x_p]; (P, N) float32, or float64 when out_float64
   m.def(
       "transition_column(int family, Tensor? evals, Tensor? vecs, Tensor? vecs_inv, "

@@ -11,8 +11,10 @@ import torch
 import cdm_kernels as ck
 from cdm.data.markov import MarkovData
 from cdm.metrics import exact_kl
-from cdm.sampling import EnumeratedScoreModel, exact_sample_distribution, tau_grid
+from cdm.sampling import exact_sample_distribution, tau_grid
 from cdm.schedules import GeometricNoise
+
+from score_models import EnumeratedScoreModel
 
 N, L = 4, 3
 

@@ -13,10 +13,12 @@ import pytest
 import torch
 
 import cdm_kernels as ck
-from cdm.losses import DMMDLoss, di4c_loss, get_loss, make_student
-from cdm.sampling import TabularScoreModel, tau_of_time
+from cdm.losses import DMMDLoss, di4c_loss, get_loss
+from cdm.models import make_student
+from cdm.sampling import tau_of_time
 from cdm.schedules import GeometricNoise, LogLinearNoise
 
+from score_models import TabularScoreModel
 from study import N, exact_kl_of
 
 pytestmark = pytest.mark.usefixtures("single_thread")

@@ -27,15 +27,16 @@ import torch
 
 import cdm_kernels as ck
 from cdm.data.markov import MarkovData, enumerate_sequences, sequence_index
-from cdm.losses import (ExactTargets, get_loss, joint_cdm_loss, kernel_ratios, make_student, per_token_cdm_loss,
-                        sample_times, score_entropy, score_entropy_loss)
-from cdm.losses.cdm import student_rollout
+from cdm.losses import ExactTargets, get_loss, joint_cdm_loss, per_token_cdm_loss, score_entropy, score_entropy_loss
+from cdm.losses.cdm import sample_times, student_rollout
+from cdm.losses.score_entropy import kernel_ratios
 from cdm.metrics import exact_kl
-from cdm.sampling import (EnumeratedScoreModel, TabularScoreModel, add_noise, draw_latents, exact_chain_matrix,
-                          exact_sample_distribution, prior_sample, sample, step_distribution, tau_grid, tau_of_time,
-                          time_grid)
+from cdm.models import make_student
+from cdm.sampling import (add_noise, draw_latents, exact_chain_matrix, exact_sample_distribution, prior_sample,
+                          sample, step_distribution, tau_grid, tau_of_time, time_grid)
 from cdm.schedules import GeometricNoise, LogLinearNoise
 
+from score_models import EnumeratedScoreModel, TabularScoreModel
 from study import L, N, exact_kl_of
 
 pytestmark = pytest.mark.usefixtures("single_thread")
@@ -431,7 +432,7 @@ def test_exact_metrics_of_a_mixture_student(graph_name):
     """cdm.experiment.exact_metrics: both KLs of a K-component posterior-form student,
     against the exact distribution averaged over its components by hand."""
     from cdm.experiment import Setup, exact_metrics, new_model
-    from cdm.losses import make_student
+    from cdm.models import make_student
     from cdm.metrics import exact_kl
 
     setup = Setup(data="markov", data_options={"vocab_size": 3, "seq_len": 3}, graph=graph_name)
@@ -457,7 +458,7 @@ def test_exact_handover_metrics_chain_the_student_and_the_teacher(graph_name):
     k-step sampler, the teacher alone that of its k * m-step one, and a mixed pattern
     the student's exact step distribution fed as the prior of the teacher's m steps."""
     from cdm.experiment import Setup, exact_handover_metrics, exact_metrics, new_model
-    from cdm.losses import make_student
+    from cdm.models import make_student
     from cdm.sampling import tau_of_time, time_grid
 
     setup = Setup(data="markov", data_options={"vocab_size": 3, "seq_len": 3}, graph=graph_name)

@@ -144,9 +144,10 @@ def test_resume_of_a_distillation_takes_new_loss_options_but_not_another_student
     fails(argv(4, 4, components=3, resume=["--resume"]), capsys, "--resume", "other settings", "model")
 
 
-def test_grid_weights_reach_the_cdm_losses_only(model_file, tmp_path, monkeypatch):
+def test_grid_weights_reach_the_cdm_losses_only(model_file, tmp_path, monkeypatch, capsys):
     """``--grid-weights`` is an option of the two CDM losses (Di4C and D-MMD draw
-    their own times): the loss each student is built with, caught before training."""
+    their own times): the loss each student is built with, caught before training;
+    for a run of Di4C or D-MMD alone it is refused by name."""
     import cdm.cli
 
     class Built(Exception):
@@ -156,12 +157,16 @@ def test_grid_weights_reach_the_cdm_losses_only(model_file, tmp_path, monkeypatc
         raise Built(name, options)
 
     monkeypatch.setattr(cdm.cli, "get_loss", fake_get_loss)
-    for method, reaches in (("joint", True), ("per-token", True), ("di4c", False), ("dmmd", False)):
+    for method in ("joint", "per-token", "di4c", "dmmd"):
+        argv = [str(a) for a in ["compare", "--teacher", model_file, "--methods", method, "--student-steps", 3,
+                                 "--teacher-nfe", 1, "--num-samples", 8, "--grid-weights", "1,2.5,0",
+                                 "--out", tmp_path, "--quiet"]]
+        if method in ("di4c", "dmmd"):
+            fails(argv, capsys, "--grid-weights applies to --methods per-token,joint only")
+            continue
         with pytest.raises(Built) as built:
-            main([str(a) for a in ["compare", "--teacher", model_file, "--methods", method, "--student-steps", 3,
-                                   "--teacher-nfe", 1, "--num-samples", 8, "--grid-weights", "1,2.5,0",
-                                   "--out", tmp_path, "--quiet"]])
-        assert (built.value.args[1].get("grid_weights") == [1.0, 2.5, 0.0]) == reaches, (method, built.value.args)
+            main(argv)
+        assert built.value.args[1].get("grid_weights") == [1.0, 2.5, 0.0], (method, built.value.args)
 
 
 def test_student_init_starts_the_students_from_another_model_file(model_file, tmp_path, monkeypatch, capsys):

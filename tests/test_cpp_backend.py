@@ -6,6 +6,7 @@ The ops are called directly (torch.ops.cdm_kernels.*), with the flattened inputs
 Python front end hands every backend.
 """
 
+import contextlib
 import os
 import subprocess
 import sys
@@ -31,6 +32,16 @@ ISAS = ("default", "avx2", "avx512")
 
 def desc(graph):
     return (graph.family_id, *graph.spectral())
+
+
+@contextlib.contextmanager
+def unchecked():
+    """The kernels' value checks off: for scores the fronts reject (NaN, -inf), fed on purpose."""
+    ops._set_value_checks(False)
+    try:
+        yield
+    finally:
+        ops._set_value_checks(True)
 
 
 def seed_offset(seed, offset=0):
@@ -302,11 +313,13 @@ def test_zero_probability_states_are_never_drawn():
     ls[:, n // 2:] = float("-inf")
     x = torch.zeros(positions, dtype=torch.int64)
     tau_s = torch.full((positions,), 1.0, dtype=torch.float64)
-    out = ops.fused_euler_step(*desc(graph), ls, x, tau_t, tau_s, 1, seed_offset(11))
+    with unchecked():
+        out = ops.fused_euler_step(*desc(graph), ls, x, tau_t, tau_s, 1, seed_offset(11))
     assert (out < n // 2).all()
     # a NaN row has no distribution: the token stays
     ls = torch.full((3, n), float("nan"))
-    out = ops.fused_euler_step(*desc(graph), ls, torch.tensor([1, 2, 3]), tau_t[:3], tau_s[:3], 0, seed_offset(1))
+    with unchecked():
+        out = ops.fused_euler_step(*desc(graph), ls, torch.tensor([1, 2, 3]), tau_t[:3], tau_s[:3], 0, seed_offset(1))
     assert out.tolist() == [1, 2, 3]
 
 

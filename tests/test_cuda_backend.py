@@ -330,6 +330,29 @@ def test_euler_step_is_the_inverse_cdf_of_the_cpu_backend(family, n, dtype, meth
     assert agree >= 0.99, f"CUDA and CPU draws agree on {agree:.3%} of positions"
 
 
+def test_large_vocabulary_tail_draws_match_the_cpu_backend():
+    """50,000 states sharing 30% of a row behind one state with 70% (the tail's running
+    CDF sums 50,000 increments of 6e-6 onto 0.7): CUDA draws the states the CPU backend
+    draws (float64 CDFs in both; test_fused_euler_step.test_large_vocabulary_rates checks
+    the CPU backend's rates)."""
+    if not cpp_available():
+        pytest.skip("the C++ CPU backend is not built")
+    graph = AbsorbingGraph(50002)
+    ls = torch.full((64, graph.num_states), math.log(0.3 / 50000))
+    ls[:, 0] = math.log(0.7)
+    x = torch.full((64,), graph.mask)
+    tau_t = torch.ones(64, dtype=torch.float64)
+    tau_s = torch.zeros(64, dtype=torch.float64)
+    tail = 0
+    for seed in range(4):
+        so = torch.tensor([seed, 64 * seed], dtype=torch.int64)
+        cuda_picks = OPS.fused_euler_step(*desc(graph), on_device(ls), on_device(x), on_device(tau_t), on_device(tau_s), 0, so)
+        cpu_picks = torch.ops.cdm_kernels.fused_euler_step(*graph.descriptor("cpu"), ls, x, tau_t, tau_s, 0, so)
+        assert torch.equal(cuda_picks.cpu(), cpu_picks)
+        tail += int((cpu_picks > 0).sum())
+    assert 40 < tail < 120  # ~77 of 256 draws land in the tail
+
+
 @pytest.mark.parametrize("method", ["analytic", "euler"])
 @pytest.mark.parametrize("family,n", [("uniform", 11), ("absorbing", 11), ("dense", 11), ("uniform", 1500)])
 def test_euler_step_chi_square(family, n, method):
@@ -457,3 +480,94 @@ def test_seed_offset_from_a_cuda_generator_advances():
     a = seed_and_offset(gen, 100)
     b = seed_and_offset(gen, 100)
     assert a[0] == b[0] and b[1] == a[1] + 100
+
+
+# ----------------------------------------------------------------------------- value checks and the row plan
+
+
+def raises_in_kernel(match, call):
+    """The op's kernels find the error; on a GPU it is raised once its record has arrived."""
+    with pytest.raises(ValueError, match=match):
+        call()
+        if not EMULATION_LIB:
+            torch.cuda.synchronize()
+            torch.ops.cdm_kernels._raise_value_errors()
+
+
+@pytest.mark.parametrize("family,n", [("uniform", 7), ("uniform", 1029), ("absorbing", 50), ("absorbing", 1029)])
+def test_kernels_check_the_values_they_read(family, n):
+    graph = make_graph(family, n)
+    ls, x, tau = make_inputs(graph, 12, seed=n)
+    ls, x, tau = on_device(ls.float()), on_device(x), on_device(tau)
+    tau_s = tau / 2
+    target = torch.softmax(ls, -1)
+    if family == "absorbing":  # half the rows are unmasked: the kernels never read their scores otherwise
+        target[:, -1] = 0
+        target = target / target.sum(-1, keepdim=True)
+        target[x != n - 1] = torch.nn.functional.one_hot(x[x != n - 1], n).float()
+    d = desc(graph)
+    for row in (0, 1):  # a masked and an unmasked absorbing row
+        for bad in (float("nan"), float("inf"), float("-inf")):
+            poisoned = ls.clone()
+            poisoned[row, n // 2] = bad
+            raises_in_kernel("log_score contains NaN or inf", lambda: OPS.scores_to_posterior(*d, poisoned, x, tau))
+            raises_in_kernel("log_score contains NaN or inf",
+                             lambda: OPS.fused_euler_step(*d, poisoned, x, tau, tau_s, 0, torch.tensor([1, 0])))
+            raises_in_kernel("student_log_score contains NaN or inf",
+                             lambda: OPS.conditional_matching_loss(*d, poisoned, x, tau, target))
+            bad_target = target.clone()
+            bad_target[row, n // 2] = bad
+            raises_in_kernel("target contains NaN or inf", lambda: OPS.conditional_matching_loss(*d, ls, x, tau, bad_target))
+        lp = torch.log_softmax(ls, -1)
+        lp[row, 1] = float("-inf")  # probability 0 is a value
+        OPS.posterior_to_scores(*d, lp, x, tau)
+        lp[row, 1] = float("nan")
+        raises_in_kernel("log_p0 contains NaN or inf", lambda: OPS.posterior_to_scores(*d, lp, x, tau))
+    raises_in_kernel("target rows must sum to 1", lambda: OPS.conditional_matching_loss(*d, ls, x, tau, target * 1.05))
+    shifted = target.clone()
+    shifted[0, 0] -= 0.5
+    shifted[0, 1] += 0.5
+    raises_in_kernel(r"target must be probabilities \(non-negative\)",
+                     lambda: OPS.conditional_matching_loss(*d, ls, x, tau, shifted))
+    outside = x.clone()
+    outside[3], outside[5] = n, -2
+    raises_in_kernel(rf"x holds token ids outside \[0, {n}\): min -2, max {n}",
+                     lambda: OPS.scores_to_posterior(*d, ls, outside, tau))
+    raises_in_kernel("x_t holds token ids outside", lambda: OPS.conditional_matching_loss(*d, ls, outside, tau, target))
+    negative = tau.clone()
+    negative[2] = -0.1
+    raises_in_kernel(r"tau must be >= 0", lambda: OPS.posterior_to_scores(*d, torch.log_softmax(ls, -1), x, negative))
+    raises_in_kernel(r"tau_t must be finite", lambda: OPS.fused_euler_step(*d, ls, x, tau * float("inf"), tau_s, 1,
+                                                                            torch.tensor([1, 0])))
+    raises_in_kernel(r"tau_s must be < tau_t", lambda: OPS.fused_euler_step(*d, ls, x, tau, tau, 0, torch.tensor([1, 0])))
+
+
+def test_the_value_checks_switch():
+    graph = UniformGraph(300)
+    ls, x, tau = make_inputs(graph, 8, seed=1)
+    ls = on_device(ls.float())
+    ls[2, 3] = float("nan")
+    switch = OPS._set_value_checks
+    switch(False)
+    try:
+        out = OPS.scores_to_posterior(*desc(graph), ls, on_device(x), on_device(tau))
+        assert torch.isnan(out[2]).any() and torch.isfinite(out[0]).all()
+    finally:
+        switch(True)
+    raises_in_kernel("log_score contains NaN or inf", lambda: OPS.scores_to_posterior(*desc(graph), ls, on_device(x), on_device(tau)))
+
+
+@pytest.mark.skipif(not EMULATION_LIB, reason="the planner is exported by the emulation build")
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize(
+    "n", [1024, 32768, 50257, 50258,
+          pytest.param(128256, marks=pytest.mark.xfail(strict=True, reason="a 250 KB row needs a cluster of blocks"))])
+def test_forward_kernels_read_their_rows_once(n, dtype):
+    """The shared-memory plan caches the row of every forward kernel that reads it twice
+    (scores_to_posterior, the loss forward, posterior_to_scores, apply_kernel: no stats;
+    fused_euler_step's uniform analytic step: with segment stats) and keeps two blocks
+    per SM: no 16-bit row of up to 50258 states falls back to a second read."""
+    for stats in (False, True):
+        cached, block_bytes, blocks_per_sm = OPS._row_plan(n, dtype, stats, 1)
+        assert cached == 1, (n, dtype, stats, block_bytes)
+        assert blocks_per_sm >= 2, (n, dtype, stats, block_bytes)

@@ -9,7 +9,8 @@ import torch
 import cdm_kernels as ck
 from cdm.cli import main
 from cdm.experiment import Setup, default_teacher_path, evaluate, load_model, new_model, save_model
-from cdm.losses import get_loss, make_student
+from cdm.losses import get_loss
+from cdm.models import make_student
 from cdm.sampling import sample
 from cdm.train import TrainConfig, Trainer
 

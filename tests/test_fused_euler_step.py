@@ -140,3 +140,26 @@ def test_bf16_scores_step(backend):
     graph = ck.UniformGraph(17)
     out = ck.fused_euler_step(graph, torch.randn(4, 9, 17, dtype=torch.bfloat16), torch.randint(0, 17, (4, 9)), 1.0, 0.5, backend=backend)
     assert out.shape == (4, 9) and out.dtype == torch.int64
+
+
+@pytest.mark.parametrize("method, tau_s", [("analytic", 0.0), ("analytic", 0.3), ("euler", 0.0)])
+def test_large_vocabulary_rates(method, tau_s):
+    """A state far below float32's resolution relative to the running CDF is still drawn at
+    its rate: state 0 holds 1 - 1e-3 of q, 50,000 states share 1e-3 (2e-8 each, under
+    float32's epsilon next to 1). An absorbing mask position draws from q (scaled, plus the
+    mask's own mass when tau_s > 0); 102,400 draws expect ~102 of the small states."""
+    if "cpp" not in ck.available_backends("cpu"):
+        pytest.skip("no cpp backend")
+    small = 50000
+    graph = ck.AbsorbingGraph(small + 2)  # state 0, states 1..50000, the mask
+    log_score = torch.full((256, graph.num_states), torch.tensor(1e-3 / small).log().item())
+    log_score[:, 0] = torch.tensor(1 - 1e-3).log().item()
+    x = torch.full((256,), graph.mask)
+    gen = torch.Generator().manual_seed(11)
+    real = hits = 0
+    for _ in range(400):
+        y = ck.fused_euler_step(graph, log_score, x, 1.0, tau_s, method=method, generator=gen, backend="cpp")
+        real += int((y != graph.mask).sum())
+        hits += int(((y >= 1) & (y <= small)).sum())
+    expected = real * 1e-3
+    assert abs(hits - expected) < 4 * expected**0.5, (hits, expected)

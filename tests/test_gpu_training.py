@@ -21,7 +21,8 @@ import torch
 
 from cdm.cli import main
 from cdm.experiment import Setup, exact_metrics, load_model, new_model
-from cdm.losses import ExactTargets, get_loss, make_student
+from cdm.losses import ExactTargets, get_loss
+from cdm.models import make_student
 from cdm.train import TrainConfig, Trainer
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")

@@ -11,8 +11,8 @@ import torch
 
 import cdm_kernels as ck
 from cdm.experiment import Setup, exact_metrics, new_model
-from cdm.losses import di4c_loss, joint_cdm_loss, make_student
-from cdm.models import DiTConfig
+from cdm.losses import di4c_loss, joint_cdm_loss
+from cdm.models import DiTConfig, make_student
 from cdm.sampling import (draw_latents, exact_sample_distribution, latent_quadrature, mixture_log_weights,
                           network_evaluations, sample, tau_grid)
 

@@ -8,7 +8,9 @@ result (of the same, already rounded inputs) is at most twice the error of the
 plain PyTorch reference run in that dtype, plus a small slack of a few units
 in the last place of the output's scale. The reference backend satisfies it
 trivially; for it the tests check the invariants (finite outputs, conditionals
-that are distributions, structural zeros).
+that are distributions, structural zeros). Every op also takes its arguments in
+any layout (transposed, strided, broadcast views) and gives exactly what it
+gives on contiguous copies, forward and backward.
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ from hypothesis import strategies as st
 import cdm_kernels as ck
 from cdm_kernels import reference
 from cdm_kernels.ops._validation import MAX_INVERSE_EXPONENT
+from layouts import LAYOUTS, assert_layout_free
 
 DTYPES = [torch.float32, torch.bfloat16]
 FAMILIES = ["uniform", "absorbing", "gaussian", "birth_death"]
@@ -288,6 +291,47 @@ def test_conditional_matching_loss_and_gradient(backend, case, dtype):
         log_score, lambda s: reference.conditional_matching_loss(graph, s, x, tau, target).float())
     assert_accurate(loss, ref, truth, dtype, "conditional_matching_loss", tau, graph)
     assert_accurate(grad, ref_grad, truth_grad, dtype, "conditional_matching_loss backward", tau, graph)
+
+
+# ----------------------------------------------------------------------------- layouts
+
+
+LAYOUT_OPS = ["transition_column", "apply_kernel", "scores_to_posterior", "posterior_to_scores", "fused_euler_step",
+              "conditional_matching_loss"]
+
+
+@PROPERTY_SETTINGS
+@given(case=cases(), dtype=st.sampled_from(DTYPES), op=st.sampled_from(LAYOUT_OPS),
+       layouts=st.fixed_dictionaries({name: st.sampled_from(LAYOUTS) for name in ("data", "x", "tau", "target")}))
+def test_any_layout(backend, case, dtype, op, layouts):
+    """Scores, tokens, noise levels and targets given as transposed, strided or
+    broadcast views: the same output (and gradient) as contiguous copies, exactly."""
+    graph, lead, tau, tau_max, noise, seed = case
+    log_score, x, tau, p0, gen = noisy_scores(graph, lead, tau, tau_max, noise, seed, dtype)
+    cotangent = torch.randn(log_score.shape, generator=gen, dtype=torch.float64)
+    target = exact_conditional(graph, p0, x, tau).float()
+    others = {"x": x, "tau": tau}
+    if op == "transition_column":
+        call, data, cotangent = (lambda data, x, tau: ck.transition_column(graph, x, tau + data, backend=backend),
+                                 torch.zeros(()), None)
+    elif op == "apply_kernel":
+        call, data, others = (lambda data, tau: ck.apply_kernel(graph, data, tau, backend=backend), p0.to(dtype),
+                              {"tau": tau})
+    elif op == "scores_to_posterior":
+        call, data = lambda data, x, tau: ck.scores_to_posterior(graph, data, x, tau, backend=backend), log_score
+    elif op == "posterior_to_scores":
+        call, data = (lambda data, x, tau: ck.posterior_to_scores(graph, data, x, tau, backend=backend),
+                      target.log().to(dtype))
+    elif op == "fused_euler_step":
+        call, data, cotangent = (lambda data, x, tau: ck.fused_euler_step(
+            graph, data, x, tau, 0.5 * tau, generator=torch.Generator().manual_seed(seed), backend=backend),
+            log_score, None)
+    else:
+        others["target"] = target
+        call, data, cotangent = (lambda data, x, tau, target: ck.conditional_matching_loss(
+            graph, data, x, tau, target, reduction="none", backend=backend), log_score, cotangent[..., 0])
+    assert_layout_free(call, data, dict(layouts, data=layouts["data"] if data.ndim else "contiguous"), others,
+                       cotangent)
 
 
 @pytest.mark.parametrize("op", ["scores_to_posterior", "fused_euler_step", "conditional_matching_loss", "apply_kernel"])

@@ -1,6 +1,8 @@
 """The training loop: it learns, it resumes exactly, and the CLI runs end to end on tiny settings."""
 
+import io
 import json
+import sys
 
 import pytest
 import torch
@@ -46,6 +48,35 @@ def test_resume_continues_exactly_as_an_uninterrupted_run(tmp_path, lr_schedule)
     losses = [json.loads(line)["loss"] for line in (tmp_path / "a" / "log.jsonl").read_text().splitlines()]
     resumed_losses = [json.loads(line)["loss"] for line in (tmp_path / "b" / "log.jsonl").read_text().splitlines()]
     assert losses == resumed_losses
+
+
+def test_progress_without_a_terminal_is_one_line_every_log_every_steps(tmp_path, capsys):
+    trainer = tiny_trainer(tmp_path, steps=12)
+    trainer.config.progress, trainer.config.log_every = True, 5
+    trainer.fit()
+    err = capsys.readouterr().err  # pytest's captured stderr is not a terminal
+    assert "\r" not in err
+    lines = err.splitlines()
+    assert [line.split(",")[0] for line in lines] == ["test: step 5/12", "test: step 10/12", "test: step 12/12"]
+    assert all("loss " in line for line in lines)
+
+
+def test_progress_on_a_terminal_is_a_bar(tmp_path, monkeypatch):
+    class Terminal(io.StringIO):
+        def isatty(self):
+            return True
+
+    terminal = Terminal()
+    monkeypatch.setattr(sys, "stderr", terminal)
+    trainer = tiny_trainer(tmp_path, steps=12)
+    trainer.config.progress, trainer.config.log_every = True, 5
+    trainer.fit()
+    assert "\r" in terminal.getvalue() and "step 5/12" not in terminal.getvalue()
+
+
+def test_quiet_training_writes_nothing_to_stderr(tmp_path, capsys):
+    tiny_trainer(tmp_path, steps=6).fit()  # progress=False, as --quiet
+    assert capsys.readouterr().err == ""
 
 
 def test_learning_rate_schedules():

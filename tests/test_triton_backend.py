@@ -360,6 +360,70 @@ def test_euler_step_matches_cpp(family):
             assert (ours == theirs).float().mean() > 0.95, (method, dtype, ours, theirs)
 
 
+def _one_big_many_small(small: int, big_mass: float = 1 - 1e-3):
+    """An absorbing graph whose masked position draws (``tau_s = 0``: from the softmax
+    of its scores) state 0 with ``big_mass`` and ``small`` states sharing the rest,
+    far below float32's resolution next to the first state's mass."""
+    n = small + 2  # state 0, the small ones, the mask
+    graph = make_graph("absorbing", n)
+    scores = torch.full((n,), math.log((1 - big_mass) / small))
+    scores[0] = math.log(big_mass)
+    scores[-1] = 0.0
+    return graph, scores
+
+
+@pytest.mark.parametrize("method", ["analytic", "euler"])
+@pytest.mark.parametrize("one_block", [True, False])
+def test_sampling_precision_large_vocabulary(method, one_block, monkeypatch):
+    """One state with 1 - 1e-3 of the mass first, 4095 sharing 1e-3 after it (each
+    ~2.4e-7 of the row, ~4 float32 ulps of the running CDF there): the float64
+    running sum of the sampling rule draws each small state where the float64
+    inverse CDF puts it (to a neighbour: the float32 masses themselves carry that
+    much rounding), and the small states at their rate. (The interpreter makes
+    50,000 small states too slow; 4095 already sit below float32's resolution.)"""
+    from cdm_kernels.triton_kernels import _common
+
+    graph, scores = _one_big_many_small(4095)
+    n = graph.num_states
+    monkeypatch.setitem(_common.INTERPRET_BLOCKS, "BLOCK_N", 8192 if one_block else 1024)
+    monkeypatch.setitem(_common.INTERPRET_BLOCKS, "BLOCK_P", 1)
+    tau_t = torch.tensor([1.0], dtype=torch.float64)
+    x = torch.tensor([n - 1])
+    probs = reference.step_probabilities(graph, scores.double()[None], x, tau_t, torch.zeros(1, dtype=torch.float64),
+                                         method)[0]
+    cdf = probs.cumsum(0)
+    seed = 2**33 + 7
+    uniforms = _uniforms(1 << 16, seed, 0).double()
+    chosen = torch.nonzero(uniforms > 1 - 1e-3).flatten()[:24]  # the draws that land among the small states
+    assert len(chosen) >= 24
+    for offset in chosen.tolist():
+        draw = torch.ops.cdm_kernels.triton_fused_euler_step(
+            *graph.descriptor(DEVICE), *to_device(scores[None], x, tau_t, torch.zeros(1, dtype=torch.float64)),
+            0 if method == "analytic" else 1, torch.tensor([seed, offset]))
+        expected = int(torch.searchsorted(cdf, uniforms[offset] * cdf[-1], right=True))
+        assert 1 <= int(draw) <= n - 2, f"u = {uniforms[offset]:.9f} drew state {int(draw)}, not a small one"
+        assert abs(int(draw) - expected) <= 1, f"u = {uniforms[offset]:.9f}: drew {int(draw)}, expected {expected}"
+
+
+def test_sampling_rate_of_the_small_states(monkeypatch):
+    """8192 draws of the row above (the analytic step; the Euler step draws from the
+    same scan): the small states' share within Poisson noise of 1e-3."""
+    from cdm_kernels.triton_kernels import _common
+
+    graph, scores = _one_big_many_small(4095)
+    monkeypatch.setitem(_common.INTERPRET_BLOCKS, "BLOCK_N", 8192)
+    monkeypatch.setitem(_common.INTERPRET_BLOCKS, "BLOCK_P", 128)
+    draws = 8192
+    log_score = scores.expand(draws, -1)  # a broadcast view: one row, drawn 8192 times
+    x = torch.full((draws,), graph.num_states - 1)
+    out = ck.fused_euler_step(graph, *to_device(log_score, x), 1.0, 0.0,
+                              generator=torch.Generator().manual_seed(23), backend="triton").cpu()
+    small = int(((out > 0) & (out < graph.num_states - 1)).sum())
+    expected = 1e-3 * draws
+    assert (out < graph.num_states - 1).all(), "drew the mask at tau_s = 0"
+    assert abs(small - expected) <= 5 * math.sqrt(expected) + 1, f"{small} small draws, expected {expected:.1f}"
+
+
 # ----------------------------------------------------------------------------- other dtypes, long rows
 
 
@@ -398,6 +462,49 @@ def test_large_vocabulary(monkeypatch):
     assert torch.allclose(loss.cpu().double(), truth, rtol=1e-4)
     step = ck.fused_euler_step(graph, sd, xd, taud, 0.5 * taud, backend="triton")
     assert ((step >= 0) & (step < 100003)).all()
+
+
+# ----------------------------------------------------------------------------- any layout
+
+
+@pytest.mark.parametrize("layout", ["transposed", "strided", "expanded"])
+@pytest.mark.parametrize("op", ["transition_column", "apply_kernel", "scores_to_posterior", "posterior_to_scores",
+                                "fused_euler_step", "conditional_matching_loss"])
+@pytest.mark.parametrize("family", FAMILIES)
+def test_any_layout(family, op, layout):
+    """Scores, tokens (2-D), noise levels and targets as views in ``layout``: exactly
+    the output and gradient of contiguous copies."""
+    from layouts import assert_layout_free
+
+    graph = make_graph(family, 17)
+    log_score, x, tau = make_inputs(graph, 6, seed=19)
+    log_score, x, tau = (t.reshape(2, 3, *t.shape[1:]) for t in (log_score.float(), x, tau))
+    target = _target(graph, 6, seed=20).float().reshape(2, 3, 17)
+    target = target / target.sum(-1, keepdim=True)
+    log_score, x, tau, target = to_device(log_score, x, tau, target)
+    cotangent = torch.randn(log_score.shape, generator=torch.Generator().manual_seed(21)).to(DEVICE)
+    others = {"x": x, "tau": tau}
+    if op == "transition_column":
+        call, data, cotangent = (lambda data, x, tau: ck.transition_column(graph, x, tau + data, backend="triton"),
+                                 torch.zeros((), dtype=torch.float64, device=DEVICE), None)
+    elif op == "apply_kernel":
+        call, data, others = lambda data, tau: ck.apply_kernel(graph, data, tau, backend="triton"), target, {"tau": tau}
+    elif op == "scores_to_posterior":
+        call, data = lambda data, x, tau: ck.scores_to_posterior(graph, data, x, tau, backend="triton"), log_score
+    elif op == "posterior_to_scores":
+        log_q = ck.scores_to_posterior(graph, log_score, x, tau, backend="reference")
+        call, data = lambda data, x, tau: ck.posterior_to_scores(graph, data, x, tau, backend="triton"), log_q
+    elif op == "fused_euler_step":
+        call, data, cotangent = (lambda data, x, tau: ck.fused_euler_step(
+            graph, data, x, tau, 0.5 * tau, generator=torch.Generator().manual_seed(22), backend="triton"),
+            log_score, None)
+    else:
+        others["target"] = target
+        call, data, cotangent = (lambda data, x, tau, target: ck.conditional_matching_loss(
+            graph, data, x, tau, target, reduction="none", backend="triton"), log_score, cotangent[..., 0])
+    layouts = {name: layout for name in ("x", "tau", "target")}
+    layouts["data"] = layout if data.ndim else "contiguous"
+    assert_layout_free(call, data, layouts, others, cotangent)
 
 
 # ----------------------------------------------------------------------------- custom-op plumbing
@@ -449,7 +556,8 @@ def test_torch_compile():
 
 def test_fixed_config_is_one_autotune_would_try():
     """CDM_KERNELS_TRITON_AUTOTUNE=0 launches a config the pruned autotune list holds:
-    one long-row program for big vocabularies, several rows per program for small ones."""
+    one long-row program for big vocabularies, several rows per program for small ones,
+    a block spanning the row for kernels that hold it in registers (``ONE_BLOCK``)."""
     from cdm_kernels.triton_kernels import _common
 
     for n in (2, 17, 130, 256, 257, 1024, 4097, 50257, 262144):
@@ -459,6 +567,11 @@ def test_fixed_config_is_one_autotune_would_try():
             assert config.kwargs["BLOCK_P"] == 1
         if n <= 256:
             assert config.kwargs["BLOCK_P"] > 1
+        # a row that fits one block: a config whose block spans it
+        if n <= _common.ONE_BLOCK_MAX:
+            config = _common.fixed_config("row", n, one_block=True)
+            assert config.kwargs["BLOCK_N"] >= n
+            assert config in _common.prune_row_configs(_common.row_configs(), {"N": n}, ONE_BLOCK=True)
     assert _common.fixed_config("dense", 64) in _common.dense_configs()
 
 
@@ -503,7 +616,7 @@ target = GPUTarget("cuda", 90, 32)
 compiled, failures = 0, []
 for v in json.load(sys.stdin):
     fn = getattr(importlib.import_module(v["module"]), v["name"])
-    configs = _common.row_configs() if v["kind"] == "row" else _common.dense_configs()
+    configs = _common.launch_configs(v["kind"], v["constants"].get("ONE_BLOCK", False))
     for index in v["configs"]:
         config = configs[index]
         signature = dict(v["signature"], **{k: "constexpr" for k in config.kwargs})
@@ -524,14 +637,15 @@ def _configs_to_compile(variant: dict, index: int, every: bool):
     """Which autotune configs to compile a variant with: all of them when ``every``
     (CDM_AOT_ALL_CONFIGS=1); else one: the widest single-row config for float32
     data (the layout where Triton's in-loop reduction rewrites apply, which have
-    crashed on float32 loads), otherwise rotating so every config is covered."""
+    crashed on float32 loads), otherwise rotating so every config is covered. A row
+    held in registers compiles with the configs of the longest such row."""
     from cdm_kernels.triton_kernels import _common
 
-    count = len(_common.row_configs() if variant["kind"] == "row" else _common.dense_configs())
+    count = len(_common.launch_configs(variant["kind"], variant["constants"].get("ONE_BLOCK", False)))
     if every:
         return list(range(count))
     if variant["kind"] == "row" and "*fp32" in variant["signature"].values():
-        return [2]
+        return [min(2, count - 1)]
     return [index % count]
 
 
@@ -560,7 +674,8 @@ def _variant(fn, args, constexprs, kind):
 
 def test_aot_compile(monkeypatch):
     """Every kernel launched by the ops (bf16 and fp32, every family, both step methods,
-    forward and backward), compiled for Hopper with each GPU config of its autotuner."""
+    forward and backward; rows held in registers and streamed rows), compiled for
+    Hopper with each GPU config of its autotuner."""
     import json
     import os
     import pathlib
@@ -568,6 +683,7 @@ def test_aot_compile(monkeypatch):
     import sys
 
     from cdm_kernels.triton_kernels import _common
+    from every_op import run_every_op
 
     record = []
     monkeypatch.setattr(_common, "RECORD", record)
@@ -576,22 +692,12 @@ def test_aot_compile(monkeypatch):
         for dtype in DTYPES:
             log_score, x, tau = make_inputs(graph, 3, seed=14)
             log_score, x, tau = to_device(log_score.to(dtype), x, tau)
-            target = torch.softmax(log_score.float(), -1).to(dtype)
-            s = log_score.clone().requires_grad_(True)
-            q = ck.scores_to_posterior(graph, s, x, tau, backend="triton")
-            torch.autograd.grad(q, s, torch.ones_like(q))
-            lq = q.detach().clone().requires_grad_(True)
-            r = ck.posterior_to_scores(graph, lq, x, tau, backend="triton")
-            torch.autograd.grad(r, lq, torch.ones_like(r))
-            v = log_score.clone().requires_grad_(True)
-            torch.autograd.grad(ck.apply_kernel(graph, v, tau, backend="triton").sum(), v)
-            s = log_score.clone().requires_grad_(True)
-            loss = ck.conditional_matching_loss(graph, s, x, tau, target, backend="triton")
-            torch.autograd.grad(loss, s)
-            for method in ("analytic", "euler"):
-                ck.fused_euler_step(graph, log_score, x, tau, 0.5 * tau, method=method, backend="triton")
-        ck.transition_column(graph, x, tau, backend="triton")
+            run_every_op(graph, log_score, x, tau, torch.softmax(log_score.float(), -1).to(dtype))
         ck.transition_column(graph, x, tau.float(), backend="triton")
+    for family in ("uniform", "absorbing"):  # rows longer than the interpreter's block: the streaming variants
+        graph = make_graph(family, 40)
+        log_score, x, tau = to_device(*make_inputs(graph, 3, seed=14))
+        run_every_op(graph, log_score.float(), x, tau, torch.softmax(log_score.float(), -1))
     variants = {}
     for fn, args, constexprs, kind in record:
         v = _variant(fn, args, constexprs, kind)

@@ -68,7 +68,7 @@ class MarkovData:
     The default, 8 tokens x 4 positions, is the package's default data: 4096
     sequences, few enough that every sampler's output distribution is computed
     exactly (``cdm.experiment.exact_metrics``), yet correlated enough that the
-    product of its marginals is 1.66 nats (KL) away from it.
+    product of its marginals is far from it (its KL: docs/RESULTS.md).
 
     Attributes: ``vocab_size`` (N), ``seq_len`` (L), ``initial`` float64 (N,),
     ``transition`` float64 (N, N) with rows summing to 1.

@@ -13,24 +13,20 @@ from __future__ import annotations
 
 import functools
 
-from .cdm import ExactTargets, freeze, joint_cdm_loss, make_student, per_token_cdm_loss, sample_times, teacher_chain
+from ..models.student import freeze
+from .cdm import ExactTargets, joint_cdm_loss, per_token_cdm_loss
 from .di4c import di4c_loss
 from .dmmd import DMMDLoss
-from .score_entropy import kernel_ratios, score_entropy, score_entropy_loss
+from .score_entropy import score_entropy, score_entropy_loss
 
 __all__ = [
     "score_entropy",
     "score_entropy_loss",
-    "kernel_ratios",
     "per_token_cdm_loss",
     "joint_cdm_loss",
     "ExactTargets",
     "di4c_loss",
     "DMMDLoss",
-    "make_student",
-    "freeze",
-    "sample_times",
-    "teacher_chain",
     "get_loss",
     "LOSSES",
 ]
@@ -41,7 +37,7 @@ LOSSES = ("score_entropy", "cdm_per_token", "cdm_joint", "di4c", "dmmd")
 def get_loss(name: str, graph, noise, teacher=None, **options):
     """``loss_fn(model, x0, generator=None)`` for ``name`` in ``LOSSES``; ``options``
     are the keyword options of the underlying loss. The distillation losses need ``teacher``;
-    ``di4c`` wants a mixture student (``make_student(teacher, latent_dim=...)``); ``dmmd``
+    ``di4c`` wants a mixture student (``cdm.models.make_student(teacher, latent_dim=...)``); ``dmmd``
     returns a ``DMMDLoss`` module (options: its keyword arguments, e.g. ``steps``, ``aux_lr``)."""
     if name == "score_entropy":
         if teacher is not None:

@@ -32,8 +32,6 @@ evaluated under ``torch.no_grad``; gradients reach the student only.
 
 from __future__ import annotations
 
-import copy
-import dataclasses
 import math
 from typing import Callable, Optional, Sequence, Union
 
@@ -42,17 +40,14 @@ from torch import nn
 
 import cdm_kernels as ck
 
-from ..checkpoint import shape_mismatches
-from ..models.dit import PRESETS
 from ..data.markov import enumerate_sequences, sequence_index
-from ..experiment import EXACT_SUPPORT
-from ..sampling import (METHODS, add_noise, call_model, component_index, draw_latents, exact_chain_matrix,
-                        inversion_dtype, latent_dim, mixture_log_weights, model_device, prior_sample, rate_column,
+from ..models.dit import component_index
+from ..models.student import model_device
+from ..sampling import (EXACT_SUPPORT, METHODS, add_noise, call_model, draw_latents, exact_chain_matrix,
+                        inversion_dtype, latent_dim, mixture_log_weights, prior_sample, rate_column,
                         shared_block_count, step_log_scores, tau_of_time, time_grid, unwrap)
 
 __all__ = [
-    "make_student",
-    "freeze",
     "sample_times",
     "teacher_chain",
     "student_rollout",
@@ -69,134 +64,12 @@ REDUCTIONS = ("mean", "none")
 JOINT_TARGETS = ("clean", "step", "exact")
 
 
-# ----------------------------------------------------------------------------- students
-
-
-def _load_source_weights(student: nn.Module, weights: dict, first_new_block: int) -> None:
-    """Load the weights of the model a student starts from; the only names
-    allowed to be missing are the parts the student adds (latent embedding,
-    weight head, blocks from ``first_new_block`` on), which keep their identity
-    initialisation."""
-    differ = shape_mismatches(weights, student.state_dict())
-    if differ:
-        raise ValueError(f"the student's architecture does not fit the weights it starts from: shapes differ for "
-                         f"{differ} (weights -> student)")
-    missing, unexpected = student.load_state_dict(weights, strict=False)
-    new_blocks = tuple(f"blocks.{j}." for j in range(first_new_block, len(getattr(student, "blocks", ()))))
-    if unexpected or any(not name.startswith(("latent_map.", "weight_head.") + new_blocks) for name in missing):
-        raise ValueError(f"the student's architecture does not fit the weights it starts from: "
-                         f"missing {missing}, unexpected {unexpected}")
-
-
-def _split_components(weights: dict, components: int, new_components: int) -> dict:
-    """The weights of a ``components``-component student with each component
-    split into ``new_components // components`` copies. The copies share their
-    original's weight (the weight head's rows repeat, and its log-softmax gives
-    each copy w/m), so the mixture is the same; their table rows are nudged
-    apart by 1% of the table's spread, because identical components get
-    identical gradients and never separate (``ComponentEmbedder``)."""
-    if new_components % components:
-        raise ValueError(f"latent_components={new_components}: a student that starts from a {components}-component "
-                         f"one needs a multiple of {components} (each component splits into equal copies)")
-    copies = new_components // components
-    split = dict(weights)
-    table = weights["latent_map.table"].repeat_interleave(copies, 0)
-    split["latent_map.table"] = table + 0.01 * table.std() * torch.randn_like(table)
-    for name in ("weight_head.linear.weight", "weight_head.linear.bias"):
-        if name in weights:
-            split[name] = weights[name].repeat_interleave(copies, 0)
-    return split
-
-
-def make_student(teacher: nn.Module, latent_dim: int = 0, parameterization: Optional[str] = None,
-                 graph: Optional[str] = None, latent_components: int = 0, size: Optional[str] = None,
-                 mixture_weights: bool = False, shared_blocks: int = 0, extra_blocks: int = 0) -> nn.Module:
-    """A student initialised from the teacher (seed 001: "student init from teacher").
-
-    ``latent_dim = 0`` and no other change: a copy of the teacher. Otherwise (a
-    ``DiT`` teacher) the teacher's architecture with the changes, loaded with
-    every teacher weight: ``latent_dim > 0`` adds a latent input whose
-    embedding starts at zero (a mixture student that computes the teacher's
-    function for every lambda at initialisation; ``latent_components = K``
-    makes it a K-component mixture, ``latent_dim`` then 1, and ``mixture_weights``
-    weighs those components by ``w(x_t)``, a head that starts at uniform weights;
-    ``shared_blocks``: the leading blocks the latent skips, see
-    ``cdm.models.DiTConfig``); ``parameterization=
-    "posterior"`` (with ``graph``, the forward process's name) reads the last
-    layer's outputs as logits of ``p_0|t`` instead of log-scores (see
-    ``cdm.models.dit``): the trunk starts from the teacher's, the output is
-    re-learnt. ``size``: a name of ``cdm.models.dit.PRESETS`` (hidden width, heads,
-    blocks, conditioning width); a size other than the teacher's makes a student
-    with fresh random weights (nothing of the teacher fits), which the
-    distillation loss alone trains. ``extra_blocks = N``: N more blocks than
-    the teacher (or the size), appended after its own; adaLN-zero starts them
-    as the identity, so a deeper student still starts as the teacher's function.
-
-    ``teacher`` is the model the student starts from; it may also be an
-    earlier student (``cdm distill --student-init``), whose architecture the
-    student keeps except for the changes asked for. From a K-component
-    student, ``latent_components`` may be a multiple of K: each component is
-    split into copies that share its weight (see ``_split_components``), so
-    the student starts as nearly the same mixture with more components to train.
-    """
-    config = getattr(teacher, "config", None)
-    changes = {}
-    fresh = False
-    if size is not None:
-        if config is None or not dataclasses.is_dataclass(config) or not hasattr(config, "hidden"):
-            raise TypeError("a student of another size needs a DiT-like teacher with a dataclass `config`")
-        if size not in PRESETS:
-            raise ValueError(f"size must be one of {sorted(PRESETS)}, got {size!r}")
-        sizes = dict(zip(("hidden", "n_heads", "n_blocks", "cond_dim"), PRESETS[size]))
-        fresh = any(getattr(config, key) != value for key, value in sizes.items())
-        if fresh:
-            changes.update(sizes)
-    if not isinstance(extra_blocks, int) or extra_blocks < 0:
-        raise ValueError(f"extra_blocks must be an int >= 0, got {extra_blocks!r}")
-    if extra_blocks:
-        if config is None or not dataclasses.is_dataclass(config) or not hasattr(config, "n_blocks"):
-            raise TypeError("extra_blocks needs a DiT-like teacher with a dataclass `config`")
-        changes["n_blocks"] = changes.get("n_blocks", config.n_blocks) + extra_blocks
-    if latent_dim:
-        changes["latent_dim"] = latent_dim
-    if latent_components:
-        changes["latent_components"] = latent_components
-    if mixture_weights:
-        changes["mixture_weights"] = True
-    if shared_blocks:
-        changes["shared_blocks"] = shared_blocks
-    if parameterization is not None and parameterization != getattr(config, "parameterization", "score"):
-        changes.update(parameterization=parameterization, graph=graph or "")
-        if parameterization == "posterior" and getattr(config, "scale_by_sigma", False):
-            changes["scale_by_sigma"] = False  # SEDD's score shift has no meaning for a conditional's logits
-    if not changes:
-        student = copy.deepcopy(teacher)
-    else:
-        if config is None or not dataclasses.is_dataclass(config) or not hasattr(config, "latent_dim"):
-            raise TypeError("a mixture or re-parameterised student needs a DiT-like teacher with a dataclass `config`")
-        student = type(teacher)(dataclasses.replace(config, **changes))
-        if not fresh:
-            weights = teacher.state_dict()
-            components = getattr(config, "latent_components", 0)
-            if components and student.config.latent_components != components:
-                weights = _split_components(weights, components, student.config.latent_components)
-            _load_source_weights(student, weights, first_new_block=config.n_blocks)
-        student.to(model_device(teacher))
-    for parameter in student.parameters():
-        parameter.requires_grad_(True)
-    return student.train()
-
-
-def freeze(model: nn.Module) -> nn.Module:
-    """Put a teacher in eval mode with gradients off; returns it."""
-    if isinstance(model, nn.Module):
-        model.eval()
-        for parameter in model.parameters():
-            parameter.requires_grad_(False)
-    return model
-
-
 # ----------------------------------------------------------------------------- shared pieces
+
+
+def _check_one_of(name: str, value, choices: tuple) -> None:
+    if value not in choices:
+        raise ValueError(f"{name} must be one of {choices}, got {value!r}")
 
 
 def _uniform(n: int, generator, device) -> torch.Tensor:
@@ -211,15 +84,14 @@ def sample_times(steps: int, batch: int, *, t_dist: str = "grid", grid_weights: 
     ``"grid"``: ``t = 1 - j/k`` with ``j ~ U{0..k-1}``, ``t_next = t - 1/k`` (the
     times the k-step sampler visits); ``grid_weights`` (k values >= 0, any
     positive sum) draws ``j`` with those relative frequencies instead, e.g. to
-    train more where ``cdm eval --handover`` finds a student's steps worst (on
-    the default data 1, 2, 3, 1 changed nothing: README, "Longer runs").
+    train more where ``cdm eval --handover`` finds a student's steps worst (what
+    that gained: docs/RESULTS.md).
     ``"uniform"``: ``t ~ U(1/k, 1]`` and ``t_next = t - 1/k`` (a student for any
     grid of step 1/k).
     """
     if not isinstance(steps, int) or steps < 1:
         raise ValueError(f"steps must be a positive int, got {steps!r}")
-    if t_dist not in T_DISTS:
-        raise ValueError(f"t_dist must be one of {T_DISTS}, got {t_dist!r}")
+    _check_one_of("t_dist", t_dist, T_DISTS)
     if grid_weights is not None:
         grid_weights = _check_grid_weights(grid_weights, steps, t_dist)
     u = _uniform(batch, generator, device)
@@ -335,10 +207,8 @@ def per_token_cdm_loss(student, teacher, graph: ck.Graph, noise, x0: torch.Tenso
       method: the reverse step, ``"analytic"`` or ``"euler"``.
     Returns the mean over the batch of ``w(t) * mean_i CE_i`` (``reduction="none"``: (B,)).
     """
-    if sampler not in SAMPLERS:
-        raise ValueError(f"sampler must be one of {SAMPLERS}, got {sampler!r}")
-    if reduction not in REDUCTIONS:
-        raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
+    _check_one_of("sampler", sampler, SAMPLERS)
+    _check_one_of("reduction", reduction, REDUCTIONS)
     if x0.ndim != 2:
         raise ValueError(f"x0 must have shape (B, L), got {tuple(x0.shape)}")
     device, batch = x0.device, x0.shape[0]
@@ -431,8 +301,8 @@ class ExactTargets:
     chain's whole law ``P(x_0 | x_t)`` is computed for every x_t of the full product
     space and every grid time ``t = 1 - j/steps`` of the student
     (:func:`cdm.sampling.exact_chain_matrix`: ``steps * teacher_steps`` S^3 matrix
-    products; on the default data, S = 4096, 4 steps and 32 teacher steps took 4 min
-    on one core here, into four (S, S) float32 tables, 256 MB), and
+    products into ``steps`` (S, S) float32 tables, built once before training; their
+    cost: docs/RESULTS.md), and
     ``target="exact"`` takes the expectation over x_0 in place of ``num_targets``
     draws: the R -> infinity limit of the sampled loss, with no teacher call while
     training. ``max_support`` bounds S (each table holds S^2 floats).
@@ -474,6 +344,76 @@ def _joint_log_likelihoods(graph: ck.Graph, log_score: torch.Tensor, x_t: torch.
     return rows
 
 
+def _check_joint_options(x0, *, steps, num_latents, num_targets, teacher_steps, target, s, t_dist, rollout, method,
+                         exact_targets, reduction, chunk) -> None:
+    _check_one_of("reduction", reduction, REDUCTIONS)
+    if not isinstance(num_latents, int) or num_latents < 1:
+        raise ValueError(f"num_latents must be a positive int, got {num_latents!r}")
+    if not isinstance(num_targets, int) or num_targets < 1:
+        raise ValueError(f"num_targets must be a positive int, got {num_targets!r}")
+    if not isinstance(teacher_steps, int) or teacher_steps < 1:
+        raise ValueError(f"teacher_steps must be a positive int, got {teacher_steps!r}")
+    if not 0.0 <= rollout <= 1.0 or (rollout and t_dist != "grid"):
+        raise ValueError(f"rollout must be in [0, 1] (and needs t_dist='grid'), got {rollout!r}")
+    _check_one_of("target", target, JOINT_TARGETS)
+    if target != "clean" and s is not None:
+        raise ValueError("s (the time of the teacher's last per-token conditional) applies to target='clean' only")
+    if chunk is not None and target == "exact":
+        raise ValueError("chunk does not go with target='exact' (its likelihoods need whole conditionals)")
+    if target == "exact":
+        if not isinstance(exact_targets, ExactTargets):
+            raise ValueError("target='exact' needs exact_targets=ExactTargets(teacher, graph, noise, seq_len, "
+                             "steps, teacher_steps)")
+        if (exact_targets.steps, exact_targets.teacher_steps) != (steps, teacher_steps):
+            raise ValueError(f"exact_targets were built for steps={exact_targets.steps}, "
+                             f"teacher_steps={exact_targets.teacher_steps}; the loss has steps={steps}, "
+                             f"teacher_steps={teacher_steps}")
+        if t_dist != "grid":
+            raise ValueError(f"target='exact' needs t_dist='grid' (its tables hold the grid times), got {t_dist!r}")
+    elif exact_targets is not None:
+        raise ValueError(f"exact_targets are used by target='exact' only, got target={target!r}")
+    _check_one_of("method", method, METHODS)
+    if x0.ndim != 2:
+        raise ValueError(f"x0 must have shape (B, L), got {tuple(x0.shape)}")
+
+
+@torch.no_grad()
+def _teacher_draws(teacher, graph: ck.Graph, noise, x_t: torch.Tensor, t: torch.Tensor, t_next: torch.Tensor,
+                   draws: int, *, target: str, s: Optional[float], teacher_steps: int, method: str,
+                   generator, batch_size: Optional[int] = None) -> torch.Tensor:
+    """``draws`` targets per x_t (B * draws, L): x_s at ``t_next`` for ``target="step"``,
+    else x_0 through the teacher's chain from t via s; ``batch_size`` sequences per
+    network call (default all)."""
+    x_from, t_from, t_to = x_t.repeat_interleave(draws, 0), t.repeat_interleave(draws), t_next.repeat_interleave(draws)
+    if target == "step":
+        return teacher_chain(teacher, graph, noise, x_from, t_from, t_to, teacher_steps, method=method,
+                             generator=generator, batch_size=batch_size)
+    default_s = t_from / teacher_steps
+    s_time = default_s if s is None else torch.where(torch.full_like(t_from, float(s)) < t_from,
+                                                     torch.full_like(t_from, float(s)), default_s)
+    x_s = x_from
+    if teacher_steps > 1:
+        x_s = teacher_chain(teacher, graph, noise, x_from, t_from, s_time, teacher_steps - 1, method=method,
+                            generator=generator, batch_size=batch_size)
+    return teacher_chain(teacher, graph, noise, x_s, s_time, torch.zeros_like(t_from), 1, method=method,
+                         generator=generator, batch_size=batch_size)
+
+
+def _noisy_inputs(student, graph: ck.Graph, noise, x0: torch.Tensor, steps: int, *, t_dist: str,
+                  grid_weights: Optional[Sequence[float]], rollout: float, method: str, generator) -> tuple:
+    """``(t, t_next, x_t)`` of a joint-CDM step: times on the student's grid, and ``x0``
+    noised to t, or for a ``rollout`` share of sequences the student's own sampler's state."""
+    device, (batch, seq_len) = x0.device, x0.shape
+    t, t_next = sample_times(steps, batch, t_dist=t_dist, grid_weights=grid_weights, generator=generator,
+                             device=device)
+    x_t = add_noise(graph, x0, tau_of_time(noise, t)[:, None], generator)
+    if rollout:
+        own = _uniform(batch, generator, device) < rollout
+        if bool(own.any()):
+            x_t[own] = student_rollout(student, graph, noise, t[own], steps, seq_len, method=method, generator=generator)
+    return t, t_next, x_t
+
+
 def _position_log_likelihood(graph: ck.Graph, log_score: torch.Tensor, x_t: torch.Tensor, tau_t: torch.Tensor,
                              y: torch.Tensor, tau_next: Optional[torch.Tensor], method: str) -> torch.Tensor:
     """``log p(y^i | x_t)`` per position (B, L) of the student's clean conditional, or with
@@ -483,6 +423,58 @@ def _position_log_likelihood(graph: ck.Graph, log_score: torch.Tensor, x_t: torc
     # one-hot targets are exact in float32 (a float64 copy would double the memory of the M-fold batch)
     one_hot = nn.functional.one_hot(y, graph.num_states).to(torch.float32)
     return -ck.conditional_matching_loss(graph, log_score, x_t, tau_t, one_hot, reduction="none")
+
+
+def _mixture_log_likelihoods(student, graph: ck.Graph, noise, x_t: torch.Tensor, t: torch.Tensor,
+                             t_next: torch.Tensor, targets: Optional[torch.Tensor], *, num_latents: int,
+                             stratified: bool, target: str, method: str, generator,
+                             chunk: Optional[int] = None) -> torch.Tensor:
+    """``log sum_m prod_i p(y^i | x_t, lambda_m) - log M`` (B, R) for the R targets y
+    per x_t in ``targets`` (B * R, L), or (B, S) for every sequence of the support
+    (``target="exact"``, ``targets`` None); with mixture weights, each latent's term
+    carries its importance weight ``K w_k(x_t)``.
+
+    ``chunk`` (a ``DiT`` student; not with ``target="exact"``, which needs whole
+    conditionals): the student's output layer and the targets' log-likelihoods
+    run ``chunk`` positions at a time under activation checkpointing
+    (``DiT.forward(per_position=...)``), so no (B * M, L, N) tensor is held: at
+    the field's vocabulary that tensor, several times over, is most of a step's
+    memory (docs/ARCHITECTURE.md, "A joint-CDM step at the field's scale"). The
+    value and gradients are those of ``chunk=None``; the output layer runs once
+    more in backward."""
+    device, (batch, seq_len) = x_t.device, x_t.shape
+    tau_t = tau_of_time(noise, t)
+    m = num_latents if latent_dim(student) else 1
+    x_rep = x_t.repeat_interleave(m, 0)
+    tau_rep = tau_t.repeat_interleave(m, 0)[:, None].expand(x_rep.shape)
+    lam = draw_latents(student, batch * m, generator, device, stratified_groups=m if (stratified and m > 1) else 0)
+    # with shared blocks, M latents per sequence go in one call: the blocks before the latent run once per sequence
+    x_in, tau_in = (x_t, tau_t) if shared_block_count(student) else (x_rep, tau_rep[:, 0])
+    if target == "exact":  # every x_0 of the support: (B, M, S)
+        log_score = _scores(student, x_in, tau_in, lam, graph=graph)
+        log_lik = _joint_log_likelihoods(graph, log_score, x_rep, tau_rep).view(batch, m, -1)
+    else:
+        r = len(targets) // batch
+        targets = targets.view(batch, r, seq_len).repeat_interleave(m, 0)  # (B * M, r, L)
+        tau_next = tau_of_time(noise, t_next).repeat_interleave(m, 0) if target == "step" else None
+
+        def per_position(log_score, x, sigma, positions):  # log p(y^i | x_t, lambda) of each target: (B * M, P, r)
+            log_score = log_score.to(inversion_dtype(graph, log_score.dtype))
+            tau = sigma[:, None].expand(x.shape)
+            return torch.stack([_position_log_likelihood(graph, log_score, x, tau, targets[:, j, positions], tau_next,
+                                                         method) for j in range(r)], -1)
+
+        if chunk is None:
+            per_pos = per_position(call_model(student, x_in, tau_in, lam), x_rep, tau_rep[:, 0], slice(None))
+        else:
+            per_pos = call_model(student, x_in, tau_in, lam, per_position=per_position, chunk=chunk)
+        log_lik = per_pos.sum(1).view(batch, m, r)
+    log_w = mixture_log_weights(student, x_t, tau_t)
+    if log_w is not None:  # lambda was drawn uniformly: importance weight K w_k
+        components = log_w.shape[-1]
+        index = component_index(lam, components).view(batch, m)
+        log_lik = log_lik + (log_w.gather(1, index) + math.log(components)).to(log_lik.dtype)[..., None]
+    return torch.logsumexp(log_lik, dim=1) - math.log(m)
 
 
 def joint_cdm_loss(student, teacher, graph: ck.Graph, noise, x0: torch.Tensor, *, steps: int = 1,
@@ -502,15 +494,11 @@ def joint_cdm_loss(student, teacher, graph: ck.Graph, noise, x0: torch.Tensor, *
     ``x_0'`` from the teacher's per-token conditional at s). ``s`` (a time)
     defaults to ``t / teacher_steps``, which makes the chain the teacher's own
     ``teacher_steps``-step grid restricted to [0, t]; a given ``s >= t`` falls
-    back to that default for the sequence.
-    ``rollout`` (grid times only): the share of sequences whose ``x_t`` comes from
-    the student's own sampler (:func:`student_rollout`) instead of forward noising,
-    so that a k-step student also learns its conditionals at the states its
-    sampler visits (exposure bias); the teacher's conditional is a valid target at
-    any ``x_t``. Measured on the default data (4-step student, 800 steps): exact
-    KL 0.213 with ``rollout = 0.5`` against 0.225 without, inside the run-to-run
-    spread; the student's later steps are as wrong from the teacher's states as
-    from its own (README, "Longer runs"), so the default is 0.
+    back to that default for the sequence. ``rollout`` (grid times only): the
+    share of sequences whose ``x_t`` comes from the student's own sampler
+    (:func:`student_rollout`), so that it also learns its conditionals at the
+    states its sampler visits; the default 0, because it gained nothing beyond
+    the run-to-run spread (docs/RESULTS.md).
 
     ``target="step"`` (k > 1; at k = 1 the two coincide): the target is instead
     ``x_s`` at the student's next grid time ``s = t - 1/k``, drawn by
@@ -540,125 +528,32 @@ def joint_cdm_loss(student, teacher, graph: ck.Graph, noise, x0: torch.Tensor, *
     M = K, each component once), so the weights are learnt with the components.
     ``num_targets`` (R): draws of the target per x_t, their NLLs averaged; the
     student's M evaluations are shared by all R, so the R-fold cost is the
-    teacher's chain only (R teacher forwards per step against M student
-    forwards and backwards). On the default data R = 4 more than halved the
-    1-step student's exact KL at equal steps (``cdm distill`` uses 4; README).
-    Returns the batch mean of ``w(t) * NLL`` (``reduction="none"``: (B,)).
+    teacher's chain only. Returns the batch mean of ``w(t) * NLL``
+    (``reduction="none"``: (B,)). The defaults (M = 8, 16 teacher steps) are
+    where the exact study stopped gaining for its cost (docs/RESULTS.md).
 
-    ``chunk`` (a ``DiT`` student; not with ``target="exact"``, which needs whole
-    conditionals): the student's output layer and the targets' log-likelihoods
-    run ``chunk`` positions at a time under activation checkpointing
-    (``DiT.forward(per_position=...)``), so no (B * M, L, N) tensor is held: at
-    the field's vocabulary that tensor, several times over, is most of a step's
-    memory (docs/ARCHITECTURE.md, "A joint-CDM step at the field's scale"). The
-    value and gradients are those of ``chunk=None``; the output layer runs once
-    more in backward. ``teacher_batch``: rows of the teacher's chain per network
-    call (its B * R rows at once by default; see :func:`teacher_chain`).
-
-    Defaults (exact study, tests/test_cdm_exact.py setting, 1-step KL of the
-    teacher 0.488; table student, Adam): M = 4 / 8 / 16 gave 0.028 / 0.018 /
-    0.014 after 300 steps (M = 8 is the knee); teacher_steps = 16 / 32 / 64
-    gave 0.023 / 0.018 / 0.013 (300 steps) and 8 / 16 gave 0.033 / 0.016 (400
-    steps): the student is capped by the chain it imitates and the cost grows
-    linearly, so 16; s = 0.3 / 0.5 matched the default t / teacher_steps, while
-    s = 0.7 was 10x worse (the per-token conditional at s drops the correlations).
+    ``chunk`` and ``teacher_batch`` bound the step's memory, not its value: see
+    :func:`_mixture_log_likelihoods` and :func:`teacher_chain`.
     """
-    if reduction not in REDUCTIONS:
-        raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
-    if not isinstance(num_latents, int) or num_latents < 1:
-        raise ValueError(f"num_latents must be a positive int, got {num_latents!r}")
-    if not isinstance(num_targets, int) or num_targets < 1:
-        raise ValueError(f"num_targets must be a positive int, got {num_targets!r}")
-    if not isinstance(teacher_steps, int) or teacher_steps < 1:
-        raise ValueError(f"teacher_steps must be a positive int, got {teacher_steps!r}")
-    if not 0.0 <= rollout <= 1.0 or (rollout and t_dist != "grid"):
-        raise ValueError(f"rollout must be in [0, 1] (and needs t_dist='grid'), got {rollout!r}")
-    if target not in JOINT_TARGETS:
-        raise ValueError(f"target must be one of {JOINT_TARGETS}, got {target!r}")
-    if chunk is not None and target == "exact":
-        raise ValueError("chunk does not go with target='exact' (its likelihoods need whole conditionals)")
-    if target != "clean" and s is not None:
-        raise ValueError("s (the time of the teacher's last per-token conditional) applies to target='clean' only")
+    _check_joint_options(x0, steps=steps, num_latents=num_latents, num_targets=num_targets,
+                         teacher_steps=teacher_steps, target=target, s=s, t_dist=t_dist, rollout=rollout,
+                         method=method, exact_targets=exact_targets, reduction=reduction, chunk=chunk)
+    t, t_next, x_t = _noisy_inputs(student, graph, noise, x0, steps, t_dist=t_dist, grid_weights=grid_weights,
+                                   rollout=rollout, method=method, generator=generator)
+    targets = None
     if target == "exact":
-        if not isinstance(exact_targets, ExactTargets):
-            raise ValueError("target='exact' needs exact_targets=ExactTargets(teacher, graph, noise, seq_len, "
-                             "steps, teacher_steps)")
-        if (exact_targets.steps, exact_targets.teacher_steps) != (steps, teacher_steps):
-            raise ValueError(f"exact_targets were built for steps={exact_targets.steps}, "
-                             f"teacher_steps={exact_targets.teacher_steps}; the loss has steps={steps}, "
-                             f"teacher_steps={teacher_steps}")
-        if t_dist != "grid":
-            raise ValueError(f"target='exact' needs t_dist='grid' (its tables hold the grid times), got {t_dist!r}")
-    elif exact_targets is not None:
-        raise ValueError(f"exact_targets are used by target='exact' only, got target={target!r}")
-    if method not in METHODS:
-        raise ValueError(f"method must be one of {METHODS}, got {method!r}")
-    if x0.ndim != 2:
-        raise ValueError(f"x0 must have shape (B, L), got {tuple(x0.shape)}")
-    device, (batch, seq_len) = x0.device, x0.shape
-    t, t_next = sample_times(steps, batch, t_dist=t_dist, grid_weights=grid_weights, generator=generator,
-                             device=device)
-    tau_t = tau_of_time(noise, t)
-    x_t = add_noise(graph, x0, tau_t[:, None], generator)
-    if rollout:
-        own = _uniform(batch, generator, device) < rollout
-        if bool(own.any()):
-            x_t[own] = student_rollout(student, graph, noise, t[own], steps, seq_len, method=method, generator=generator)
-
-    r = num_targets
-    if target == "exact":
-        target_probs = exact_targets.probabilities(x_t, t)  # (B, S): the law of the draws below
+        target_probs = exact_targets.probabilities(x_t, t)  # (B, S): the law of the draws
     else:
-        with torch.no_grad():  # r draws from the teacher's conditional per x_t: one (B * r,) batch
-            x_from, t_from, t_to = x_t.repeat_interleave(r, 0), t.repeat_interleave(r), t_next.repeat_interleave(r)
-            if target == "step":
-                x_target = teacher_chain(teacher, graph, noise, x_from, t_from, t_to, teacher_steps, method=method,
-                                         generator=generator, batch_size=teacher_batch)
-            else:
-                default_s = t_from / teacher_steps
-                s_time = default_s if s is None else torch.where(torch.full_like(t_from, float(s)) < t_from,
-                                                                 torch.full_like(t_from, float(s)), default_s)
-                x_s = x_from
-                if teacher_steps > 1:
-                    x_s = teacher_chain(teacher, graph, noise, x_from, t_from, s_time, teacher_steps - 1,
-                                        method=method, generator=generator, batch_size=teacher_batch)
-                x_target = teacher_chain(teacher, graph, noise, x_s, s_time, torch.zeros_like(t_from), 1,
-                                         method=method, generator=generator, batch_size=teacher_batch)
-
-    m = num_latents if latent_dim(student) else 1
-    x_rep = x_t.repeat_interleave(m, 0)
-    tau_rep = tau_t.repeat_interleave(m, 0)[:, None].expand(x_rep.shape)
-    lam = draw_latents(student, batch * m, generator, device, stratified_groups=m if (stratified and m > 1) else 0)
-    # with shared blocks, M latents per sequence go in one call: the blocks before the latent run once per sequence
-    x_in, tau_in = (x_t, tau_t) if shared_block_count(student) else (x_rep, tau_rep[:, 0])
-    if target == "exact":  # every x_0 of the support: (B, M, S)
-        log_score = _scores(student, x_in, tau_in, lam, graph=graph)
-        log_lik = _joint_log_likelihoods(graph, log_score, x_rep, tau_rep).view(batch, m, -1)
-    else:
-        targets = x_target.view(batch, r, seq_len).repeat_interleave(m, 0)  # (B * M, r, L)
-        tau_next = tau_of_time(noise, t_next).repeat_interleave(m, 0) if target == "step" else None
-
-        def per_position(log_score, x, sigma, positions):  # log p(y^i | x_t, lambda) of each target: (B * M, P, r)
-            log_score = log_score.to(inversion_dtype(graph, log_score.dtype))
-            tau = sigma[:, None].expand(x.shape)
-            return torch.stack([_position_log_likelihood(graph, log_score, x, tau, targets[:, j, positions], tau_next,
-                                                         method) for j in range(r)], -1)
-
-        if chunk is None:
-            per_pos = per_position(call_model(student, x_in, tau_in, lam), x_rep, tau_rep[:, 0], slice(None))
-        else:
-            per_pos = call_model(student, x_in, tau_in, lam, per_position=per_position, chunk=chunk)
-        log_lik = per_pos.sum(1).view(batch, m, r)
-    log_w = mixture_log_weights(student, x_t, tau_t)
-    if log_w is not None:  # lambda was drawn uniformly: importance weight K w_k
-        components = log_w.shape[-1]
-        index = component_index(lam, components).view(batch, m)
-        log_lik = log_lik + (log_w.gather(1, index) + math.log(components)).to(log_lik.dtype)[..., None]
-    log_mixture = torch.logsumexp(log_lik, dim=1) - math.log(m)  # (B, R) draws, or (B, S) support sequences
+        targets = _teacher_draws(teacher, graph, noise, x_t, t, t_next, num_targets, target=target, s=s,
+                                 teacher_steps=teacher_steps, method=method, generator=generator,
+                                 batch_size=teacher_batch)
+    log_mixture = _mixture_log_likelihoods(student, graph, noise, x_t, t, t_next, targets, num_latents=num_latents,
+                                           stratified=stratified, target=target, method=method, generator=generator,
+                                           chunk=chunk)
     if target == "exact":
         nll = -torch.where(target_probs > 0, target_probs * log_mixture, 0.0).sum(-1)
     else:
         nll = -log_mixture.mean(-1)
-    per_sequence = nll / seq_len
+    per_sequence = nll / x0.shape[1]
     per_sequence = _weights(weighting, noise, t).to(per_sequence.dtype) * per_sequence
     return _reduce(per_sequence, reduction)

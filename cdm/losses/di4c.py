@@ -75,7 +75,7 @@ import torch
 import cdm_kernels as ck
 
 from ..sampling import add_noise, draw_latents, has_mixture_weights, latent_dim, tau_of_time
-from .cdm import REDUCTIONS, _reduce, _scores, _uniform, sample_times
+from .cdm import REDUCTIONS, _check_one_of, _reduce, _scores, _uniform, sample_times
 
 __all__ = ["di4c_loss"]
 
@@ -118,6 +118,65 @@ def _kl_rows(p: torch.Tensor, log_p: torch.Tensor, log_q: torch.Tensor) -> torch
     return torch.where(p > 0, p * (log_p - log_q), 0.0).sum((-2, -1))
 
 
+def _check_options(student, x0, *, reduction, t_dist, data_schedule, num_latents, min_time, delta_min, delta_max,
+                   max_distil_time) -> None:
+    _check_one_of("reduction", reduction, REDUCTIONS)
+    _check_one_of("t_dist", t_dist, T_DISTS)
+    _check_one_of("data_schedule", data_schedule, DATA_SCHEDULES)
+    if not isinstance(num_latents, int) or num_latents < 1:
+        raise ValueError(f"num_latents must be a positive int, got {num_latents!r}")
+    if not 0 < delta_min <= delta_max or not 0 <= min_time or min_time + delta_max >= 1 or max_distil_time < 0:
+        raise ValueError("need 0 < delta_min <= delta_max, 0 <= min_time, min_time + delta_max < 1, max_distil_time >= 0")
+    if x0.ndim != 2:
+        raise ValueError(f"x0 must have shape (B, L), got {tuple(x0.shape)}")
+    if has_mixture_weights(student):
+        raise ValueError("student: Di4C trains equal-weight mixtures; x_t-dependent mixture weights are for joint CDM")
+
+
+def _times(batch: int, rows: int, *, steps, t_dist, min_time, delta_min, delta_max, max_distil_time, generator,
+           device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(t, u, r)``: per sequence t and ``u = t - delta`` (B,), and per latent draw the
+    small distillation time r (B * M,)."""
+    delta = delta_min * (delta_max / delta_min) ** _uniform(batch, generator, device)
+    if t_dist == "uniform":
+        t = min_time + delta + (1.0 - min_time - delta) * _uniform(batch, generator, device)
+    else:
+        t, _ = sample_times(steps, batch, t_dist="grid", generator=generator, device=device)
+        t = torch.maximum(t, min_time + delta)
+    r = min_time + (_uniform(rows, generator, device) < 0.5) * _uniform(rows, generator, device) * max_distil_time
+    return t, t - delta, r
+
+
+@torch.no_grad()
+def _consistency_targets(student, graph: ck.Graph, teacher_score_t: torch.Tensor, x_t: torch.Tensor,
+                         tau_t: torch.Tensor, tau_u: torch.Tensor, m: int, groups: int, method: str,
+                         generator) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """One analytic teacher step t -> u per latent draw, then the student at u with
+    fresh latents: its draws of x_0 (B * M, L), its mixture marginal (B, L, N) and
+    that marginal's log."""
+    batch, seq_len = x_t.shape
+    x_t_rep, tau_t_rep, tau_u_rep = x_t.repeat_interleave(m, 0), tau_t.repeat_interleave(m), tau_u.repeat_interleave(m)
+    x_u = ck.fused_euler_step(graph, teacher_score_t.repeat_interleave(m, 0), x_t_rep,
+                              tau_t_rep[:, None].expand(x_t_rep.shape), tau_u_rep[:, None].expand(x_t_rep.shape),
+                              method=method, generator=generator)
+    lam_u = draw_latents(student, len(x_u), generator, x_t.device, stratified_groups=groups)
+    student_score_u = _scores(student, x_u, tau_u_rep, lam_u, graph=graph)
+    log_q_u = _log_posterior(graph, student_score_u, x_u, tau_u_rep)  # (B*M, L, N)
+    x0_u = ck.fused_euler_step(graph, student_score_u, x_u, tau_u_rep[:, None].expand(x_u.shape),
+                               torch.zeros_like(x_u, dtype=torch.float64), method=method, generator=generator)
+    log_q_u = log_q_u.view(batch, m, seq_len, -1)
+    return x0_u, log_q_u.exp().mean(1), _mixture_marginal(log_q_u)
+
+
+def _data_coefficient(data_schedule: str, t: torch.Tensor) -> torch.Tensor:
+    """``c(t)``, the weight of the data term's correlation part."""
+    if data_schedule == "sigmoid":
+        return torch.sigmoid(20.0 * (t - 0.5))
+    if data_schedule == "linear":
+        return t
+    return torch.ones_like(t)
+
+
 def di4c_loss(student, teacher, graph: ck.Graph, noise, x0: torch.Tensor, *, steps: int = 1,
               num_latents: int = 16, t_dist: str = "uniform", min_time: float = 0.01, delta_min: float = 1e-3,
               delta_max: float = 1e-2, max_distil_time: float = 0.01, data_schedule: str = "sigmoid",
@@ -130,70 +189,34 @@ def di4c_loss(student, teacher, graph: ck.Graph, noise, x0: torch.Tensor, *, ste
     (``reduction="none"``: (B,)). A student without a latent is a mixture of one
     component (M = 1: the correlation terms vanish with the control variate).
     """
-    if reduction not in REDUCTIONS:
-        raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
-    if t_dist not in T_DISTS:
-        raise ValueError(f"t_dist must be one of {T_DISTS}, got {t_dist!r}")
-    if data_schedule not in DATA_SCHEDULES:
-        raise ValueError(f"data_schedule must be one of {DATA_SCHEDULES}, got {data_schedule!r}")
-    if not isinstance(num_latents, int) or num_latents < 1:
-        raise ValueError(f"num_latents must be a positive int, got {num_latents!r}")
-    if not 0 < delta_min <= delta_max or not 0 <= min_time or min_time + delta_max >= 1 or max_distil_time < 0:
-        raise ValueError("need 0 < delta_min <= delta_max, 0 <= min_time, min_time + delta_max < 1, max_distil_time >= 0")
-    if x0.ndim != 2:
-        raise ValueError(f"x0 must have shape (B, L), got {tuple(x0.shape)}")
-    if has_mixture_weights(student):
-        raise ValueError("student: Di4C trains equal-weight mixtures; x_t-dependent mixture weights are for joint CDM")
+    times = dict(min_time=min_time, delta_min=delta_min, delta_max=delta_max, max_distil_time=max_distil_time)
+    _check_options(student, x0, reduction=reduction, t_dist=t_dist, data_schedule=data_schedule,
+                   num_latents=num_latents, **times)
     device, (batch, seq_len) = x0.device, x0.shape
     m = num_latents if latent_dim(student) else 1
     rows = batch * m
     groups = m if (stratified and m > 1) else 0
-
-    # ------------------------------------------------------------ times
-    delta = delta_min * (delta_max / delta_min) ** _uniform(batch, generator, device)
-    if t_dist == "uniform":
-        t = min_time + delta + (1.0 - min_time - delta) * _uniform(batch, generator, device)
-    else:
-        t, _ = sample_times(steps, batch, t_dist="grid", generator=generator, device=device)
-        t = torch.maximum(t, min_time + delta)
-    u = t - delta
-    r = min_time + (_uniform(rows, generator, device) < 0.5) * _uniform(rows, generator, device) * max_distil_time
+    t, u, r = _times(batch, rows, steps=steps, t_dist=t_dist, generator=generator, device=device, **times)
     tau_t, tau_u, tau_r = tau_of_time(noise, t), tau_of_time(noise, u), tau_of_time(noise, r)
-    tau_t_rep, tau_u_rep = tau_t.repeat_interleave(m), tau_u.repeat_interleave(m)
-
+    tau_t_rep = tau_t.repeat_interleave(m)
     x_t = add_noise(graph, x0, tau_t[:, None], generator)
     x_t_rep = x_t.repeat_interleave(m, 0)
     x_r = add_noise(graph, x0.repeat_interleave(m, 0), tau_r[:, None], generator)
 
-    # ------------------------------------------------------------ teacher (no gradient)
-    with torch.no_grad():
+    with torch.no_grad():  # the teacher at x_t and x_r, and the consistency targets
         teacher_score_t = _scores(teacher, x_t, tau_t, graph=graph)
         log_p_teacher = _log_posterior(graph, teacher_score_t, x_t, tau_t)
-        p_teacher = log_p_teacher.exp()
         log_p_teacher_r = _log_posterior(graph, _scores(teacher, x_r, tau_r, graph=graph), x_r, tau_r)
-        p_teacher_r = log_p_teacher_r.exp()
-        # consistency: one analytic teacher step t -> u per latent draw
-        x_u = ck.fused_euler_step(graph, teacher_score_t.repeat_interleave(m, 0), x_t_rep,
-                                  tau_t_rep[:, None].expand(x_t_rep.shape), tau_u_rep[:, None].expand(x_t_rep.shape),
-                                  method=method, generator=generator)
-        lam_u = draw_latents(student, rows, generator, device, stratified_groups=groups)
-        student_score_u = _scores(student, x_u, tau_u_rep, lam_u, graph=graph)
-        log_q_u = _log_posterior(graph, student_score_u, x_u, tau_u_rep)  # (B*M, L, N)
-        x0_u = ck.fused_euler_step(graph, student_score_u, x_u, tau_u_rep[:, None].expand(x_u.shape),
-                                   torch.zeros_like(x_u, dtype=torch.float64), method=method, generator=generator)
-        log_q_u = log_q_u.view(batch, m, seq_len, -1)
-        p_u_bar = log_q_u.exp().mean(1)  # (B, L, N)
-        log_p_u_bar = _mixture_marginal(log_q_u)
+        p_teacher, p_teacher_r = log_p_teacher.exp(), log_p_teacher_r.exp()
+        x0_u, p_u_bar, log_p_u_bar = _consistency_targets(student, graph, teacher_score_t, x_t, tau_t, tau_u, m,
+                                                          groups, method, generator)
 
-    # ------------------------------------------------------------ student (one forward with gradient)
+    # the student: one forward with gradient at x_t and x_r
     lam_t = draw_latents(student, rows, generator, device, stratified_groups=groups)
     lam_r = draw_latents(student, rows, generator, device, stratified_groups=groups)
     lam = None if lam_t is None else torch.cat([lam_t, lam_r])
-    x_all = torch.cat([x_t_rep, x_r])
-    tau_all = torch.cat([tau_t_rep, tau_r])
-    score_all = _scores(student, x_all, tau_all, lam, graph=graph)
+    score_all = _scores(student, torch.cat([x_t_rep, x_r]), torch.cat([tau_t_rep, tau_r]), lam, graph=graph)
     score_t, score_r = score_all[:rows], score_all[rows:]
-
     log_q_t = _log_posterior(graph, score_t, x_t_rep, tau_t_rep).view(batch, m, seq_len, -1)
     log_q_t_bar = _mixture_marginal(log_q_t)  # (B, L, N) the mixture's per-token marginal
 
@@ -204,14 +227,8 @@ def di4c_loss(student, teacher, graph: ck.Graph, noise, x0: torch.Tensor, *, ste
     distil = (cross_entropy - entropy.to(cross_entropy.dtype)).sum(-1).view(batch, m).mean(1)
 
     # data: correlation part with the control variate, per-token part against the teacher
-    if data_schedule == "sigmoid":
-        coeff = torch.sigmoid(20.0 * (t - 0.5))
-    elif data_schedule == "linear":
-        coeff = t
-    else:
-        coeff = torch.ones_like(t)
     data_cor = -_mixture_log_lik(log_q_t, x0[:, None, :], use_cv)[:, 0]
-    data = data_weight * coeff.to(data_cor.dtype) * data_cor
+    data = data_weight * _data_coefficient(data_schedule, t).to(data_cor.dtype) * data_cor
     if use_cv:
         data = data + _kl_rows(p_teacher, log_p_teacher, log_q_t_bar)
 

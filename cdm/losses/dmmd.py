@@ -64,7 +64,8 @@ from cdm_kernels import reference
 
 from ..sampling import add_noise, draw_latents, tau_of_time
 from ..train import _optimizer_tensors, _restore_optimizer
-from .cdm import REDUCTIONS, T_DISTS, WEIGHTINGS, _reduce, _scores, _uniform, _weights, freeze, sample_times
+from ..models.student import freeze
+from .cdm import REDUCTIONS, T_DISTS, WEIGHTINGS, _reduce, _scores, _uniform, _weights, sample_times
 
 __all__ = ["DMMDLoss", "bridge_sample"]
 

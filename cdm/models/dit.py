@@ -27,9 +27,8 @@ conditional ``p_0|t(. | x_t)`` per position, and the log-scores follow exactly
 from it and the forward kernel (``cdm_kernels.posterior_to_scores``). For the
 uniform graph at high noise the scores are ``1 + O(e^-tau)`` perturbations, so
 a score network must place its outputs to ~e^-tau precision to move the
-conditional at all; the posterior form trains the conditional directly (on
-the default data a 1-step joint-CDM student reached an exact KL of 1.68 with
-it against 3.62 with scores, same budget). Students default to it.
+conditional at all; the posterior form trains the conditional directly, and
+students default to it (the two compared: docs/RESULTS.md).
 """
 
 from __future__ import annotations
@@ -252,9 +251,7 @@ class ComponentEmbedder(nn.Module):
 
     The table starts random, N(0, 1), unlike ``LatentEmbedder``'s zero start: K
     identical components get identical gradients (uniform responsibilities) and
-    never separate. Measured (1-step joint-CDM student on the default data, 600
-    steps): exact KL 1.68 from a zero start (the product of marginals), 0.69
-    with std 0.3, 0.48 with std 1."""
+    never separate (the start's scale compared: docs/RESULTS.md)."""
 
     def __init__(self, components: int, cond_dim: int):
         super().__init__()

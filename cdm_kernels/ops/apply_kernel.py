@@ -6,8 +6,7 @@ from typing import Optional
 
 import torch
 
-from .. import reference
-from ..backends import kernel_op, select_backend
+from ._compiled import dispatch
 from ._validation import check_graph, check_invertible, check_scores, check_tau
 
 
@@ -19,12 +18,7 @@ def apply_kernel(graph, v: torch.Tensor, tau, *, backend: Optional[str] = None) 
     v = check_scores(v, graph, "v")
     tau = check_tau(tau, v.shape[:-1], v.device, allow_negative=True)
     check_invertible(graph, tau.clamp_max(0))  # only a negative tau inverts
-    chosen = select_backend(backend, v.device)
-    if chosen == "reference":
-        return reference.apply_kernel(graph, v, tau)
-    op = kernel_op("apply_kernel", chosen)
-    flat = v.reshape(-1, graph.num_states).contiguous()
-    return op(*graph.descriptor(v.device), flat, tau.reshape(-1).contiguous(), True).view(v.shape)
+    return dispatch("apply_kernel", backend, graph, v, tau, extra=(True,))  # transpose: K^T v
 
 
 def register(prefix: str) -> None:

@@ -8,8 +8,10 @@ from typing import Optional
 import torch
 
 from .. import reference
-from ..backends import kernel_op, select_backend
-from ._validation import check_graph, check_invertible, check_scores, check_tau, check_tokens, value_checks_enabled
+from ..backends import select_backend
+from ._compiled import register_recomputing_backward, rows, run_on_rows
+from ._validation import (check_graph, check_invertible, check_scores, check_tau, check_tokens, kernel_checks,
+                          value_checks_enabled)
 
 REDUCTIONS = ("mean", "sum", "none")
 
@@ -41,32 +43,29 @@ def conditional_matching_loss(
     check_graph(graph)
     if reduction not in REDUCTIONS:
         raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
-    log_score = check_scores(student_log_score, graph, "student_log_score")
-    x_t = check_tokens(x_t, log_score.shape[:-1], graph.num_states, log_score.device, "x_t")
-    tau_t = check_tau(tau_t, x_t.shape, x_t.device, "tau_t")
+    in_kernel = kernel_checks("conditional_matching_loss", graph, backend, student_log_score)
+    log_score = check_scores(student_log_score, graph, "student_log_score", scan=not in_kernel)
+    x_t = check_tokens(x_t, log_score.shape[:-1], graph.num_states, log_score.device, "x_t", scan=in_kernel != "all")
+    tau_t = check_tau(tau_t, x_t.shape, x_t.device, "tau_t", scan=in_kernel != "all")
     check_invertible(graph, tau_t, "tau_t")
-    target = check_scores(target, graph, "target")
+    target = check_scores(target, graph, "target", scan=not in_kernel)
     if target.shape != log_score.shape:
         raise ValueError(f"target must have the shape of student_log_score {tuple(log_score.shape)}, got {tuple(target.shape)}")
     if target.requires_grad:
         raise ValueError("target must not require grad: it is a fixed teacher target (detach it)")
-    if value_checks_enabled():
+    if not in_kernel and value_checks_enabled():
         if (target < 0).any():
             raise ValueError("target must be probabilities (non-negative)")
         if ((target.float().sum(-1) - 1).abs() > 1e-2).any():
             raise ValueError("target rows must sum to 1 (probabilities, not logits)")
     chosen = select_backend(backend, log_score.device)
     if chosen == "reference":
-        per_position = reference.conditional_matching_loss(graph, log_score, x_t, tau_t, target).float()
+        per_position = reference.conditional_matching_loss(
+            graph, log_score.contiguous(), x_t.contiguous(), tau_t, target.contiguous()).float()
     else:
-        op = kernel_op("conditional_matching_loss", chosen)
-        per_position = op(
-            *graph.descriptor(x_t.device),
-            log_score.reshape(-1, graph.num_states).contiguous(),
-            x_t.reshape(-1),
-            tau_t.reshape(-1).contiguous(),
-            target.reshape(-1, graph.num_states).contiguous(),
-        ).view(x_t.shape)
+        extra = (rows(target, graph.num_states),)
+        per_position = run_on_rows("conditional_matching_loss", chosen, graph, log_score, x_t, tau_t,
+                                   extra=extra).view(x_t.shape)
     if reduction == "mean":
         return per_position.mean()
     if reduction == "sum":
@@ -75,25 +74,7 @@ def conditional_matching_loss(
 
 
 def register(prefix: str) -> None:
-    name = f"cdm_kernels::{prefix}conditional_matching_loss"
-
-    @torch.library.register_fake(name)
-    def _(family, evals, vecs, vecs_inv, log_score, x, tau, target):
+    def fake(family, evals, vecs, vecs_inv, log_score, x, tau, target):
         return log_score.new_empty(log_score.shape[:1], dtype=torch.float32)
 
-    @torch.library.register_fake(f"{name}_backward")
-    def _(family, evals, vecs, vecs_inv, grad_loss, log_score, x, tau, target):
-        return torch.empty_like(log_score)
-
-    def setup_context(ctx, inputs, output):
-        ctx.graph_args = inputs[:4]
-        ctx.save_for_backward(*inputs[4:8])
-
-    def backward(ctx, grad_loss):
-        log_score, x, tau, target = ctx.saved_tensors
-        grad_score = getattr(torch.ops.cdm_kernels, f"{prefix}conditional_matching_loss_backward")(
-            *ctx.graph_args, grad_loss.contiguous(), log_score, x, tau, target
-        )
-        return None, None, None, None, grad_score, None, None, None
-
-    torch.library.register_autograd(name, backward, setup_context=setup_context)
+    register_recomputing_backward(prefix, "conditional_matching_loss", fake)

@@ -7,8 +7,10 @@ from typing import Optional
 import torch
 
 from .. import reference
-from ..backends import kernel_op, select_backend
-from ._validation import check_graph, check_invertible, check_scores, check_tau, check_tokens, value_checks_enabled
+from ..backends import select_backend
+from ._compiled import run_on_rows
+from ._validation import (check_graph, check_invertible, check_scores, check_tau, check_tokens, kernel_checks,
+                          value_checks_enabled)
 
 METHOD_IDS = {"analytic": 0, "euler": 1}
 
@@ -59,28 +61,20 @@ def fused_euler_step(
         raise ValueError(f"method must be one of {tuple(METHOD_IDS)}, got {method!r}")
     if generator is not None and not isinstance(generator, torch.Generator):
         raise TypeError(f"generator must be a torch.Generator or None, got {type(generator).__name__}")
-    log_score = check_scores(log_score, graph, "log_score")
-    x = check_tokens(x, log_score.shape[:-1], graph.num_states, log_score.device)
-    tau_t = check_tau(tau_t, x.shape, x.device, "tau_t")
-    tau_s = check_tau(tau_s, x.shape, x.device, "tau_s")
+    in_kernel = kernel_checks("fused_euler_step", graph, backend, log_score)
+    log_score = check_scores(log_score, graph, "log_score", scan=not in_kernel)
+    x = check_tokens(x, log_score.shape[:-1], graph.num_states, log_score.device, scan=in_kernel != "all")
+    tau_t = check_tau(tau_t, x.shape, x.device, "tau_t", scan=in_kernel != "all")
+    tau_s = check_tau(tau_s, x.shape, x.device, "tau_s", scan=in_kernel != "all")
     check_invertible(graph, tau_t, "tau_t")
-    if value_checks_enabled() and (tau_s >= tau_t).any():
+    if in_kernel != "all" and value_checks_enabled() and (tau_s >= tau_t).any():
         raise ValueError("tau_s must be < tau_t (a reverse step goes from more noise to less)")
     chosen = select_backend(backend, log_score.device)
     if chosen == "reference":
-        return reference.fused_euler_step(graph, log_score, x, tau_t, tau_s, method, generator)
-    op = kernel_op("fused_euler_step", chosen)
-    flat = log_score.reshape(-1, graph.num_states).contiguous()
-    out = op(
-        *graph.descriptor(x.device),
-        flat,
-        x.reshape(-1),
-        tau_t.reshape(-1).contiguous(),
-        tau_s.reshape(-1).contiguous(),
-        METHOD_IDS[method],
-        seed_and_offset(generator, x.numel()),
-    )
-    return out.view(x.shape)
+        return reference.fused_euler_step(graph, log_score.contiguous(), x.contiguous(), tau_t, tau_s, method,
+                                          generator)
+    extra = (METHOD_IDS[method], seed_and_offset(generator, x.numel()))
+    return run_on_rows("fused_euler_step", chosen, graph, log_score, x, tau_t, tau_s, extra=extra).view(x.shape)
 
 
 def register(prefix: str) -> None:

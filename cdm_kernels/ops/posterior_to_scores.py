@@ -6,9 +6,8 @@ from typing import Optional
 
 import torch
 
-from .. import reference
-from ..backends import kernel_op, select_backend
-from ._validation import check_graph, check_scores, check_tau, check_tokens
+from ._compiled import dispatch, register_recomputing_backward
+from ._validation import check_graph, check_scores, check_tau, check_tokens, kernel_checks
 
 
 def posterior_to_scores(graph, log_p0: torch.Tensor, x: torch.Tensor, tau, *, backend: Optional[str] = None) -> torch.Tensor:
@@ -21,37 +20,15 @@ def posterior_to_scores(graph, log_p0: torch.Tensor, x: torch.Tensor, tau, *, ba
     docs/MATH.md section 6). ``-inf`` in ``log_p0`` is probability 0.
     Differentiable in ``log_p0``."""
     check_graph(graph)
-    log_p0 = check_scores(log_p0, graph, "log_p0", allow_minus_inf=True)
-    x = check_tokens(x, log_p0.shape[:-1], graph.num_states, log_p0.device)
-    tau = check_tau(tau, x.shape, x.device)
-    chosen = select_backend(backend, log_p0.device)
-    if chosen == "reference":
-        return reference.posterior_to_scores(graph, log_p0, x, tau)
-    op = kernel_op("posterior_to_scores", chosen)
-    flat = log_p0.reshape(-1, graph.num_states).contiguous()
-    return op(*graph.descriptor(x.device), flat, x.reshape(-1), tau.reshape(-1)).view(log_p0.shape)
+    in_kernel = kernel_checks("posterior_to_scores", graph, backend, log_p0)
+    log_p0 = check_scores(log_p0, graph, "log_p0", allow_minus_inf=True, scan=not in_kernel)
+    x = check_tokens(x, log_p0.shape[:-1], graph.num_states, log_p0.device, scan=in_kernel != "all")
+    tau = check_tau(tau, x.shape, x.device, scan=in_kernel != "all")
+    return dispatch("posterior_to_scores", backend, graph, log_p0, x, tau)
 
 
 def register(prefix: str) -> None:
-    name = f"cdm_kernels::{prefix}posterior_to_scores"
-
-    @torch.library.register_fake(name)
-    def _(family, evals, vecs, vecs_inv, log_p0, x, tau):
+    def fake(family, evals, vecs, vecs_inv, log_p0, x, tau):
         return torch.empty_like(log_p0)
 
-    @torch.library.register_fake(f"{name}_backward")
-    def _(family, evals, vecs, vecs_inv, grad, log_p0, x, tau):
-        return torch.empty_like(log_p0)
-
-    def setup_context(ctx, inputs, output):
-        ctx.graph_args = inputs[:4]
-        ctx.save_for_backward(*inputs[4:7])
-
-    def backward(ctx, grad):
-        log_p0, x, tau = ctx.saved_tensors
-        grad_p0 = getattr(torch.ops.cdm_kernels, f"{prefix}posterior_to_scores_backward")(
-            *ctx.graph_args, grad.contiguous(), log_p0, x, tau
-        )
-        return None, None, None, None, grad_p0, None, None
-
-    torch.library.register_autograd(name, backward, setup_context=setup_context)
+    register_recomputing_backward(prefix, "posterior_to_scores", fake)

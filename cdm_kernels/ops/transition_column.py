@@ -8,6 +8,7 @@ import torch
 
 from .. import reference
 from ..backends import kernel_op, select_backend
+from ._compiled import positions
 from ._validation import check_graph, check_tau, check_tokens
 
 
@@ -28,7 +29,7 @@ def transition_column(graph, x: torch.Tensor, tau, *, backend: Optional[str] = N
     if chosen == "reference":
         return reference.transition_column(graph, x, tau, torch.float64 if out_float64 else torch.float32)
     op = kernel_op("transition_column", chosen)
-    out = op(*graph.descriptor(x.device), x.reshape(-1), tau.reshape(-1), graph.num_states, out_float64)
+    out = op(*graph.descriptor(x.device), positions(x), positions(tau), graph.num_states, out_float64)
     return out.view(*x.shape, graph.num_states)
 
 

@@ -19,7 +19,8 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import dense_kernel, finish_scan, online_update, row_kernel, scan_step, to_store
+from ._common import (dense_kernel, finish_scan, mass_total, online_update, program_rows, row_cache, row_kernel,
+                      row_tile, scan_step, tile_load, to_store)
 
 
 @triton.jit
@@ -61,9 +62,7 @@ def _matvec_kernel(in_ptr, div_ptr, mat_ptr, evals_ptr, tau_ptr, x_ptr, mul_ptr,
     optional prologue ``v = in / div`` (0 where ``div <= 0``) and epilogues
     ``y *= e^{SIGN tau_p lam_j}``, ``y *= mul`` (0 where ``mul == 0``), ``y[x_p] = 0``,
     ``y = log y`` (``-inf`` where ``y <= 0``)."""
-    rows = tl.program_id(0) * BLOCK_P + tl.arange(0, BLOCK_P)
-    rmask = rows < P
-    base = rows.to(tl.int64) * N
+    rows, rmask, base = program_rows(P, N, BLOCK_P)
     cols = tl.program_id(1) * BLOCK_J + tl.arange(0, BLOCK_J)
     cmask = cols < N
     acc = tl.zeros([BLOCK_P, BLOCK_J], tl.float64)
@@ -96,36 +95,30 @@ def _matvec_kernel(in_ptr, div_ptr, mat_ptr, evals_ptr, tau_ptr, x_ptr, mul_ptr,
 
 
 @triton.jit
-def _ratios_kernel(ls_ptr, x_ptr, out_ptr, P, N, BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr):
+def _ratios_kernel(ls_ptr, x_ptr, out_ptr, P, N, ONE_BLOCK: tl.constexpr, BLOCK_P: tl.constexpr,
+                   BLOCK_N: tl.constexpr):
     """``r = exp(ls - M)`` with ``ls_x := 0`` and ``M = max(ls)``, float64 (two passes)."""
-    rows = tl.program_id(0) * BLOCK_P + tl.arange(0, BLOCK_P)
-    rmask = rows < P
-    base = rows.to(tl.int64) * N
+    rows, rmask, base = program_rows(P, N, BLOCK_P)
     x = tl.load(x_ptr + rows, mask=rmask, other=0)
+    cache = row_cache(ls_ptr, base, rmask, N, ONE_BLOCK, BLOCK_N)
     M = tl.zeros([BLOCK_P], tl.float64)  # ls_x = 0 is in the row
     for start in range(0, N, BLOCK_N):
-        cols = start + tl.arange(0, BLOCK_N)
-        msk = rmask[:, None] & (cols[None, :] < N)
-        v = tl.load(ls_ptr + base[:, None] + cols[None, :], mask=msk, other=float("-inf")).to(tl.float64)
+        cols, msk, offs = row_tile(start, base, rmask, N, BLOCK_N)
+        v = tile_load(ls_ptr, offs, msk, float("-inf"), cache, ONE_BLOCK).to(tl.float64)
         M = tl.maximum(M, tl.max(tl.where(cols[None, :] == x[:, None], 0.0, v), axis=1))
     for start in range(0, N, BLOCK_N):
-        cols = start + tl.arange(0, BLOCK_N)
-        msk = rmask[:, None] & (cols[None, :] < N)
-        v = tl.load(ls_ptr + base[:, None] + cols[None, :], mask=msk, other=0.0).to(tl.float64)
+        cols, msk, offs = row_tile(start, base, rmask, N, BLOCK_N)
+        v = tile_load(ls_ptr, offs, msk, 0.0, cache, ONE_BLOCK).to(tl.float64)
         r = tl.exp(tl.where(cols[None, :] == x[:, None], 0.0, v) - M[:, None])
-        tl.store(out_ptr + base[:, None] + cols[None, :], r, mask=msk)
+        tl.store(out_ptr + offs, r, mask=msk)
 
 
 @triton.jit
 def _weights_kernel(lq_ptr, col_ptr, out_ptr, P, N, BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr):
     """``u = exp(log q - max(log col, -1e30))`` where ``log q > -inf``, else 0 (float64)."""
-    rows = tl.program_id(0) * BLOCK_P + tl.arange(0, BLOCK_P)
-    rmask = rows < P
-    base = rows.to(tl.int64) * N
+    rows, rmask, base = program_rows(P, N, BLOCK_P)
     for start in range(0, N, BLOCK_N):
-        cols = start + tl.arange(0, BLOCK_N)
-        msk = rmask[:, None] & (cols[None, :] < N)
-        offs = base[:, None] + cols[None, :]
+        cols, msk, offs = row_tile(start, base, rmask, N, BLOCK_N)
         lq = tl.load(lq_ptr + offs, mask=msk, other=float("-inf")).to(tl.float64)
         col = tl.load(col_ptr + offs, mask=msk, other=1.0)
         u = tl.where(lq > float("-inf"), tl.exp(lq - tl.maximum(tl.log(col), -1e30)), 0.0)
@@ -133,37 +126,37 @@ def _weights_kernel(lq_ptr, col_ptr, out_ptr, P, N, BLOCK_P: tl.constexpr, BLOCK
 
 
 @triton.jit
-def _euler_probs_kernel(ls_ptr, x_ptr, taut_ptr, taus_ptr, rate_ptr, lq_ptr, out_ptr, P, N,
+def euler_logits(ls_ptr, rate_ptr, offs, msk, delta, caches, ONE_BLOCK: tl.constexpr):
+    """``log(Delta Q[y, x]) + ls_y`` where the jump rate is positive, else ``-inf`` (float64)."""
+    jump = delta[:, None] * tile_load(rate_ptr, offs, msk, 0.0, caches[1], ONE_BLOCK)
+    v = tile_load(ls_ptr, offs, msk, 0.0, caches[0], ONE_BLOCK).to(tl.float64)
+    return tl.where(jump > 0, tl.log(jump) + v, float("-inf"))
+
+
+@triton.jit
+def _euler_probs_kernel(ls_ptr, x_ptr, taut_ptr, taus_ptr, rate_ptr, lq_ptr, out_ptr, P, N, ONE_BLOCK: tl.constexpr,
                         BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr):
     """The Euler step's unnormalised probabilities (float64): ``jump = Delta Q[y, x]^+``,
     logits ``log jump + ls`` where ``jump > 0``, ``scale = max(max logits, 0)``,
     ``P = exp(logits - scale)``, the rest ``max(e^-scale - sum, 0)`` on ``x``;
     ``exp(log q)`` where ``tau_s = 0``."""
-    rows = tl.program_id(0) * BLOCK_P + tl.arange(0, BLOCK_P)
-    rmask = rows < P
-    base = rows.to(tl.int64) * N
+    rows, rmask, base = program_rows(P, N, BLOCK_P)
     x = tl.load(x_ptr + rows, mask=rmask, other=0)
     tau_s = tl.load(taus_ptr + rows, mask=rmask, other=0.0)
     delta = tl.load(taut_ptr + rows, mask=rmask, other=0.0) - tau_s
+    caches = (row_cache(ls_ptr, base, rmask, N, ONE_BLOCK, BLOCK_N), row_cache(rate_ptr, base, rmask, N, ONE_BLOCK,
+                                                                                 BLOCK_N))
     m = tl.full([BLOCK_P], float("-inf"), tl.float64)
     s = tl.zeros([BLOCK_P], tl.float64)
     for start in range(0, N, BLOCK_N):
-        cols = start + tl.arange(0, BLOCK_N)
-        msk = rmask[:, None] & (cols[None, :] < N)
-        offs = base[:, None] + cols[None, :]
-        jump = delta[:, None] * tl.load(rate_ptr + offs, mask=msk, other=0.0)
-        v = tl.load(ls_ptr + offs, mask=msk, other=0.0).to(tl.float64)
-        logits = tl.where(jump > 0, tl.log(jump) + v, float("-inf"))
+        cols, msk, offs = row_tile(start, base, rmask, N, BLOCK_N)
+        logits = euler_logits(ls_ptr, rate_ptr, offs, msk, delta, caches, ONE_BLOCK)
         m, s = online_update(m, s, logits)
     scale = tl.maximum(m, 0.0)
     stay = tl.maximum(tl.exp(-scale) - s * tl.exp(m - scale), 0.0)
     for start in range(0, N, BLOCK_N):
-        cols = start + tl.arange(0, BLOCK_N)
-        msk = rmask[:, None] & (cols[None, :] < N)
-        offs = base[:, None] + cols[None, :]
-        jump = delta[:, None] * tl.load(rate_ptr + offs, mask=msk, other=0.0)
-        v = tl.load(ls_ptr + offs, mask=msk, other=0.0).to(tl.float64)
-        logits = tl.where(jump > 0, tl.log(jump) + v, float("-inf"))
+        cols, msk, offs = row_tile(start, base, rmask, N, BLOCK_N)
+        logits = euler_logits(ls_ptr, rate_ptr, offs, msk, delta, caches, ONE_BLOCK)
         p = tl.exp(logits - scale[:, None]) + tl.where(cols[None, :] == x[:, None], stay[:, None], 0.0)
         lq = tl.load(lq_ptr + offs, mask=msk, other=float("-inf"))
         p = tl.where((tau_s == 0)[:, None], tl.exp(lq), p)
@@ -171,29 +164,27 @@ def _euler_probs_kernel(ls_ptr, x_ptr, taut_ptr, taus_ptr, rate_ptr, lq_ptr, out
 
 
 @triton.jit(do_not_specialize=["seed", "offset"])
-def _sample_kernel(probs_ptr, x_ptr, out_ptr, P, N, seed, offset, BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr):
+def _sample_kernel(probs_ptr, x_ptr, out_ptr, P, N, seed, offset, ONE_BLOCK: tl.constexpr, BLOCK_P: tl.constexpr,
+                   BLOCK_N: tl.constexpr):
     """Inverse-CDF draw from unnormalised float64 probabilities (negatives read as 0):
-    pass 1 sums, pass 2 scans. Position ``p`` uses ``tl.rand(seed, offset + p)``."""
-    rows = tl.program_id(0) * BLOCK_P + tl.arange(0, BLOCK_P)
-    rmask = rows < P
-    base = rows.to(tl.int64) * N
+    pass 1 sums, pass 2 scans (``_common.scan_step``, the sampling rule of every
+    backend). Position ``p`` uses ``tl.rand(seed, offset + p)``."""
+    rows, rmask, base = program_rows(P, N, BLOCK_P)
     x = tl.load(x_ptr + rows, mask=rmask, other=0)
+    cache = row_cache(probs_ptr, base, rmask, N, ONE_BLOCK, BLOCK_N)
     total = tl.zeros([BLOCK_P], tl.float64)
     for start in range(0, N, BLOCK_N):
-        cols = start + tl.arange(0, BLOCK_N)
-        msk = rmask[:, None] & (cols[None, :] < N)
-        p = tl.load(probs_ptr + base[:, None] + cols[None, :], mask=msk, other=0.0)
-        total += tl.sum(tl.maximum(p, 0.0), axis=1)
+        cols, msk, offs = row_tile(start, base, rmask, N, BLOCK_N)
+        total = mass_total(total, tl.maximum(tile_load(probs_ptr, offs, msk, 0.0, cache, ONE_BLOCK), 0.0))
     target = tl.rand(seed, offset + rows.to(tl.int64)).to(tl.float64) * total
     carry = tl.zeros([BLOCK_P], tl.float64)
     found = tl.zeros([BLOCK_P], tl.int32)
     result = tl.zeros([BLOCK_P], tl.int32)
     lastpos = tl.full([BLOCK_P], -1, tl.int32)
     for start in range(0, N, BLOCK_N):
-        cols = start + tl.arange(0, BLOCK_N)
-        msk = rmask[:, None] & (cols[None, :] < N) & (found == 0)[:, None]
-        p = tl.maximum(tl.load(probs_ptr + base[:, None] + cols[None, :], mask=msk, other=0.0), 0.0)
-        carry, found, result, lastpos = scan_step(p, cols, target, carry, found, result, lastpos)
+        cols, msk, offs = row_tile(start, base, rmask & (found == 0), N, BLOCK_N)
+        p = tl.maximum(tile_load(probs_ptr, offs, msk, 0.0, cache, ONE_BLOCK), 0.0)
+        carry, found, result, lastpos = scan_step(p, cols[None, :], target, carry, found, result, lastpos)
     tl.store(out_ptr + rows, finish_scan(found, result, lastpos, x).to(tl.int64), mask=rmask)
 
 

@@ -17,22 +17,18 @@ import triton
 import triton.language as tl
 
 from . import _dense
-from ._common import ABSORBING, DENSE, check_family, compute_f64, online_update, row_kernel, to_store
+from ._common import (ABSORBING, DENSE, compute_f64, online_update, prepare, program_rows, row_kernel, row_tile,
+                      schema, to_store)
 from ._inversion import loss_kernel
 
-SCHEMA = (
-    "(int family, Tensor? evals, Tensor? vecs, Tensor? vecs_inv, "
-    "Tensor log_score, Tensor x, Tensor tau, Tensor target) -> Tensor"
-)
+SCHEMA = schema("Tensor log_score, Tensor x, Tensor tau, Tensor target")
 
 
 @triton.jit
 def _absorbing_loss_kernel(ls_ptr, x_ptr, t_ptr, out_ptr, P, N, F64: tl.constexpr,
                            BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr):
     CT: tl.constexpr = tl.float64 if F64 else tl.float32
-    rows = tl.program_id(0) * BLOCK_P + tl.arange(0, BLOCK_P)
-    rmask = rows < P
-    base = rows.to(tl.int64) * N
+    rows, rmask, base = program_rows(P, N, BLOCK_P)
     x = tl.load(x_ptr + rows, mask=rmask, other=0)
     masked = rmask & (x == N - 1)
     m = tl.full([BLOCK_P], float("-inf"), CT)
@@ -41,9 +37,7 @@ def _absorbing_loss_kernel(ls_ptr, x_ptr, t_ptr, out_ptr, P, N, F64: tl.constexp
     tsum = tl.zeros([BLOCK_P], CT)  # sum t over the real tokens
     bad = tl.zeros([BLOCK_P], tl.int32)  # mass on a structural zero
     for start in range(0, N, BLOCK_N):
-        cols = start + tl.arange(0, BLOCK_N)
-        msk = rmask[:, None] & (cols[None, :] < N)
-        offs = base[:, None] + cols[None, :]
+        cols, msk, offs = row_tile(start, base, rmask, N, BLOCK_N)
         real = cols[None, :] < N - 1
         t = tl.load(t_ptr + offs, mask=msk, other=0.0).to(CT)
         v = tl.load(ls_ptr + offs, mask=msk & real & masked[:, None], other=float("-inf")).to(CT)
@@ -67,11 +61,7 @@ def conditional_matching_loss(family: int, evals: Optional[torch.Tensor], vecs: 
                               vecs_inv: Optional[torch.Tensor], log_score: torch.Tensor, x: torch.Tensor,
                               tau: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     p, n = log_score.shape
-    graph = check_family(family, evals, vecs, vecs_inv, n, log_score.device)
-    log_score = log_score.contiguous()
-    x = x.contiguous().long()
-    tau = tau.to(torch.float64).contiguous()
-    target = target.contiguous()
+    graph, x, tau, log_score, target = prepare(family, evals, vecs, vecs_inv, n, x, tau, log_score, target)
     out = torch.empty((p,), dtype=torch.float32, device=log_score.device)
     f64 = compute_f64(log_score, target)
     if family == ABSORBING:

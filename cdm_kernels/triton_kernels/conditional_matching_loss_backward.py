@@ -13,13 +13,10 @@ from typing import Optional
 
 import torch
 
-from ._common import check_family
+from ._common import prepare, schema
 from .scores_to_posterior_backward import posterior_backward
 
-SCHEMA = (
-    "(int family, Tensor? evals, Tensor? vecs, Tensor? vecs_inv, "
-    "Tensor grad_loss, Tensor log_score, Tensor x, Tensor tau, Tensor target) -> Tensor"
-)
+SCHEMA = schema("Tensor grad_loss, Tensor log_score, Tensor x, Tensor tau, Tensor target")
 
 
 @torch.library.custom_op("cdm_kernels::triton_conditional_matching_loss_backward", mutates_args=(), schema=SCHEMA)
@@ -27,7 +24,6 @@ def conditional_matching_loss_backward(family: int, evals: Optional[torch.Tensor
                                        vecs_inv: Optional[torch.Tensor], grad_loss: torch.Tensor,
                                        log_score: torch.Tensor, x: torch.Tensor, tau: torch.Tensor,
                                        target: torch.Tensor) -> torch.Tensor:
-    n = log_score.shape[1]
-    graph = check_family(family, evals, vecs, vecs_inv, n, log_score.device)
-    return posterior_backward(family, graph, target.contiguous(), grad_loss.contiguous(), log_score.contiguous(),
-                              x.contiguous().long(), tau.to(torch.float64).contiguous())
+    graph, x, tau, log_score, target = prepare(family, evals, vecs, vecs_inv, log_score.shape[1], x, tau, log_score,
+                                               target)
+    return posterior_backward(family, graph, target, grad_loss.contiguous(), log_score, x, tau)

@@ -17,12 +17,10 @@ import triton
 import triton.language as tl
 
 from . import _dense
-from ._common import DENSE, check_family, compute_f64, decay_coefficients, row_kernel, to_store
+from ._common import (DENSE, compute_f64, decay_coefficients, prepare, program_rows, row_cache, row_kernel, row_tile,
+                      schema, spread, tile_load, to_store)
 
-SCHEMA = (
-    "(int family, Tensor? evals, Tensor? vecs, Tensor? vecs_inv, "
-    "Tensor log_p0, Tensor x, Tensor tau) -> Tensor"
-)
+SCHEMA = schema("Tensor log_p0, Tensor x, Tensor tau")
 
 
 @triton.jit
@@ -43,40 +41,49 @@ def column_logs(x, tau, N, FAMILY: tl.constexpr, CT: tl.constexpr):
 
 
 @triton.jit
-def weights_block(lq_ptr, offs, msk, is_x, l_on, l_off, CT: tl.constexpr):
+def weights_block(lq_ptr, offs, msk, is_x, l_on, l_off, cache, CT: tl.constexpr, ONE_BLOCK: tl.constexpr):
     """``u = exp(log q - log col)`` where ``log q > -inf``, else 0 (padding: 0)."""
-    lq = tl.load(lq_ptr + offs, mask=msk, other=float("-inf")).to(CT)
+    lq = tile_load(lq_ptr, offs, msk, float("-inf"), cache, ONE_BLOCK).to(CT)
     lcol = tl.where(is_x, l_on[:, None], l_off[:, None])
     return lq, tl.where(lq > float("-inf"), tl.exp(lq - lcol), 0.0)
 
 
 @triton.jit
-def _posterior_to_scores_kernel(lq_ptr, x_ptr, tau_ptr, out_ptr, P, N, FAMILY: tl.constexpr, F64: tl.constexpr,
-                                BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr):
-    CT: tl.constexpr = tl.float64 if F64 else tl.float32
-    rows = tl.program_id(0) * BLOCK_P + tl.arange(0, BLOCK_P)
-    rmask = rows < P
-    base = rows.to(tl.int64) * N
-    x = tl.load(x_ptr + rows, mask=rmask, other=0)
-    tau = tl.load(tau_ptr + rows, mask=rmask, other=0.0)
-    alpha, oma, l_on, l_off = column_logs(x, tau, N, FAMILY, CT)
-    total = tl.zeros([BLOCK_P], CT)  # uniform: sum u; absorbing: sum of u over the real tokens
+def weights_total(lq_ptr, x, base, rmask, l_on, l_off, N, cache, FAMILY: tl.constexpr, CT: tl.constexpr,
+                  ONE_BLOCK: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr):
+    """Pass 1: ``sum u`` per row (absorbing: over the real tokens only)."""
+    total = tl.zeros([BLOCK_P], CT)
     for start in range(0, N, BLOCK_N):
-        cols = start + tl.arange(0, BLOCK_N)
-        msk = rmask[:, None] & (cols[None, :] < N)
-        lq, u = weights_block(lq_ptr, base[:, None] + cols[None, :], msk, cols[None, :] == x[:, None], l_on, l_off, CT)
+        cols, msk, offs = row_tile(start, base, rmask, N, BLOCK_N)
+        lq, u = weights_block(lq_ptr, offs, msk, cols[None, :] == x[:, None], l_on, l_off, cache, CT, ONE_BLOCK)
         if FAMILY == 1:
             u = tl.where(cols[None, :] < N - 1, u, 0.0)
         total += tl.sum(u, axis=1)
-    if FAMILY == 0:
-        add = oma / N * total
-    else:
-        add = oma * total
+    return total
+
+
+@triton.jit
+def forward_map_setup(lq_ptr, x_ptr, tau_ptr, P, N, FAMILY: tl.constexpr, CT: tl.constexpr, ONE_BLOCK: tl.constexpr,
+                      BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr):
+    """This program's positions, tokens, :func:`column_logs` and the row cache of ``log q``."""
+    rows, rmask, base = program_rows(P, N, BLOCK_P)
+    x = tl.load(x_ptr + rows, mask=rmask, other=0)
+    alpha, oma, l_on, l_off = column_logs(x, tl.load(tau_ptr + rows, mask=rmask, other=0.0), N, FAMILY, CT)
+    cache = row_cache(lq_ptr, base, rmask, N, ONE_BLOCK, BLOCK_N)
+    return rows, rmask, base, x, alpha, oma, l_on, l_off, cache
+
+
+@triton.jit
+def _posterior_to_scores_kernel(lq_ptr, x_ptr, tau_ptr, out_ptr, P, N, FAMILY: tl.constexpr, F64: tl.constexpr,
+                                ONE_BLOCK: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr):
+    CT: tl.constexpr = tl.float64 if F64 else tl.float32
+    rows, rmask, base, x, alpha, oma, l_on, l_off, cache = forward_map_setup(lq_ptr, x_ptr, tau_ptr, P, N, FAMILY, CT,
+                                                                             ONE_BLOCK, BLOCK_P, BLOCK_N)
+    add = spread(oma, weights_total(lq_ptr, x, base, rmask, l_on, l_off, N, cache, FAMILY, CT, ONE_BLOCK, BLOCK_P,
+                                    BLOCK_N), N, FAMILY)
     for start in range(0, N, BLOCK_N):
-        cols = start + tl.arange(0, BLOCK_N)
-        msk = rmask[:, None] & (cols[None, :] < N)
-        offs = base[:, None] + cols[None, :]
-        lq, u = weights_block(lq_ptr, offs, msk, cols[None, :] == x[:, None], l_on, l_off, CT)
+        cols, msk, offs = row_tile(start, base, rmask, N, BLOCK_N)
+        lq, u = weights_block(lq_ptr, offs, msk, cols[None, :] == x[:, None], l_on, l_off, cache, CT, ONE_BLOCK)
         if FAMILY == 0:
             r = alpha[:, None] * u + add[:, None]
         else:
@@ -93,10 +100,7 @@ def posterior_to_scores(family: int, evals: Optional[torch.Tensor], vecs: Option
                         vecs_inv: Optional[torch.Tensor], log_p0: torch.Tensor, x: torch.Tensor,
                         tau: torch.Tensor) -> torch.Tensor:
     p, n = log_p0.shape
-    graph = check_family(family, evals, vecs, vecs_inv, n, log_p0.device)
-    log_p0 = log_p0.contiguous()
-    x = x.contiguous().long()
-    tau = tau.to(torch.float64).contiguous()
+    graph, x, tau, log_p0 = prepare(family, evals, vecs, vecs_inv, n, x, tau, log_p0)
     if family == DENSE:
         u = _dense.weights(log_p0, _dense.column(x, tau, graph, n))
         return _dense.apply(u, tau, graph, transpose=True, out_dtype=log_p0.dtype, out_log=True)

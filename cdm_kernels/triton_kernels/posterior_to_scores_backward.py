@@ -16,45 +16,32 @@ import triton
 import triton.language as tl
 
 from . import _dense
-from ._common import DENSE, check_family, compute_f64, row_kernel, to_store
-from .posterior_to_scores import column_logs, weights_block
+from ._common import DENSE, compute_f64, prepare, row_cache, row_kernel, row_tile, schema, spread, tile_load, to_store
+from .posterior_to_scores import forward_map_setup, weights_block, weights_total
 
-SCHEMA = (
-    "(int family, Tensor? evals, Tensor? vecs, Tensor? vecs_inv, "
-    "Tensor grad, Tensor log_p0, Tensor x, Tensor tau) -> Tensor"
-)
+SCHEMA = schema("Tensor grad, Tensor log_p0, Tensor x, Tensor tau")
 
 
 @triton.jit
 def _posterior_to_scores_backward_kernel(g_ptr, lq_ptr, x_ptr, tau_ptr, out_ptr, P, N, FAMILY: tl.constexpr,
-                                         F64: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr):
+                                         F64: tl.constexpr, ONE_BLOCK: tl.constexpr, BLOCK_P: tl.constexpr,
+                                         BLOCK_N: tl.constexpr):
+    """The gradient through ``r = K^T u``, ``u = q / col``: uniform three passes, absorbing two."""
     CT: tl.constexpr = tl.float64 if F64 else tl.float32
-    rows = tl.program_id(0) * BLOCK_P + tl.arange(0, BLOCK_P)
-    rmask = rows < P
-    base = rows.to(tl.int64) * N
-    x = tl.load(x_ptr + rows, mask=rmask, other=0)
-    tau = tl.load(tau_ptr + rows, mask=rmask, other=0.0)
-    alpha, oma, l_on, l_off = column_logs(x, tau, N, FAMILY, CT)
-    total = tl.zeros([BLOCK_P], CT)
-    for start in range(0, N, BLOCK_N):
-        cols = start + tl.arange(0, BLOCK_N)
-        msk = rmask[:, None] & (cols[None, :] < N)
-        lq, u = weights_block(lq_ptr, base[:, None] + cols[None, :], msk, cols[None, :] == x[:, None], l_on, l_off, CT)
-        if FAMILY == 1:
-            u = tl.where(cols[None, :] < N - 1, u, 0.0)
-        total += tl.sum(u, axis=1)
+    rows, rmask, base, x, alpha, oma, l_on, l_off, cache = forward_map_setup(lq_ptr, x_ptr, tau_ptr, P, N, FAMILY, CT,
+                                                                             ONE_BLOCK, BLOCK_P, BLOCK_N)
+    g_cache = row_cache(g_ptr, base, rmask, N, ONE_BLOCK, BLOCK_N)
+    total = weights_total(lq_ptr, x, base, rmask, l_on, l_off, N, cache, FAMILY, CT, ONE_BLOCK, BLOCK_P, BLOCK_N)
+    add = spread(oma, total, N, FAMILY)
     if FAMILY == 0:
         beta = oma / N
-        add = beta * total
         # sum of g_r = grad / r: K is symmetric, K g_r = alpha g_r + beta sum(g_r)
         gr_sum = tl.zeros([BLOCK_P], CT)
         for start in range(0, N, BLOCK_N):
-            cols = start + tl.arange(0, BLOCK_N)
-            msk = rmask[:, None] & (cols[None, :] < N)
-            offs = base[:, None] + cols[None, :]
-            lq, u = weights_block(lq_ptr, offs, msk, cols[None, :] == x[:, None], l_on, l_off, CT)
+            cols, msk, offs = row_tile(start, base, rmask, N, BLOCK_N)
+            lq, u = weights_block(lq_ptr, offs, msk, cols[None, :] == x[:, None], l_on, l_off, cache, CT, ONE_BLOCK)
             r = alpha[:, None] * u + add[:, None]
-            g = tl.load(g_ptr + offs, mask=msk, other=0.0).to(CT)
+            g = tile_load(g_ptr, offs, msk, 0.0, g_cache, ONE_BLOCK).to(CT)
             gr_sum += tl.sum(tl.where(msk & (r > 0), g / r, 0.0), axis=1)
         gu_add = beta * gr_sum
     else:
@@ -68,11 +55,9 @@ def _posterior_to_scores_backward_kernel(g_ptr, lq_ptr, x_ptr, tau_ptr, out_ptr,
         gr_m = tl.where(r_m > 0, g_m / r_m, 0.0)
         gu_add = oma * gr_m
     for start in range(0, N, BLOCK_N):
-        cols = start + tl.arange(0, BLOCK_N)
-        msk = rmask[:, None] & (cols[None, :] < N)
-        offs = base[:, None] + cols[None, :]
-        lq, u = weights_block(lq_ptr, offs, msk, cols[None, :] == x[:, None], l_on, l_off, CT)
-        g = tl.load(g_ptr + offs, mask=msk, other=0.0).to(CT)
+        cols, msk, offs = row_tile(start, base, rmask, N, BLOCK_N)
+        lq, u = weights_block(lq_ptr, offs, msk, cols[None, :] == x[:, None], l_on, l_off, cache, CT, ONE_BLOCK)
+        g = tile_load(g_ptr, offs, msk, 0.0, g_cache, ONE_BLOCK).to(CT)
         if FAMILY == 0:
             r = alpha[:, None] * u + add[:, None]
             gu = alpha[:, None] * tl.where(r > 0, g / r, 0.0) + gu_add[:, None]
@@ -92,11 +77,7 @@ def posterior_to_scores_backward(family: int, evals: Optional[torch.Tensor], vec
                                  vecs_inv: Optional[torch.Tensor], grad: torch.Tensor, log_p0: torch.Tensor,
                                  x: torch.Tensor, tau: torch.Tensor) -> torch.Tensor:
     p, n = log_p0.shape
-    graph = check_family(family, evals, vecs, vecs_inv, n, log_p0.device)
-    grad = grad.contiguous()
-    log_p0 = log_p0.contiguous()
-    x = x.contiguous().long()
-    tau = tau.to(torch.float64).contiguous()
+    graph, x, tau, log_p0, grad = prepare(family, evals, vecs, vecs_inv, n, x, tau, log_p0, grad)
     if family == DENSE:
         u = _dense.weights(log_p0, _dense.column(x, tau, graph, n))
         r = _dense.apply(u, tau, graph, transpose=True)

@@ -16,41 +16,44 @@ import triton
 import triton.language as tl
 
 from . import _dense
-from ._common import ABSORBING, DENSE, check_family, compute_f64, online_update, row_kernel, to_store
+from ._common import (ABSORBING, DENSE, compute_f64, online_update, prepare, program_rows, row_cache, row_kernel,
+                      row_tile, schema, tile_load, to_store)
 from ._inversion import posterior_kernel
 
-SCHEMA = (
-    "(int family, Tensor? evals, Tensor? vecs, Tensor? vecs_inv, "
-    "Tensor log_score, Tensor x, Tensor tau) -> Tensor"
-)
+SCHEMA = schema("Tensor log_score, Tensor x, Tensor tau")
 
 
 @triton.jit
-def _absorbing_posterior_kernel(ls_ptr, x_ptr, out_ptr, P, N, F64: tl.constexpr,
-                                BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr):
-    CT: tl.constexpr = tl.float64 if F64 else tl.float32
-    rows = tl.program_id(0) * BLOCK_P + tl.arange(0, BLOCK_P)
-    rmask = rows < P
-    base = rows.to(tl.int64) * N
-    x = tl.load(x_ptr + rows, mask=rmask, other=0)
-    masked = rmask & (x == N - 1)  # only these rows read their scores
+def real_max_sumexp(ls_ptr, base, masked, N, cache, CT: tl.constexpr, ONE_BLOCK: tl.constexpr, BLOCK_P: tl.constexpr,
+                    BLOCK_N: tl.constexpr):
+    """The absorbing pass 1: online max and sum-exp over the real tokens of the
+    ``masked`` rows (the others read nothing)."""
     m = tl.full([BLOCK_P], float("-inf"), CT)
     s = tl.zeros([BLOCK_P], CT)
     for start in range(0, N - 1, BLOCK_N):
-        cols = start + tl.arange(0, BLOCK_N)
-        msk = masked[:, None] & (cols[None, :] < N - 1)
-        v = tl.load(ls_ptr + base[:, None] + cols[None, :], mask=msk, other=float("-inf")).to(CT)
-        m, s = online_update(m, s, v)
+        cols, msk, offs = row_tile(start, base, masked, N - 1, BLOCK_N)
+        m, s = online_update(m, s, tile_load(ls_ptr, offs, msk, float("-inf"), cache, ONE_BLOCK).to(CT))
+    return m, s
+
+
+@triton.jit
+def _absorbing_posterior_kernel(ls_ptr, x_ptr, out_ptr, P, N, F64: tl.constexpr, ONE_BLOCK: tl.constexpr,
+                                BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr):
+    CT: tl.constexpr = tl.float64 if F64 else tl.float32
+    rows, rmask, base = program_rows(P, N, BLOCK_P)
+    x = tl.load(x_ptr + rows, mask=rmask, other=0)
+    masked = rmask & (x == N - 1)  # only these rows read their scores
+    cache = row_cache(ls_ptr, base, masked, N, ONE_BLOCK, BLOCK_N)
+    m, s = real_max_sumexp(ls_ptr, base, masked, N, cache, CT, ONE_BLOCK, BLOCK_P, BLOCK_N)
     lse = m + tl.log(s)
     for start in range(0, N, BLOCK_N):
-        cols = start + tl.arange(0, BLOCK_N)
-        msk = rmask[:, None] & (cols[None, :] < N)
+        cols, msk, offs = row_tile(start, base, rmask, N, BLOCK_N)
         real = cols[None, :] < N - 1
-        v = tl.load(ls_ptr + base[:, None] + cols[None, :], mask=msk & masked[:, None] & real, other=0.0).to(CT)
+        v = tile_load(ls_ptr, offs, msk & masked[:, None] & real, 0.0, cache, ONE_BLOCK).to(CT)
         out_masked = tl.where(real, v - lse[:, None], float("-inf"))
         out_real = tl.where(cols[None, :] == x[:, None], 0.0, float("-inf"))
         out = tl.where(masked[:, None], out_masked, out_real)
-        tl.store(out_ptr + base[:, None] + cols[None, :], to_store(out, out_ptr), mask=msk)
+        tl.store(out_ptr + offs, to_store(out, out_ptr), mask=msk)
 
 
 absorbing_posterior_kernel = row_kernel(_absorbing_posterior_kernel)
@@ -76,7 +79,5 @@ def posterior(family: int, graph, log_score: torch.Tensor, x: torch.Tensor, tau:
 def scores_to_posterior(family: int, evals: Optional[torch.Tensor], vecs: Optional[torch.Tensor],
                         vecs_inv: Optional[torch.Tensor], log_score: torch.Tensor, x: torch.Tensor,
                         tau: torch.Tensor) -> torch.Tensor:
-    n = log_score.shape[1]
-    graph = check_family(family, evals, vecs, vecs_inv, n, log_score.device)
-    return posterior(family, graph, log_score.contiguous(), x.contiguous().long(),
-                     tau.to(torch.float64).contiguous(), log_score.dtype)
+    graph, x, tau, log_score = prepare(family, evals, vecs, vecs_inv, log_score.shape[1], x, tau, log_score)
+    return posterior(family, graph, log_score, x, tau, log_score.dtype)

@@ -17,50 +17,35 @@ import triton
 import triton.language as tl
 
 from . import _dense
-from ._common import ABSORBING, DENSE, check_family, compute_f64, online_update, row_kernel, to_store
+from ._common import (ABSORBING, DENSE, compute_f64, prepare, program_rows, row_cache, row_kernel, row_sum, row_tile,
+                      schema, tile_load, to_store, upstream_scale)
 from ._inversion import posterior_backward_kernel
+from .scores_to_posterior import real_max_sumexp
 
-SCHEMA = (
-    "(int family, Tensor? evals, Tensor? vecs, Tensor? vecs_inv, "
-    "Tensor grad, Tensor log_score, Tensor x, Tensor tau) -> Tensor"
-)
+SCHEMA = schema("Tensor grad, Tensor log_score, Tensor x, Tensor tau")
 
 
 @triton.jit
 def _absorbing_backward_kernel(g_ptr, gl_ptr, ls_ptr, x_ptr, out_ptr, P, N, F64: tl.constexpr,
-                               FROM_TARGET: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr):
+                               FROM_TARGET: tl.constexpr, ONE_BLOCK: tl.constexpr, BLOCK_P: tl.constexpr,
+                               BLOCK_N: tl.constexpr):
     """``FROM_TARGET``: ``g = -grad_loss * target`` (the matching loss's backward)."""
     CT: tl.constexpr = tl.float64 if F64 else tl.float32
-    rows = tl.program_id(0) * BLOCK_P + tl.arange(0, BLOCK_P)
-    rmask = rows < P
-    base = rows.to(tl.int64) * N
+    rows, rmask, base = program_rows(P, N, BLOCK_P)
     x = tl.load(x_ptr + rows, mask=rmask, other=0)
     masked = rmask & (x == N - 1)
-    if FROM_TARGET:
-        gscale = -tl.load(gl_ptr + rows, mask=rmask, other=0.0).to(CT)
-    else:
-        gscale = tl.full([BLOCK_P], 1.0, CT)
-    m = tl.full([BLOCK_P], float("-inf"), CT)
-    s = tl.zeros([BLOCK_P], CT)
-    G = tl.zeros([BLOCK_P], CT)
-    for start in range(0, N, BLOCK_N):
-        cols = start + tl.arange(0, BLOCK_N)
-        msk = masked[:, None] & (cols[None, :] < N)
-        offs = base[:, None] + cols[None, :]
-        v = tl.load(ls_ptr + offs, mask=msk & (cols[None, :] < N - 1), other=float("-inf")).to(CT)
-        m, s = online_update(m, s, v)
-        g = tl.load(g_ptr + offs, mask=msk, other=0.0).to(CT)
-        G += tl.sum(tl.where(msk, g, 0.0), axis=1)
-    G = G * gscale
+    gscale = upstream_scale(gl_ptr, rows, rmask, FROM_TARGET, CT, BLOCK_P)
+    ls_cache = row_cache(ls_ptr, base, masked, N, ONE_BLOCK, BLOCK_N)
+    g_cache = row_cache(g_ptr, base, masked, N, ONE_BLOCK, BLOCK_N)
+    m, s = real_max_sumexp(ls_ptr, base, masked, N, ls_cache, CT, ONE_BLOCK, BLOCK_P, BLOCK_N)
+    G = row_sum(g_ptr, base, masked, N, g_cache, CT, ONE_BLOCK, BLOCK_P, BLOCK_N) * gscale
     m_safe = tl.where(m == float("-inf"), 0.0, m)
     coef = G / s  # softmax_y * G = exp(ls_y - m) * G / s
     for start in range(0, N, BLOCK_N):
-        cols = start + tl.arange(0, BLOCK_N)
-        msk = rmask[:, None] & (cols[None, :] < N)
-        offs = base[:, None] + cols[None, :]
+        cols, msk, offs = row_tile(start, base, rmask, N, BLOCK_N)
         real = masked[:, None] & (cols[None, :] < N - 1)
-        v = tl.load(ls_ptr + offs, mask=msk & real, other=float("-inf")).to(CT)
-        g = tl.load(g_ptr + offs, mask=msk & real, other=0.0).to(CT) * gscale[:, None]
+        v = tile_load(ls_ptr, offs, msk & real, float("-inf"), ls_cache, ONE_BLOCK).to(CT)
+        g = tile_load(g_ptr, offs, msk & real, 0.0, g_cache, ONE_BLOCK).to(CT) * gscale[:, None]
         out = tl.where(real, g - tl.exp(v - m_safe[:, None]) * coef[:, None], 0.0)
         tl.store(out_ptr + offs, to_store(out, out_ptr), mask=msk)
 
@@ -96,7 +81,5 @@ def posterior_backward(family: int, graph, g: torch.Tensor, grad_loss: Optional[
 def scores_to_posterior_backward(family: int, evals: Optional[torch.Tensor], vecs: Optional[torch.Tensor],
                                  vecs_inv: Optional[torch.Tensor], grad: torch.Tensor, log_score: torch.Tensor,
                                  x: torch.Tensor, tau: torch.Tensor) -> torch.Tensor:
-    n = log_score.shape[1]
-    graph = check_family(family, evals, vecs, vecs_inv, n, log_score.device)
-    return posterior_backward(family, graph, grad.contiguous(), None, log_score.contiguous(),
-                              x.contiguous().long(), tau.to(torch.float64).contiguous())
+    graph, x, tau, log_score, grad = prepare(family, evals, vecs, vecs_inv, log_score.shape[1], x, tau, log_score, grad)
+    return posterior_backward(family, graph, grad, None, log_score, x, tau)

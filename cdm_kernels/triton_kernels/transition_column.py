@@ -13,21 +13,16 @@ import triton
 import triton.language as tl
 
 from . import _dense
-from ._common import DENSE, check_family, decay_coefficients, row_kernel
+from ._common import DENSE, decay_coefficients, prepare, program_rows, row_kernel, row_tile, schema
 
-SCHEMA = (
-    "(int family, Tensor? evals, Tensor? vecs, Tensor? vecs_inv, "
-    "Tensor x, Tensor tau, int num_states, bool out_float64) -> Tensor"
-)
+SCHEMA = schema("Tensor x, Tensor tau, int num_states, bool out_float64")
 
 
 @triton.jit
 def _transition_column_kernel(x_ptr, tau_ptr, out_ptr, P, N, FAMILY: tl.constexpr,
                               BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr):
     CT: tl.constexpr = out_ptr.dtype.element_ty
-    rows = tl.program_id(0) * BLOCK_P + tl.arange(0, BLOCK_P)
-    rmask = rows < P
-    base = rows.to(tl.int64) * N
+    rows, rmask, base = program_rows(P, N, BLOCK_P)
     x = tl.load(x_ptr + rows, mask=rmask, other=0)
     alpha, oma = decay_coefficients(tl.load(tau_ptr + rows, mask=rmask, other=0.0))
     alpha = alpha.to(CT)
@@ -40,10 +35,9 @@ def _transition_column_kernel(x_ptr, tau_ptr, out_ptr, P, N, FAMILY: tl.constexp
         off = tl.where(is_mask, oma, 0.0)
         on = tl.where(is_mask, 1.0, alpha)
     for start in range(0, N, BLOCK_N):
-        cols = start + tl.arange(0, BLOCK_N)
-        msk = rmask[:, None] & (cols[None, :] < N)
+        cols, msk, offs = row_tile(start, base, rmask, N, BLOCK_N)
         out = tl.where(cols[None, :] == x[:, None], on[:, None], off[:, None])
-        tl.store(out_ptr + base[:, None] + cols[None, :], out.to(CT), mask=msk)
+        tl.store(out_ptr + offs, out.to(CT), mask=msk)
 
 
 transition_column_kernel = row_kernel(_transition_column_kernel)
@@ -54,9 +48,7 @@ def transition_column(family: int, evals: Optional[torch.Tensor], vecs: Optional
                       vecs_inv: Optional[torch.Tensor], x: torch.Tensor, tau: torch.Tensor, num_states: int,
                       out_float64: bool) -> torch.Tensor:
     n = int(num_states)
-    graph = check_family(family, evals, vecs, vecs_inv, n, x.device)
-    x = x.contiguous().long()
-    tau = tau.to(torch.float64).contiguous()
+    graph, x, tau = prepare(family, evals, vecs, vecs_inv, n, x, tau)
     dtype = torch.float64 if out_float64 else torch.float32
     p = x.shape[0]
     if family == DENSE:

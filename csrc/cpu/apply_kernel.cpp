@@ -100,11 +100,7 @@ at::Tensor apply_kernel_cpu(int64_t family, const c10::optional<at::Tensor>& eva
   const double* tp = tau.data_ptr<double>();
   if (family != DENSE) {
     ApplyKernel::Args args{family, n, v.data_ptr(), dt, tp, transpose, out.data_ptr()};
-    if (dt == DT::F64) {
-      run_rows<ApplyKernel, double>(args, positions, row_grain(n));
-    } else {
-      run_rows<ApplyKernel, float>(args, positions, row_grain(n));
-    }
+    run_rows_of<ApplyKernel>(dt, args, positions, n);
     return out;
   }
   const int64_t block = dense_block_rows(n);

@@ -18,19 +18,12 @@ namespace cpu {
 
 namespace {
 
-struct LossArgs {
-  int64_t family, n;
-  const void* ls;
-  DT dt;
-  const int64_t* x;
-  const double* tau;
-  const void* target;
-  DT target_dt;
+// rows: the log-scores, second: the target, out: the backward's (P, N) gradient
+struct LossArgs : RowArgs {
   void* loss;  // forward: (P,) float32 or float64
   bool loss_f64;
   const void* grad_loss;  // backward: (P,) float32 or float64
   bool grad_f64;
-  void* out;  // backward: (P, N) in log_score's dtype
 };
 
 template <class VV>
@@ -39,14 +32,20 @@ CDM_INLINE typename VV::V positive_part(typename VV::V t) {
   return t > T(0) ? t : typename VV::V{};  // NaN -> 0, as torch.where(target > 0, ...)
 }
 
+inline double grad_loss_at(const LossArgs& a, int64_t p) {
+  return a.grad_f64 ? static_cast<const double*>(a.grad_loss)[p]
+                    : static_cast<double>(static_cast<const float*>(a.grad_loss)[p]);
+}
+
 template <class VV>
 CDM_INLINE double uniform_loss_row(const LossArgs& a, int64_t p, typename VV::T* s, typename VV::T* t,
                                    const Prefetch& pf, DecayCache& dc) {
   using T = typename VV::T;
   using V = typename VV::V;
   const int64_t n = a.n, np = round_up(n), x = a.x[p];
-  load_row<VV>(a.ls, a.dt, p, n, s, -kInf<T>);
-  load_row<VV>(a.target, a.target_dt, p, n, t, T(0));
+  load_row<VV>(a.rows, a.dt, p, n, s, -kInf<T>, a.errors);
+  load_row<VV>(a.second, a.second_dt, p, n, t, T(0));
+  if (a.errors != nullptr) check_probability_row<VV>(t, n, a.errors);
   const UniformRow<T> row = uniform_ratios<VV>(s, n, x, uniform_coeffs(dc(a.tau[p]), n), pf);
   const V zero{};
   typename VV::Acc acc_u, acc_t, acc_tl;
@@ -77,14 +76,18 @@ CDM_INLINE double absorbing_loss_row(const LossArgs& a, int64_t p, typename VV::
   using V = typename VV::V;
   const int64_t n = a.n, np = round_up(n), x = a.x[p], m = n - 1;
   const double inf = std::numeric_limits<double>::infinity();
-  load_row<VV>(a.target, a.target_dt, p, n, t, T(0));
+  load_row<VV>(a.second, a.second_dt, p, n, t, T(0));
+  if (a.errors != nullptr) {
+    check_probability_row<VV>(t, n, a.errors);
+    if (x != m || t[m] > T(0)) load_row<VV>(a.rows, a.dt, p, n, s, -kInf<T>, a.errors);  // read for the check only
+  }
   if (x != m) {  // log q = log e_x
     for (int64_t b = 0; b < n; ++b)
       if (b != x && t[b] > T(0)) return inf;
     return -0.0;
   }
   if (t[m] > T(0)) return inf;  // the mask has probability 0
-  load_row<VV>(a.ls, a.dt, p, n, s, -kInf<T>);
+  load_row<VV>(a.rows, a.dt, p, n, s, -kInf<T>, a.errors);
   s[m] = -kInf<T>;
   const T mx = row_max<VV>(s, np);
   const T lsum = static_cast<T>(std::log(exp_shift_sum<VV>(s, np, mx, pf)));
@@ -103,36 +106,17 @@ CDM_INLINE double absorbing_loss_row(const LossArgs& a, int64_t p, typename VV::
 template <class VV>
 CDM_INLINE typename VV::V uniform_loss_group(const LossArgs& a, const Group<VV>& g, typename VV::T* t,
                                              typename VV::T* tg, UniformLogCache& cache) {
-  using T = typename VV::T;
   using V = typename VV::V;
   using M = typename VV::M;
   const int64_t n = a.n;
-  g.load(a.ls, a.dt, t);
-  g.load(a.target, a.target_dt, tg);
-  g.set_at(t, a.x, T(0));
-  V alpha, beta, loff, lon;
-  for (int j = 0; j < VV::L; ++j) {
-    const UniformLogCache& c = cache(a.tau[g.row(j)], n);
-    alpha[j] = static_cast<T>(c.c.alpha);
-    beta[j] = static_cast<T>(c.c.beta);
-    loff[j] = static_cast<T>(c.log_off);
-    lon[j] = static_cast<T>(c.log_on);
-  }
+  g.load(a.rows, a.dt, t, a.errors);
+  g.load(a.second, a.second_dt, tg);
+  if (a.errors != nullptr) g.check_probabilities(tg, a.errors);
+  const LaneCoeffs<VV> lc = uniform_lane_coeffs<VV>(g, a.tau, cache);
   const M xv = g.lanes_index(a.x);
   const V zero{};
-  V mx = VV::splat(-kInf<T>);
-  for (int64_t b = 0; b < n; ++b) {
-    const V v = g.at(t, b);
-    mx = v > mx ? v : mx;
-  }
-  V S{};
-  for (int64_t b = 0; b < n; ++b) {
-    const V r = VV::exp(g.at(t, b) - mx);
-    g.put(t, b, r);
-    S += r;
-  }
-  const V cs = beta * S;
-  const V floor = posterior_floor_v<VV>(mx, alpha);
+  const GroupRatios<VV> gr = uniform_group_ratios<VV>(g, a.x, t, lc.alpha, lc.beta);
+  const V cs = gr.cs, floor = gr.floor;
   V U{}, ux{}, total{}, tl{}, tx{};
   for (int64_t b = 0; b < n; ++b) {
     const V d = g.at(t, b) - cs;
@@ -146,9 +130,9 @@ CDM_INLINE typename VV::V uniform_loss_group(const LossArgs& a, const Group<VV>&
     ux = here ? u : ux;
     tx = here ? tp : tx;
   }
-  const V lz = VV::log(beta * U + alpha * ux);
+  const V lz = VV::log(lc.beta * U + lc.alpha * ux);
   const V t_off = total - tx;
-  V sum = tl + (t_off > zero ? loff * t_off : zero) + (tx > zero ? lon * tx : zero);
+  V sum = tl + (t_off > zero ? lc.log_off * t_off : zero) + (tx > zero ? lc.log_on * tx : zero);
   sum = sum - (total > zero ? lz * total : zero);
   return -sum;
 }
@@ -160,19 +144,17 @@ CDM_INLINE typename VV::V absorbing_loss_group(const LossArgs& a, const Group<VV
   using V = typename VV::V;
   using M = typename VV::M;
   const int64_t n = a.n, m = n - 1;
-  g.load(a.ls, a.dt, t);
-  g.load(a.target, a.target_dt, tg);
+  g.load(a.rows, a.dt, t, a.errors);
+  g.load(a.second, a.second_dt, tg);
+  if (a.errors != nullptr) g.check_probabilities(tg, a.errors);
   const M xv = g.lanes_index(a.x);
   const M real = Group<VV>::ne(xv, m);
   const V zero{}, inf = VV::splat(kInf<T>);
   g.put(t, m, VV::splat(-kInf<T>));
-  V mx = VV::splat(-kInf<T>);
+  const V mx = group_max<VV>(g, t);
   V off_mass{};  // real rows: target mass off x
   for (int64_t b = 0; b < n; ++b) {
-    const V v = g.at(t, b);
-    mx = v > mx ? v : mx;
-    const V tv = g.at(tg, b);
-    off_mass += (Group<VV>::ne(xv, b) & (tv > zero)) ? VV::splat(T(1)) : zero;
+    off_mass += (Group<VV>::ne(xv, b) & (g.at(tg, b) > zero)) ? VV::splat(T(1)) : zero;
   }
   V S{};
   for (int64_t b = 0; b < n; ++b) S += VV::exp(g.at(t, b) - mx);
@@ -212,7 +194,7 @@ struct LossForward {
     Scratch<typename VV::T> scratch(a.n, 2);
     DecayCache dc;
     for (int64_t p = b; p < e; ++p) {
-      const Prefetch pf = next_rows(p, e, a.n, a.ls, a.dt, a.target, a.target_dt);
+      const Prefetch pf = next_rows(p, e, a.n, a.rows, a.dt, a.second, a.second_dt);
       const double loss = a.family == UNIFORM ? uniform_loss_row<VV>(a, p, scratch.row(0), scratch.row(1), pf, dc)
                                               : absorbing_loss_row<VV>(a, p, scratch.row(0), scratch.row(1), pf);
       if (a.loss_f64) {
@@ -226,63 +208,22 @@ struct LossForward {
 
 struct LossBackward {
   using Args = LossArgs;
+  // G = -grad_loss t+ (the gradient of log q)
   template <class VV>
   static CDM_INLINE void rows(const Args& a, int64_t b, int64_t e) {
     using T = typename VV::T;
-    const int64_t n = a.n, np = round_up(n);
-    DecayCache dc;
-    if (n <= kLanesMaxN) {
-      Scratch<T> tiles(n * VV::L, 3);
-      T *t = tiles.row(0), *gt = tiles.row(1), *h = tiles.row(2);
-      for (int64_t p0 = b; p0 < e; p0 += VV::L) {
-        const Group<VV> grp = make_group<VV>(p0, e, n);
-        grp.load(a.ls, a.dt, t);
-        grp.load(a.target, a.target_dt, gt);
-        const typename VV::V scale = grp.lanes([&](int64_t p) {
-          return -(a.grad_f64 ? static_cast<const double*>(a.grad_loss)[p]
-                              : static_cast<double>(static_cast<const float*>(a.grad_loss)[p]));
+    posterior_backward_rows<VV>(
+        a, b, e,
+        [&](int64_t p, T* g) {
+          load_row<VV>(a.second, a.second_dt, p, a.n, g, T(0));
+          const T scale = static_cast<T>(-grad_loss_at(a, p));
+          for (int64_t i = 0; i < round_up(a.n); i += VV::L) VV::store(g + i, positive_part<VV>(VV::load(g + i)) * scale);
+        },
+        [&](const Group<VV>& grp, T* gt) {
+          grp.load(a.second, a.second_dt, gt);
+          const typename VV::V scale = grp.lanes([&](int64_t p) { return -grad_loss_at(a, p); });
+          for (int64_t k = 0; k < a.n; ++k) grp.put(gt, k, positive_part<VV>(grp.at(gt, k)) * scale);
         });
-        for (int64_t k = 0; k < n; ++k) {
-          const typename VV::V tv = grp.at(gt, k);
-          grp.put(gt, k, (tv > T(0) ? tv : typename VV::V{}) * scale);
-        }
-        if (a.family == UNIFORM) {
-          typename VV::V alpha, beta;
-          for (int j = 0; j < VV::L; ++j) {
-            const UniformCoeffs c = uniform_coeffs(dc(a.tau[grp.row(j)]), n);
-            alpha[j] = static_cast<T>(c.alpha);
-            beta[j] = static_cast<T>(c.beta);
-          }
-          uniform_backward_group<VV>(grp, a.x, alpha, beta, t, gt, h);
-        } else {
-          absorbing_backward_group<VV>(grp, a.x, t, gt);
-        }
-        grp.store(a.out, a.dt, t);
-      }
-      return;
-    }
-    Scratch<T> scratch(n, 3);
-    T *s = scratch.row(0), *g = scratch.row(1), *h = scratch.row(2);
-    for (int64_t p = b; p < e; ++p) {
-      const int64_t x = a.x[p];
-      const double gl = a.grad_f64 ? static_cast<const double*>(a.grad_loss)[p]
-                                   : static_cast<double>(static_cast<const float*>(a.grad_loss)[p]);
-      if (a.family == ABSORBING && x != n - 1) {
-        for (int64_t i = 0; i < np; ++i) s[i] = T(0);
-      } else {
-        load_row<VV>(a.ls, a.dt, p, n, s, -kInf<T>);
-        load_row<VV>(a.target, a.target_dt, p, n, g, T(0));
-        const T scale = static_cast<T>(-gl);
-        for (int64_t i = 0; i < np; i += VV::L) VV::store(g + i, positive_part<VV>(VV::load(g + i)) * scale);
-        const Prefetch pf = next_rows(p, e, n, a.ls, a.dt, a.target, a.target_dt);
-        if (a.family == UNIFORM) {
-          uniform_backward_row<VV>(n, x, uniform_coeffs(dc(a.tau[p]), n), s, g, h, pf);
-        } else {
-          absorbing_backward_row<VV>(n, s, g, pf);
-        }
-      }
-      store_row<VV>(a.out, a.dt, p, n, s);
-    }
   }
 };
 
@@ -290,125 +231,81 @@ struct LossBackward {
 
 void dense_loss(const Dense& g, const LossArgs& a, int64_t positions, bool backward) {
   const int64_t n = a.n;
-  dense_blocks(positions, dense_block_rows(n), [&](int64_t b, int64_t e) {
-    const int64_t rows = e - b;
-    Scratch<double> buf(rows * n + W, 5);
-    double *r = buf.row(0), *u = buf.row(1), *l = buf.row(2), *work = buf.row(3), *t = buf.row(4);
-    std::vector<double> mx(rows);
-    dense_log_posterior(g, a.ls, a.dt, a.x + b, a.tau + b, b, rows, r, u, l, work, mx.data());
-    for (int64_t c = 0; c < rows; ++c) load_row<DenseVT>(a.target, a.target_dt, b + c, n, t + c * n, 0.0);
-    if (!backward) {
-      for (int64_t c = 0; c < rows; ++c) {
-        double sum = 0.0;
-        for (int64_t k = 0; k < n; ++k) {
-          const double tk = t[c * n + k];
-          if (tk > 0.0) sum += tk * l[c * n + k];
-        }
-        if (a.loss_f64) {
-          static_cast<double*>(a.loss)[b + c] = -sum;
-        } else {
-          static_cast<float*>(a.loss)[b + c] = static_cast<float>(-sum);
-        }
+  dense_posterior_blocks(g, a, positions, [&](const DensePosterior& blk) {
+    for (int64_t c = 0; c < blk.rows; ++c) {
+      const int64_t p = blk.p0 + c;
+      double* t = blk.second + c * n;
+      if (backward) {  // G = -grad_loss t+
+        const double gl = grad_loss_at(a, p);
+        for (int64_t k = 0; k < n; ++k) t[k] = t[k] > 0.0 ? -gl * t[k] : 0.0;
+        continue;
       }
-      return;
-    }
-    // G = -grad_loss t+, dL/dlog q_unnorm = G - q sum G, dL/du = w (.) / u, dL/dr = K(-tau) dL/du
-    for (int64_t c = 0; c < rows; ++c) {
-      const int64_t p = b + c;
-      const double gl = a.grad_f64 ? static_cast<const double*>(a.grad_loss)[p]
-                                   : static_cast<double>(static_cast<const float*>(a.grad_loss)[p]);
-      double* tc = t + c * n;
-      double sum_g = 0.0;
+      if (a.errors != nullptr) check_probability_row<DenseVT>(t, n, a.errors);
+      double sum = 0.0;
       for (int64_t k = 0; k < n; ++k) {
-        tc[k] = tc[k] > 0.0 ? -gl * tc[k] : 0.0;
-        sum_g += tc[k];
+        if (t[k] > 0.0) sum += t[k] * blk.L[c * n + k];
       }
-      const double floor = posterior_floor<double>(mx[c]);
-      for (int64_t k = 0; k < n; ++k) {
-        const double uk = u[c * n + k];
-        const double dl = tc[k] - std::exp(l[c * n + k]) * sum_g;
-        const double w = uk > floor ? 1.0 : (uk == floor ? 0.5 : 0.0);
-        tc[k] = w != 0.0 ? w * dl / (uk < floor ? floor : uk) : 0.0;
+      if (a.loss_f64) {
+        static_cast<double*>(a.loss)[p] = -sum;
+      } else {
+        static_cast<float*>(a.loss)[p] = static_cast<float>(-sum);
       }
     }
-    dense_apply(g, t, a.tau + b, -1.0, rows, /*transpose=*/false, work, l);
-    for (int64_t c = 0; c < rows; ++c) {
-      double* o = work + c * n;
-      for (int64_t k = 0; k < n; ++k) o[k] *= r[c * n + k];
-      o[a.x[b + c]] = 0.0;
-      store_row<DenseVT>(a.out, a.dt, b + c, n, o);
-    }
+    if (backward) dense_posterior_backward(g, a, blk);
   });
 }
 
 // ----------------------------------------------------------------------------- ops
 
-LossArgs make_args(int64_t family, const at::Tensor& log_score, const at::Tensor& x, const at::Tensor& tau,
-                   const at::Tensor& target) {
-  check_rows(log_score, "log_score");
-  const int64_t positions = log_score.size(0);
-  check_positions(x, "x", positions, at::kLong);
-  check_token_range(x, log_score.size(1));
-  check_positions(tau, "tau", positions, at::kDouble);
+// the loss (grad_loss null) or its backward
+at::Tensor run(int64_t family, const c10::optional<at::Tensor>& evals, const c10::optional<at::Tensor>& vecs,
+               const c10::optional<at::Tensor>& vecs_inv, const at::Tensor* grad_loss, const at::Tensor& log_score,
+               const at::Tensor& x, const at::Tensor& tau, const at::Tensor& target) {
+  check_row_inputs(log_score, "log_score", x, tau);
   check_rows(target, "target");
   check_same_shape(target, log_score, "target");
-  LossArgs a{};
-  a.family = family;
-  a.n = log_score.size(1);
-  a.ls = log_score.data_ptr();
-  a.dt = dt_of(log_score);
-  a.x = x.data_ptr<int64_t>();
-  a.tau = tau.data_ptr<double>();
-  a.target = target.data_ptr();
-  a.target_dt = dt_of(target);
-  return a;
+  const int64_t positions = log_score.size(0), n = log_score.size(1);
+  const Dense g = check_graph(family, evals, vecs, vecs_inv, n);
+  if (grad_loss) {
+    TORCH_CHECK(grad_loss->dim() == 1 && grad_loss->size(0) == positions && grad_loss->is_contiguous() &&
+                    grad_loss->device().is_cpu() &&
+                    (grad_loss->scalar_type() == at::kFloat || grad_loss->scalar_type() == at::kDouble),
+                "cdm_kernels: grad_loss must be a contiguous (", positions, ",) float32 or float64 CPU tensor, got ",
+                grad_loss->sizes(), " ", grad_loss->scalar_type());
+  }
+  // the loss: (P,) float32 for every input dtype (the schema's contract)
+  at::Tensor out = grad_loss ? empty_output_like(log_score)
+                             : at::empty({positions}, log_score.options().dtype(at::kFloat));
+  if (positions == 0) return out;
+  ValueErrors errors;
+  LossArgs a{row_args(family, log_score, x, tau, grad_loss ? out.data_ptr() : nullptr, &target)};
+  a.errors = grad_loss == nullptr && value_checks_on() ? &errors : nullptr;  // the backward trusts its forward
+  if (grad_loss) {
+    a.grad_loss = grad_loss->data_ptr();
+    a.grad_f64 = grad_loss->scalar_type() == at::kDouble;
+  } else {
+    a.loss = out.data_ptr();
+    a.loss_f64 = false;
+  }
+  run_forward_or_backward<LossForward, LossBackward>(g, a, positions, grad_loss != nullptr, dense_loss);
+  raise_value_errors(errors, {{kRowsNotFinite, "student_log_score contains NaN or inf"},
+                              {kSecondNotFinite, "target contains NaN or inf"},
+                              {kSecondNegative, "target must be probabilities (non-negative)"},
+                              {kSecondRowSum, "target rows must sum to 1 (probabilities, not logits)"}});
+  return out;
 }
 
 at::Tensor loss_cpu(int64_t family, const c10::optional<at::Tensor>& evals, const c10::optional<at::Tensor>& vecs,
                     const c10::optional<at::Tensor>& vecs_inv, const at::Tensor& log_score, const at::Tensor& x,
                     const at::Tensor& tau, const at::Tensor& target) {
-  LossArgs a = make_args(family, log_score, x, tau, target);
-  const int64_t positions = log_score.size(0);
-  const Dense g = check_graph(family, evals, vecs, vecs_inv, a.n);
-  a.loss_f64 = false;  // the schema's contract: (P,) float32 for every input dtype
-  at::Tensor loss = at::empty({positions}, log_score.options().dtype(at::kFloat));
-  if (positions == 0) return loss;
-  a.loss = loss.data_ptr();
-  if (family == DENSE) {
-    dense_loss(g, a, positions, false);
-  } else if (a.dt == DT::F64) {
-    run_rows<LossForward, double>(a, positions, row_grain(a.n));
-  } else {
-    run_rows<LossForward, float>(a, positions, row_grain(a.n));
-  }
-  return loss;
+  return run(family, evals, vecs, vecs_inv, nullptr, log_score, x, tau, target);
 }
 
 at::Tensor loss_backward_cpu(int64_t family, const c10::optional<at::Tensor>& evals,
                              const c10::optional<at::Tensor>& vecs, const c10::optional<at::Tensor>& vecs_inv,
                              const at::Tensor& grad_loss, const at::Tensor& log_score, const at::Tensor& x,
                              const at::Tensor& tau, const at::Tensor& target) {
-  LossArgs a = make_args(family, log_score, x, tau, target);
-  const int64_t positions = log_score.size(0);
-  const Dense g = check_graph(family, evals, vecs, vecs_inv, a.n);
-  TORCH_CHECK(grad_loss.dim() == 1 && grad_loss.size(0) == positions && grad_loss.is_contiguous() &&
-                  grad_loss.device().is_cpu() &&
-                  (grad_loss.scalar_type() == at::kFloat || grad_loss.scalar_type() == at::kDouble),
-              "cdm_kernels: grad_loss must be a contiguous (", positions, ",) float32 or float64 CPU tensor, got ",
-              grad_loss.sizes(), " ", grad_loss.scalar_type());
-  a.grad_loss = grad_loss.data_ptr();
-  a.grad_f64 = grad_loss.scalar_type() == at::kDouble;
-  at::Tensor out = empty_output_like(log_score);
-  if (positions == 0) return out;
-  a.out = out.data_ptr();
-  if (family == DENSE) {
-    dense_loss(g, a, positions, true);
-  } else if (a.dt == DT::F64) {
-    run_rows<LossBackward, double>(a, positions, row_grain(a.n));
-  } else {
-    run_rows<LossBackward, float>(a, positions, row_grain(a.n));
-  }
-  return out;
+  return run(family, evals, vecs, vecs_inv, &grad_loss, log_score, x, tau, target);
 }
 
 }  // namespace

@@ -45,6 +45,8 @@
 #endif
 
 #include "graph.h"
+#include "row_checks.h"
+#include "value_checks.h"
 #include "cpu/vec_math.h"
 
 #define CDM_TARGET_AVX2 __attribute__((target("avx2,fma")))
@@ -249,6 +251,17 @@ inline DT dt_of(const at::Tensor& t) {
 
 inline int64_t round_up(int64_t n) { return (n + W - 1) / W * W; }
 
+// run_rows over rows of n states in the compute type of their dtype: double for float64
+// rows, float for the others
+template <class K>
+void run_rows_of(DT dt, const typename K::Args& args, int64_t positions, int64_t n) {
+  if (dt == DT::F64) {
+    run_rows<K, double>(args, positions, row_grain(n));
+  } else {
+    run_rows<K, float>(args, positions, row_grain(n));
+  }
+}
+
 // ----------------------------------------------------------------------------- scratch rows
 
 // One thread's scratch: `count` rows of round_up(n) elements of T (64-byte aligned).
@@ -266,6 +279,100 @@ struct Scratch {
   Scratch& operator=(const Scratch&) = delete;
   T* row(int i) const { return base + static_cast<int64_t>(i) * stride; }
 };
+
+// ----------------------------------------------------------------------------- value checks
+
+// The ValueErrorBits (value_checks.h) a call's kernels found in the values they read,
+// raised after the pass (raise_value_errors). Kernels get a null pointer when the checks
+// are off.
+struct ValueErrors {
+  std::atomic<int> bits{0};
+  void flag(int bit) { bits.fetch_or(bit, std::memory_order_relaxed); }
+};
+
+// ValueError with messages[k].second for the first bit found, in the order given
+inline void raise_value_errors(const ValueErrors& errors,
+                               std::initializer_list<std::pair<int, const char*>> messages) {
+  const int bits = errors.bits.load(std::memory_order_relaxed);
+  for (const auto& m : messages) TORCH_CHECK_VALUE((bits & m.first) == 0, m.second);
+}
+
+// the lanes of v that are NaN or +-inf (allow_minus_inf: NaN or +inf)
+template <class VV>
+CDM_INLINE typename VV::M not_finite(typename VV::V v, bool allow_minus_inf) {
+  return allow_minus_inf ? ((v != v) | (v == kInf<typename VV::T>)) : ((v - v) != typename VV::V{});
+}
+
+template <class T>
+CDM_INLINE bool finite_value(T v, bool allow_minus_inf) {
+  return allow_minus_inf ? (v == v && v != kInf<T>) : (v - v == T(0));
+}
+
+template <class VV>
+CDM_INLINE bool any_lane(typename VV::M m) {
+  bool any = false;
+  for (int j = 0; j < VV::L; ++j) any |= m[j] != 0;
+  return any;
+}
+
+// Whether the n values at s are finite (allow_minus_inf: -inf counts as finite).
+template <class VV>
+CDM_INLINE bool all_finite(const typename VV::T* s, int64_t n, bool allow_minus_inf) {
+  using T = typename VV::T;
+  const int64_t full = n / VV::L * VV::L;
+  typename VV::M bad{};
+  for (int64_t i = 0; i < full; i += VV::L) bad |= not_finite<VV>(VV::load(s + i), allow_minus_inf);
+  bool ok = !any_lane<VV>(bad);
+  for (int64_t i = full; i < n; ++i) ok &= finite_value<T>(s[i], allow_minus_inf);
+  return ok;
+}
+
+// dst[0, n) = src[0, n), flagging kRowsNotFinite unless every value is finite
+template <class VV>
+CDM_INLINE void copy_checked(const typename VV::T* src, int64_t n, typename VV::T* dst, ValueErrors* errors,
+                             bool allow_minus_inf) {
+  using T = typename VV::T;
+  const int64_t full = n / VV::L * VV::L;
+  typename VV::M bad{};
+  for (int64_t i = 0; i < full; i += VV::L) {
+    const typename VV::V v = VV::load(src + i);
+    VV::store(dst + i, v);
+    bad |= not_finite<VV>(v, allow_minus_inf);
+  }
+  bool ok = !any_lane<VV>(bad);
+  for (int64_t i = full; i < n; ++i) {
+    dst[i] = src[i];
+    ok &= finite_value<T>(src[i], allow_minus_inf);
+  }
+  if (!ok) errors->flag(kRowsNotFinite);
+}
+
+// The checks of a row of probabilities (the matching loss's target, n values at t):
+// finite, non-negative, summing to 1 within kTargetSumTolerance.
+template <class VV>
+CDM_INLINE void check_probability_row(const typename VV::T* t, int64_t n, ValueErrors* errors) {
+  using T = typename VV::T;
+  using V = typename VV::V;
+  const int64_t full = n / VV::L * VV::L;
+  typename VV::M bad{}, negative{};
+  typename VV::Acc acc;
+  for (int64_t i = 0; i < full; i += VV::L) {
+    const V v = VV::load(t + i);
+    bad |= not_finite<VV>(v, false);
+    negative |= v < T(0);
+    acc.add(v);
+  }
+  bool finite = !any_lane<VV>(bad), nonneg = !any_lane<VV>(negative);
+  double sum = acc.sum();
+  for (int64_t i = full; i < n; ++i) {
+    finite &= finite_value<T>(t[i], false);
+    nonneg &= !(t[i] < T(0));
+    sum += static_cast<double>(t[i]);
+  }
+  if (!finite) errors->flag(kSecondNotFinite);
+  if (!nonneg) errors->flag(kSecondNegative);
+  if (!(std::abs(sum - 1.0) <= kTargetSumTolerance)) errors->flag(kSecondRowSum);
+}
 
 // ----------------------------------------------------------------------------- row I/O
 
@@ -307,15 +414,21 @@ inline void scalar_store(void* base, DT dt, int64_t i, T v) {
 
 // Copy row `row` of a (P, n) tensor of dtype `dt` into dst (as VV::T), padding dst to a
 // multiple of W elements with `pad`. Vectorised for float32/bfloat16/float16 -> float
-// and float64 -> double; other pairs convert element by element.
+// and float64 -> double; other pairs convert element by element. With `errors`, flags
+// kRowsNotFinite unless the n values are finite (-inf allowed with allow_minus_inf).
 template <class VV>
-CDM_INLINE void load_row(const void* base, DT dt, int64_t row, int64_t n, typename VV::T* dst, typename VV::T pad) {
+CDM_INLINE void load_row(const void* base, DT dt, int64_t row, int64_t n, typename VV::T* dst, typename VV::T pad,
+                         ValueErrors* errors = nullptr, bool allow_minus_inf = false) {
   using T = typename VV::T;
   constexpr int L = VV::L;
-  if (std::is_same<T, float>::value && dt == DT::F32) {
-    std::memcpy(dst, static_cast<const float*>(base) + row * n, n * sizeof(float));
-  } else if (std::is_same<T, double>::value && dt == DT::F64) {
-    std::memcpy(dst, static_cast<const double*>(base) + row * n, n * sizeof(double));
+  const bool same = (std::is_same<T, float>::value && dt == DT::F32) || (std::is_same<T, double>::value && dt == DT::F64);
+  if (same && errors != nullptr) {  // the copy checks what it moves: no second pass over the row
+    copy_checked<VV>(static_cast<const T*>(base) + row * n, n, dst, errors, allow_minus_inf);
+    for (int64_t i = n; i < round_up(n); ++i) dst[i] = pad;
+    return;
+  }
+  if (same) {
+    std::memcpy(dst, static_cast<const T*>(base) + row * n, n * sizeof(T));
   } else {
     int64_t i = 0;
     if constexpr (std::is_same<T, float>::value) {
@@ -332,6 +445,7 @@ CDM_INLINE void load_row(const void* base, DT dt, int64_t row, int64_t n, typena
     for (; i < n; ++i) dst[i] = scalar_load<T>(base, dt, row * n + i);
   }
   for (int64_t i = n; i < round_up(n); ++i) dst[i] = pad;
+  if (errors != nullptr && !all_finite<VV>(dst, n, allow_minus_inf)) errors->flag(kRowsNotFinite);
 }
 
 // Write n elements of src (padded to a multiple of W) into row `row` of a (P, n) tensor.
@@ -399,12 +513,7 @@ inline at::Tensor empty_output_like(const at::Tensor& t) { return empty_output(t
 
 inline void check_rows(const at::Tensor& t, const char* what) {
   TORCH_CHECK(t.device().is_cpu(), "cdm_kernels (CPU): ", what, " must be a CPU tensor");
-  TORCH_CHECK(t.dim() == 2, "cdm_kernels: ", what, " must be (P, N), got ", t.sizes());
-  TORCH_CHECK(t.is_contiguous(), "cdm_kernels: ", what, " must be contiguous");
-  const auto s = t.scalar_type();
-  TORCH_CHECK(s == at::kFloat || s == at::kDouble || s == at::kBFloat16 || s == at::kHalf, "cdm_kernels: ", what,
-              " must be float32, float64, bfloat16 or float16, got ", s);
-  TORCH_CHECK(t.size(1) >= 2, "cdm_kernels: ", what, " needs at least 2 states, got ", t.size(1));
+  check_row_layout(t, what);
 }
 
 inline void check_positions(const at::Tensor& t, const char* what, int64_t positions, at::ScalarType dtype) {
@@ -423,8 +532,46 @@ inline void check_token_range(const at::Tensor& x, int64_t n) {
   TORCH_CHECK(ok, "cdm_kernels: x must hold states in [0, ", n, ")");
 }
 
-inline void check_same_shape(const at::Tensor& a, const at::Tensor& b, const char* what) {
-  TORCH_CHECK(a.sizes() == b.sizes(), "cdm_kernels: ", what, " must have shape ", b.sizes(), ", got ", a.sizes());
+// (P, N) rows `what` with their tokens x (P,) int64 in [0, N) and noise levels `tau_what` (P,) float64
+inline void check_row_inputs(const at::Tensor& rows, const char* what, const at::Tensor& x, const at::Tensor& tau,
+                             const char* tau_what = "tau") {
+  check_rows(rows, what);
+  const int64_t positions = rows.size(0);
+  check_positions(x, "x", positions, at::kLong);
+  check_token_range(x, rows.size(1));
+  check_positions(tau, tau_what, positions, at::kDouble);
+}
+
+// ----------------------------------------------------------------------------- kernel arguments
+
+// What a row kernel reads and writes: (P, n) input rows (log-scores, or log p_0|t) of
+// dtype dt with a token x and a noise level tau per position, (P, n) output rows in the
+// same dtype, and a second (P, n) input where the op has one (a backward's grad, the
+// matching loss's target).
+struct RowArgs {
+  int64_t family, n;
+  const void* rows;
+  DT dt;
+  const int64_t* x;
+  const double* tau;
+  void* out;
+  const void* second;
+  DT second_dt;
+  ValueErrors* errors = nullptr;  // the value checks of the call (null: off)
+};
+
+inline RowArgs row_args(int64_t family, const at::Tensor& rows, const at::Tensor& x, const at::Tensor& tau,
+                        void* out, const at::Tensor* second = nullptr) {
+  const DT dt = dt_of(rows);
+  return {family,
+          rows.size(1),
+          rows.data_ptr(),
+          dt,
+          x.data_ptr<int64_t>(),
+          tau.data_ptr<double>(),
+          out,
+          second != nullptr ? second->data_ptr() : nullptr,
+          second != nullptr ? dt_of(*second) : dt};
 }
 
 // ----------------------------------------------------------------------------- dense graphs (dense.cpp)
@@ -462,8 +609,23 @@ at::Tensor dense_rate_matrix(const Dense& g);
 //   R[c] = exp(log_score' - M_c) (log_score' = log_score with 0 at x), Uraw[c] = K(-tau)^T R[c]
 //   (before the clamp), L[c] = log q (normalised; -inf at structural zeros), M[c] the row max.
 // Rows p0 .. p0+rows of log_score (dtype dt); every buffer holds rows x n doubles (+ W slack).
+// `errors` (null: unchecked): kRowsNotFinite for a row with NaN or +-inf.
 void dense_log_posterior(const Dense& g, const void* log_score, DT dt, const int64_t* x, const double* tau, int64_t p0,
-                         int64_t rows, double* R, double* Uraw, double* L, double* work, double* M);
+                         int64_t rows, double* R, double* Uraw, double* L, double* work, double* M,
+                         ValueErrors* errors);
+
+// A block of positions p0 .. p0+rows of a dense-graph posterior: dense_log_posterior's
+// R, Uraw, L and M for a.rows, `second` the block's rows of a.second (0 padding; unset
+// without one), `work` a free buffer (rows x n each).
+struct DensePosterior {
+  int64_t p0, rows;
+  double *R, *Uraw, *L, *work, *second;
+  const double* M;
+};
+
+// The backward of the block's posterior from G (the gradient of log q) in blk.second:
+// dL/dlog_score (0 at x) into a.out. Overwrites second, L and work.
+void dense_posterior_backward(const Dense& g, const RowArgs& a, const DensePosterior& blk);
 
 // Runs f(begin, end) over row blocks of `positions` in parallel (one block per task).
 template <class F>
@@ -473,6 +635,78 @@ void dense_blocks(int64_t positions, int64_t block, F&& f) {
     for (int64_t b = b0; b < b1; ++b) f(b * block, std::min(positions, (b + 1) * block));
   });
 }
+
+// Runs f(const DensePosterior&) over the row blocks of a's positions, in parallel.
+template <class F>
+void dense_posterior_blocks(const Dense& g, const RowArgs& a, int64_t positions, F&& f) {
+  const int64_t n = a.n;
+  dense_blocks(positions, dense_block_rows(n), [&](int64_t b, int64_t e) {
+    const int64_t rows = e - b;
+    Scratch<double> buf(rows * n + W, 5);
+    std::vector<double> mx(rows);
+    const DensePosterior blk{b, rows, buf.row(0), buf.row(1), buf.row(2), buf.row(3), buf.row(4), mx.data()};
+    dense_log_posterior(g, a.rows, a.dt, a.x + b, a.tau + b, b, rows, blk.R, blk.Uraw, blk.L, blk.work, mx.data(),
+                        a.errors);
+    if (a.second) {
+      for (int64_t c = 0; c < rows; ++c) load_row<DenseVT>(a.second, a.second_dt, b + c, n, blk.second + c * n, 0.0);
+    }
+    f(blk);
+  });
+}
+
+// ----------------------------------------------------------------------------- op bodies
+
+// Runs the row kernel Forward, or Backward when `backward`; dense graphs go to
+// dense(graph, args, positions, backward).
+template <class Forward, class Backward, class Args, class DenseFn>
+void run_forward_or_backward(const Dense& g, const Args& args, int64_t positions, bool backward, const DenseFn& dense) {
+  if (args.family == DENSE) {
+    dense(g, args, positions, backward);
+  } else if (backward) {
+    run_rows_of<Backward>(args.dt, args, positions, args.n);
+  } else {
+    run_rows_of<Forward>(args.dt, args, positions, args.n);
+  }
+}
+
+// An op from (P, N) rows (with tokens x and noise levels tau) to (P, N) rows, and its
+// backward (args.second: grad): the entry points `forward` and `backward` registered for
+// it. Forward::kRows names the rows in errors. The forward's kernels check the values of
+// the rows they read (args.errors; Forward::kRowsNotFinite is the message), the backward
+// trusts what its forward checked.
+template <class Forward, class Backward, void (*dense_rows)(const Dense&, const RowArgs&, int64_t, bool)>
+struct RowOp {
+  static at::Tensor run(int64_t family, const c10::optional<at::Tensor>& evals, const c10::optional<at::Tensor>& vecs,
+                        const c10::optional<at::Tensor>& vecs_inv, const at::Tensor* grad, const at::Tensor& rows,
+                        const at::Tensor& x, const at::Tensor& tau) {
+    check_row_inputs(rows, Forward::kRows, x, tau);
+    if (grad) {
+      check_rows(*grad, "grad");
+      check_same_shape(*grad, rows, "grad");
+    }
+    const int64_t positions = rows.size(0);
+    const Dense g = check_graph(family, evals, vecs, vecs_inv, rows.size(1));
+    at::Tensor out = empty_output_like(rows);
+    if (positions == 0) return out;
+    ValueErrors errors;
+    RowArgs args = row_args(family, rows, x, tau, out.data_ptr(), grad);
+    args.errors = grad == nullptr && value_checks_on() ? &errors : nullptr;
+    run_forward_or_backward<Forward, Backward>(g, args, positions, grad != nullptr, dense_rows);
+    raise_value_errors(errors, {{kRowsNotFinite, Forward::kRowsNotFinite}});
+    return out;
+  }
+  static at::Tensor forward(int64_t family, const c10::optional<at::Tensor>& evals,
+                            const c10::optional<at::Tensor>& vecs, const c10::optional<at::Tensor>& vecs_inv,
+                            const at::Tensor& rows, const at::Tensor& x, const at::Tensor& tau) {
+    return run(family, evals, vecs, vecs_inv, nullptr, rows, x, tau);
+  }
+  static at::Tensor backward(int64_t family, const c10::optional<at::Tensor>& evals,
+                             const c10::optional<at::Tensor>& vecs, const c10::optional<at::Tensor>& vecs_inv,
+                             const at::Tensor& grad, const at::Tensor& rows, const at::Tensor& x,
+                             const at::Tensor& tau) {
+    return run(family, evals, vecs, vecs_inv, &grad, rows, x, tau);
+  }
+};
 
 }  // namespace cpu
 }  // namespace cdm

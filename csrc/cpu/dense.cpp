@@ -10,6 +10,7 @@
 // a GEMM costs. Everything is float64, as in reference.py: the inversion amplifies
 // rounding by e^{tau |lambda|}.
 #include "cpu/cpu_common.h"
+#include "cpu/inversion.h"
 
 namespace cdm {
 namespace cpu {
@@ -104,12 +105,13 @@ at::Tensor dense_rate_matrix(const Dense& g) {
 }
 
 void dense_log_posterior(const Dense& g, const void* log_score, DT dt, const int64_t* x, const double* tau, int64_t p0,
-                         int64_t rows, double* R, double* Uraw, double* L, double* work, double* M) {
+                         int64_t rows, double* R, double* Uraw, double* L, double* work, double* M,
+                         ValueErrors* errors) {
   const int64_t n = g.n;
   const double inf = std::numeric_limits<double>::infinity();
   for (int64_t c = 0; c < rows; ++c) {  // in order: each row's padding spills into the next, rewritten after
     double* r = R + c * n;
-    load_row<DenseVT>(log_score, dt, p0 + c, n, r, -inf);
+    load_row<DenseVT>(log_score, dt, p0 + c, n, r, -inf, errors);
     r[x[c]] = 0.0;  // r_x := 1
     double m = -inf;
     for (int64_t b = 0; b < n; ++b) m = r[b] > m ? r[b] : m;
@@ -135,6 +137,34 @@ void dense_log_posterior(const Dense& g, const void* log_score, DT dt, const int
     for (int64_t b = 0; b < n; ++b) s += std::exp(l[b] - lmax);
     const double lse = lmax + std::log(s);
     for (int64_t b = 0; b < n; ++b) l[b] -= lse;
+  }
+}
+
+void dense_posterior_backward(const Dense& g, const RowArgs& a, const DensePosterior& blk) {
+  const int64_t n = g.n;
+  // dL/dlog q_unnorm = G - q sum G, dL/du = w (.) / u (w: 1 unclamped, 1/2 on a tie, 0 clamped)
+  for (int64_t c = 0; c < blk.rows; ++c) {
+    double* gc = blk.second + c * n;
+    const double* lc = blk.L + c * n;
+    const double* uc = blk.Uraw + c * n;
+    const double floor = posterior_floor<double>(blk.M[c]);
+    double sum_g = 0.0;
+    for (int64_t k = 0; k < n; ++k) sum_g += gc[k];
+    for (int64_t k = 0; k < n; ++k) {
+      const double dl = gc[k] - std::exp(lc[k]) * sum_g;
+      const double w = uc[k] > floor ? 1.0 : (uc[k] == floor ? 0.5 : 0.0);
+      const double ub = uc[k] < floor ? floor : uc[k];
+      gc[k] = w != 0.0 ? w * dl / ub : 0.0;
+    }
+  }
+  // dL/dr = K(-tau) dL/du
+  dense_apply(g, blk.second, a.tau + blk.p0, -1.0, blk.rows, /*transpose=*/false, blk.work, blk.L);
+  for (int64_t c = 0; c < blk.rows; ++c) {  // dL/dlog_score = r dL/dr, 0 at x (r_x := 1 is no input)
+    double* o = blk.work + c * n;
+    const double* rc = blk.R + c * n;
+    for (int64_t k = 0; k < n; ++k) o[k] *= rc[k];
+    o[a.x[blk.p0 + c]] = 0.0;
+    store_row<DenseVT>(a.out, a.dt, blk.p0 + c, n, o);
   }
 }
 

@@ -68,16 +68,12 @@ inline double total_of(const double* bs, int64_t n) {
   return t;
 }
 
-struct StepArgs {
-  int64_t family, n;
-  const void* ls;
-  DT dt;
-  const int64_t* x;
-  const double* tau_t;
+// rows: the log-scores, tau: tau_t; out and second unused
+struct StepArgs : RowArgs {
   const double* tau_s;
   int64_t method;
   int64_t seed, offset;
-  int64_t* out;
+  int64_t* samples;  // (P,)
 };
 
 // s <- exp(s - shift) with per-block sums of the lanes < n into bs
@@ -151,13 +147,16 @@ struct StepKernel {
                                      Coeffs& co) {
     using T = typename VV::T;
     const int64_t n = a.n, np = round_up(n), x = a.x[p], m = n - 1;
-    const double tau_t = a.tau_t[p], tau_s = a.tau_s[p];
+    const double tau_t = a.tau[p], tau_s = a.tau_s[p];
     const double draw = static_cast<double>(philox_uniform(a.seed, a.offset, p));
     const bool euler = a.method == 1 && tau_s != 0.0;
     const double delta = tau_t - tau_s;
-    if (a.family == ABSORBING && x != m) return x;  // an unmasked token stays (both methods)
-    if (euler && !(delta > 0.0)) return x;         // no jump rate
-    load_row<VV>(a.ls, a.dt, p, n, s, -kInf<T>);
+    // an unmasked token stays (both methods); so does x without a jump rate
+    if ((a.family == ABSORBING && x != m) || (euler && !(delta > 0.0))) {
+      if (a.errors != nullptr) load_row<VV>(a.rows, a.dt, p, n, s, -kInf<T>, a.errors);  // read for the check only
+      return x;
+    }
+    load_row<VV>(a.rows, a.dt, p, n, s, -kInf<T>, a.errors);
     co.update(tau_t, tau_s);
 
     if (a.family == UNIFORM && !euler) {
@@ -212,7 +211,7 @@ struct StepKernel {
   static Mode mode_of(const Args& a, int64_t p) {
     const bool euler = a.method == 1 && a.tau_s[p] != 0.0;
     if (a.family == ABSORBING && a.x[p] != a.n - 1) return kStay;
-    if (euler && !(a.tau_t[p] - a.tau_s[p] > 0.0)) return kStay;
+    if (euler && !(a.tau[p] - a.tau_s[p] > 0.0)) return kStay;
     if (a.family == UNIFORM) return euler ? kUniformEuler : kUniformAnalytic;
     return euler ? kAbsorbingEuler : kAbsorbingAnalytic;
   }
@@ -226,13 +225,13 @@ struct StepKernel {
     using E = typename Group<VV>::E;
     const int64_t n = a.n, m = n - 1;
     const V zero{}, ninf = VV::splat(-kInf<T>);
-    g.load(a.ls, a.dt, t);
+    g.load(a.rows, a.dt, t, a.errors);
     const M xv = g.lanes_index(a.x);
     V c1, c2, c3, c4, c5;  // per-lane coefficients (meaning depends on the mode)
     for (int j = 0; j < VV::L; ++j) {
       const int64_t p = g.row(j);
-      co.update(a.tau_t[p], a.tau_s[p]);
-      const double delta = a.tau_t[p] - a.tau_s[p];
+      co.update(a.tau[p], a.tau_s[p]);
+      const double delta = a.tau[p] - a.tau_s[p];
       if (mode == kUniformAnalytic) {
         const UniformCoeffs ct = uniform_coeffs(co.dt, n), cs = uniform_coeffs(co.ds, n), cd = uniform_coeffs(co.dd, n);
         c1[j] = static_cast<T>(ct.beta);
@@ -251,22 +250,13 @@ struct StepKernel {
     V w1, w2, w3 = zero;
     M special;
     if (mode == kUniformAnalytic) {
-      g.set_at(t, a.x, T(0));
-      V mx = ninf;
-      for (int64_t b = 0; b < n; ++b) mx = g.at(t, b) > mx ? g.at(t, b) : mx;
-      V S{};
-      for (int64_t b = 0; b < n; ++b) {
-        const V r = VV::exp(g.at(t, b) - mx);
-        g.put(t, b, r);
-        S += r;
-      }
-      const V cs = c1 * S;
       V alpha_t;
       for (int j = 0; j < VV::L; ++j) {
-        co.update(a.tau_t[g.row(j)], a.tau_s[g.row(j)]);
+        co.update(a.tau[g.row(j)], a.tau_s[g.row(j)]);
         alpha_t[j] = static_cast<T>(co.dt.alpha);
       }
-      const V floor = posterior_floor_v<VV>(mx, alpha_t);
+      const GroupRatios<VV> gr = uniform_group_ratios<VV>(g, a.x, t, alpha_t, c1);
+      const V cs = gr.cs, floor = gr.floor;
       V U{}, ux{};
       for (int64_t b = 0; b < n; ++b) {
         const V d = g.at(t, b) - cs;
@@ -287,8 +277,7 @@ struct StepKernel {
       } else {
         g.put(t, m, ninf);  // the mask has no exponential
       }
-      V mx = ninf;
-      for (int64_t b = 0; b < n; ++b) mx = g.at(t, b) > mx ? g.at(t, b) : mx;
+      const V mx = group_max<VV>(g, t);
       V shift = mx;
       V scale{};
       if (euler) {  // logits = log(Delta Q) + log_score, scale = max(0, max logit)
@@ -296,12 +285,7 @@ struct StepKernel {
         scale = scale > zero ? scale : zero;
         shift = scale - c1;
       }
-      V S{};
-      for (int64_t b = 0; b < n; ++b) {
-        const V e = VV::exp(g.at(t, b) - shift);
-        g.put(t, b, e);
-        S += e;
-      }
+      const V S = group_exp_store<VV>(g, t, shift);
       if (euler) {
         w1 = VV::splat(T(1));
         const V stay = VV::exp(-scale) - S;
@@ -335,7 +319,7 @@ struct StepKernel {
     pick = pick < 0 ? xv : pick;
     for (int j = 0; j < g.cnt; ++j) {
       const int64_t p = g.p0 + j;
-      a.out[p] = mode_of(a, p) == kStay ? a.x[p] : static_cast<int64_t>(pick[j]);
+      a.samples[p] = mode_of(a, p) == kStay ? a.x[p] : static_cast<int64_t>(pick[j]);
     }
   }
 
@@ -357,17 +341,18 @@ struct StepKernel {
           mode = mj;
         }
         if (mode == kStay) {
-          for (int j = 0; j < g.cnt; ++j) a.out[p0 + j] = a.x[p0 + j];
+          if (a.errors != nullptr) g.load(a.rows, a.dt, tile.row(0), a.errors);  // read for the check only
+          for (int j = 0; j < g.cnt; ++j) a.samples[p0 + j] = a.x[p0 + j];
         } else if (!mixed) {
           group_step<VV>(a, g, mode, tile.row(0), co);
         } else {  // positions of a group taking different kinds of step (rare): one by one
-          for (int j = 0; j < g.cnt; ++j) a.out[p0 + j] = row_step<VV>(a, p0 + j, scratch.row(0), bs.data(), {}, co);
+          for (int j = 0; j < g.cnt; ++j) a.samples[p0 + j] = row_step<VV>(a, p0 + j, scratch.row(0), bs.data(), {}, co);
         }
       }
       return;
     }
     for (int64_t p = b; p < e; ++p) {
-      a.out[p] = row_step<VV>(a, p, scratch.row(0), bs.data(), next_rows(p, e, a.n, a.ls, a.dt), co);
+      a.samples[p] = row_step<VV>(a, p, scratch.row(0), bs.data(), next_rows(p, e, a.n, a.rows, a.dt), co);
     }
   }
 };
@@ -385,12 +370,12 @@ void dense_step(const Dense& g, const StepArgs& a, int64_t positions) {
     Scratch<double> buf(rows * n + W, 6);
     double *r = buf.row(0), *u = buf.row(1), *l = buf.row(2), *work = buf.row(3), *w = buf.row(4), *col = buf.row(5);
     std::vector<double> mx(rows), tau_s(a.tau_s + b, a.tau_s + e), delta(rows);
-    for (int64_t c = 0; c < rows; ++c) delta[c] = a.tau_t[b + c] - tau_s[c];
-    dense_log_posterior(g, a.ls, a.dt, a.x + b, a.tau_t + b, b, rows, r, u, l, work, mx.data());
+    for (int64_t c = 0; c < rows; ++c) delta[c] = a.tau[b + c] - tau_s[c];
+    dense_log_posterior(g, a.rows, a.dt, a.x + b, a.tau + b, b, rows, r, u, l, work, mx.data(), a.errors);
     double* probs = u;
     if (a.method == 0) {
       // w = q / K(tau_t)[:, x] (0 where q = 0), P = K(Delta)[:, x] * (K(tau_s)^T w), clamped at 0
-      dense_column(g, a.x + b, a.tau_t + b, rows, col, work);
+      dense_column(g, a.x + b, a.tau + b, rows, col, work);
       for (int64_t i = 0; i < rows * n; ++i) {
         const double lc = col[i] > 0.0 ? std::max(std::log(col[i]), -1e30) : -1e30;
         w[i] = l[i] > -inf ? std::exp(l[i] - lc) : 0.0;
@@ -406,7 +391,7 @@ void dense_step(const Dense& g, const StepArgs& a, int64_t positions) {
           for (int64_t y = 0; y < n; ++y) pr[y] = std::exp(l[c * n + y]);
           continue;
         }
-        load_row<DenseVT>(a.ls, a.dt, b + c, n, w, -inf);  // w: one row of scratch (+ padding)
+        load_row<DenseVT>(a.rows, a.dt, b + c, n, w, -inf);  // w: one row of scratch (+ padding)
         double lmax = -inf;
         for (int64_t y = 0; y < n; ++y) {
           const double jump = delta[c] * std::max(qt[x * n + y], 0.0);
@@ -434,7 +419,7 @@ void dense_step(const Dense& g, const StepArgs& a, int64_t positions) {
       const int64_t p = b + c;
       const double draw = static_cast<double>(philox_uniform(a.seed, a.offset, p));
       const int64_t y = pick(bs.data(), n, draw * total_of(bs.data(), n), [&](int64_t i) { return pr[i]; });
-      a.out[p] = y >= 0 ? y : a.x[p];
+      a.samples[p] = y >= 0 ? y : a.x[p];
     }
   });
 }
@@ -445,11 +430,8 @@ at::Tensor fused_euler_step_cpu(int64_t family, const c10::optional<at::Tensor>&
                           const c10::optional<at::Tensor>& vecs, const c10::optional<at::Tensor>& vecs_inv,
                           const at::Tensor& log_score, const at::Tensor& x, const at::Tensor& tau_t,
                           const at::Tensor& tau_s, int64_t method, const at::Tensor& seed_offset) {
-  check_rows(log_score, "log_score");
+  check_row_inputs(log_score, "log_score", x, tau_t, "tau_t");
   const int64_t positions = log_score.size(0), n = log_score.size(1);
-  check_positions(x, "x", positions, at::kLong);
-  check_token_range(x, n);
-  check_positions(tau_t, "tau_t", positions, at::kDouble);
   check_positions(tau_s, "tau_s", positions, at::kDouble);
   TORCH_CHECK(method == 0 || method == 1, "cdm_kernels: method must be 0 (analytic) or 1 (euler), got ", method);
   TORCH_CHECK(seed_offset.device().is_cpu() && seed_offset.scalar_type() == at::kLong && seed_offset.numel() == 2,
@@ -461,16 +443,16 @@ at::Tensor fused_euler_step_cpu(int64_t family, const c10::optional<at::Tensor>&
   const Dense g = check_graph(family, evals, vecs, vecs_inv, n);
   at::Tensor out = at::empty({positions}, x.options());
   if (positions == 0) return out;
-  const DT dt = dt_of(log_score);
-  StepArgs args{family, n, log_score.data_ptr(), dt, x.data_ptr<int64_t>(), tau_t.data_ptr<double>(),
-                tau_s.data_ptr<double>(), method, seed, offset, out.data_ptr<int64_t>()};
+  ValueErrors errors;
+  StepArgs args{row_args(family, log_score, x, tau_t, nullptr), tau_s.data_ptr<double>(), method, seed, offset,
+                out.data_ptr<int64_t>()};
+  args.errors = value_checks_on() ? &errors : nullptr;
   if (family == DENSE) {
     dense_step(g, args, positions);
-  } else if (dt == DT::F64) {
-    run_rows<StepKernel, double>(args, positions, row_grain(n));
   } else {
-    run_rows<StepKernel, float>(args, positions, row_grain(n));
+    run_rows_of<StepKernel>(args.dt, args, positions, n);
   }
+  raise_value_errors(errors, {{kRowsNotFinite, "log_score contains NaN or inf"}});
   return out;
 }
 

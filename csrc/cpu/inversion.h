@@ -225,6 +225,74 @@ CDM_INLINE void absorbing_backward_row(int64_t n, typename VV::T* s, const typen
 
 // ----------------------------------------------------------------------------- lanes layout
 
+// lane-wise max over the states of a tile
+template <class VV>
+CDM_INLINE typename VV::V group_max(const Group<VV>& g, const typename VV::T* t) {
+  using V = typename VV::V;
+  V mx = VV::splat(-kInf<typename VV::T>);
+  for (int64_t b = 0; b < g.n; ++b) {
+    const V v = g.at(t, b);
+    mx = v > mx ? v : mx;
+  }
+  return mx;
+}
+
+// lane-wise sum over the states of a tile
+template <class VV>
+CDM_INLINE typename VV::V group_sum(const Group<VV>& g, const typename VV::T* t) {
+  typename VV::V sum{};
+  for (int64_t b = 0; b < g.n; ++b) sum += g.at(t, b);
+  return sum;
+}
+
+// t_b <- exp(t_b - shift); returns the lane-wise sums
+template <class VV>
+CDM_INLINE typename VV::V group_exp_store(const Group<VV>& g, typename VV::T* t, typename VV::V shift) {
+  typename VV::V sum{};
+  for (int64_t b = 0; b < g.n; ++b) {
+    const typename VV::V r = VV::exp(g.at(t, b) - shift);
+    g.put(t, b, r);
+    sum += r;
+  }
+  return sum;
+}
+
+// Per-lane coefficients of the uniform kernel at each lane's tau (and their logs).
+template <class VV>
+struct LaneCoeffs {
+  typename VV::V alpha, beta, log_off, log_on;
+};
+template <class VV>
+CDM_INLINE LaneCoeffs<VV> uniform_lane_coeffs(const Group<VV>& g, const double* tau, UniformLogCache& cache) {
+  using T = typename VV::T;
+  LaneCoeffs<VV> lc;
+  for (int j = 0; j < VV::L; ++j) {
+    const UniformLogCache& c = cache(tau[g.row(j)], g.n);
+    lc.alpha[j] = static_cast<T>(c.c.alpha);
+    lc.beta[j] = static_cast<T>(c.c.beta);
+    lc.log_off[j] = static_cast<T>(c.log_off);
+    lc.log_on[j] = static_cast<T>(c.log_on);
+  }
+  return lc;
+}
+
+// The lanes layout's uniform_ratios: with r_x := 1, leaves r = e^{t - M} in the tile and
+// gives per lane M, cs = beta S and the floor (u = max(r - cs, floor)).
+template <class VV>
+struct GroupRatios {
+  typename VV::V M, cs, floor;
+};
+template <class VV>
+CDM_INLINE GroupRatios<VV> uniform_group_ratios(const Group<VV>& g, const int64_t* x, typename VV::T* t,
+                                                typename VV::V alpha, typename VV::V beta) {
+  g.set_at(t, x, typename VV::T(0));
+  GroupRatios<VV> gr;
+  gr.M = group_max<VV>(g, t);
+  gr.cs = beta * group_exp_store<VV>(g, t, gr.M);
+  gr.floor = posterior_floor_v<VV>(gr.M, alpha);
+  return gr;
+}
+
 // Uniform backward for a group (lanes layout): t the log-score tile, gt the tile of G,
 // h a scratch tile; coefficient vectors alpha, beta per lane. Gradient left in t.
 template <class VV>
@@ -236,22 +304,10 @@ CDM_INLINE void uniform_backward_group(const Group<VV>& g, const int64_t* x, typ
   using M = typename VV::M;
   const int64_t n = g.n;
   const V one = VV::splat(T(1)), half = VV::splat(T(0.5)), zero{};
-  g.set_at(t, x, T(0));
   const M xv = g.lanes_index(x);
-  V sum_g{}, mx = VV::splat(-kInf<T>);
-  for (int64_t b = 0; b < n; ++b) {
-    sum_g += g.at(gt, b);
-    const V v = g.at(t, b);
-    mx = v > mx ? v : mx;
-  }
-  V S{};
-  for (int64_t b = 0; b < n; ++b) {
-    const V r = VV::exp(g.at(t, b) - mx);
-    g.put(t, b, r);
-    S += r;
-  }
-  const V cs = beta * S;
-  const V floor = posterior_floor_v<VV>(mx, alpha);
+  const V sum_g = group_sum<VV>(g, gt);
+  const GroupRatios<VV> gr = uniform_group_ratios<VV>(g, x, t, alpha, beta);
+  const V cs = gr.cs, floor = gr.floor;
   V U{}, H{}, Wt{}, ux{}, wx{};
   for (int64_t b = 0; b < n; ++b) {
     const V d = g.at(t, b) - cs;
@@ -289,21 +345,61 @@ CDM_INLINE void absorbing_backward_group(const Group<VV>& g, const int64_t* x, t
   const V zero{};
   const M real = Group<VV>::ne(g.lanes_index(x), m);
   g.put(t, m, VV::splat(-kInf<T>));
-  V sum_g{}, mx = VV::splat(-kInf<T>);
-  for (int64_t b = 0; b < n; ++b) {
-    sum_g += g.at(gt, b);
-    const V v = g.at(t, b);
-    mx = v > mx ? v : mx;
-  }
-  V S{};
-  for (int64_t b = 0; b < n; ++b) {
-    const V e = VV::exp(g.at(t, b) - mx);
-    g.put(t, b, e);
-    S += e;
-  }
+  const V sum_g = group_sum<VV>(g, gt);
+  const V S = group_exp_store<VV>(g, t, group_max<VV>(g, t));
   const V k = sum_g / S;
   for (int64_t b = 0; b < m; ++b) g.put(t, b, real ? zero : g.at(gt, b) - g.at(t, b) * k);
   g.put(t, m, zero);
+}
+
+// ----------------------------------------------------------------------------- backward rows
+
+// The backward of scores_to_posterior over positions [b, e), both layouts (a.rows: the
+// log-scores). G, the gradient of log q, comes from row_g(p, g) (fills a padded row of G
+// for position p from a.second) or, for short rows, group_g(grp, gt) (fills the tile of G
+// of a group): scores_to_posterior's grad, or the matching loss's target. dL/dlog_score
+// goes to a.out.
+template <class VV, class RowG, class GroupG>
+CDM_INLINE void posterior_backward_rows(const RowArgs& a, int64_t b, int64_t e, const RowG& row_g,
+                                        const GroupG& group_g) {
+  using T = typename VV::T;
+  const int64_t n = a.n, np = round_up(n);
+  UniformLogCache cache;
+  if (n <= kLanesMaxN) {
+    Scratch<T> tiles(n * VV::L, 3);
+    T *t = tiles.row(0), *gt = tiles.row(1), *h = tiles.row(2);
+    for (int64_t p0 = b; p0 < e; p0 += VV::L) {
+      const Group<VV> grp = make_group<VV>(p0, e, n);
+      grp.load(a.rows, a.dt, t);
+      group_g(grp, gt);
+      if (a.family == UNIFORM) {
+        const LaneCoeffs<VV> lc = uniform_lane_coeffs<VV>(grp, a.tau, cache);
+        uniform_backward_group<VV>(grp, a.x, lc.alpha, lc.beta, t, gt, h);
+      } else {
+        absorbing_backward_group<VV>(grp, a.x, t, gt);
+      }
+      grp.store(a.out, a.dt, t);
+    }
+    return;
+  }
+  Scratch<T> scratch(n, 3);
+  T *s = scratch.row(0), *g = scratch.row(1), *h = scratch.row(2);
+  for (int64_t p = b; p < e; ++p) {
+    const int64_t x = a.x[p];
+    if (a.family == ABSORBING && x != n - 1) {
+      for (int64_t i = 0; i < np; ++i) s[i] = T(0);
+    } else {
+      load_row<VV>(a.rows, a.dt, p, n, s, -kInf<T>);
+      row_g(p, g);
+      const Prefetch pf = next_rows(p, e, n, a.rows, a.dt, a.second, a.second_dt);
+      if (a.family == UNIFORM) {
+        uniform_backward_row<VV>(n, x, cache(a.tau[p], n).c, s, g, h, pf);
+      } else {
+        absorbing_backward_row<VV>(n, s, g, pf);
+      }
+    }
+    store_row<VV>(a.out, a.dt, p, n, s);
+  }
 }
 
 }  // namespace cpu

@@ -28,8 +28,35 @@ struct Group {
 
   CDM_INLINE int64_t row(int j) const { return p0 + (j < cnt ? j : cnt - 1); }
 
-  // t[b * L + j] = element b of row(j), converted to T
-  CDM_INLINE void load(const void* base, DT dt, T* t) const {
+  // t[b * L + j] = element b of row(j), converted to T; with `errors`, flags kRowsNotFinite
+  // unless every value is finite (-inf allowed with allow_minus_inf)
+  CDM_INLINE void load(const void* base, DT dt, T* t, ValueErrors* errors = nullptr,
+                       bool allow_minus_inf = false) const {
+    load_tile(base, dt, t);
+    if (errors == nullptr) return;
+    typename VV::M bad{};
+    for (int64_t b = 0; b < n; ++b) bad |= not_finite<VV>(at(t, b), allow_minus_inf);
+    if (any_lane<VV>(bad)) errors->flag(kRowsNotFinite);
+  }
+
+  // the probability checks of check_probability_row on every row of the tile
+  CDM_INLINE void check_probabilities(const T* t, ValueErrors* errors) const {
+    typename VV::M bad{}, negative{};
+    V sum{};
+    for (int64_t b = 0; b < n; ++b) {
+      const V v = at(t, b);
+      bad |= not_finite<VV>(v, false);
+      negative |= v < T(0);
+      sum += v;
+    }
+    if (any_lane<VV>(bad)) errors->flag(kSecondNotFinite);
+    if (any_lane<VV>(negative)) errors->flag(kSecondNegative);
+    for (int j = 0; j < L; ++j) {
+      if (!(std::abs(static_cast<double>(sum[j]) - 1.0) <= kTargetSumTolerance)) errors->flag(kSecondRowSum);
+    }
+  }
+
+  CDM_INLINE void load_tile(const void* base, DT dt, T* t) const {
     for (int j = 0; j < L; ++j) {
       const int64_t off = row(j) * n;
       switch (dt) {

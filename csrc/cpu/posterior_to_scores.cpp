@@ -17,17 +17,6 @@ namespace cdm {
 namespace cpu {
 namespace {
 
-struct PosteriorToScoresArgs {
-  int64_t family, n;
-  const void* lq;
-  DT dt;
-  const int64_t* x;
-  const double* tau;
-  void* out;
-  const void* grad;  // backward only
-  DT grad_dt;
-};
-
 // log K[:, x] takes the value `on` at index `k` and `off` elsewhere (both clamped at -1e30)
 template <class T>
 struct LogColumn {
@@ -116,7 +105,7 @@ CDM_INLINE double inverted_row(const typename VV::T* q, typename VV::T* s, int64
 // u = e^{log q - log K[:, x]} into tu (from the log q tile tq); returns the per-lane sums
 // of u over b < upto; fills the per-lane alpha and 1 - alpha
 template <class VV>
-CDM_INLINE typename VV::V inverted_group(const PosteriorToScoresArgs& a, const Group<VV>& g, const typename VV::T* tq,
+CDM_INLINE typename VV::V inverted_group(const RowArgs& a, const Group<VV>& g, const typename VV::T* tq,
                                          typename VV::T* tu, int64_t upto, LogColumnCache<typename VV::T>& cache,
                                          typename VV::V& alpha, typename VV::V& oma) {
   using T = typename VV::T;
@@ -145,13 +134,13 @@ CDM_INLINE typename VV::V inverted_group(const PosteriorToScoresArgs& a, const G
 }
 
 template <class VV>
-CDM_INLINE void posterior_to_scores_group(const PosteriorToScoresArgs& a, const Group<VV>& g, typename VV::T* tq,
+CDM_INLINE void posterior_to_scores_group(const RowArgs& a, const Group<VV>& g, typename VV::T* tq,
                                   LogColumnCache<typename VV::T>& cache) {
   using T = typename VV::T;
   using V = typename VV::V;
   const int64_t n = a.n, m = n - 1;
   const bool uniform = a.family == UNIFORM;
-  g.load(a.lq, a.dt, tq);
+  g.load(a.rows, a.dt, tq, a.errors, /*allow_minus_inf=*/true);
   V alpha, oma;
   const V U = inverted_group<VV>(a, g, tq, tq, uniform ? n : m, cache, alpha, oma);
   if (uniform) {
@@ -166,15 +155,15 @@ CDM_INLINE void posterior_to_scores_group(const PosteriorToScoresArgs& a, const 
 }
 
 template <class VV>
-CDM_INLINE void posterior_to_scores_backward_group(const PosteriorToScoresArgs& a, const Group<VV>& g, typename VV::T* tq,
+CDM_INLINE void posterior_to_scores_backward_group(const RowArgs& a, const Group<VV>& g, typename VV::T* tq,
                                            typename VV::T* tu, typename VV::T* tg, LogColumnCache<typename VV::T>& cache) {
   using T = typename VV::T;
   using V = typename VV::V;
   const int64_t n = a.n, m = n - 1;
   const bool uniform = a.family == UNIFORM;
   const V zero{};
-  g.load(a.lq, a.dt, tq);
-  g.load(a.grad, a.grad_dt, tg);
+  g.load(a.rows, a.dt, tq);
+  g.load(a.second, a.second_dt, tg);
   V alpha, oma;
   const V U = inverted_group<VV>(a, g, tq, tu, uniform ? n : m, cache, alpha, oma);
   V bias;  // dL/du = alpha h + bias
@@ -206,7 +195,9 @@ CDM_INLINE void posterior_to_scores_backward_group(const PosteriorToScoresArgs& 
 }
 
 struct ForwardMapForward {
-  using Args = PosteriorToScoresArgs;
+  using Args = RowArgs;
+  static constexpr const char* kRows = "log_p0";
+  static constexpr const char* kRowsNotFinite = "log_p0 contains NaN or inf";
   template <class VV>
   static CDM_INLINE void rows(const Args& a, int64_t b, int64_t e) {
     using T = typename VV::T;
@@ -223,14 +214,14 @@ struct ForwardMapForward {
       const int64_t x = a.x[p];
       const LogColumn<T> col = cache(a.family, n, x, a.tau[p]);
       const Decay& d = cache.d;
-      load_row<VV>(a.lq, a.dt, p, n, q, -kInf<T>);
+      load_row<VV>(a.rows, a.dt, p, n, q, -kInf<T>, a.errors, /*allow_minus_inf=*/true);
       const T alpha = static_cast<T>(d.alpha);
       if (a.family == UNIFORM) {
-        const double sum = inverted_row<VV>(q, s, n, n, col, next_rows(p, e, n, a.lq, a.dt));
+        const double sum = inverted_row<VV>(q, s, n, n, col, next_rows(p, e, n, a.rows, a.dt));
         const T shift = static_cast<T>(d.one_minus_alpha / static_cast<double>(n) * sum);
         for (int64_t i = 0; i < np; i += VV::L) VV::store(s + i, safe_log<VV>(VV::load(s + i) * alpha + shift));
       } else {
-        const double sum = inverted_row<VV>(q, s, n, m, col, next_rows(p, e, n, a.lq, a.dt));  // over real tokens
+        const double sum = inverted_row<VV>(q, s, n, m, col, next_rows(p, e, n, a.rows, a.dt));  // over real tokens
         const T um = s[m];
         for (int64_t i = 0; i < np; i += VV::L) VV::store(s + i, safe_log<VV>(VV::load(s + i) * alpha));
         const T rm = um + static_cast<T>(d.one_minus_alpha * sum);
@@ -242,7 +233,7 @@ struct ForwardMapForward {
 };
 
 struct ForwardMapBackward {
-  using Args = PosteriorToScoresArgs;
+  using Args = RowArgs;
   template <class VV>
   static CDM_INLINE void rows(const Args& a, int64_t b, int64_t e) {
     using T = typename VV::T;
@@ -263,11 +254,11 @@ struct ForwardMapBackward {
       const int64_t x = a.x[p];
       const LogColumn<T> col = cache(a.family, n, x, a.tau[p]);
       const Decay& d = cache.d;
-      load_row<VV>(a.lq, a.dt, p, n, q, -kInf<T>);
-      load_row<VV>(a.grad, a.grad_dt, p, n, g, T(0));
+      load_row<VV>(a.rows, a.dt, p, n, q, -kInf<T>);
+      load_row<VV>(a.second, a.second_dt, p, n, g, T(0));
       const T alpha = static_cast<T>(d.alpha);
       const bool uniform = a.family == UNIFORM;
-      const double sum = inverted_row<VV>(q, s, n, uniform ? n : m, col, next_rows(p, e, n, a.lq, a.dt, a.grad, a.grad_dt));
+      const double sum = inverted_row<VV>(q, s, n, uniform ? n : m, col, next_rows(p, e, n, a.rows, a.dt, a.second, a.second_dt));
       // r and h = G / r (0 where r <= 0)
       const T shift = uniform ? static_cast<T>(d.one_minus_alpha / static_cast<double>(n) * sum) : T(0);
       typename VV::Acc acc;
@@ -301,14 +292,16 @@ struct ForwardMapBackward {
 
 // ----------------------------------------------------------------------------- dense
 
-void dense_rows(const Dense& g, const PosteriorToScoresArgs& a, int64_t positions, bool backward) {
+void dense_rows(const Dense& g, const RowArgs& a, int64_t positions, bool backward) {
   const int64_t n = a.n;
   const double inf = std::numeric_limits<double>::infinity();
   dense_blocks(positions, dense_block_rows(n), [&](int64_t b, int64_t e) {
     const int64_t rows = e - b;
     Scratch<double> buf(rows * n + W, 5);
     double *q = buf.row(0), *u = buf.row(1), *r = buf.row(2), *work = buf.row(3), *col = buf.row(4);
-    for (int64_t c = 0; c < rows; ++c) load_row<DenseVT>(a.lq, a.dt, b + c, n, q + c * n, -inf);
+    for (int64_t c = 0; c < rows; ++c) {
+      load_row<DenseVT>(a.rows, a.dt, b + c, n, q + c * n, -inf, a.errors, /*allow_minus_inf=*/true);
+    }
     dense_column(g, a.x + b, a.tau + b, rows, col, work);
     for (int64_t i = 0; i < rows * n; ++i) {
       const double lc = col[i] > 0.0 ? std::max(std::log(col[i]), -1e30) : -1e30;
@@ -321,7 +314,7 @@ void dense_rows(const Dense& g, const PosteriorToScoresArgs& a, int64_t position
       return;
     }
     double* h = col;
-    for (int64_t c = 0; c < rows; ++c) load_row<DenseVT>(a.grad, a.grad_dt, b + c, n, h + c * n, 0.0);
+    for (int64_t c = 0; c < rows; ++c) load_row<DenseVT>(a.second, a.second_dt, b + c, n, h + c * n, 0.0);
     for (int64_t i = 0; i < rows * n; ++i) h[i] = r[i] > 0.0 ? h[i] / r[i] : 0.0;
     dense_apply(g, h, a.tau + b, 1.0, rows, /*transpose=*/false, r, work);  // dL/du = K h
     for (int64_t i = 0; i < rows * n; ++i) r[i] = q[i] > -inf ? u[i] * r[i] : 0.0;
@@ -329,62 +322,15 @@ void dense_rows(const Dense& g, const PosteriorToScoresArgs& a, int64_t position
   });
 }
 
-// ----------------------------------------------------------------------------- ops
+// ----------------------------------------------------------------------------- op
 
-at::Tensor run(int64_t family, const c10::optional<at::Tensor>& evals, const c10::optional<at::Tensor>& vecs,
-               const c10::optional<at::Tensor>& vecs_inv, const at::Tensor* grad, const at::Tensor& log_p0,
-               const at::Tensor& x, const at::Tensor& tau) {
-  check_rows(log_p0, "log_p0");
-  const int64_t positions = log_p0.size(0), n = log_p0.size(1);
-  check_positions(x, "x", positions, at::kLong);
-  check_token_range(x, n);
-  check_positions(tau, "tau", positions, at::kDouble);
-  if (grad) {
-    check_rows(*grad, "grad");
-    check_same_shape(*grad, log_p0, "grad");
-  }
-  const Dense g = check_graph(family, evals, vecs, vecs_inv, n);
-  at::Tensor out = empty_output_like(log_p0);
-  if (positions == 0) return out;
-  const DT dt = dt_of(log_p0);
-  PosteriorToScoresArgs args{family,         n,    log_p0.data_ptr(), dt, x.data_ptr<int64_t>(), tau.data_ptr<double>(),
-                      out.data_ptr(), grad ? grad->data_ptr() : nullptr, grad ? dt_of(*grad) : dt};
-  if (family == DENSE) {
-    dense_rows(g, args, positions, grad != nullptr);
-  } else if (grad) {
-    if (dt == DT::F64) {
-      run_rows<ForwardMapBackward, double>(args, positions, row_grain(n));
-    } else {
-      run_rows<ForwardMapBackward, float>(args, positions, row_grain(n));
-    }
-  } else {
-    if (dt == DT::F64) {
-      run_rows<ForwardMapForward, double>(args, positions, row_grain(n));
-    } else {
-      run_rows<ForwardMapForward, float>(args, positions, row_grain(n));
-    }
-  }
-  return out;
-}
-
-at::Tensor posterior_to_scores_cpu(int64_t family, const c10::optional<at::Tensor>& evals,
-                                   const c10::optional<at::Tensor>& vecs, const c10::optional<at::Tensor>& vecs_inv,
-                                   const at::Tensor& log_p0, const at::Tensor& x, const at::Tensor& tau) {
-  return run(family, evals, vecs, vecs_inv, nullptr, log_p0, x, tau);
-}
-
-at::Tensor posterior_to_scores_backward_cpu(int64_t family, const c10::optional<at::Tensor>& evals,
-                                            const c10::optional<at::Tensor>& vecs,
-                                            const c10::optional<at::Tensor>& vecs_inv, const at::Tensor& grad,
-                                            const at::Tensor& log_p0, const at::Tensor& x, const at::Tensor& tau) {
-  return run(family, evals, vecs, vecs_inv, &grad, log_p0, x, tau);
-}
+using Op = RowOp<ForwardMapForward, ForwardMapBackward, dense_rows>;
 
 }  // namespace
 
 TORCH_LIBRARY_IMPL(cdm_kernels, CPU, m) {
-  m.impl("posterior_to_scores", &posterior_to_scores_cpu);
-  m.impl("posterior_to_scores_backward", &posterior_to_scores_backward_cpu);
+  m.impl("posterior_to_scores", &Op::forward);
+  m.impl("posterior_to_scores_backward", &Op::backward);
 }
 
 }  // namespace cpu

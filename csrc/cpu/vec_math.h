@@ -125,7 +125,34 @@ CDM_INLINE VF exp_ps(VF x) {
   return x != x ? x : y;
 }
 
-// log x: x = m 2^e, m in [sqrt(1/2), sqrt(2)); log m = f - f^2/2 + f^3 P(f), f = m - 1.
+// log of a normal float from its bits (e: the unbiased exponent + 1): x = m 2^e, m in
+// [sqrt(1/2), sqrt(2)); log m = f - f^2/2 + f^3 P(f), f = m - 1. Finite inputs only.
+template <class VF, class VI>
+CDM_INLINE VF log_from_bits(VI bits, VI e) {
+  const VF zero{};
+  const VF m = (VF)((bits & 0x007fffff) | 0x3f000000);  // [0.5, 1)
+  const VI small = m < 0.707106781186547524f;
+  e = small ? e - 1 : e;
+  const VF f = (small ? m + m : m) - 1.0f;
+  const VF z = f * f;
+  VF p = zero + 7.0376836292e-2f;
+  p = p * f + -1.1514610310e-1f;
+  p = p * f + 1.1676998740e-1f;
+  p = p * f + -1.2420140846e-1f;
+  p = p * f + 1.4249322787e-1f;
+  p = p * f + -1.6668057665e-1f;
+  p = p * f + 2.0000714765e-1f;
+  p = p * f + -2.4999993993e-1f;
+  p = p * f + 3.3333331174e-1f;
+  const VF ef = __builtin_convertvector(e, VF);
+  VF y = p * f * z;
+  y = y + ef * -2.12194440e-4f;
+  y = y - z * 0.5f;
+  const VF res = f + y;
+  return res + ef * 0.693359375f;
+}
+
+// log x for every float x (subnormals scaled into the normal range first).
 template <class VF, class VI>
 CDM_INLINE VF log_ps(VF x) {
   const VF zero{};
@@ -136,26 +163,7 @@ CDM_INLINE VF log_ps(VF x) {
   const VI bits = (VI)xs;
   VI e = ((bits >> 23) & 0xff) - 126;
   e = subnormal ? e - 23 : e;
-  const VF m = (VF)((bits & 0x007fffff) | 0x3f000000);  // [0.5, 1)
-  const VI small = m < 0.707106781186547524f;
-  e = small ? e - 1 : e;
-  const VF f = (small ? m + m : m) - 1.0f;
-  const VF z = f * f;
-  VF p = zero + 7.0376836292e-2f;
-  p = p * f + -1.1514610310e-1f;
-  p = p * f + 1.1676998740e-1f;
-  p = p * f + -1.2420140846e-1f;
-  p = p * f + 1.4249322787e-1f;
-  p = p * f + -1.6668057665e-1f;
-  p = p * f + 2.0000714765e-1f;
-  p = p * f + -2.4999993993e-1f;
-  p = p * f + 3.3333331174e-1f;
-  const VF ef = __builtin_convertvector(e, VF);
-  VF y = p * f * z;
-  y = y + ef * -2.12194440e-4f;
-  y = y - z * 0.5f;
-  VF res = f + y;
-  res = res + ef * 0.693359375f;
+  VF res = log_from_bits<VF, VI>(bits, e);
   res = x == 0.0f ? zero - inf : res;
   res = x == inf ? zero + inf : res;
   res = x < 0.0f ? zero + nan : res;
@@ -166,29 +174,8 @@ CDM_INLINE VF log_ps(VF x) {
 // input: e.g. the clamped inversion u >= floor >= FLT_MIN); a few operations cheaper.
 template <class VF, class VI>
 CDM_INLINE VF log_normal_ps(VF x) {
-  const VF zero{};
   const VI bits = (VI)x;
-  VI e = ((bits >> 23) & 0xff) - 126;
-  const VF m = (VF)((bits & 0x007fffff) | 0x3f000000);  // [0.5, 1)
-  const VI small = m < 0.707106781186547524f;
-  e = small ? e - 1 : e;
-  const VF f = (small ? m + m : m) - 1.0f;
-  const VF z = f * f;
-  VF p = zero + 7.0376836292e-2f;
-  p = p * f + -1.1514610310e-1f;
-  p = p * f + 1.1676998740e-1f;
-  p = p * f + -1.2420140846e-1f;
-  p = p * f + 1.4249322787e-1f;
-  p = p * f + -1.6668057665e-1f;
-  p = p * f + 2.0000714765e-1f;
-  p = p * f + -2.4999993993e-1f;
-  p = p * f + 3.3333331174e-1f;
-  const VF ef = __builtin_convertvector(e, VF);
-  VF y = p * f * z;
-  y = y + ef * -2.12194440e-4f;
-  y = y - z * 0.5f;
-  VF res = f + y;
-  res = res + ef * 0.693359375f;
+  const VF res = log_from_bits<VF, VI>(bits, ((bits >> 23) & 0xff) - 126);
   return x < std::numeric_limits<float>::infinity() ? res : x;  // +inf -> inf, NaN -> NaN
 }
 

@@ -12,24 +12,17 @@ namespace gpu {
 namespace {
 
 template <class S>
-struct ApplyArgs {
+struct ApplyArgs : RowArgs {  // x: unused
   const S* v;
-  const double* tau;
   S* out;
-  int64_t positions, n, family;
   int transpose;
-  SmemPlan plan;
 };
 
 template <class S, bool AL, int W>
 CDM_GLOBAL void CDM_BOUNDS(Group<W>::kBlock, min_blocks<S>()) apply_kernel_kernel(const ApplyArgs<S> a) {
   using C = typename Compute<S>::type;
-  CDM_DECLARE_SMEM(smem);
-  Group<W> g;
-  int64_t p;
-  unsigned char* gs;
-  if (!row_setup<W>(smem, a.plan, a.positions, g, p, gs)) return;
-  const int64_t n = a.n, nseg = num_segments(n), m = n - 1;
+  CDM_ROW_GROUP(a, g, p, gs);
+  const int64_t n = a.n, m = n - 1;
   const S* row = a.v + p * n;
   S* out = a.out + p * n;
   const Decay d = decay(a.tau[p]);
@@ -37,45 +30,36 @@ CDM_GLOBAL void CDM_BOUNDS(Group<W>::kBlock, min_blocks<S>()) apply_kernel_kerne
   const C vm = to_compute<C>(row[m]);
   if (a.family == ABSORBING && !a.transpose) {  // K v: one pass
     const C shift = static_cast<C>(d.one_minus_alpha) * vm;
-    for (int64_t seg = g.warp; seg < nseg; seg += W) {
-      alignas(16) S raw[kEPT];
-      load_raw<S, AL>(row, n, seg, g.lane, raw);
+    map_segments<S, AL, W>(g, row, out, n, [&](int64_t seg, S* raw) {
 #pragma unroll
       for (int k = 0; k < kEPT; ++k) {
         const int64_t i = slot_index<AL>(seg, g.lane, k);
         raw[k] = to_storage<S>(i == m ? vm : to_compute<C>(raw[k]) * alpha + shift);
       }
-      store_raw<S, AL>(out, n, seg, g.lane, raw);
-    }
+    });
     return;
   }
   S* cache = cache_row<S>(gs, a.plan, 0);
   C acc = C(0);
-  for (int64_t seg = g.warp; seg < nseg; seg += W) {
-    alignas(16) S raw[kEPT];
-    load_raw<S, AL>(row, n, seg, g.lane, raw);
-    if (cache != nullptr) store_raw<S, AL>(cache, n, seg, g.lane, raw);
+  read_segments<S, AL, W>(g, row, n, cache, [&](int64_t seg, const S* raw) {
 #pragma unroll
     for (int k = 0; k < kEPT; ++k) {
       const int64_t i = slot_index<AL>(seg, g.lane, k);
       if (i < n && (a.family == UNIFORM || i != m)) acc += to_compute<C>(raw[k]);  // slots past n hold 0
     }
-  }
+  });
   const double sum = g.sum(static_cast<double>(acc));
   const S* src = cache != nullptr ? cache : row;
   const C shift = a.family == UNIFORM ? static_cast<C>(d.one_minus_alpha / static_cast<double>(n) * sum) : C(0);
   const C mask_value = vm + static_cast<C>(d.one_minus_alpha * sum);
-  for (int64_t seg = g.warp; seg < nseg; seg += W) {
-    alignas(16) S raw[kEPT];
-    load_raw<S, AL>(src, n, seg, g.lane, raw);
+  map_segments<S, AL, W>(g, src, out, n, [&](int64_t seg, S* raw) {
 #pragma unroll
     for (int k = 0; k < kEPT; ++k) {
       const int64_t i = slot_index<AL>(seg, g.lane, k);
       const C v = to_compute<C>(raw[k]);
       raw[k] = to_storage<S>(a.family == UNIFORM ? v * alpha + shift : (i == m ? mask_value : v * alpha));
     }
-    store_raw<S, AL>(out, n, seg, g.lane, raw);
-  }
+  });
 }
 
 at::Tensor apply_kernel_cuda(int64_t family, const c10::optional<at::Tensor>& evals,
@@ -86,29 +70,18 @@ at::Tensor apply_kernel_cuda(int64_t family, const c10::optional<at::Tensor>& ev
   check_rows(v, "v");
   const int64_t positions = v.size(0), n = v.size(1);
   check_positions(tau_in, v, "tau", positions, at::kDouble);
-  const at::Tensor tau = tau_in.contiguous();
+  const RowInputs in{positions, n, at::Tensor(), tau_in.contiguous()};
   if (family == DENSE) {
     const dense::Eigen eg = check_dense(evals, vecs, vecs_inv, n, v.device());
-    return dense::apply(eg, v.to(at::kDouble), tau, transpose).to(v.scalar_type());
+    return dense::apply(eg, v.to(at::kDouble), in.tau, transpose).to(v.scalar_type());
   }
   at::Tensor out = at::empty_like(v);
   if (positions == 0) return out;
-  dispatch_rows(v.scalar_type(), is_aligned_rows(v) && is_aligned_rows(out), n,
-                [&](auto s_tag, auto al_tag, auto w_tag) {
-                  using S = decltype(s_tag);
-                  constexpr bool AL = decltype(al_tag)::value;
-                  constexpr int W = decltype(w_tag)::value;
-                  ApplyArgs<S> a;
-                  a.v = static_cast<const S*>(v.data_ptr());
-                  a.tau = tau.data_ptr<double>();
-                  a.out = static_cast<S*>(out.data_ptr());
-                  a.positions = positions;
-                  a.n = n;
-                  a.family = family;
-                  a.transpose = transpose ? 1 : 0;
-                  a.plan = plan_smem<S, W>(n, /*stats=*/false, /*cache_rows=*/1);
-                  launch_rows<W>(&apply_kernel_kernel<S, AL, W>, a, positions, a.plan);
-                });
+  dispatch_rows(v.scalar_type(), is_aligned_rows(v) && is_aligned_rows(out), n, [&]<class S, bool AL, int W>() {
+    const ApplyArgs<S> a{row_args(in, family, plan_smem<S, W>(n, /*stats=*/false, /*cache_rows=*/1)),
+                         static_cast<const S*>(v.data_ptr()), static_cast<S*>(out.data_ptr()), transpose ? 1 : 0};
+    launch_rows<W>(&apply_kernel_kernel<S, AL, W>, a);
+  });
   return out;
 }
 

@@ -16,56 +16,55 @@ namespace gpu {
 namespace {
 
 template <class S>
-struct LossArgs {
+struct LossArgs : RowArgs {
   const S* ls;
   const S* target;
-  const int64_t* x;
-  const double* tau;
   float* out;  // (P,)
-  int64_t positions, n, family;
-  SmemPlan plan;
 };
 
 template <class S, bool AL, int W>
 CDM_GLOBAL void CDM_BOUNDS(Group<W>::kBlock, min_blocks<S>()) loss_kernel(const LossArgs<S> a) {
   using C = typename Compute<S>::type;
-  CDM_DECLARE_SMEM(smem);
-  Group<W> g;
-  int64_t p;
-  unsigned char* gs;
-  if (!row_setup<W>(smem, a.plan, a.positions, g, p, gs)) return;
-  const int64_t n = a.n, nseg = num_segments(n), x = a.x[p];
+  CDM_ROW_GROUP(a, g, p, gs);
+  const int64_t n = a.n, x = a.x[p];
   const S* row = a.ls + p * n;
   const S* trow = a.target + p * n;
+  const bool checked = a.errors != nullptr;
+  int bad_rows = 0;
+  TargetChecks<C> tc;  // the target's value checks, in the pass that reads it
+  if (checked && g.tid == 0) check_position(a.errors, n, x, a.tau[p], nullptr);
   if (a.family == ABSORBING && x != n - 1) {  // q = e_x
     int bad = 0;
-    for (int64_t seg = g.warp; seg < nseg; seg += W) {
-      alignas(16) S traw[kEPT];
-      load_raw<S, AL>(trow, n, seg, g.lane, traw);
+    read_segments<S, AL, W>(g, trow, n, nullptr, [&](int64_t seg, const S* traw) {
+      if (checked) tc.add(traw);
 #pragma unroll
       for (int k = 0; k < kEPT; ++k) {
         const int64_t i = slot_index<AL>(seg, g.lane, k);
         if (i < n && i != x && to_compute<C>(traw[k]) > C(0)) bad = 1;
       }
-    }
+    });
     bad = g.max(bad);
     if (g.tid == 0) a.out[p] = bad ? INFINITY : 0.0f;
+    if (checked) {  // the log-scores, read for the check only
+      read_segments<S, AL, W>(g, row, n, nullptr, [&](int64_t, const S* raw) { bad_rows |= raw_not_finite(raw, false); });
+      if (bad_rows) flag_error(a.errors, kRowsNotFinite);
+      tc.flag(g, a.errors);
+    }
     return;
   }
   S* cache = cache_row<S>(gs, a.plan, 0);
   prefetch_row(g, row, n * static_cast<int64_t>(sizeof(S)), a.plan.l2_prefetch);
   prefetch_row(g, trow, n * static_cast<int64_t>(sizeof(S)), a.plan.l2_prefetch);  // read by pass 2
   double m, s;
-  pass_max_sumexp<S, AL, W>(g, row, cache, n, x, nullptr, nullptr, m, s, NoExtra{});
+  pass_max_sumexp<S, AL, W>(g, row, cache, n, x, nullptr, nullptr, m, s, NoExtra{}, checked ? &bad_rows : nullptr);
+  if (bad_rows) flag_error(a.errors, kRowsNotFinite);
   const S* src = cache != nullptr ? cache : row;
   C acc_a = C(0), acc_t = C(0), acc_u = C(0);
   int bad = 0;
   if (a.family == ABSORBING) {  // x = mask: q = softmax over the real tokens, q(mask) = 0
     const C mc = static_cast<C>(m);
-    for (int64_t seg = g.warp; seg < nseg; seg += W) {
-      alignas(16) S lraw[kEPT], traw[kEPT];
-      load_raw<S, AL>(src, n, seg, g.lane, lraw);
-      load_raw<S, AL>(trow, n, seg, g.lane, traw);
+    read_segment_pairs<S, AL, W>(g, src, trow, n, nullptr, [&](int64_t seg, const S* lraw, const S* traw) {
+      if (checked) tc.add(traw);
 #pragma unroll
       for (int k = 0; k < kEPT; ++k) {
         const int64_t i = slot_index<AL>(seg, g.lane, k);
@@ -79,20 +78,19 @@ CDM_GLOBAL void CDM_BOUNDS(Group<W>::kBlock, min_blocks<S>()) loss_kernel(const 
           }
         }
       }
-    }
+    });
     const double A = g.sum(static_cast<double>(acc_a));
     const double T = g.sum(static_cast<double>(acc_t));
     bad = g.max(bad);
     if (g.tid == 0) a.out[p] = bad ? INFINITY : static_cast<float>(T * log(s) - A);
+    if (checked) tc.flag(g, a.errors);
     return;
   }
   const UniformCoeffs c = uniform_coeffs(a.tau[p], n);
   const Inversion<C> inv = uniform_inversion<C>(m, s, c);
   const C log_off = static_cast<C>(log(c.off())), log_on = static_cast<C>(log(c.on()));
-  for (int64_t seg = g.warp; seg < nseg; seg += W) {
-    alignas(16) S lraw[kEPT], traw[kEPT];
-    load_raw<S, AL>(src, n, seg, g.lane, lraw);
-    load_raw<S, AL>(trow, n, seg, g.lane, traw);
+  read_segment_pairs<S, AL, W>(g, src, trow, n, nullptr, [&](int64_t seg, const S* lraw, const S* traw) {
+    if (checked) tc.add(traw);
 #pragma unroll
     for (int k = 0; k < kEPT; ++k) {
       const int64_t i = slot_index<AL>(seg, g.lane, k);
@@ -106,12 +104,13 @@ CDM_GLOBAL void CDM_BOUNDS(Group<W>::kBlock, min_blocks<S>()) loss_kernel(const 
         }
       }
     }
-  }
+  });
   const double U = g.sum(static_cast<double>(acc_u));
   const double A = g.sum(static_cast<double>(acc_a));
   const double T = g.sum(static_cast<double>(acc_t));
   const double z = c.beta * U + c.alpha * static_cast<double>(inv.u_of(C(0)));
   if (g.tid == 0) a.out[p] = static_cast<float>(T * log(z) - A);
+  if (checked) tc.flag(g, a.errors);
 }
 
 struct Inputs : RowInputs {
@@ -122,9 +121,7 @@ Inputs check_inputs(int64_t family, const at::Tensor& log_score, const at::Tenso
                     const at::Tensor& target) {
   Inputs in;
   static_cast<RowInputs&>(in) = check_row_inputs(family, log_score, "log_score", x, tau);
-  check_rows(target, "target");
-  TORCH_CHECK(target.sizes() == log_score.sizes(), "cdm_kernels: target must have shape ", log_score.sizes(),
-              ", got ", target.sizes());
+  check_rows_like(target, log_score, "target");
   in.target = target.to(log_score.scalar_type()).contiguous();
   return in;
 }
@@ -141,23 +138,15 @@ at::Tensor conditional_matching_loss_cuda(int64_t family, const c10::optional<at
   }
   at::Tensor out = at::empty({in.positions}, log_score.options().dtype(at::kFloat));
   if (in.positions == 0) return out;
+  ValueChecks checks(log_score, {"conditional_matching_loss", "student_log_score", "x_t", "tau_t", nullptr}, in.n);
   const bool aligned = is_aligned_rows(log_score) && is_aligned_rows(in.target);
-  dispatch_rows(log_score.scalar_type(), aligned, in.n, [&](auto s_tag, auto al_tag, auto w_tag) {
-    using S = decltype(s_tag);
-    constexpr bool AL = decltype(al_tag)::value;
-    constexpr int W = decltype(w_tag)::value;
-    LossArgs<S> a;
-    a.ls = static_cast<const S*>(log_score.data_ptr());
-    a.target = static_cast<const S*>(in.target.data_ptr());
-    a.x = in.x.data_ptr<int64_t>();
-    a.tau = in.tau.data_ptr<double>();
-    a.out = out.data_ptr<float>();
-    a.positions = in.positions;
-    a.n = in.n;
-    a.family = family;
-    a.plan = plan_smem<S, W>(in.n, /*stats=*/false, /*cache_rows=*/1);
-    launch_rows<W>(&loss_kernel<S, AL, W>, a, in.positions, a.plan);
+  dispatch_rows(log_score.scalar_type(), aligned, in.n, [&]<class S, bool AL, int W>() {
+    const SmemPlan plan = plan_smem<S, W>(in.n, /*stats=*/false, /*cache_rows=*/1);
+    const LossArgs<S> a{row_args(in, family, plan, checks.record()), static_cast<const S*>(log_score.data_ptr()),
+                        static_cast<const S*>(in.target.data_ptr()), out.data_ptr<float>()};
+    launch_rows<W>(&loss_kernel<S, AL, W>, a);
   });
+  checks.finish();
   return out;
 }
 
@@ -180,7 +169,7 @@ at::Tensor conditional_matching_loss_backward_cuda(int64_t family, const c10::op
   at::Tensor out = at::empty_like(log_score);
   if (in.positions == 0) return out;
   const at::Tensor gl = grad_loss.to(at::kFloat).contiguous();
-  launch_posterior_backward(family, log_score, in.target, gl.data_ptr<float>(), in.x, in.tau, out);
+  launch_posterior_backward(family, log_score, in.target, gl.data_ptr<float>(), in, out);
   return out;
 }
 

@@ -60,6 +60,7 @@
 #endif
 
 #include "graph.h"
+#include "row_checks.h"
 #include "philox.h"
 #include "cuda/dense.h"
 
@@ -70,7 +71,10 @@ constexpr unsigned kFull = 0xffffffffu;
 constexpr int kEPT = 8;             // states per lane per segment
 constexpr int kSeg = 32 * kEPT;     // states per segment (one warp)
 constexpr int64_t kSmallRow = 1024;  // up to this N a row group is one warp
-constexpr int64_t kCacheBudget = 100 * 1024;  // bytes of row cache per block
+// bytes of shared memory per block with a row cache: the most that keeps two blocks
+// resident per SM on Hopper (228 KiB per SM, 1 KiB reserved per block), so that a bf16 row
+// of 50257 states and its segment stats (fused_euler_step) are read once
+constexpr int64_t kCacheBudget = 113 * 1024;
 constexpr int kRedSlots = 32;       // doubles of reduction scratch per row group
 constexpr int64_t kNone = int64_t(1) << 62;  // "no index" (exact as a double)
 
@@ -175,35 +179,26 @@ struct Group {
   // Group-wide reductions; every thread gets the identical result.
   template <class T>
   CDM_DEV T sum(T v) const {
-    v = warp_sum(v);
-    if (W == 1) return v;
-    sync();
-    if (lane == 0) red[warp] = static_cast<double>(v);
-    sync();
-    double t = 0.0;
-    for (int w = 0; w < W; ++w) t += red[w];
-    return static_cast<T>(t);
+    return across_warps(warp_sum(v), 0.0, [](double a, double b) { return a + b; });
   }
   template <class T>
   CDM_DEV T max(T v) const {
-    v = warp_max(v);
-    if (W == 1) return v;
-    sync();
-    if (lane == 0) red[warp] = static_cast<double>(v);
-    sync();
-    double t = red[0];
-    for (int w = 1; w < W; ++w) t = tmax(t, red[w]);
-    return static_cast<T>(t);
+    return across_warps(warp_max(v), -pos_inf<double>(), [](double a, double b) { return tmax(a, b); });
   }
   template <class T>
   CDM_DEV T min(T v) const {
-    v = warp_min(v);
+    return across_warps(warp_min(v), pos_inf<double>(), [](double a, double b) { return tmin(a, b); });
+  }
+  // Combines the warps' results (v, already reduced within each warp) in warp order,
+  // in double from `init`.
+  template <class T, class Op>
+  CDM_DEV T across_warps(T v, double init, Op op) const {
     if (W == 1) return v;
     sync();
     if (lane == 0) red[warp] = static_cast<double>(v);
     sync();
-    double t = red[0];
-    for (int w = 1; w < W; ++w) t = tmin(t, red[w]);
+    double t = init;
+    for (int w = 0; w < W; ++w) t = op(t, red[w]);
     return static_cast<T>(t);
   }
   // exclusive prefix of v over threads in tid order; `total` gets the sum of all
@@ -433,6 +428,53 @@ CDM_DEV void fill_row(const Group<W>& g, S* out, int64_t n, int64_t x, typename 
   }
 }
 
+// ----------------------------------------------------------------------------- segment loops
+
+// For each segment of this thread's warp: loads its kEPT states of `src` into raw, copies
+// them into `copy` (a row cache) unless it is null, then calls f(seg, raw).
+template <class S, bool AL, int W, class F>
+CDM_DEV void read_segments(const Group<W>& g, const S* src, int64_t n, S* copy, F&& f) {
+  const int64_t nseg = num_segments(n);
+  for (int64_t seg = g.warp; seg < nseg; seg += W) {
+    alignas(16) S raw[kEPT];
+    load_raw<S, AL>(src, n, seg, g.lane, raw);
+    if (copy != nullptr) store_raw<S, AL>(copy, n, seg, g.lane, raw);
+    f(seg, raw);
+  }
+}
+
+// The same over two rows side by side: f(seg, a_raw, b_raw); b's states are copied into
+// `b_copy` unless it is null.
+template <class S, bool AL, int W, class F>
+CDM_DEV void read_segment_pairs(const Group<W>& g, const S* a, const S* b, int64_t n, S* b_copy, F&& f) {
+  const int64_t nseg = num_segments(n);
+  for (int64_t seg = g.warp; seg < nseg; seg += W) {
+    alignas(16) S a_raw[kEPT], b_raw[kEPT];
+    load_raw<S, AL>(a, n, seg, g.lane, a_raw);
+    load_raw<S, AL>(b, n, seg, g.lane, b_raw);
+    if (b_copy != nullptr) store_raw<S, AL>(b_copy, n, seg, g.lane, b_raw);
+    f(seg, a_raw, b_raw);
+  }
+}
+
+// For each segment: raw <- its states of `src`, f(seg, raw) rewrites raw, raw -> `out`.
+template <class S, bool AL, int W, class F>
+CDM_DEV void map_segments(const Group<W>& g, const S* src, S* out, int64_t n, F&& f) {
+  read_segments<S, AL, W>(g, src, n, nullptr, [&](int64_t seg, S* raw) {
+    f(seg, raw);
+    store_raw<S, AL>(out, n, seg, g.lane, raw);
+  });
+}
+
+// Over two rows: f(seg, a_raw, b_raw) rewrites a_raw, which goes to `out`.
+template <class S, bool AL, int W, class F>
+CDM_DEV void map_segment_pairs(const Group<W>& g, const S* a, const S* b, S* out, int64_t n, F&& f) {
+  read_segment_pairs<S, AL, W>(g, a, b, n, nullptr, [&](int64_t seg, S* a_raw, S* b_raw) {
+    f(seg, a_raw, b_raw);
+    store_raw<S, AL>(out, n, seg, g.lane, a_raw);
+  });
+}
+
 // ----------------------------------------------------------------------------- row passes
 
 // Ask L2 for the first min(bytes, cap) bytes of a row, one prefetch per 128-byte line spread
@@ -488,14 +530,29 @@ struct NoExtra {
   CDM_DEV void operator()(int64_t) const {}
 };
 
+// 1 when one of the kEPT values of raw is NaN or +-inf (allow_minus_inf: NaN or +inf);
+// slots past n hold 0 (load_raw)
+template <class S>
+CDM_DEV int raw_not_finite(const S* raw, bool allow_minus_inf) {
+  using C = typename Compute<S>::type;
+  int bad = 0;
+#pragma unroll
+  for (int k = 0; k < kEPT; ++k) {
+    const C v = to_compute<C>(raw[k]);
+    bad |= allow_minus_inf ? (v != v || v == pos_inf<C>()) : !(v - v == C(0));
+  }
+  return bad;
+}
+
 // Pass 1 of the inversion kernels: m = max_{y != x} log_score_y and
 // s = sum_{y != x} exp(log_score_y - m) (double, group-uniform). Optionally stores the
 // segment stats (seg_m, seg_s) and fills the row cache; `extra(seg)` runs once per
-// segment in every lane (to stream a second row alongside).
+// segment in every lane (to stream a second row alongside); `bad` (when not null) gets 1
+// where a state of this thread, x's included, is NaN or +-inf (the value checks).
 template <class S, bool AL, int W, class Extra>
 CDM_DEV void pass_max_sumexp(const Group<W>& g, const S* row, S* cache, int64_t n, int64_t x,
                              typename Compute<S>::type* seg_m, typename Compute<S>::type* seg_s, double& m_out,
-                             double& s_out, Extra&& extra) {
+                             double& s_out, Extra&& extra, int* bad = nullptr) {
   using C = typename Compute<S>::type;
   const int64_t nseg = num_segments(n);
   // kBatch segments per step: their loads are all issued before any reduction, so each
@@ -514,6 +571,7 @@ CDM_DEV void pass_max_sumexp(const Group<W>& g, const S* row, S* cache, int64_t 
       const int64_t seg = first + static_cast<int64_t>(b) * W;
       if (seg >= nseg) break;  // warp-uniform
       if (cache != nullptr) store_raw<S, AL>(cache, n, seg, g.lane, raw[b]);
+      if (bad != nullptr) *bad |= raw_not_finite(raw[b], false);
       C v[kEPT];
       with_plain(seg, n, x, [&](auto plain) {
 #pragma unroll
@@ -638,6 +696,16 @@ CDM_DEV bool row_setup(unsigned char* smem, const SmemPlan& plan, int64_t positi
   return p < positions;
 }
 
+// The first line of every row kernel (template parameter W, arguments `a` with .plan and
+// .positions): declares the row group `g`, its position `p` and its shared memory `gs`;
+// a group past the last position returns.
+#define CDM_ROW_GROUP(a, g, p, gs)                                    \
+  CDM_DECLARE_SMEM(cdm_smem);                                         \
+  Group<W> g;                                                         \
+  int64_t p;                                                          \
+  unsigned char* gs;                                                  \
+  if (!row_setup<W>(cdm_smem, (a).plan, (a).positions, g, p, gs)) return
+
 // ----------------------------------------------------------------------------- host side
 
 enum class Storage : int { F32 = 0, F64 = 1, BF16 = 2, F16 = 3 };
@@ -648,15 +716,17 @@ inline bool is_aligned_rows(const at::Tensor& t) {
   return addr % 16 == 0 && (n * static_cast<int64_t>(t.element_size())) % 16 == 0;
 }
 
-// Calls f(S{}, aligned_tag, warps_tag) with S the storage type of `dtype`, aligned_tag a
-// std::integral_constant<bool, ...> and warps_tag a std::integral_constant<int, W>.
+// Calls f.template operator()<S, AL, W>() (f: a lambda [&]<class S, bool AL, int W>() {...})
+// with S the storage type of `dtype`, AL = aligned and W the row group's warps for n states.
 template <class F>
 void dispatch_rows(at::ScalarType dtype, bool aligned, int64_t n, F&& f) {
   auto with_warps = [&](auto s_tag, auto al_tag) {
+    using S = decltype(s_tag);
+    constexpr bool AL = decltype(al_tag)::value;
     if (n <= kSmallRow) {
-      f(s_tag, al_tag, std::integral_constant<int, 1>{});
+      f.template operator()<S, AL, 1>();
     } else {
-      f(s_tag, al_tag, std::integral_constant<int, 8>{});
+      f.template operator()<S, AL, 8>();
     }
   };
   auto with_align = [&](auto s_tag) {
@@ -685,9 +755,12 @@ void dispatch_rows(at::ScalarType dtype, bool aligned, int64_t n, F&& f) {
 }
 
 
-// Launches kernel<<<ceil(positions / rows per block), block>>>(args) on the current stream.
+// Launches kernel<<<ceil(positions / rows per block), block>>>(args) on the current stream
+// (args: a RowArgs, whose positions and plan size the launch).
 template <int W, class Args>
-void launch_rows(void (*kernel)(Args), const Args& args, int64_t positions, const SmemPlan& plan) {
+void launch_rows(void (*kernel)(Args), const Args& args) {
+  const int64_t positions = args.positions;
+  const SmemPlan& plan = args.plan;
   if (positions == 0) return;
   const int64_t blocks = (positions + Group<W>::kRows - 1) / Group<W>::kRows;
   TORCH_CHECK(blocks <= std::numeric_limits<int>::max(), "cdm_kernels (CUDA): too many positions (", positions, ")");
@@ -724,12 +797,13 @@ inline void check_device(const at::Tensor& t, const char* what) {
 
 inline void check_rows(const at::Tensor& t, const char* what) {
   check_device(t, what);
-  TORCH_CHECK(t.dim() == 2, "cdm_kernels: ", what, " must be (P, N), got ", t.sizes());
-  TORCH_CHECK(t.is_contiguous(), "cdm_kernels: ", what, " must be contiguous");
-  const auto s = t.scalar_type();
-  TORCH_CHECK(s == at::kFloat || s == at::kDouble || s == at::kBFloat16 || s == at::kHalf, "cdm_kernels: ", what,
-              " must be float32, float64, bfloat16 or float16, got ", s);
-  TORCH_CHECK(t.size(1) >= 2, "cdm_kernels: ", what, " needs at least 2 states, got ", t.size(1));
+  check_row_layout(t, what);
+}
+
+// a second (P, N) input like `rows` (a backward's grad, the loss's target)
+inline void check_rows_like(const at::Tensor& t, const at::Tensor& rows, const char* what) {
+  check_rows(t, what);
+  check_same_shape(t, rows, what);
 }
 
 inline void check_positions(const at::Tensor& t, const at::Tensor& like, const char* what, int64_t positions,
@@ -747,21 +821,38 @@ inline void check_family(int64_t family) {
               "cdm_kernels: family must be 0 (uniform), 1 (absorbing) or 2 (dense), got ", family);
 }
 
-// The rows of an op with their (P,) tokens x (int64) and noise levels tau (float64),
-// validated, contiguous, on the rows' device.
+// The rows of an op with their (P,) tokens x (int64; undefined where the op has none) and
+// noise levels tau (float64), validated, contiguous, on the rows' device.
 struct RowInputs {
   int64_t positions, n;
   at::Tensor x, tau;
 };
 
 inline RowInputs check_row_inputs(int64_t family, const at::Tensor& rows, const char* what, const at::Tensor& x,
-                                  const at::Tensor& tau) {
+                                  const at::Tensor& tau, const char* tau_what = "tau") {
   check_family(family);
   check_rows(rows, what);
   const int64_t positions = rows.size(0);
   check_positions(x, rows, "x", positions, at::kLong);
-  check_positions(tau, rows, "tau", positions, at::kDouble);
+  check_positions(tau, rows, tau_what, positions, at::kDouble);
   return {positions, rows.size(1), x.contiguous(), tau.contiguous()};
+}
+
+struct ErrorRecord;  // value_checks.cuh
+
+// The fields every row kernel's arguments share (each kernel's Args derives from it).
+struct RowArgs {
+  const int64_t* x;   // (P,) tokens
+  const double* tau;  // (P,) noise levels
+  int64_t positions, n, family;
+  SmemPlan plan;
+  ErrorRecord* errors = nullptr;  // the call's value checks (value_checks.cuh); null: off
+};
+
+// The rows of `in` under graph `family`, launched with `plan`.
+inline RowArgs row_args(const RowInputs& in, int64_t family, const SmemPlan& plan, ErrorRecord* errors = nullptr) {
+  return {in.x.defined() ? in.x.data_ptr<int64_t>() : nullptr, in.tau.data_ptr<double>(), in.positions, in.n, family,
+          plan, errors};
 }
 
 // The float64 eigen-decomposition of a dense graph, validated and on the rows' device.

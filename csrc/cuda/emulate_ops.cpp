@@ -3,7 +3,8 @@
 // the namespace cdm_emu, so that the .cu files built with -DCDM_CUDA_EMULATE register
 // their kernels (CDM_CUDA_IMPL = TORCH_LIBRARY_IMPL(cdm_emu, CPU, m)) for CPU tensors.
 // Load cdm_kernels._C first. Built only by .ci/cuda_emulation_check.sh; an empty file in
-// every other build.
+// every other build. Besides the ops: _set_value_checks (this library's own switch of the
+// kernels' value checks) and _row_plan (the shared-memory plan of a row kernel, for tests).
 #ifdef CDM_CUDA_EMULATE
 
 #include <ATen/core/dispatch/Dispatcher.h>
@@ -11,6 +12,10 @@
 
 #include <sstream>
 #include <string>
+#include <vector>
+
+#include "cuda/cuda_common.cuh"
+#include "value_checks.h"
 
 namespace {
 
@@ -33,10 +38,27 @@ std::string schema_of(const char* op) {
   return s.compare(0, prefix.size(), prefix) == 0 ? s.substr(prefix.size()) : s;
 }
 
+void set_value_checks(bool enabled) { cdm::value_checks_switch().store(enabled); }
+
+// [rows cached, block bytes, blocks per SM] of plan_smem for n states of `dtype`, with
+// segment stats or not, asking for cache_rows rows (rows cached < cache_rows: a later
+// pass reads the row again from global memory)
+std::vector<int64_t> row_plan(int64_t n, at::ScalarType dtype, bool stats, int64_t cache_rows) {
+  using namespace cdm::gpu;
+  std::vector<int64_t> out;
+  dispatch_rows(dtype, true, n, [&]<class S, bool AL, int W>() {
+    const SmemPlan plan = plan_smem<S, W>(n, stats, static_cast<int>(cache_rows));
+    out = {plan.cache_rows, plan.block_bytes, smem_limits().per_sm / std::max<int64_t>(plan.block_bytes + 1024, 1)};
+  });
+  return out;
+}
+
 }  // namespace
 
 TORCH_LIBRARY(cdm_emu, m) {
   for (const char* op : kOps) m.def(schema_of(op).c_str());
+  m.def("_set_value_checks(bool enabled) -> ()", &set_value_checks);
+  m.def("_row_plan(int n, ScalarType dtype, bool stats, int cache_rows) -> int[]", &row_plan);
 }
 
 #endif  // CDM_CUDA_EMULATE

@@ -25,39 +25,38 @@ namespace gpu {
 namespace {
 
 template <class S>
-struct StepArgs {
+struct StepArgs : RowArgs {  // tau: tau_t
   const S* ls;
-  const int64_t* x;
-  const double* tau_t;
   const double* tau_s;
   int64_t* out;
-  int64_t positions, n, family, method;
-  int64_t seed, offset;
-  SmemPlan plan;
+  int64_t method, seed, offset;
 };
 
 template <class S, bool AL, int W>
 CDM_GLOBAL void CDM_BOUNDS(Group<W>::kBlock, min_blocks<S>()) fused_euler_step_kernel(const StepArgs<S> a) {
   using C = typename Compute<S>::type;
-  CDM_DECLARE_SMEM(smem);
-  Group<W> g;
-  int64_t p;
-  unsigned char* gs;
-  if (!row_setup<W>(smem, a.plan, a.positions, g, p, gs)) return;
+  CDM_ROW_GROUP(a, g, p, gs);
   const int64_t n = a.n, nseg = num_segments(n), x = a.x[p];
+  const double tau_t = a.tau[p], tau_s = a.tau_s[p];
+  const S* row = a.ls + p * n;
+  int bad = 0;
+  if (a.errors != nullptr && g.tid == 0) check_position(a.errors, n, x, tau_t, &a.tau_s[p]);
   if (a.family == ABSORBING && x != n - 1) {  // an unmasked token stays
     if (g.tid == 0) a.out[p] = x;
+    if (a.errors != nullptr) {  // a row read for the check only
+      read_segments<S, AL, W>(g, row, n, nullptr, [&](int64_t, const S* raw) { bad |= raw_not_finite(raw, false); });
+      if (bad) flag_error(a.errors, kRowsNotFinite);
+    }
     return;
   }
-  const double tau_t = a.tau_t[p], tau_s = a.tau_s[p];
   const double delta = tau_t - tau_s;
   const bool inversion = a.family == UNIFORM && (a.method == 0 || tau_s == 0.0);
-  const S* row = a.ls + p * n;
   S* cache = inversion ? cache_row<S>(gs, a.plan, 0) : nullptr;
   const SegStats<C> st = segment_stats<C>(gs, a.plan, nseg);
   prefetch_row(g, row, n * static_cast<int64_t>(sizeof(S)), a.plan.l2_prefetch);
   double m, s;
-  pass_max_sumexp<S, AL, W>(g, row, cache, n, x, st.m, st.s, m, s, NoExtra{});
+  pass_max_sumexp<S, AL, W>(g, row, cache, n, x, st.m, st.s, m, s, NoExtra{}, a.errors != nullptr ? &bad : nullptr);
+  if (bad) flag_error(a.errors, kRowsNotFinite);
   g.sync();  // the segment stats and the row cache, written per warp, are read by the whole group
   const float uniform = philox_uniform(a.seed, a.offset, p);
   int64_t pick;
@@ -100,14 +99,12 @@ CDM_GLOBAL void CDM_BOUNDS(Group<W>::kBlock, min_blocks<S>()) fused_euler_step_k
     const Inversion<C> inv = uniform_inversion<C>(m, s, c);
     const S* src = cache != nullptr ? cache : row;
     C acc = C(0);
-    for (int64_t seg = g.warp; seg < nseg; seg += W) {  // pass 2: per-segment sums of u
-      alignas(16) S raw[kEPT];
-      load_raw<S, AL>(src, n, seg, g.lane, raw);
+    read_segments<S, AL, W>(g, src, n, nullptr, [&](int64_t seg, const S* raw) {  // pass 2: per-segment sums of u
       C part = lane_u_sum<S, AL>(inv, raw, seg, g.lane, n, x);
       acc += part;
       part = warp_sum(part);
       if (g.lane == 0) st.mass[seg] = static_cast<double>(part);
-    }
+    });
     const double U = g.sum(static_cast<double>(acc));
     g.sync();  // st.mass (lane 0 of each segment's warp) visible to the group
     const Decay dd = decay(delta), ds = decay(tau_s);
@@ -133,22 +130,15 @@ CDM_GLOBAL void CDM_BOUNDS(Group<W>::kBlock, min_blocks<S>()) fused_euler_step_k
 }
 
 // Dense graphs: inverse-CDF draw from explicit float64 probabilities (P, N).
-struct ProbsArgs {
+struct ProbsArgs : RowArgs {  // tau, family: unused
   const double* probs;
-  const int64_t* x;
   int64_t* out;
-  int64_t positions, n;
   int64_t seed, offset;
-  SmemPlan plan;
 };
 
 template <bool AL, int W>
 CDM_GLOBAL void CDM_BOUNDS(Group<W>::kBlock, min_blocks<double>()) sample_probs_kernel(const ProbsArgs a) {
-  CDM_DECLARE_SMEM(smem);
-  Group<W> g;
-  int64_t p;
-  unsigned char* gs;
-  if (!row_setup<W>(smem, a.plan, a.positions, g, p, gs)) return;
+  CDM_ROW_GROUP(a, g, p, gs);
   const int64_t n = a.n, nseg = num_segments(n), x = a.x[p];
   const double* row = a.probs + p * n;
   const SegStats<double> st = segment_stats<double>(gs, a.plan, nseg);
@@ -174,67 +164,38 @@ at::Tensor fused_euler_step_cuda(int64_t family, const c10::optional<at::Tensor>
                            const at::Tensor& log_score, const at::Tensor& x_in, const at::Tensor& tau_t_in,
                            const at::Tensor& tau_s_in, int64_t method, const at::Tensor& seed_offset) {
   CDM_DEVICE_GUARD(log_score);
-  check_family(family);
-  check_rows(log_score, "log_score");
-  TORCH_CHECK(method == 0 || method == 1, "cdm_kernels: method must be 0 (analytic) or 1 (euler), got ", method);
-  const int64_t positions = log_score.size(0), n = log_score.size(1);
-  check_positions(x_in, log_score, "x", positions, at::kLong);
-  check_positions(tau_t_in, log_score, "tau_t", positions, at::kDouble);
+  const RowInputs in = check_row_inputs(family, log_score, "log_score", x_in, tau_t_in, "tau_t");
+  const int64_t positions = in.positions, n = in.n;
   check_positions(tau_s_in, log_score, "tau_s", positions, at::kDouble);
+  TORCH_CHECK(method == 0 || method == 1, "cdm_kernels: method must be 0 (analytic) or 1 (euler), got ", method);
   TORCH_CHECK(seed_offset.device().is_cpu() && seed_offset.scalar_type() == at::kLong && seed_offset.numel() == 2,
               "cdm_kernels: seed_offset must be a CPU int64 tensor [seed, offset]");
   const at::Tensor so = seed_offset.contiguous();
   const int64_t seed = so.data_ptr<int64_t>()[0], offset = so.data_ptr<int64_t>()[1];  // host memory: no sync
   TORCH_CHECK(offset >= 0, "cdm_kernels: the Philox offset must be non-negative, got ", offset);
-  const at::Tensor x = x_in.contiguous(), tau_t = tau_t_in.contiguous(), tau_s = tau_s_in.contiguous();
-  at::Tensor out = at::empty({positions}, x.options());
+  const at::Tensor tau_s = tau_s_in.contiguous();
+  at::Tensor out = at::empty({positions}, in.x.options());
   if (positions == 0) return out;
   if (family == DENSE) {
     const dense::Eigen eg = check_dense(evals, vecs, vecs_inv, n, log_score.device());
-    const at::Tensor probs = dense::step_probabilities(eg, log_score, x, tau_t, tau_s, method).contiguous();
-    ProbsArgs a;
-    a.probs = probs.data_ptr<double>();
-    a.x = x.data_ptr<int64_t>();
-    a.out = out.data_ptr<int64_t>();
-    a.positions = positions;
-    a.n = n;
-    a.seed = seed;
-    a.offset = offset;
-    const bool aligned = is_aligned_rows(probs);
-    auto go = [&](auto al_tag, auto w_tag) {
-      constexpr bool AL = decltype(al_tag)::value;
-      constexpr int W = decltype(w_tag)::value;
-      a.plan = plan_smem<double, W>(n, /*stats=*/true, /*cache_rows=*/0);
-      launch_rows<W>(&sample_probs_kernel<AL, W>, a, positions, a.plan);
-    };
-    if (n <= kSmallRow) {
-      aligned ? go(std::true_type{}, std::integral_constant<int, 1>{}) : go(std::false_type{}, std::integral_constant<int, 1>{});
-    } else {
-      aligned ? go(std::true_type{}, std::integral_constant<int, 8>{}) : go(std::false_type{}, std::integral_constant<int, 8>{});
-    }
+    const at::Tensor probs = dense::step_probabilities(eg, log_score, in.x, in.tau, tau_s, method).contiguous();
+    dispatch_rows(at::kDouble, is_aligned_rows(probs), n, [&]<class S, bool AL, int W>() {
+      const ProbsArgs a{row_args(in, family, plan_smem<double, W>(n, /*stats=*/true, /*cache_rows=*/0)),
+                        probs.data_ptr<double>(), out.data_ptr<int64_t>(), seed, offset};
+      launch_rows<W>(&sample_probs_kernel<AL, W>, a);
+    });
     return out;
   }
-  dispatch_rows(log_score.scalar_type(), is_aligned_rows(log_score), n, [&](auto s_tag, auto al_tag, auto w_tag) {
-    using S = decltype(s_tag);
-    constexpr bool AL = decltype(al_tag)::value;
-    constexpr int W = decltype(w_tag)::value;
-    StepArgs<S> a;
-    a.ls = static_cast<const S*>(log_score.data_ptr());
-    a.x = x.data_ptr<int64_t>();
-    a.tau_t = tau_t.data_ptr<double>();
-    a.tau_s = tau_s.data_ptr<double>();
-    a.out = out.data_ptr<int64_t>();
-    a.positions = positions;
-    a.n = n;
-    a.family = family;
-    a.method = method;
-    a.seed = seed;
-    a.offset = offset;
-    // the row is re-read only by the inversion (uniform analytic, or tau_s = 0)
-    const int cache_rows = (family == UNIFORM && method == 0) ? 1 : 0;
-    a.plan = plan_smem<S, W>(n, /*stats=*/true, cache_rows);
-    launch_rows<W>(&fused_euler_step_kernel<S, AL, W>, a, positions, a.plan);
+  // the row is re-read only by the inversion (uniform analytic, or tau_s = 0)
+  const int cache_rows = (family == UNIFORM && method == 0) ? 1 : 0;
+  ValueChecks checks(log_score, {"fused_euler_step", "log_score", "x", "tau_t", "tau_s"}, n);
+  dispatch_rows(log_score.scalar_type(), is_aligned_rows(log_score), n, [&]<class S, bool AL, int W>() {
+    const SmemPlan plan = plan_smem<S, W>(n, /*stats=*/true, cache_rows);
+    const StepArgs<S> a{row_args(in, family, plan, checks.record()), static_cast<const S*>(log_score.data_ptr()),
+                        tau_s.data_ptr<double>(), out.data_ptr<int64_t>(), method, seed, offset};
+    launch_rows<W>(&fused_euler_step_kernel<S, AL, W>, a);
   });
+  checks.finish();
   return out;
 }
 

@@ -19,21 +19,18 @@
 #pragma once
 
 #include "cuda/cuda_common.cuh"
+#include "cuda/value_checks.cuh"
 
 namespace cdm {
 namespace gpu {
 
 template <class S>
-struct InversionArgs {
-  const S* ls;       // (P, N) log-scores
-  const S* second;   // backward: the gradient rows, or the target rows (from_target)
-  const float* gl;   // from_target: grad_loss (P,)
-  const int64_t* x;  // (P,)
-  const double* tau;  // (P,)
-  S* out;            // (P, N)
-  int64_t positions, n, family;
+struct InversionArgs : RowArgs {
+  const S* ls;      // (P, N) log-scores
+  const S* second;  // backward: the gradient rows, or the target rows (from_target)
+  const float* gl;  // from_target: grad_loss (P,)
+  S* out;           // (P, N)
   int from_target;
-  SmemPlan plan;
 };
 
 // u = max(e^{v - M} - beta S, floor) and its clamp weight (torch.maximum's gradient split).
@@ -89,52 +86,48 @@ CDM_DEV auto lane_u_sum(const Inv& inv, const S* raw, int64_t seg, int lane, int
 template <class S, bool AL, int W>
 CDM_GLOBAL void CDM_BOUNDS(Group<W>::kBlock, min_blocks<S>()) posterior_forward_kernel(const InversionArgs<S> a) {
   using C = typename Compute<S>::type;
-  CDM_DECLARE_SMEM(smem);
-  Group<W> g;
-  int64_t p;
-  unsigned char* gs;
-  if (!row_setup<W>(smem, a.plan, a.positions, g, p, gs)) return;
-  const int64_t n = a.n, nseg = num_segments(n), x = a.x[p];
+  CDM_ROW_GROUP(a, g, p, gs);
+  const int64_t n = a.n, x = a.x[p];
   const S* row = a.ls + p * n;
   S* out = a.out + p * n;
+  int bad = 0;
+  if (a.errors != nullptr && g.tid == 0) check_position(a.errors, n, x, a.tau[p], nullptr);
   if (a.family == ABSORBING && x != n - 1) {
+    if (a.errors != nullptr) {  // a row read for the check only
+      read_segments<S, AL, W>(g, row, n, nullptr, [&](int64_t, const S* raw) { bad |= raw_not_finite(raw, false); });
+      if (bad) flag_error(a.errors, kRowsNotFinite);
+    }
     fill_row<S, AL, W>(g, out, n, x, C(0), -pos_inf<C>());
     return;
   }
   S* cache = cache_row<S>(gs, a.plan, 0);
   prefetch_row(g, row, n * static_cast<int64_t>(sizeof(S)), a.plan.l2_prefetch);
   double m, s;
-  pass_max_sumexp<S, AL, W>(g, row, cache, n, x, nullptr, nullptr, m, s, NoExtra{});
+  pass_max_sumexp<S, AL, W>(g, row, cache, n, x, nullptr, nullptr, m, s, NoExtra{},
+                            a.errors != nullptr ? &bad : nullptr);
+  if (bad) flag_error(a.errors, kRowsNotFinite);
   const S* src = cache != nullptr ? cache : row;
   if (a.family == ABSORBING) {  // x = mask: log-softmax over the real tokens
     const C mc = static_cast<C>(m), lsum = static_cast<C>(log(s));
-    for (int64_t seg = g.warp; seg < nseg; seg += W) {
-      alignas(16) S raw[kEPT];
-      load_raw<S, AL>(src, n, seg, g.lane, raw);
+    map_segments<S, AL, W>(g, src, out, n, [&](int64_t seg, S* raw) {
 #pragma unroll
       for (int k = 0; k < kEPT; ++k) {
         const int64_t i = slot_index<AL>(seg, g.lane, k);
         raw[k] = to_storage<S>(i == x ? -pos_inf<C>() : (to_compute<C>(raw[k]) - mc) - lsum);
       }
-      store_raw<S, AL>(out, n, seg, g.lane, raw);
-    }
+    });
     return;
   }
   const UniformCoeffs c = uniform_coeffs(a.tau[p], n);
   const Inversion<C> inv = uniform_inversion<C>(m, s, c);
   C acc = C(0);
-  for (int64_t seg = g.warp; seg < nseg; seg += W) {
-    alignas(16) S raw[kEPT];
-    load_raw<S, AL>(src, n, seg, g.lane, raw);
-    acc += lane_u_sum<S, AL>(inv, raw, seg, g.lane, n, x);
-  }
+  read_segments<S, AL, W>(g, src, n, nullptr,
+                          [&](int64_t seg, const S* raw) { acc += lane_u_sum<S, AL>(inv, raw, seg, g.lane, n, x); });
   const double U = g.sum(static_cast<double>(acc));
   const double z = c.beta * U + c.alpha * static_cast<double>(inv.u_of(C(0)));
   const double lz = log(z);
   const C off = static_cast<C>(log(c.off()) - lz), on = static_cast<C>(log(c.on()) - lz);
-  for (int64_t seg = g.warp; seg < nseg; seg += W) {
-    alignas(16) S raw[kEPT];
-    load_raw<S, AL>(src, n, seg, g.lane, raw);
+  map_segments<S, AL, W>(g, src, out, n, [&](int64_t seg, S* raw) {
     with_plain(seg, n, x, [&](auto plain) {
 #pragma unroll
       for (int k = 0; k < kEPT; ++k) {
@@ -147,8 +140,7 @@ CDM_GLOBAL void CDM_BOUNDS(Group<W>::kBlock, min_blocks<S>()) posterior_forward_
         }
       }
     });
-    store_raw<S, AL>(out, n, seg, g.lane, raw);
-  }
+  });
 }
 
 // Gradient w.r.t. log_score of <G, log q>, recomputing the forward. G is the `second`
@@ -156,12 +148,8 @@ CDM_GLOBAL void CDM_BOUNDS(Group<W>::kBlock, min_blocks<S>()) posterior_forward_
 template <class S, bool AL, int W>
 CDM_GLOBAL void CDM_BOUNDS(Group<W>::kBlock, min_blocks<S>()) posterior_backward_kernel(const InversionArgs<S> a) {
   using C = typename Compute<S>::type;
-  CDM_DECLARE_SMEM(smem);
-  Group<W> g;
-  int64_t p;
-  unsigned char* gs;
-  if (!row_setup<W>(smem, a.plan, a.positions, g, p, gs)) return;
-  const int64_t n = a.n, nseg = num_segments(n), x = a.x[p];
+  CDM_ROW_GROUP(a, g, p, gs);
+  const int64_t n = a.n, x = a.x[p];
   S* out = a.out + p * n;
   if (a.family == ABSORBING && x != n - 1) {
     fill_row<S, AL, W>(g, out, n, x, C(0), C(0));
@@ -193,27 +181,20 @@ CDM_GLOBAL void CDM_BOUNDS(Group<W>::kBlock, min_blocks<S>()) posterior_backward
   const S* gsrc = cache_g != nullptr ? cache_g : grow;
   if (a.family == ABSORBING) {  // x = mask
     const C mc = static_cast<C>(m), k_soft = static_cast<C>(G / s);
-    for (int64_t seg = g.warp; seg < nseg; seg += W) {
-      alignas(16) S lraw[kEPT], graw[kEPT];
-      load_raw<S, AL>(lsrc, n, seg, g.lane, lraw);
-      load_raw<S, AL>(gsrc, n, seg, g.lane, graw);
+    map_segment_pairs<S, AL, W>(g, lsrc, gsrc, out, n, [&](int64_t seg, S* lraw, const S* graw) {
 #pragma unroll
       for (int k = 0; k < kEPT; ++k) {
         const int64_t i = slot_index<AL>(seg, g.lane, k);
         const C gv = gval(to_compute<C>(graw[k]));
         lraw[k] = to_storage<S>(i == x ? C(0) : gv - fexp(to_compute<C>(lraw[k]) - mc) * k_soft);
       }
-      store_raw<S, AL>(out, n, seg, g.lane, lraw);
-    }
+    });
     return;
   }
   const UniformCoeffs c = uniform_coeffs(a.tau[p], n);
   const Inversion<C, true> inv = uniform_inversion<C, true>(m, s, c);
   C acc_u = C(0), acc_h = C(0), acc_w = C(0);
-  for (int64_t seg = g.warp; seg < nseg; seg += W) {
-    alignas(16) S lraw[kEPT], graw[kEPT];
-    load_raw<S, AL>(lsrc, n, seg, g.lane, lraw);
-    load_raw<S, AL>(gsrc, n, seg, g.lane, graw);
+  read_segment_pairs<S, AL, W>(g, lsrc, gsrc, n, nullptr, [&](int64_t seg, const S* lraw, const S* graw) {
 #pragma unroll
     for (int k = 0; k < kEPT; ++k) {
       const int64_t i = slot_index<AL>(seg, g.lane, k);
@@ -226,7 +207,7 @@ CDM_GLOBAL void CDM_BOUNDS(Group<W>::kBlock, min_blocks<S>()) posterior_backward
         if (w != C(0)) acc_h += w * (gval(to_compute<C>(graw[k])) / u);
       }
     }
-  }
+  });
   const double U = g.sum(static_cast<double>(acc_u));
   const double H = g.sum(static_cast<double>(acc_h));
   const double Wt = g.sum(static_cast<double>(acc_w));
@@ -237,10 +218,7 @@ CDM_GLOBAL void CDM_BOUNDS(Group<W>::kBlock, min_blocks<S>()) posterior_backward
   const double k1 = G / z;                                     // dL/du_b = w_b (g_b / u_b - K[b, x] k1)
   const double sum_du = H - k1 * (c.beta * Wt + c.alpha * wx);  // sum_b dL/du_b
   const C bk = static_cast<C>(c.beta * k1), bs = static_cast<C>(c.beta * sum_du);
-  for (int64_t seg = g.warp; seg < nseg; seg += W) {
-    alignas(16) S lraw[kEPT], graw[kEPT];
-    load_raw<S, AL>(lsrc, n, seg, g.lane, lraw);
-    load_raw<S, AL>(gsrc, n, seg, g.lane, graw);
+  map_segment_pairs<S, AL, W>(g, lsrc, gsrc, out, n, [&](int64_t seg, S* lraw, const S* graw) {
 #pragma unroll
     for (int k = 0; k < kEPT; ++k) {
       const int64_t i = slot_index<AL>(seg, g.lane, k);
@@ -255,13 +233,12 @@ CDM_GLOBAL void CDM_BOUNDS(Group<W>::kBlock, min_blocks<S>()) posterior_backward
       }
       lraw[k] = to_storage<S>(o);
     }
-    store_raw<S, AL>(out, n, seg, g.lane, lraw);
-  }
+  });
 }
 
 // Host: launch the backward kernel (grad rows, or target rows with grad_loss); scores_to_posterior.cu.
 void launch_posterior_backward(int64_t family, const at::Tensor& log_score, const at::Tensor& second,
-                               const float* grad_loss, const at::Tensor& x, const at::Tensor& tau, at::Tensor& out);
+                               const float* grad_loss, const RowInputs& in, at::Tensor& out);
 
 }  // namespace gpu
 }  // namespace cdm

@@ -7,21 +7,17 @@
 //   uniform   pass 1 sum(u), pass 2 sum(gr), pass 3 writes u (alpha gr + beta sum(gr))
 //   absorbing pass 1 sum_{a<m} u, pass 2 writes u_a (alpha gr_a + (1 - alpha) gr_m), u_m gr_m
 // Rows read by several passes are cached in shared memory when they fit. Dense: dense.cpp.
-#include "cuda/cuda_common.cuh"
+#include "cuda/value_checks.cuh"
 
 namespace cdm {
 namespace gpu {
 namespace {
 
 template <class S>
-struct ToScoresArgs {
+struct ToScoresArgs : RowArgs {
   const S* lq;    // (P, N) log p_0|t
   const S* grad;  // backward only
-  const int64_t* x;
-  const double* tau;
   S* out;
-  int64_t positions, n, family;
-  SmemPlan plan;
 };
 
 // log K[a, x] (clamped at -1e30) and the kernel's coefficients for one row
@@ -64,38 +60,42 @@ CDM_DEV C safe_log(C r) {
   return r > C(0) ? flog(r) : -pos_inf<C>();
 }
 
-template <class S, bool AL, int W>
-CDM_GLOBAL void CDM_BOUNDS(Group<W>::kBlock, min_blocks<S>()) to_scores_kernel(const ToScoresArgs<S> a) {
-  using C = typename Compute<S>::type;
-  CDM_DECLARE_SMEM(smem);
-  Group<W> g;
-  int64_t p;
-  unsigned char* gs;
-  if (!row_setup<W>(smem, a.plan, a.positions, g, p, gs)) return;
-  const int64_t n = a.n, nseg = num_segments(n), x = a.x[p], m = n - 1;
-  const bool uniform = a.family == UNIFORM;
-  const S* row = a.lq + p * n;
-  S* out = a.out + p * n;
-  const Column<C> col = make_column<C>(a.family, n, x, a.tau[p]);
-  S* cache = cache_row<S>(gs, a.plan, 0);
+// sum of u over the row (over the real tokens for the absorbing graph); its states go to
+// `cache` unless it is null; `errors` (not null): the value checks of log p_0|t (NaN, +inf)
+template <class S, bool AL, int W, class C>
+CDM_DEV double column_u_sum(const Group<W>& g, const Column<C>& col, const S* row, S* cache, int64_t n, bool uniform,
+                            ErrorRecord* errors = nullptr) {
+  const int64_t m = n - 1;
   C acc = C(0);
-  for (int64_t seg = g.warp; seg < nseg; seg += W) {
-    alignas(16) S raw[kEPT];
-    load_raw<S, AL>(row, n, seg, g.lane, raw);
-    if (cache != nullptr) store_raw<S, AL>(cache, n, seg, g.lane, raw);
+  int bad = 0;
+  read_segments<S, AL, W>(g, row, n, cache, [&](int64_t seg, const S* raw) {
+    if (errors != nullptr) bad |= raw_not_finite(raw, /*allow_minus_inf=*/true);
 #pragma unroll
     for (int k = 0; k < kEPT; ++k) {
       const int64_t i = slot_index<AL>(seg, g.lane, k);
       if (i < n && (uniform || i != m)) acc += col.u_of(to_compute<C>(raw[k]), i);
     }
-  }
-  const double U = g.sum(static_cast<double>(acc));
+  });
+  if (bad) flag_error(errors, kRowsNotFinite);
+  return g.sum(static_cast<double>(acc));
+}
+
+template <class S, bool AL, int W>
+CDM_GLOBAL void CDM_BOUNDS(Group<W>::kBlock, min_blocks<S>()) to_scores_kernel(const ToScoresArgs<S> a) {
+  using C = typename Compute<S>::type;
+  CDM_ROW_GROUP(a, g, p, gs);
+  const int64_t n = a.n, x = a.x[p], m = n - 1;
+  const bool uniform = a.family == UNIFORM;
+  const S* row = a.lq + p * n;
+  S* out = a.out + p * n;
+  const Column<C> col = make_column<C>(a.family, n, x, a.tau[p]);
+  S* cache = cache_row<S>(gs, a.plan, 0);
+  if (a.errors != nullptr && g.tid == 0) check_position(a.errors, n, x, a.tau[p], nullptr);
+  const double U = column_u_sum<S, AL, W>(g, col, row, cache, n, uniform, a.errors);
   const S* src = cache != nullptr ? cache : row;
   const C shift = uniform ? static_cast<C>(col.oma / static_cast<double>(n) * U) : C(0);
   const C mask_add = static_cast<C>(col.oma * U);
-  for (int64_t seg = g.warp; seg < nseg; seg += W) {
-    alignas(16) S raw[kEPT];
-    load_raw<S, AL>(src, n, seg, g.lane, raw);
+  map_segments<S, AL, W>(g, src, out, n, [&](int64_t seg, S* raw) {
 #pragma unroll
     for (int k = 0; k < kEPT; ++k) {
       const int64_t i = slot_index<AL>(seg, g.lane, k);
@@ -103,19 +103,14 @@ CDM_GLOBAL void CDM_BOUNDS(Group<W>::kBlock, min_blocks<S>()) to_scores_kernel(c
       const C r = uniform ? col.alpha * u + shift : (i == m ? u + mask_add : col.alpha * u);
       raw[k] = to_storage<S>(safe_log(r));
     }
-    store_raw<S, AL>(out, n, seg, g.lane, raw);
-  }
+  });
 }
 
 template <class S, bool AL, int W>
 CDM_GLOBAL void CDM_BOUNDS(Group<W>::kBlock, min_blocks<S>()) to_scores_backward_kernel(const ToScoresArgs<S> a) {
   using C = typename Compute<S>::type;
-  CDM_DECLARE_SMEM(smem);
-  Group<W> g;
-  int64_t p;
-  unsigned char* gs;
-  if (!row_setup<W>(smem, a.plan, a.positions, g, p, gs)) return;
-  const int64_t n = a.n, nseg = num_segments(n), x = a.x[p], m = n - 1;
+  CDM_ROW_GROUP(a, g, p, gs);
+  const int64_t n = a.n, x = a.x[p], m = n - 1;
   const bool uniform = a.family == UNIFORM;
   const S* row = a.lq + p * n;
   const S* grow = a.grad + p * n;
@@ -123,27 +118,12 @@ CDM_GLOBAL void CDM_BOUNDS(Group<W>::kBlock, min_blocks<S>()) to_scores_backward
   const Column<C> col = make_column<C>(a.family, n, x, a.tau[p]);
   S* cache_l = cache_row<S>(gs, a.plan, 0);
   S* cache_g = cache_row<S>(gs, a.plan, 1);
-  C acc = C(0);
-  for (int64_t seg = g.warp; seg < nseg; seg += W) {  // pass 1: sum(u)
-    alignas(16) S raw[kEPT];
-    load_raw<S, AL>(row, n, seg, g.lane, raw);
-    if (cache_l != nullptr) store_raw<S, AL>(cache_l, n, seg, g.lane, raw);
-#pragma unroll
-    for (int k = 0; k < kEPT; ++k) {
-      const int64_t i = slot_index<AL>(seg, g.lane, k);
-      if (i < n && (uniform || i != m)) acc += col.u_of(to_compute<C>(raw[k]), i);
-    }
-  }
-  const double U = g.sum(static_cast<double>(acc));
+  const double U = column_u_sum<S, AL, W>(g, col, row, cache_l, n, uniform);  // pass 1
   const S* lsrc = cache_l != nullptr ? cache_l : row;
   if (uniform) {
     const C shift = static_cast<C>(col.oma / static_cast<double>(n) * U);
     C acc_g = C(0);
-    for (int64_t seg = g.warp; seg < nseg; seg += W) {  // pass 2: sum(g / r)
-      alignas(16) S lraw[kEPT], graw[kEPT];
-      load_raw<S, AL>(lsrc, n, seg, g.lane, lraw);
-      load_raw<S, AL>(grow, n, seg, g.lane, graw);
-      if (cache_g != nullptr) store_raw<S, AL>(cache_g, n, seg, g.lane, graw);
+    read_segment_pairs<S, AL, W>(g, lsrc, grow, n, cache_g, [&](int64_t seg, const S* lraw, const S* graw) {  // pass 2
 #pragma unroll
       for (int k = 0; k < kEPT; ++k) {
         const int64_t i = slot_index<AL>(seg, g.lane, k);
@@ -152,14 +132,11 @@ CDM_GLOBAL void CDM_BOUNDS(Group<W>::kBlock, min_blocks<S>()) to_scores_backward
           if (r > C(0)) acc_g += to_compute<C>(graw[k]) / r;
         }
       }
-    }
+    });
     const double SG = g.sum(static_cast<double>(acc_g));
     const C bsg = static_cast<C>(col.oma / static_cast<double>(n) * SG);
     const S* gsrc = cache_g != nullptr ? cache_g : grow;
-    for (int64_t seg = g.warp; seg < nseg; seg += W) {  // pass 3
-      alignas(16) S lraw[kEPT], graw[kEPT];
-      load_raw<S, AL>(lsrc, n, seg, g.lane, lraw);
-      load_raw<S, AL>(gsrc, n, seg, g.lane, graw);
+    map_segment_pairs<S, AL, W>(g, lsrc, gsrc, out, n, [&](int64_t seg, S* lraw, const S* graw) {  // pass 3
 #pragma unroll
       for (int k = 0; k < kEPT; ++k) {
         const int64_t i = slot_index<AL>(seg, g.lane, k);
@@ -169,8 +146,7 @@ CDM_GLOBAL void CDM_BOUNDS(Group<W>::kBlock, min_blocks<S>()) to_scores_backward
         const C gr = r > C(0) ? to_compute<C>(graw[k]) / r : C(0);
         lraw[k] = to_storage<S>(lq > -pos_inf<C>() ? u * (col.alpha * gr + bsg) : C(0));
       }
-      store_raw<S, AL>(out, n, seg, g.lane, lraw);
-    }
+    });
     return;
   }
   // absorbing: gr_m = g_m / r_m with r_m = u_m + (1 - alpha) sum_{a<m} u_a
@@ -179,10 +155,7 @@ CDM_GLOBAL void CDM_BOUNDS(Group<W>::kBlock, min_blocks<S>()) to_scores_backward
   const C r_m = u_m + static_cast<C>(col.oma * U);
   const C gr_m = r_m > C(0) ? to_compute<C>(grow[m]) / r_m : C(0);
   const C oma = static_cast<C>(col.oma);
-  for (int64_t seg = g.warp; seg < nseg; seg += W) {
-    alignas(16) S lraw[kEPT], graw[kEPT];
-    load_raw<S, AL>(lsrc, n, seg, g.lane, lraw);
-    load_raw<S, AL>(grow, n, seg, g.lane, graw);
+  map_segment_pairs<S, AL, W>(g, lsrc, grow, out, n, [&](int64_t seg, S* lraw, const S* graw) {
 #pragma unroll
     for (int k = 0; k < kEPT; ++k) {
       const int64_t i = slot_index<AL>(seg, g.lane, k);
@@ -200,32 +173,24 @@ CDM_GLOBAL void CDM_BOUNDS(Group<W>::kBlock, min_blocks<S>()) to_scores_backward
       }
       lraw[k] = to_storage<S>(o);
     }
-    store_raw<S, AL>(out, n, seg, g.lane, lraw);
-  }
+  });
 }
 
+// the forward checks the values of log p_0|t (errors), the backward trusts its forward
 template <bool kBackward>
-void launch(int64_t family, const at::Tensor& log_p0, const at::Tensor* grad, const RowInputs& in, at::Tensor& out) {
+void launch(int64_t family, const at::Tensor& log_p0, const at::Tensor* grad, const RowInputs& in, at::Tensor& out,
+            ErrorRecord* errors = nullptr) {
   bool aligned = is_aligned_rows(log_p0) && is_aligned_rows(out);
   if (grad != nullptr) aligned = aligned && is_aligned_rows(*grad);
-  dispatch_rows(log_p0.scalar_type(), aligned, in.n, [&](auto s_tag, auto al_tag, auto w_tag) {
-    using S = decltype(s_tag);
-    constexpr bool AL = decltype(al_tag)::value;
-    constexpr int W = decltype(w_tag)::value;
-    ToScoresArgs<S> a;
-    a.lq = static_cast<const S*>(log_p0.data_ptr());
-    a.grad = grad != nullptr ? static_cast<const S*>(grad->data_ptr()) : nullptr;
-    a.x = in.x.data_ptr<int64_t>();
-    a.tau = in.tau.data_ptr<double>();
-    a.out = static_cast<S*>(out.data_ptr());
-    a.positions = in.positions;
-    a.n = in.n;
-    a.family = family;
-    a.plan = plan_smem<S, W>(in.n, /*stats=*/false, /*cache_rows=*/kBackward ? 2 : 1);
+  dispatch_rows(log_p0.scalar_type(), aligned, in.n, [&]<class S, bool AL, int W>() {
+    const SmemPlan plan = plan_smem<S, W>(in.n, /*stats=*/false, kBackward ? 2 : 1);
+    const ToScoresArgs<S> a{row_args(in, family, plan, errors), static_cast<const S*>(log_p0.data_ptr()),
+                            grad != nullptr ? static_cast<const S*>(grad->data_ptr()) : nullptr,
+                            static_cast<S*>(out.data_ptr())};
     if (kBackward) {
-      launch_rows<W>(&to_scores_backward_kernel<S, AL, W>, a, in.positions, a.plan);
+      launch_rows<W>(&to_scores_backward_kernel<S, AL, W>, a);
     } else {
-      launch_rows<W>(&to_scores_kernel<S, AL, W>, a, in.positions, a.plan);
+      launch_rows<W>(&to_scores_kernel<S, AL, W>, a);
     }
   });
 }
@@ -240,7 +205,10 @@ at::Tensor posterior_to_scores_cuda(int64_t family, const c10::optional<at::Tens
     return dense::posterior_to_scores(eg, log_p0, in.x, in.tau).to(log_p0.scalar_type());
   }
   at::Tensor out = at::empty_like(log_p0);
-  if (in.positions > 0) launch<false>(family, log_p0, nullptr, in, out);
+  if (in.positions == 0) return out;
+  ValueChecks checks(log_p0, {"posterior_to_scores", "log_p0", "x", "tau", nullptr}, in.n);
+  launch<false>(family, log_p0, nullptr, in, out, checks.record());
+  checks.finish();
   return out;
 }
 
@@ -250,9 +218,7 @@ at::Tensor posterior_to_scores_backward_cuda(int64_t family, const c10::optional
                                              const at::Tensor& log_p0, const at::Tensor& x, const at::Tensor& tau) {
   CDM_DEVICE_GUARD(log_p0);
   const RowInputs in = check_row_inputs(family, log_p0, "log_p0", x, tau);
-  check_rows(grad, "grad");
-  TORCH_CHECK(grad.sizes() == log_p0.sizes(), "cdm_kernels: grad must have shape ", log_p0.sizes(), ", got ",
-              grad.sizes());
+  check_rows_like(grad, log_p0, "grad");
   if (family == DENSE) {
     const dense::Eigen eg = check_dense(evals, vecs, vecs_inv, in.n, log_p0.device());
     return dense::posterior_to_scores_backward(eg, grad, log_p0, in.x, in.tau).to(log_p0.scalar_type());

@@ -6,26 +6,13 @@ namespace cdm {
 namespace gpu {
 
 void launch_posterior_backward(int64_t family, const at::Tensor& log_score, const at::Tensor& second,
-                               const float* grad_loss, const at::Tensor& x, const at::Tensor& tau, at::Tensor& out) {
-  const int64_t positions = log_score.size(0), n = log_score.size(1);
+                               const float* grad_loss, const RowInputs& in, at::Tensor& out) {
   const bool aligned = is_aligned_rows(log_score) && is_aligned_rows(second) && is_aligned_rows(out);
-  dispatch_rows(log_score.scalar_type(), aligned, n, [&](auto s_tag, auto al_tag, auto w_tag) {
-    using S = decltype(s_tag);
-    constexpr bool AL = decltype(al_tag)::value;
-    constexpr int W = decltype(w_tag)::value;
-    InversionArgs<S> a;
-    a.ls = static_cast<const S*>(log_score.data_ptr());
-    a.second = static_cast<const S*>(second.data_ptr());
-    a.gl = grad_loss;
-    a.x = x.data_ptr<int64_t>();
-    a.tau = tau.data_ptr<double>();
-    a.out = static_cast<S*>(out.data_ptr());
-    a.positions = positions;
-    a.n = n;
-    a.family = family;
-    a.from_target = grad_loss != nullptr ? 1 : 0;
-    a.plan = plan_smem<S, W>(n, /*stats=*/false, /*cache_rows=*/2);
-    launch_rows<W>(&posterior_backward_kernel<S, AL, W>, a, positions, a.plan);
+  dispatch_rows(log_score.scalar_type(), aligned, in.n, [&]<class S, bool AL, int W>() {
+    const InversionArgs<S> a{row_args(in, family, plan_smem<S, W>(in.n, /*stats=*/false, /*cache_rows=*/2)),
+                             static_cast<const S*>(log_score.data_ptr()), static_cast<const S*>(second.data_ptr()),
+                             grad_loss, static_cast<S*>(out.data_ptr()), grad_loss != nullptr ? 1 : 0};
+    launch_rows<W>(&posterior_backward_kernel<S, AL, W>, a);
   });
 }
 
@@ -42,25 +29,15 @@ at::Tensor scores_to_posterior_cuda(int64_t family, const c10::optional<at::Tens
   }
   at::Tensor out = at::empty_like(log_score);
   if (in.positions == 0) return out;
+  ValueChecks checks(log_score, {"scores_to_posterior", "log_score", "x", "tau", nullptr}, in.n);
   const bool aligned = is_aligned_rows(log_score) && is_aligned_rows(out);
-  dispatch_rows(log_score.scalar_type(), aligned, in.n, [&](auto s_tag, auto al_tag, auto w_tag) {
-    using S = decltype(s_tag);
-    constexpr bool AL = decltype(al_tag)::value;
-    constexpr int W = decltype(w_tag)::value;
-    InversionArgs<S> a;
-    a.ls = static_cast<const S*>(log_score.data_ptr());
-    a.second = nullptr;
-    a.gl = nullptr;
-    a.x = in.x.data_ptr<int64_t>();
-    a.tau = in.tau.data_ptr<double>();
-    a.out = static_cast<S*>(out.data_ptr());
-    a.positions = in.positions;
-    a.n = in.n;
-    a.family = family;
-    a.from_target = 0;
-    a.plan = plan_smem<S, W>(in.n, /*stats=*/false, /*cache_rows=*/1);
-    launch_rows<W>(&posterior_forward_kernel<S, AL, W>, a, in.positions, a.plan);
+  dispatch_rows(log_score.scalar_type(), aligned, in.n, [&]<class S, bool AL, int W>() {
+    const SmemPlan plan = plan_smem<S, W>(in.n, /*stats=*/false, /*cache_rows=*/1);
+    const InversionArgs<S> a{row_args(in, family, plan, checks.record()), static_cast<const S*>(log_score.data_ptr()),
+                             nullptr, nullptr, static_cast<S*>(out.data_ptr()), 0};
+    launch_rows<W>(&posterior_forward_kernel<S, AL, W>, a);
   });
+  checks.finish();
   return out;
 }
 
@@ -70,9 +47,7 @@ at::Tensor scores_to_posterior_backward_cuda(int64_t family, const c10::optional
                                              const at::Tensor& log_score, const at::Tensor& x, const at::Tensor& tau) {
   CDM_DEVICE_GUARD(log_score);
   const RowInputs in = check_row_inputs(family, log_score, "log_score", x, tau);
-  check_rows(grad, "grad");
-  TORCH_CHECK(grad.sizes() == log_score.sizes(), "cdm_kernels: grad must have shape ", log_score.sizes(), ", got ",
-              grad.sizes());
+  check_rows_like(grad, log_score, "grad");
   if (family == DENSE) {
     const dense::Eigen eg = check_dense(evals, vecs, vecs_inv, in.n, log_score.device());
     return dense::posterior_backward(eg, grad, log_score, in.x, in.tau).to(log_score.scalar_type());
@@ -80,7 +55,7 @@ at::Tensor scores_to_posterior_backward_cuda(int64_t family, const c10::optional
   at::Tensor out = at::empty_like(log_score);
   if (in.positions == 0) return out;
   const at::Tensor g = grad.to(log_score.scalar_type()).contiguous();  // no copy when it already matches
-  launch_posterior_backward(family, log_score, g, nullptr, in.x, in.tau, out);
+  launch_posterior_backward(family, log_score, g, nullptr, in, out);
   return out;
 }
 

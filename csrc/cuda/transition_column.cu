@@ -9,21 +9,13 @@ namespace gpu {
 namespace {
 
 template <class T>
-struct ColumnArgs {
-  const int64_t* x;
-  const double* tau;
+struct ColumnArgs : RowArgs {
   T* out;
-  int64_t positions, n, family;
-  SmemPlan plan;
 };
 
 template <class T, bool AL, int W>
 CDM_GLOBAL void CDM_BOUNDS(Group<W>::kBlock, min_blocks<T>()) column_kernel(const ColumnArgs<T> a) {
-  CDM_DECLARE_SMEM(smem);
-  Group<W> g;
-  int64_t p;
-  unsigned char* gs;
-  if (!row_setup<W>(smem, a.plan, a.positions, g, p, gs)) return;
+  CDM_ROW_GROUP(a, g, p, gs);
   const int64_t n = a.n, x = a.x[p];
   const Decay d = decay(a.tau[p]);
   const T alpha = static_cast<T>(d.alpha), oma = static_cast<T>(d.one_minus_alpha);
@@ -53,31 +45,20 @@ at::Tensor transition_column_cuda(int64_t family, const c10::optional<at::Tensor
   const int64_t positions = x_in.size(0), n = num_states;
   check_positions(x_in, x_in, "x", positions, at::kLong);
   check_positions(tau_in, x_in, "tau", positions, at::kDouble);
-  const at::Tensor x = x_in.contiguous(), tau = tau_in.contiguous();
+  const RowInputs in{positions, n, x_in.contiguous(), tau_in.contiguous()};
   const auto dtype = out_float64 ? at::kDouble : at::kFloat;
   if (family == DENSE) {
-    const dense::Eigen eg = check_dense(evals, vecs, vecs_inv, n, x.device());
-    return dense::column(eg, x, tau).to(dtype);
+    const dense::Eigen eg = check_dense(evals, vecs, vecs_inv, n, x_in.device());
+    return dense::column(eg, in.x, in.tau).to(dtype);
   }
-  at::Tensor out = at::empty({positions, n}, x.options().dtype(dtype));
+  at::Tensor out = at::empty({positions, n}, x_in.options().dtype(dtype));
   if (positions == 0) return out;
-  auto go = [&](auto t_tag, auto al_tag, auto w_tag) {
-    using T = decltype(t_tag);
-    constexpr bool AL = decltype(al_tag)::value;
-    constexpr int W = decltype(w_tag)::value;
-    ColumnArgs<T> a;
-    a.x = x.data_ptr<int64_t>();
-    a.tau = tau.data_ptr<double>();
-    a.out = out.data_ptr<T>();
-    a.positions = positions;
-    a.n = n;
-    a.family = family;
-    a.plan = plan_smem<T, W>(n, /*stats=*/false, /*cache_rows=*/0);
-    launch_rows<W>(&column_kernel<T, AL, W>, a, positions, a.plan);
-  };
-  dispatch_rows(dtype, is_aligned_rows(out), n, [&](auto s_tag, auto al_tag, auto w_tag) {
-    using S = decltype(s_tag);
-    if constexpr (std::is_same<S, float>::value || std::is_same<S, double>::value) go(s_tag, al_tag, w_tag);
+  dispatch_rows(dtype, is_aligned_rows(out), n, [&]<class T, bool AL, int W>() {
+    if constexpr (std::is_same<T, float>::value || std::is_same<T, double>::value) {
+      const ColumnArgs<T> a{row_args(in, family, plan_smem<T, W>(n, /*stats=*/false, /*cache_rows=*/0)),
+                            out.data_ptr<T>()};
+      launch_rows<W>(&column_kernel<T, AL, W>, a);
+    }
   });
   return out;
 }
