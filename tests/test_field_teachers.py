@@ -4,6 +4,10 @@ closed-form scores of their outputs."""
 
 import json
 import math
+import os
+import subprocess
+import sys
+from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
@@ -15,6 +19,7 @@ from cdm.models import (DiT, DiTConfig, checkpoint_layout, denoiser_config, load
 from cdm.models.dit import LOG_ZERO
 from test_models import ddit_reference_logits, randomised, sedd_reference
 
+ROOT = Path(__file__).resolve().parents[1]
 VOCAB, LENGTH, HIDDEN, HEADS, BLOCKS, COND = 9, 6, 32, 4, 2, 16  # VOCAB: data tokens (+1 mask when absorbing)
 
 
@@ -446,3 +451,38 @@ def test_chunked_joint_cdm_on_two_ranks_trains_the_whole_ones_student(tmp_path, 
     for key, value in runs["whole"].items():
         if key.startswith("model."):
             torch.testing.assert_close(runs["chunked"][key], value, rtol=1e-4, atol=1e-6, msg=key)
+
+
+def test_the_gpu_recipe_script_runs_small_on_the_cpu(tmp_path):
+    """benchmarks/gpu_field_distill.sh at a CPU's size: torchrun (one rank), a SEDD-layout
+    absorbing teacher of bytes, a pre-tokenized .bin corpus, the chunked joint loss."""
+    import numpy as np
+
+    if not (torch.distributed.is_available() and torch.distributed.is_gloo_available()):
+        pytest.skip("needs torch.distributed with gloo")
+    corpus = tmp_path / "corpus.bin"
+    text = " ".join(f"the {word} sat on the mat number {i}." for i, word in enumerate(["cat", "dog", "owl"] * 60))
+    np.frombuffer(text.encode(), dtype=np.uint8).astype(np.uint16).tofile(corpus)
+    setup = Setup(data="text", data_options={"path": str(corpus), "seq_len": 8}, graph="absorbing",
+                  noise="loglinear")
+    from cdm.experiment import new_model
+    save_pretrained(new_model(setup, "tiny"), tmp_path / "sedd", setup.graph, setup.noise, setup.noise_options)
+    out = tmp_path / "out"
+    env = {key: value for key, value in os.environ.items()
+           if key not in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")}
+    env.update(TEACHER=str(tmp_path / "sedd"), CORPUS=str(corpus), SEQ_LEN="8", DEVICE="cpu", PRECISION="fp32",
+               BATCH="2", LATENTS="2", TARGETS="2", TEACHER_STEPS="2", CHUNK="3", TEACHER_BATCH="1",
+               STUDENT_STEPS="2", STEPS="2", WARMUP="0", OUT=str(out), PYTHON=sys.executable, OMP_NUM_THREADS="1",
+               PYTHONPATH=os.pathsep.join([str(ROOT), env.get("PYTHONPATH", "")]),
+               EXTRA="--teacher-nfe 2 --num-samples 4 --evaluator-steps 2")
+    done = subprocess.run(["bash", str(ROOT / "benchmarks" / "gpu_field_distill.sh")], env=env,
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    rows = json.loads((out / "results.json").read_text())
+    assert [(r["model"], r["method"], r["nfe"]) for r in rows] == [("teacher", "analytic", 2),
+                                                                    ("student", "cdm-joint", 2)]
+    student, run, _ = load_model(out / "student-joint-k2.safetensors")
+    saved = load_pretrained(out / "student-joint-k2")
+    assert (run.data, run.graph, saved.layout) == ("text", "absorbing", "sedd")
+    assert student.config.latent_components == 2 and saved.model.config == student.config
+    assert "student-joint-k2" in (out / "distill.log").read_text()
