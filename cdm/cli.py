@@ -34,7 +34,9 @@ from .experiment import (
     evaluate,
     exact_handover_metrics,
     load_model,
+    load_teacher,
     new_model,
+    pretrained_setup,
     primary_metric,
     result_row,
     save_model,
@@ -43,6 +45,7 @@ from .data import DATA_SETS
 from .losses import ExactTargets, get_loss
 from .metrics_text import EVALUATOR_STEPS
 from .models.dit import PRESETS
+from .models.pretrained import load_pretrained, save_pretrained
 from .models.student import make_student
 from .sampling import EXACT_SUPPORT, has_mixture_weights, network_evaluations
 from .train import LR_SCHEDULES, PRECISIONS, TrainConfig, Trainer, default_device
@@ -63,8 +66,18 @@ METHOD_OPTIONS = {
     "--latent-components": MIXTURE_METHODS, "--latent-dim": MIXTURE_METHODS, "--num-latents": MIXTURE_METHODS,
     "--shared-blocks": MIXTURE_METHODS, "--mixture-weights": ("joint",), "--teacher-steps": ("joint",),
     "--num-targets": ("joint",), "--joint-target": ("joint",), "--rollout": ("joint",),
-    "--grid-weights": ("per-token", "joint"), "--dmmd-lr": ("dmmd",),
+    "--grid-weights": ("per-token", "joint"), "--dmmd-lr": ("dmmd",), "--chunk": ("joint",),
+    "--teacher-batch": ("joint",),
 }
+
+
+class _Append(argparse.Action):
+    """``action="append"`` that starts a list over any default that is not one (the
+    ``_UNSET`` of ``_options_parser``)."""
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        items = getattr(namespace, self.dest, None)
+        setattr(namespace, self.dest, (items if isinstance(items, list) else []) + [values])
 
 
 def _int_list(text: str) -> list[int]:
@@ -226,8 +239,10 @@ def distill(args) -> None:
     """The teacher's metrics at every NFE of ``--teacher-nfe``, then one student per
     method and NFE of ``--student-steps``, all in one table (``cdm compare`` is
     this with every method)."""
-    teacher, setup = _load_teacher(args)
+    teacher, setup, pretrained = _load_teacher(args)
     _prepare_evaluation(setup, args)
+    if args.student_output is None:  # a checkpoint's students keep its output, so its own layout holds them
+        args.student_output = teacher.config.parameterization if pretrained else "posterior"
     start = teacher
     if args.student_init:
         start, start_setup, _ = load_model(args.student_init, device=args.device)
@@ -258,6 +273,10 @@ def distill(args) -> None:
             if trainer.rank != 0:
                 continue
             save_model(out / f"student-{name}.safetensors", student, setup, "student", method=method, k=k)
+            if pretrained is not None:
+                layout = save_pretrained(student, out / f"student-{name}", setup.graph, setup.noise,
+                                         setup.noise_options, like=pretrained)
+                print(f"{name}: also written in {layout.upper()}'s layout to {out / f'student-{name}'}")
             metrics, samples = evaluate(student, setup, k, args.num_samples, seed=args.seed)
             label = METHOD_LABELS[method] + ("-weighted" if has_mixture_weights(student) else "")
             rows.append(result_row("student", label, network_evaluations(student, k), metrics,
@@ -296,7 +315,7 @@ def _student_and_loss(method: str, k: int, teacher, start, setup: Setup, args):
         options["num_latents"] = args.num_latents or args.latent_components or 16
     if method == "joint":
         options.update(teacher_steps=args.teacher_steps, target=args.joint_target, num_targets=args.num_targets,
-                       rollout=args.rollout)
+                       rollout=args.rollout, chunk=args.chunk, teacher_batch=args.teacher_batch)
         if args.joint_target == "exact":
             if not enumerable(setup):
                 raise ValueError(f"--joint-target exact: the targets' law is enumerated over num_states^L "
@@ -308,15 +327,15 @@ def _student_and_loss(method: str, k: int, teacher, start, setup: Setup, args):
 
 
 def _load_teacher(args):
-    """``(teacher, setup)`` of ``--teacher``, or of the teacher that ships for ``--data``."""
+    """``(teacher, setup, pretrained)`` of ``--teacher`` (a model file, or a checkpoint
+    directory run on ``--data`` with ``--data-option``: ``pretrained``, else None), or of
+    the teacher that ships for ``--data``."""
     data = args.data or "markov"
     teacher_path = args.teacher or default_teacher_path(data)
     if teacher_path is None:
         raise SystemExit(f"error: no --teacher given and no teacher ships for --data {data} "
                          f"(train one with cdm pretrain --data {data})")
-    teacher, setup, _ = load_model(teacher_path, device=args.device)
-    _check_data(args, setup, teacher_path)
-    return teacher, setup
+    return load_teacher(teacher_path, args.device, args.data, _options(args.data_option, "--data-option"))
 
 
 def _check_data(args, setup: Setup, path) -> None:
@@ -474,7 +493,13 @@ def handover(student, setup: Setup, args) -> None:
     teacher_path = args.teacher or default_teacher_path(setup.data)
     if teacher_path is None:
         raise SystemExit(f"error: no --teacher given and no teacher ships for {setup.data} data")
-    teacher, teacher_setup, _ = load_model(teacher_path, device=args.device)
+    if Path(teacher_path).is_dir():
+        pretrained = load_pretrained(teacher_path, device=args.device)
+        teacher = pretrained.model
+        teacher_setup = pretrained_setup(pretrained, setup.data, setup.data_options, f"--teacher {teacher_path}",
+                                         graph=setup.graph)
+    else:
+        teacher, teacher_setup, _ = load_model(teacher_path, device=args.device)
     if teacher_setup != setup:
         raise ValueError(f"--teacher: {teacher_path} was trained on another setup than --checkpoint "
                          f"({teacher_setup.to_json()} against {setup.to_json()})")
@@ -605,10 +630,16 @@ def _add_pretrain_options(parser) -> None:
 
 def _add_student_model_options(group) -> None:
     """The teacher (which fixes the data) and the students' networks."""
-    group.add_argument("--teacher", help="teacher model file (default: the one shipped for --data)")
-    group.add_argument("--data", choices=sorted(DEFAULT_TEACHERS),
-                       help="without --teacher: distil the teacher shipped for this data (default markov); "
-                            "with it: checked against the teacher's")
+    group.add_argument("--teacher", help="teacher model file (default: the one shipped for --data), or a local "
+                                         "checkpoint directory in SEDD's, MDLM's or DUO's layout (config.json + "
+                                         "model.safetensors or pytorch_model.bin), which brings its graph, noise "
+                                         "schedule and parameterisation; --data then names the data")
+    group.add_argument("--data", choices=DATA_SETS,
+                       help="without --teacher: distil the teacher shipped for this data (default markov; one ships "
+                            f"for {', '.join(sorted(DEFAULT_TEACHERS))}); with a model file: checked against the "
+                            "teacher's; with a checkpoint directory: the data it runs on (default markov)")
+    group.add_argument("--data-option", action=_Append, metavar="KEY=VALUE",
+                       help="with a checkpoint directory as --teacher: data set option (repeatable)")
     group.add_argument("--student-size", choices=sorted(PRESETS),
                        help="the students' network size (default: the teacher's, from its weights); "
                             "another size starts from random weights")
@@ -642,6 +673,11 @@ def _add_distillation_options(group) -> None:
                        help="joint CDM: fit the student's p_0|t to the teacher's x_0 (clean) or its reverse step "
                             "to the teacher's x at the next grid time (step; the same at 1 step); exact: the clean "
                             "target's whole law, enumerated (the markov data only; minutes to build)")
+    group.add_argument("--chunk", type=_number(int, 1),
+                       help="joint CDM: the student's output layer and the targets' likelihoods this many positions "
+                            "at a time (no B*M*L*N tensor is held; memory model in docs/ARCHITECTURE.md)")
+    group.add_argument("--teacher-batch", type=_number(int, 1),
+                       help="joint CDM: sequences per call of the teacher's chain (default: all B*R at once)")
     group.add_argument("--rollout", type=_number(float, 0, 1), default=0.0,
                        help="joint CDM, k > 1: share of x_t drawn by the student's own sampler instead of by "
                             "noising data")
@@ -653,8 +689,9 @@ def _add_distillation_options(group) -> None:
 
 def _add_experimental_options(group) -> None:
     """Options kept for experiments that measured no gain (docs/RESULTS.md)."""
-    group.add_argument("--student-output", default="posterior", choices=["posterior", "score"],
-                       help="what the students' last layer outputs (cdm.models.dit)")
+    group.add_argument("--student-output", choices=["posterior", "score"],
+                       help="what the students' last layer outputs (cdm.models.dit); default: posterior, or a "
+                            "checkpoint directory's own output")
     group.add_argument("--latent-dim", type=_number(int, 1), default=4,
                        help="mixture students with --latent-components 0: size of the continuous latent")
     group.add_argument("--student-init", metavar="MODEL_FILE",
@@ -709,7 +746,8 @@ def _add_model_file_command(commands, name: str, run) -> None:
                        help="a student's file, enumerable data: the exact KL of samplers that take the student's "
                             "step on some grid intervals and --teacher-steps teacher steps on the others "
                             "(which of its steps loses)")
-        p.add_argument("--teacher", help="with --handover: the teacher (default: the one shipped with the package)")
+        p.add_argument("--teacher", help="with --handover: the teacher, a model file or a checkpoint directory "
+                                         "(default: the one shipped for the student's data)")
         p.add_argument("--teacher-steps", type=_number(int, 1), default=16,
                        help="with --handover: teacher steps per grid interval of the student")
     p.set_defaults(run=run)

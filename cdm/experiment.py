@@ -5,6 +5,10 @@ the CLI and the library pieces.
 A model file (``*.safetensors``) holds the network's weights and, as metadata,
 everything needed to rebuild the run around it: ``{"kind", "setup", "model",
 ...}``. ``load_model`` checks that the file matches what it claims.
+
+A teacher may also be a checkpoint directory in SEDD's, MDLM's or DUO's layout
+(``cdm.models.pretrained``): it brings the graph, schedule, vocabulary and
+length, the run brings the data, and ``load_teacher`` checks that they fit.
 """
 
 from __future__ import annotations
@@ -21,6 +25,7 @@ import cdm_kernels as ck
 from .checkpoint import check_metadata, load_checkpoint, save_checkpoint, shape_mismatches
 from .data import get_dataset
 from .models.dit import DiT, DiTConfig, graph_by_name
+from .models.pretrained import Pretrained, load_pretrained
 from .models.student import model_device
 from .sampling import (EXACT_SUPPORT, exact_sample_distribution, latent_quadrature, sample, tau_of_time,
                        time_grid)
@@ -115,6 +120,55 @@ def load_model(path, device="cpu") -> tuple[DiT, Setup, dict]:
     if missing or unexpected:
         raise ValueError(f"{path}: weights do not match the stored config (missing {missing}, unexpected {unexpected})")
     return model.to(device).eval(), setup, metadata
+
+
+def load_teacher(path, device="cpu", data: Optional[str] = None, data_options: Optional[dict] = None
+                 ) -> tuple[DiT, Setup, Optional[Pretrained]]:
+    """``(model, setup, pretrained)`` of a teacher: a cdm model file (``pretrained`` None; it
+    carries its own data, so ``data`` and ``data_options``, where given, must be its own) or a
+    checkpoint directory in SEDD's, MDLM's or DUO's layout on ``data`` (default "markov")
+    with ``data_options``.
+
+    Raises ValueError naming both sides when the checkpoint's vocabulary, length or
+    graph does not fit the data (:func:`pretrained_setup`).
+    """
+    path = Path(path)
+    if not path.is_dir():
+        model, setup, _ = load_model(path, device=device)
+        if (data is not None and data != setup.data) or (data_options and data_options != setup.data_options):
+            options = "".join(f" --data-option {key}={value}" for key, value in setup.data_options.items())
+            raise ValueError(f"--data: the model file {path} was trained on --data {setup.data}{options}, which it "
+                             "carries; other data (--data, --data-option) goes with a checkpoint directory")
+        return model, setup, None
+    pretrained = load_pretrained(path, device=device)
+    return pretrained.model, pretrained_setup(pretrained, data or "markov", data_options or {}, str(path)), pretrained
+
+
+def pretrained_setup(pretrained: Pretrained, data: str, data_options: dict, source: str = "the checkpoint",
+                     graph: Optional[str] = None) -> Setup:
+    """The run of ``pretrained`` on ``data``: its graph and schedule, the data's tokens.
+
+    graph: the graph the run must have (e.g. a student's), if any.
+    Raises ValueError naming both sides for a graph other than ``graph``, a
+    vocabulary that is not the data's (plus the mask, absorbing graph) or a length
+    other than the data's.
+    """
+    if graph is not None and graph != pretrained.graph:
+        raise ValueError(f"{source} is a {pretrained.layout.upper()} checkpoint of the {pretrained.graph} graph; "
+                         f"the run is on the {graph} graph")
+    setup = Setup(data=data, data_options=dict(data_options), graph=pretrained.graph, noise=pretrained.noise,
+                  noise_options=dict(pretrained.noise_options))
+    tokens, seq_len = setup.dataset.vocab_size, setup.dataset.seq_len
+    states = setup.kernel_graph.num_states
+    if pretrained.num_states != states:
+        mask = " plus the mask" if pretrained.graph == "absorbing" else ""
+        raise ValueError(f"{source}: the {pretrained.layout.upper()} checkpoint's {pretrained.graph} graph has "
+                         f"{pretrained.num_states} states, but the {data} data has {tokens} tokens{mask}: "
+                         f"{states} states")
+    if pretrained.seq_len != seq_len:
+        raise ValueError(f"{source}: the {pretrained.layout.upper()} checkpoint's length is {pretrained.seq_len}, "
+                         f"the {data} data's {seq_len}")
+    return setup
 
 
 # ----------------------------------------------------------------------------- evaluation

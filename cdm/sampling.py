@@ -303,12 +303,13 @@ def _sigma(x: torch.Tensor, tau) -> torch.Tensor:
     return torch.broadcast_to(torch.as_tensor(tau, dtype=torch.float64, device=x.device), x.shape[:1]).contiguous()
 
 
-def call_model(model, x: torch.Tensor, tau: torch.Tensor, lam: Optional[torch.Tensor] = None) -> torch.Tensor:
-    """``model(x, sigma[, lam])`` with ``sigma`` the per-sequence total noise (B,)."""
+def call_model(model, x: torch.Tensor, tau: torch.Tensor, lam: Optional[torch.Tensor] = None,
+               **options) -> torch.Tensor:
+    """``model(x, sigma[, lam], **options)`` with ``sigma`` the per-sequence total noise (B,)."""
     sigma = _sigma(x, tau)
     if lam is None:
-        return model(x, sigma)
-    return model(x, sigma, lam)
+        return model(x, sigma, **options)
+    return model(x, sigma, lam, **options)
 
 
 # ----------------------------------------------------------------------------- samplers

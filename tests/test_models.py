@@ -33,7 +33,16 @@ def inputs(batch: int = 3, seed: int = 0):
 
 
 def sedd_reference(state: dict, config: DiTConfig, x: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
-    """SEDD's DDiT forward pass written out from its state dict, attention by explicit softmax."""
+    """SEDD's log-scores: its DDiT's outputs, scaled by sigma where it does so, 0 at the current token."""
+    out = ddit_reference_logits(state, config, x, sigma)
+    if config.scale_by_sigma:
+        out = out - torch.log(torch.exp(sigma) - 1)[:, None, None] - math.log(out.shape[-1] - 1)
+    return torch.scatter(out, -1, x[..., None], 0.0)
+
+
+def ddit_reference_logits(state: dict, config: DiTConfig, x: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
+    """The DDiT forward pass of SEDD, MDLM and DUO (their models/dit.py) written out from its
+    state dict (cdm names), attention by explicit softmax: the last layer's outputs."""
     heads, dim = config.n_heads, config.hidden
     head_dim = dim // heads
 
@@ -70,10 +79,7 @@ def sedd_reference(state: dict, config: DiTConfig, x: torch.Tensor, sigma: torch
                         approximate="tanh")
         h = h + gate2 * linear(hidden, f"{block}.mlp.2")
     shift, scale = linear(c, "output_layer.adaLN_modulation")[:, None].chunk(2, -1)
-    out = linear(norm(h, "output_layer.norm_final") * (1 + scale) + shift, "output_layer.linear")
-    if config.scale_by_sigma:
-        out = out - torch.log(torch.exp(sigma) - 1)[:, None, None] - math.log(out.shape[-1] - 1)
-    return torch.scatter(out, -1, x[..., None], 0.0)
+    return linear(norm(h, "output_layer.norm_final") * (1 + scale) + shift, "output_layer.linear")
 
 
 # --------------------------------------------------------------------------- DiT
@@ -271,8 +277,8 @@ def test_sedd_saving_rejects_inconsistent_config(tmp_path):
     hub_config["tokens"] -= 1
     with pytest.raises(ValueError, match="vocab_size"):
         save_sedd_checkpoint(model, hub_config, tmp_path)
-    with pytest.raises(ValueError, match="latent"):
-        sedd_config(tiny_config(latent_dim=1), graph="uniform")
+    with pytest.raises(ValueError, match="score networks"):
+        sedd_config(tiny_config(parameterization="posterior", graph="uniform"), graph="uniform")
     with pytest.raises(ValueError, match="scale_by_sigma"):
         sedd_config(tiny_config(scale_by_sigma=True), graph="uniform")
 

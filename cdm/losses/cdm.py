@@ -129,12 +129,21 @@ def _scores(model, x, tau, lam=None, graph=None) -> torch.Tensor:
 
 @torch.no_grad()
 def teacher_chain(model, graph: ck.Graph, noise, x_t: torch.Tensor, t: torch.Tensor, s: torch.Tensor, steps: int,
-                  *, method: str = "analytic", generator: Optional[torch.Generator] = None) -> torch.Tensor:
+                  *, method: str = "analytic", generator: Optional[torch.Generator] = None,
+                  batch_size: Optional[int] = None) -> torch.Tensor:
     """``x_s`` from ``steps`` reverse steps of ``model`` from time t to time s
     (per sequence, (B,) each, ``s < t``), equally spaced in time; ``s = 0``
-    ends at tau = 0 (clean tokens). Every step is one ``fused_euler_step``."""
+    ends at tau = 0 (clean tokens). Every step is one ``fused_euler_step``.
+    ``batch_size``: sequences per network call (default all B): the chain's
+    (B, L, N) scores, a few copies of which a step holds, shrink to batch_size rows."""
     if not isinstance(steps, int) or steps < 1:
         raise ValueError(f"steps must be a positive int, got {steps!r}")
+    if batch_size is not None:
+        if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+            raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
+        return torch.cat([teacher_chain(model, graph, noise, x_t[i:i + batch_size], t[i:i + batch_size],
+                                        s[i:i + batch_size], steps, method=method, generator=generator)
+                          for i in range(0, len(x_t), batch_size)])
     x = x_t
     for m in range(steps):
         t_from = t + (s - t) * (m / steps)
@@ -336,7 +345,7 @@ def _joint_log_likelihoods(graph: ck.Graph, log_score: torch.Tensor, x_t: torch.
 
 
 def _check_joint_options(x0, *, steps, num_latents, num_targets, teacher_steps, target, s, t_dist, rollout, method,
-                         exact_targets, reduction) -> None:
+                         exact_targets, reduction, chunk) -> None:
     _check_one_of("reduction", reduction, REDUCTIONS)
     if not isinstance(num_latents, int) or num_latents < 1:
         raise ValueError(f"num_latents must be a positive int, got {num_latents!r}")
@@ -349,6 +358,8 @@ def _check_joint_options(x0, *, steps, num_latents, num_targets, teacher_steps, 
     _check_one_of("target", target, JOINT_TARGETS)
     if target != "clean" and s is not None:
         raise ValueError("s (the time of the teacher's last per-token conditional) applies to target='clean' only")
+    if chunk is not None and target == "exact":
+        raise ValueError("chunk does not go with target='exact' (its likelihoods need whole conditionals)")
     if target == "exact":
         if not isinstance(exact_targets, ExactTargets):
             raise ValueError("target='exact' needs exact_targets=ExactTargets(teacher, graph, noise, seq_len, "
@@ -369,57 +380,95 @@ def _check_joint_options(x0, *, steps, num_latents, num_targets, teacher_steps, 
 @torch.no_grad()
 def _teacher_draws(teacher, graph: ck.Graph, noise, x_t: torch.Tensor, t: torch.Tensor, t_next: torch.Tensor,
                    draws: int, *, target: str, s: Optional[float], teacher_steps: int, method: str,
-                   generator) -> torch.Tensor:
-    """``draws`` targets per x_t (B * draws, L), one batch: x_s at ``t_next`` for
-    ``target="step"``, else x_0 through the teacher's chain from t via s."""
+                   generator, batch_size: Optional[int] = None) -> torch.Tensor:
+    """``draws`` targets per x_t (B * draws, L): x_s at ``t_next`` for ``target="step"``,
+    else x_0 through the teacher's chain from t via s; ``batch_size`` sequences per
+    network call (default all)."""
     x_from, t_from, t_to = x_t.repeat_interleave(draws, 0), t.repeat_interleave(draws), t_next.repeat_interleave(draws)
     if target == "step":
         return teacher_chain(teacher, graph, noise, x_from, t_from, t_to, teacher_steps, method=method,
-                             generator=generator)
+                             generator=generator, batch_size=batch_size)
     default_s = t_from / teacher_steps
     s_time = default_s if s is None else torch.where(torch.full_like(t_from, float(s)) < t_from,
                                                      torch.full_like(t_from, float(s)), default_s)
     x_s = x_from
     if teacher_steps > 1:
         x_s = teacher_chain(teacher, graph, noise, x_from, t_from, s_time, teacher_steps - 1, method=method,
-                            generator=generator)
+                            generator=generator, batch_size=batch_size)
     return teacher_chain(teacher, graph, noise, x_s, s_time, torch.zeros_like(t_from), 1, method=method,
-                         generator=generator)
+                         generator=generator, batch_size=batch_size)
+
+
+def _noisy_inputs(student, graph: ck.Graph, noise, x0: torch.Tensor, steps: int, *, t_dist: str,
+                  grid_weights: Optional[Sequence[float]], rollout: float, method: str, generator) -> tuple:
+    """``(t, t_next, x_t)`` of a joint-CDM step: times on the student's grid, and ``x0``
+    noised to t, or for a ``rollout`` share of sequences the student's own sampler's state."""
+    device, (batch, seq_len) = x0.device, x0.shape
+    t, t_next = sample_times(steps, batch, t_dist=t_dist, grid_weights=grid_weights, generator=generator,
+                             device=device)
+    x_t = add_noise(graph, x0, tau_of_time(noise, t)[:, None], generator)
+    if rollout:
+        own = _uniform(batch, generator, device) < rollout
+        if bool(own.any()):
+            x_t[own] = student_rollout(student, graph, noise, t[own], steps, seq_len, method=method, generator=generator)
+    return t, t_next, x_t
+
+
+def _position_log_likelihood(graph: ck.Graph, log_score: torch.Tensor, x_t: torch.Tensor, tau_t: torch.Tensor,
+                             y: torch.Tensor, tau_next: Optional[torch.Tensor], method: str) -> torch.Tensor:
+    """``log p(y^i | x_t)`` per position (B, L) of the student's clean conditional, or with
+    ``tau_next`` (B,) of its reverse step to that noise level (:func:`step_log_likelihood`)."""
+    if tau_next is not None:
+        return step_log_likelihood(graph, log_score, x_t, tau_t, tau_next[:, None].expand(x_t.shape), y, method)
+    # one-hot targets are exact in float32 (a float64 copy would double the memory of the M-fold batch)
+    one_hot = nn.functional.one_hot(y, graph.num_states).to(torch.float32)
+    return -ck.conditional_matching_loss(graph, log_score, x_t, tau_t, one_hot, reduction="none")
 
 
 def _mixture_log_likelihoods(student, graph: ck.Graph, noise, x_t: torch.Tensor, t: torch.Tensor,
                              t_next: torch.Tensor, targets: Optional[torch.Tensor], *, num_latents: int,
-                             stratified: bool, target: str, method: str, generator) -> torch.Tensor:
+                             stratified: bool, target: str, method: str, generator,
+                             chunk: Optional[int] = None) -> torch.Tensor:
     """``log sum_m prod_i p(y^i | x_t, lambda_m) - log M`` (B, R) for the R targets y
     per x_t in ``targets`` (B * R, L), or (B, S) for every sequence of the support
     (``target="exact"``, ``targets`` None); with mixture weights, each latent's term
-    carries its importance weight ``K w_k(x_t)``."""
+    carries its importance weight ``K w_k(x_t)``.
+
+    ``chunk`` (a ``DiT`` student; not with ``target="exact"``, which needs whole
+    conditionals): the student's output layer and the targets' log-likelihoods
+    run ``chunk`` positions at a time under activation checkpointing
+    (``DiT.forward(per_position=...)``), so no (B * M, L, N) tensor is held: at
+    the field's vocabulary that tensor, several times over, is most of a step's
+    memory (docs/ARCHITECTURE.md, "A joint-CDM step at the field's scale"). The
+    value and gradients are those of ``chunk=None``; the output layer runs once
+    more in backward."""
     device, (batch, seq_len) = x_t.device, x_t.shape
     tau_t = tau_of_time(noise, t)
     m = num_latents if latent_dim(student) else 1
     x_rep = x_t.repeat_interleave(m, 0)
     tau_rep = tau_t.repeat_interleave(m, 0)[:, None].expand(x_rep.shape)
     lam = draw_latents(student, batch * m, generator, device, stratified_groups=m if (stratified and m > 1) else 0)
-    if shared_block_count(student):
-        # M latents per sequence in one call: the blocks before the latent run once per sequence
-        log_score = _scores(student, x_t, tau_t, lam, graph=graph)
-    else:
-        log_score = _scores(student, x_rep, tau_rep[:, 0], lam, graph=graph)
+    # with shared blocks, M latents per sequence go in one call: the blocks before the latent run once per sequence
+    x_in, tau_in = (x_t, tau_t) if shared_block_count(student) else (x_rep, tau_rep[:, 0])
     if target == "exact":  # every x_0 of the support: (B, M, S)
+        log_score = _scores(student, x_in, tau_in, lam, graph=graph)
         log_lik = _joint_log_likelihoods(graph, log_score, x_rep, tau_rep).view(batch, m, -1)
     else:
         r = len(targets) // batch
         targets = targets.view(batch, r, seq_len).repeat_interleave(m, 0)  # (B * M, r, L)
-        if target == "step":
-            tau_next = tau_of_time(noise, t_next).repeat_interleave(m, 0)[:, None].expand(x_rep.shape)
-            per_draw = [step_log_likelihood(graph, log_score, x_rep, tau_rep, tau_next, targets[:, j], method).sum(-1)
-                        for j in range(r)]
-        else:  # one-hot targets are exact in float32 (a float64 copy would double the memory of the M-fold batch)
-            per_draw = [-ck.conditional_matching_loss(graph, log_score, x_rep, tau_rep,
-                                                      nn.functional.one_hot(targets[:, j], graph.num_states)
-                                                      .to(torch.float32), reduction="none").sum(-1)
-                        for j in range(r)]
-        log_lik = torch.stack(per_draw, -1).view(batch, m, r)
+        tau_next = tau_of_time(noise, t_next).repeat_interleave(m, 0) if target == "step" else None
+
+        def per_position(log_score, x, sigma, positions):  # log p(y^i | x_t, lambda) of each target: (B * M, P, r)
+            log_score = log_score.to(inversion_dtype(graph, log_score.dtype))
+            tau = sigma[:, None].expand(x.shape)
+            return torch.stack([_position_log_likelihood(graph, log_score, x, tau, targets[:, j, positions], tau_next,
+                                                         method) for j in range(r)], -1)
+
+        if chunk is None:
+            per_pos = per_position(call_model(student, x_in, tau_in, lam), x_rep, tau_rep[:, 0], slice(None))
+        else:
+            per_pos = call_model(student, x_in, tau_in, lam, per_position=per_position, chunk=chunk)
+        log_lik = per_pos.sum(1).view(batch, m, r)
     log_w = mixture_log_weights(student, x_t, tau_t)
     if log_w is not None:  # lambda was drawn uniformly: importance weight K w_k
         components = log_w.shape[-1]
@@ -433,6 +482,7 @@ def joint_cdm_loss(student, teacher, graph: ck.Graph, noise, x0: torch.Tensor, *
                    s: Optional[float] = None, t_dist: str = "grid", grid_weights: Optional[Sequence[float]] = None,
                    stratified: bool = True, rollout: float = 0.0, weighting: Union[str, Callable] = "none",
                    method: str = "analytic", exact_targets: Optional[ExactTargets] = None,
+                   chunk: Optional[int] = None, teacher_batch: Optional[int] = None,
                    generator: Optional[torch.Generator] = None, reduction: str = "mean") -> torch.Tensor:
     """Joint CDM loss on clean data ``x0`` (B, L) for a ``steps``-step mixture student.
 
@@ -481,30 +531,29 @@ def joint_cdm_loss(student, teacher, graph: ck.Graph, noise, x0: torch.Tensor, *
     teacher's chain only. Returns the batch mean of ``w(t) * NLL``
     (``reduction="none"``: (B,)). The defaults (M = 8, 16 teacher steps) are
     where the exact study stopped gaining for its cost (docs/RESULTS.md).
+
+    ``chunk`` and ``teacher_batch`` bound the step's memory, not its value: see
+    :func:`_mixture_log_likelihoods` and :func:`teacher_chain`.
     """
     _check_joint_options(x0, steps=steps, num_latents=num_latents, num_targets=num_targets,
                          teacher_steps=teacher_steps, target=target, s=s, t_dist=t_dist, rollout=rollout,
-                         method=method, exact_targets=exact_targets, reduction=reduction)
-    device, (batch, seq_len) = x0.device, x0.shape
-    t, t_next = sample_times(steps, batch, t_dist=t_dist, grid_weights=grid_weights, generator=generator,
-                             device=device)
-    x_t = add_noise(graph, x0, tau_of_time(noise, t)[:, None], generator)
-    if rollout:
-        own = _uniform(batch, generator, device) < rollout
-        if bool(own.any()):
-            x_t[own] = student_rollout(student, graph, noise, t[own], steps, seq_len, method=method, generator=generator)
+                         method=method, exact_targets=exact_targets, reduction=reduction, chunk=chunk)
+    t, t_next, x_t = _noisy_inputs(student, graph, noise, x0, steps, t_dist=t_dist, grid_weights=grid_weights,
+                                   rollout=rollout, method=method, generator=generator)
     targets = None
     if target == "exact":
         target_probs = exact_targets.probabilities(x_t, t)  # (B, S): the law of the draws
     else:
         targets = _teacher_draws(teacher, graph, noise, x_t, t, t_next, num_targets, target=target, s=s,
-                                 teacher_steps=teacher_steps, method=method, generator=generator)
+                                 teacher_steps=teacher_steps, method=method, generator=generator,
+                                 batch_size=teacher_batch)
     log_mixture = _mixture_log_likelihoods(student, graph, noise, x_t, t, t_next, targets, num_latents=num_latents,
-                                           stratified=stratified, target=target, method=method, generator=generator)
+                                           stratified=stratified, target=target, method=method, generator=generator,
+                                           chunk=chunk)
     if target == "exact":
         nll = -torch.where(target_probs > 0, target_probs * log_mixture, 0.0).sum(-1)
     else:
         nll = -log_mixture.mean(-1)
-    per_sequence = nll / seq_len
+    per_sequence = nll / x0.shape[1]
     per_sequence = _weights(weighting, noise, t).to(per_sequence.dtype) * per_sequence
     return _reduce(per_sequence, reduction)

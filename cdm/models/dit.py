@@ -35,14 +35,19 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Callable
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 import cdm_kernels as ck
 
 __all__ = ["DiTConfig", "DiT", "PRESETS"]
+
+#: ``per_position(log_score, x, sigma, positions) -> (B', P, ...)``: see ``DiT.forward``
+PerPosition = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, slice], torch.Tensor]
 
 # name -> (hidden, n_heads, n_blocks, cond_dim). "sedd-small"/"sedd-medium" are
 # the published SEDD sizes; the others are for CPU experiments.
@@ -97,6 +102,10 @@ class DiTConfig:
     graph: the forward process over ``vocab_size`` states, needed by the
         posterior form to turn conditionals into scores: ``"uniform"``,
         ``"absorbing"`` (mask = last token) or ``"ordinal"``; ignored by ``"score"``.
+    time_conditioning: whether the network sees the noise level. False (MDLM's
+        released models) conditions every block on sigma = 0, as MDLM's
+        backbone does; the posterior form still turns the conditional into
+        scores with the true sigma.
     """
 
     vocab_size: int
@@ -114,6 +123,7 @@ class DiTConfig:
     shared_blocks: int = 0
     parameterization: str = "score"
     graph: str = ""
+    time_conditioning: bool = True
 
     def __post_init__(self):
         for name in ("vocab_size", "seq_len", "hidden", "n_heads", "n_blocks", "cond_dim", "mlp_ratio"):
@@ -147,6 +157,8 @@ class DiTConfig:
                 raise ValueError(f"a posterior-parameterised DiT needs graph in {POSTERIOR_GRAPHS}, got {self.graph!r}")
             if self.scale_by_sigma:
                 raise ValueError("scale_by_sigma applies to score outputs only, not to parameterization='posterior'")
+        if not isinstance(self.time_conditioning, bool):
+            raise TypeError(f"time_conditioning must be a bool, got {self.time_conditioning!r}")
 
     @classmethod
     def preset(cls, name: str, vocab_size: int, seq_len: int, **overrides) -> DiTConfig:
@@ -392,7 +404,8 @@ class DiT(nn.Module):
                              if config.parameterization == "posterior" else None)
 
     def forward(self, x: torch.Tensor, sigma: torch.Tensor, lam: torch.Tensor | None = None, *,
-                mixture_weights: bool = False, draw: torch.Tensor | None = None) -> torch.Tensor:
+                mixture_weights: bool = False, draw: torch.Tensor | None = None,
+                per_position: PerPosition | None = None, chunk: int | None = None) -> torch.Tensor:
         """Log-scores of every single-token change.
 
         x: LongTensor (B, L), tokens in [0, vocab_size) (not range-checked:
@@ -420,6 +433,17 @@ class DiT(nn.Module):
         inverting the CDF of the weights at ``draw``: a sampler's step. With
         ``shared_blocks`` this is one pass of the network.
 
+        ``per_position`` (with ``chunk``, a number of positions): instead of the
+        log-scores, ``per_position(log_score, x, sigma, positions)`` of each run of
+        ``chunk`` positions, concatenated along the positions: ``log_score``
+        (B', P, vocab_size) and ``x`` (B', P) are those positions' (``positions``,
+        a slice), ``sigma`` (B',). The output layer and ``per_position`` of a
+        chunk run under activation checkpointing, so no (B', L, vocab_size)
+        tensor is ever held: a loss that needs a few numbers per position (the
+        log-likelihood of a target) costs O(B' chunk vocab_size) memory for the
+        vocabulary, not O(B' L vocab_size), for one more pass of the output layer
+        in backward. It runs inside ``forward`` so that DDP/FSDP wrappers see it.
+
         With ``scale_by_sigma`` (SEDD, absorbing graph), the raw output is
         shifted by ``-log(e^sigma - 1) - log(vocab_size - 1)``: for a masked
         position the true ratios are ``p(y | unmasked) / (e^sigma - 1)``, so
@@ -427,7 +451,9 @@ class DiT(nn.Module):
         ``-log(vocab_size - 1)`` rather than the sigma-dependent scale.
         """
         group = self._check_inputs(x, sigma, lam, mixture_weights, draw)
-        c_sigma = self.sigma_map(sigma)
+        if (per_position is None) != (chunk is None) or (per_position is not None and mixture_weights):
+            raise ValueError("per_position and chunk go together, and not with mixture_weights=True")
+        c_sigma = self.sigma_map(sigma if self.config.time_conditioning else torch.zeros_like(sigma))
         cos, sin = self.rotary_emb(x.shape[1])
         h = self.vocab_embed(x)
         shared = self.config.shared_blocks
@@ -445,7 +471,14 @@ class DiT(nn.Module):
             if group > 1:
                 x, sigma, c_sigma, h = (v.repeat_interleave(group, 0) for v in (x, sigma, c_sigma, h))
         c = F.silu(c_sigma + latent) if self.config.latent_dim else F.silu(c_sigma)
-        out = self.output_layer(self._blocks(h, cos, sin, c, start=shared), c).float()
+        h = self._blocks(h, cos, sin, c, start=shared)
+        if per_position is not None:
+            return self._chunked(h, c, x, sigma, per_position, chunk)
+        return self._head(h, c, x, sigma)
+
+    def _head(self, h: torch.Tensor, c: torch.Tensor, x: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
+        """Log-scores (B, P, vocab_size) of positions whose last hidden states are h (B, P, hidden)."""
+        out = self.output_layer(h, c).float()
         if self.kernel_graph is not None:
             return self._posterior_scores(out, x, sigma)
         log_score = out
@@ -456,6 +489,24 @@ class DiT(nn.Module):
             log_scale = torch.log(torch.expm1(sigma))[:, None, None] + math.log(self.config.vocab_size - 1)
             log_score = log_score - log_scale
         return torch.scatter(log_score, -1, x.long()[..., None], 0.0)
+
+    def _chunked(self, h: torch.Tensor, c: torch.Tensor, x: torch.Tensor, sigma: torch.Tensor,
+                 per_position: PerPosition, chunk: int | None) -> torch.Tensor:
+        """``per_position`` of the log-scores, ``chunk`` positions at a time, each chunk checkpointed."""
+        seq_len = x.shape[1]
+        if isinstance(chunk, bool) or not isinstance(chunk, int) or chunk < 1:
+            raise ValueError(f"chunk must be a positive int (positions per chunk) with per_position, got {chunk!r}")
+
+        def run(h_part, x_part, start):
+            positions = slice(start, start + x_part.shape[1])
+            return per_position(self._head(h_part, c, x_part, sigma), x_part, sigma, positions)
+
+        parts = []
+        for i in range(0, seq_len, chunk):
+            h_part, x_part = h[:, i:i + chunk], x[:, i:i + chunk].contiguous()
+            parts.append(checkpoint(run, h_part, x_part, i, use_reentrant=False) if torch.is_grad_enabled()
+                         else run(h_part, x_part, i))
+        return torch.cat(parts, dim=1)
 
     def _blocks(self, h: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, c: torch.Tensor,
                 start: int = 0) -> torch.Tensor:

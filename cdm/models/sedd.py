@@ -1,6 +1,6 @@
 """Read and write SEDD checkpoints in the layout SEDD publishes on the hub.
 
-A checkpoint is a directory with
+A checkpoint is a directory (``cdm.models.checkpoint_dir``) with
 - ``config.json``: SEDD's whole training config; what is read here is
   ``tokens``, ``graph.type`` ("absorb" or "uniform"), ``noise.type``
   ("loglinear" or "geometric", with ``noise.sigma_min``/``sigma_max``) and
@@ -10,28 +10,25 @@ A checkpoint is a directory with
   dict, whose parameter names ``DiT`` shares (see ``cdm.models.dit``).
 
 For the absorbing graph SEDD's vocabulary is ``tokens + 1`` (the mask token
-is last); for the uniform graph it is ``tokens``.
+is last); for the uniform graph it is ``tokens``. SEDD's networks output
+log-scores: this layout holds ``parameterization="score"`` networks only.
 """
 
 from __future__ import annotations
 
-import json
 import os
-from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import load_file, save_file
 
 from ..schedules import GeometricNoise, LogLinearNoise, NoiseSchedule
+from .checkpoint_dir import (build_dit, check_describes, mixture_entry, mixture_settings, read_checkpoint_dir,
+                             write_checkpoint_dir)
 from .dit import DiT, DiTConfig
 
 __all__ = ["load_sedd_checkpoint", "save_sedd_checkpoint", "sedd_config", "dit_config_from_sedd",
            "sedd_noise_schedule"]
 
-CONFIG_FILE = "config.json"
-SAFETENSORS_FILE = "model.safetensors"
-PICKLE_FILE = "pytorch_model.bin"
 GRAPH_TYPES = ("absorb", "uniform")
 SEDD_MLP_RATIO = 4  # fixed in SEDD's blocks
 
@@ -47,8 +44,11 @@ def sedd_config(dit_config: DiTConfig, graph: str, noise: str = "loglinear",
         raise ValueError(f"graph must be one of {GRAPH_TYPES}, got {graph!r}")
     if noise not in ("loglinear", "geometric"):
         raise ValueError(f"noise must be 'loglinear' or 'geometric', got {noise!r}")
-    if dit_config.latent_dim:
-        raise ValueError("dit_config has latent_dim > 0; SEDD checkpoints have no latent input")
+    if dit_config.parameterization != "score":
+        raise ValueError("SEDD's layout holds score networks; a posterior network goes in MDLM's layout "
+                         "(absorbing graph) or DUO's (uniform graph)")
+    if not dit_config.time_conditioning:
+        raise ValueError("SEDD's networks always see the noise level; dit_config has time_conditioning=False")
     if dit_config.mlp_ratio != SEDD_MLP_RATIO:
         raise ValueError(f"dit_config.mlp_ratio must be {SEDD_MLP_RATIO} for SEDD, got {dit_config.mlp_ratio}")
     if dit_config.scale_by_sigma and graph != "absorb":
@@ -64,6 +64,7 @@ def sedd_config(dit_config: DiTConfig, graph: str, noise: str = "loglinear",
             "length": dit_config.seq_len, "dropout": dit_config.dropout,
             "scale_by_sigma": dit_config.scale_by_sigma,
         },
+        **mixture_entry(dit_config),
     }
 
 
@@ -94,6 +95,7 @@ def dit_config_from_sedd(config: dict[str, Any]) -> DiTConfig:
         mlp_ratio=SEDD_MLP_RATIO,
         dropout=float(_lookup(config, "model.dropout")),
         scale_by_sigma=scale_by_sigma,
+        **mixture_settings(config, "SEDD"),
     )
 
 
@@ -121,42 +123,8 @@ def load_sedd_checkpoint(path: str | os.PathLike, device: str | torch.device = "
     Raises FileNotFoundError for a missing directory or files and ValueError
     for missing/unexpected parameters or shape mismatches.
     """
-    directory = Path(path)
-    if not directory.is_dir():
-        raise FileNotFoundError(f"no SEDD checkpoint directory at {directory}")
-    config_path = directory / CONFIG_FILE
-    if not config_path.is_file():
-        raise FileNotFoundError(f"SEDD checkpoint {directory} has no {CONFIG_FILE}")
-    with open(config_path) as f:
-        config = json.load(f)
-
-    if (directory / SAFETENSORS_FILE).is_file():
-        state = load_file(directory / SAFETENSORS_FILE, device="cpu")
-    elif (directory / PICKLE_FILE).is_file():
-        # weights_only: a state dict needs no arbitrary unpickling.
-        state = torch.load(directory / PICKLE_FILE, map_location="cpu", weights_only=True)
-    else:
-        raise FileNotFoundError(f"SEDD checkpoint {directory} has neither {SAFETENSORS_FILE} nor {PICKLE_FILE}")
-
-    model = DiT(dit_config_from_sedd(config))
-    _check_state_dict(state, model.state_dict())
-    model.load_state_dict(state)
-    return model.to(device).eval(), config
-
-
-def _check_state_dict(found: dict[str, torch.Tensor], expected: dict[str, torch.Tensor]) -> None:
-    """ValueError naming missing/unexpected keys and shape mismatches."""
-    problems = []
-    missing = sorted(expected.keys() - found.keys())
-    unexpected = sorted(found.keys() - expected.keys())
-    if missing:
-        problems.append(f"missing parameters {missing}")
-    if unexpected:
-        problems.append(f"unexpected parameters {unexpected}")
-    problems += [f"{name}: checkpoint shape {tuple(found[name].shape)}, model expects {tuple(t.shape)}"
-                 for name, t in expected.items() if name in found and found[name].shape != t.shape]
-    if problems:
-        raise ValueError("SEDD checkpoint does not match its config: " + "; ".join(problems))
+    config, state = read_checkpoint_dir(path, "SEDD")
+    return build_dit(dit_config_from_sedd(config), state, "SEDD").to(device), config
 
 
 def save_sedd_checkpoint(model: DiT, config: dict[str, Any], path: str | os.PathLike,
@@ -168,23 +136,5 @@ def save_sedd_checkpoint(model: DiT, config: dict[str, Any], path: str | os.Path
     safe_serialization: write ``model.safetensors`` (default) or ``pytorch_model.bin``.
     The directory is created if needed.
     """
-    if not isinstance(model, DiT):
-        raise TypeError(f"model must be a DiT, got {type(model).__name__}")
-    described = dit_config_from_sedd(config)
-    if model.config.latent_dim:
-        raise ValueError("model has latent_dim > 0; SEDD checkpoints have no latent input")
-    mismatched = [name for name in ("vocab_size", "seq_len", "hidden", "n_heads", "n_blocks", "cond_dim",
-                                    "mlp_ratio", "scale_by_sigma")
-                  if getattr(described, name) != getattr(model.config, name)]
-    if mismatched:
-        raise ValueError(f"config does not describe model: differs in {mismatched}")
-
-    directory = Path(path)
-    directory.mkdir(parents=True, exist_ok=True)
-    state = {name: t.detach().cpu().contiguous() for name, t in model.state_dict().items()}
-    if safe_serialization:
-        save_file(state, directory / SAFETENSORS_FILE, metadata={"format": "pt"})
-    else:
-        torch.save(state, directory / PICKLE_FILE)
-    with open(directory / CONFIG_FILE, "w") as f:
-        json.dump(config, f, indent=2)
+    check_describes(dit_config_from_sedd(config), model)
+    write_checkpoint_dir(path, config, model.state_dict(), safe_serialization)

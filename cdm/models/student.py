@@ -127,6 +127,8 @@ def make_student(teacher: nn.Module, latent_dim: int = 0, parameterization: Opti
         changes["shared_blocks"] = shared_blocks
     if parameterization is not None and parameterization != getattr(config, "parameterization", "score"):
         changes.update(parameterization=parameterization, graph=graph or "")
+        if parameterization == "posterior" and getattr(config, "scale_by_sigma", False):
+            changes["scale_by_sigma"] = False  # SEDD's score shift has no meaning for a conditional's logits
     if not changes:
         student = copy.deepcopy(teacher)
     else:
