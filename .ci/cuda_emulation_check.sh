@@ -3,10 +3,11 @@
 # with -DCDM_CUDA_EMULATE (cuda/emulate.h: one OS thread per CUDA thread, barriers for
 # __syncthreads / __syncwarp / shuffles) into a library that registers the ops as
 # cdm_emu::* for CPU tensors (cuda/emulate_ops.cpp), then runs tests/test_cuda_backend.py
-# against it (CDM_CUDA_EMULATION_LIB). Numerics differ from a GPU (libm exp/log for the
+# and tests/test_cuda_traffic.py (the bytes each kernel moves) against it
+# (CDM_CUDA_EMULATION_LIB). Numerics differ from a GPU (libm exp/log for the
 # fast __expf/__logf); the row layouts, reductions, caches and the sampler are the same code.
 #
-# Usage: .ci/cuda_emulation_check.sh [pytest args...]   (default: the whole test file)
+# Usage: .ci/cuda_emulation_check.sh [pytest args...]   (default: both test files, whole)
 # Environment:
 #   PYTHON     the python of a venv with torch and cdm_kernels installed (default: python3)
 #   CXX        C++20 compiler (default g++)
@@ -51,4 +52,5 @@ for pid in "${pids[@]}"; do wait "$pid"; done
 "$cxx" -shared -pthread -o "$lib" "${objects[@]}" -L"$torch_lib" -Wl,-rpath,"$torch_lib" -lc10 -ltorch_cpu -ltorch
 echo "cuda emulation: built $lib in $((SECONDS - start))s"
 
-CDM_CUDA_EMULATION_LIB="$lib" "$py" -m pytest -q tests/test_cuda_backend.py "$@"
+[ $# -gt 0 ] || set -- tests/test_cuda_backend.py tests/test_cuda_traffic.py
+CDM_CUDA_EMULATION_LIB="$lib" "$py" -m pytest -q "$@"

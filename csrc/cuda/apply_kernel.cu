@@ -27,7 +27,7 @@ CDM_GLOBAL void CDM_BOUNDS(Group<W>::kBlock, min_blocks<S>()) apply_kernel_kerne
   S* out = a.out + p * n;
   const Decay d = decay(a.tau[p]);
   const C alpha = static_cast<C>(d.alpha);
-  const C vm = to_compute<C>(row[m]);
+  const C vm = to_compute<C>(load_for_group(g, row + m));
   if (a.family == ABSORBING && !a.transpose) {  // K v: one pass
     const C shift = static_cast<C>(d.one_minus_alpha) * vm;
     map_segments<S, AL, W>(g, row, out, n, [&](int64_t seg, S* raw) {

@@ -322,6 +322,38 @@ CDM_DEV int64_t slot_index(int64_t seg, int lane, int k) {
   return AL ? seg * kSeg + lane * kEPT + k : seg * kSeg + k * 32 + lane;
 }
 
+// The emulation counts the bytes each row load and store moves (emulate.h: count_global);
+// on a GPU these are no-ops.
+CDM_DEV void count_load(const void* p, int64_t bytes) {
+#ifdef CDM_CUDA_EMULATE
+  ::emu::count_global(p, bytes, false);
+#else
+  (void)p, (void)bytes;
+#endif
+}
+CDM_DEV void count_store(const void* p, int64_t bytes) {
+#ifdef CDM_CUDA_EMULATE
+  ::emu::count_global(p, bytes, true);
+#else
+  (void)p, (void)bytes;
+#endif
+}
+
+// One state of a row (global memory or the row cache), read outside the segment loops.
+template <class S>
+CDM_DEV S load_one(const S* p) {
+  count_load(p, sizeof(S));
+  return *p;
+}
+
+// One state that every thread of the group reads (the mask's, say): one global read, the
+// other threads' copies come from the cache hierarchy, so it is counted once.
+template <class S, int W>
+CDM_DEV S load_for_group(const Group<W>& g, const S* p) {
+  if (g.tid == 0) count_load(p, sizeof(S));
+  return *p;
+}
+
 // Load the kEPT storage values of (seg, lane); slots at or past n get S(0).
 // `raw` must be 16-byte aligned (declare it `alignas(16) S raw[kEPT]`).
 template <class S, bool AL>
@@ -332,6 +364,7 @@ CDM_DEV void load_raw(const S* src, int64_t n, int64_t seg, int lane, S* raw) {
       constexpr int kVec = kEPT * sizeof(S) / 16;
       constexpr int kPer = 16 / sizeof(S);
       const uint4* s4 = reinterpret_cast<const uint4*>(src + i0);
+      count_load(s4, kVec * 16);
 #pragma unroll
       for (int j = 0; j < kVec; ++j) {
         const uint4 v = s4[j];
@@ -343,7 +376,7 @@ CDM_DEV void load_raw(const S* src, int64_t n, int64_t seg, int lane, S* raw) {
 #pragma unroll
   for (int k = 0; k < kEPT; ++k) {
     const int64_t i = slot_index<AL>(seg, lane, k);
-    raw[k] = i < n ? src[i] : S(0.0f);
+    raw[k] = i < n ? load_one(src + i) : S(0.0f);
   }
 }
 
@@ -356,6 +389,7 @@ CDM_DEV void store_raw(S* dst, int64_t n, int64_t seg, int lane, const S* raw) {
       constexpr int kVec = kEPT * sizeof(S) / 16;
       constexpr int kPer = 16 / sizeof(S);
       uint4* d4 = reinterpret_cast<uint4*>(dst + i0);
+      count_store(d4, kVec * 16);
 #pragma unroll
       for (int j = 0; j < kVec; ++j) {
         uint32_t w[4];
@@ -375,7 +409,10 @@ CDM_DEV void store_raw(S* dst, int64_t n, int64_t seg, int lane, const S* raw) {
 #pragma unroll
   for (int k = 0; k < kEPT; ++k) {
     const int64_t i = slot_index<AL>(seg, lane, k);
-    if (i < n) dst[i] = raw[k];
+    if (i < n) {
+      count_store(dst + i, sizeof(S));
+      dst[i] = raw[k];
+    }
   }
 }
 

@@ -9,6 +9,7 @@
 // Not part of any build: only the emulation test harness includes it.
 #pragma once
 
+#include <atomic>
 #include <barrier>
 #include <cmath>
 #include <cstdint>
@@ -64,6 +65,40 @@ T exchange(T v, int src) {
   T r;
   std::memcpy(&r, &got, sizeof(T));
   return r;
+}
+
+// Global-memory traffic, counted for tests (emulate_ops.cpp: _traffic_start / _traffic_stop):
+// the bytes every row load and store of cuda_common.cuh (load_raw, store_raw, load_one)
+// moves, per registered tensor, and the rest in `other`. Shared memory (a block's row
+// cache) is not global traffic and is not counted. Ranges change only between launches.
+struct Traffic {
+  struct Range {
+    const unsigned char* lo;
+    const unsigned char* hi;
+    std::atomic<int64_t> loads{0}, stores{0};
+  };
+  std::vector<std::unique_ptr<Range>> ranges;
+  std::atomic<int64_t> other_loads{0}, other_stores{0};
+  bool on = false;
+};
+
+inline Traffic& traffic() {
+  static Traffic t;
+  return t;
+}
+
+inline void count_global(const void* p, int64_t bytes, bool store) {
+  Traffic& t = traffic();
+  if (!t.on) return;
+  const auto* c = static_cast<const unsigned char*>(p);
+  if (tl_block != nullptr && c >= tl_block->smem && c < tl_block->smem + tl_block->smem_bytes) return;
+  for (auto& r : t.ranges) {
+    if (c >= r->lo && c < r->hi) {
+      (store ? r->stores : r->loads).fetch_add(bytes, std::memory_order_relaxed);
+      return;
+    }
+  }
+  (store ? t.other_stores : t.other_loads).fetch_add(bytes, std::memory_order_relaxed);
 }
 
 // Runs fn as `blocks` blocks of `threads` threads with `smem_bytes` of dynamic shared memory.

@@ -4,12 +4,14 @@
 // their kernels (CDM_CUDA_IMPL = TORCH_LIBRARY_IMPL(cdm_emu, CPU, m)) for CPU tensors.
 // Load cdm_kernels._C first. Built only by .ci/cuda_emulation_check.sh; an empty file in
 // every other build. Besides the ops: _set_value_checks (this library's own switch of the
-// kernels' value checks) and _row_plan (the shared-memory plan of a row kernel, for tests).
+// kernels' value checks), _row_plan (the shared-memory plan of a row kernel, for tests) and
+// _traffic_start / _traffic_stop (the global-memory bytes the kernels move, per tensor).
 #ifdef CDM_CUDA_EMULATE
 
 #include <ATen/core/dispatch/Dispatcher.h>
 #include <torch/library.h>
 
+#include <memory>
 #include <sstream>
 #include <string>
 #include <vector>
@@ -53,12 +55,45 @@ std::vector<int64_t> row_plan(int64_t n, at::ScalarType dtype, bool stats, int64
   return out;
 }
 
+// Counts the global-memory bytes the kernels move from here on, per tensor of `tensors`
+// (its storage's bytes), until _traffic_stop.
+void traffic_start(const std::vector<at::Tensor>& tensors) {
+  emu::Traffic& t = emu::traffic();
+  t.ranges.clear();
+  for (const at::Tensor& x : tensors) {
+    auto range = std::make_unique<emu::Traffic::Range>();
+    range->lo = static_cast<const unsigned char*>(x.storage().data());
+    range->hi = range->lo + x.storage().nbytes();
+    t.ranges.push_back(std::move(range));
+  }
+  t.other_loads = 0;
+  t.other_stores = 0;
+  t.on = true;
+}
+
+// [loads, stores] in bytes of each tensor given to _traffic_start, then of everything else
+std::vector<int64_t> traffic_stop() {
+  emu::Traffic& t = emu::traffic();
+  std::vector<int64_t> out;
+  for (const auto& r : t.ranges) {
+    out.push_back(r->loads.load());
+    out.push_back(r->stores.load());
+  }
+  out.push_back(t.other_loads.load());
+  out.push_back(t.other_stores.load());
+  t.on = false;
+  t.ranges.clear();
+  return out;
+}
+
 }  // namespace
 
 TORCH_LIBRARY(cdm_emu, m) {
   for (const char* op : kOps) m.def(schema_of(op).c_str());
   m.def("_set_value_checks(bool enabled) -> ()", &set_value_checks);
   m.def("_row_plan(int n, ScalarType dtype, bool stats, int cache_rows) -> int[]", &row_plan);
+  m.def("_traffic_start(Tensor[] tensors) -> ()", &traffic_start);
+  m.def("_traffic_stop() -> int[]", &traffic_stop);
 }
 
 #endif  // CDM_CUDA_EMULATE

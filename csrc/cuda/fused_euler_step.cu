@@ -91,7 +91,7 @@ CDM_GLOBAL void CDM_BOUNDS(Group<W>::kBlock, min_blocks<S>()) fused_euler_step_k
       const double f = live ? K * exp(static_cast<double>(mj) - m) : 0.0;  // same basis as the segment's mass
       return [=](int64_t i) -> double {
         if (i == x) return px;
-        return live ? f * static_cast<double>(fexp(to_compute<C>(row[i]) - mj)) : 0.0;
+        return live ? f * static_cast<double>(fexp(to_compute<C>(load_one(row + i)) - mj)) : 0.0;
       };
     });
   } else {  // shape B
@@ -121,7 +121,7 @@ CDM_GLOBAL void CDM_BOUNDS(Group<W>::kBlock, min_blocks<S>()) fused_euler_step_k
     g.sync();
     pick = sample_row<W>(g, st.mass, n, x, uniform, [&](int64_t) {
       return [&](int64_t i) -> double {
-        const double u = static_cast<double>(inv.u_of(i == x ? C(0) : to_compute<C>(src[i])));
+        const double u = static_cast<double>(inv.u_of(i == x ? C(0) : to_compute<C>(load_one(src + i))));
         return c1 * u + c0 + (i == x ? d1 * u + d0 : 0.0);
       };
     });
@@ -154,7 +154,7 @@ CDM_GLOBAL void CDM_BOUNDS(Group<W>::kBlock, min_blocks<double>()) sample_probs_
   g.sync();
   const float uniform = philox_uniform(a.seed, a.offset, p);
   const int64_t pick = sample_row<W>(g, st.mass, n, x, uniform, [&](int64_t) {
-    return [&](int64_t i) -> double { return tmax(row[i], 0.0); };
+    return [&](int64_t i) -> double { return tmax(load_one(row + i), 0.0); };
   });
   if (g.tid == 0) a.out[p] = pick;
 }

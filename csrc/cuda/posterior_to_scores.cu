@@ -150,10 +150,10 @@ CDM_GLOBAL void CDM_BOUNDS(Group<W>::kBlock, min_blocks<S>()) to_scores_backward
     return;
   }
   // absorbing: gr_m = g_m / r_m with r_m = u_m + (1 - alpha) sum_{a<m} u_a
-  const C lq_m = to_compute<C>(row[m]);
+  const C lq_m = to_compute<C>(load_for_group(g, row + m));
   const C u_m = col.u_of(lq_m, m);
   const C r_m = u_m + static_cast<C>(col.oma * U);
-  const C gr_m = r_m > C(0) ? to_compute<C>(grow[m]) / r_m : C(0);
+  const C gr_m = r_m > C(0) ? to_compute<C>(load_for_group(g, grow + m)) / r_m : C(0);
   const C oma = static_cast<C>(col.oma);
   map_segment_pairs<S, AL, W>(g, lsrc, grow, out, n, [&](int64_t seg, S* lraw, const S* graw) {
 #pragma unroll
