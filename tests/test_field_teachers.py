@@ -486,3 +486,62 @@ def test_the_gpu_recipe_script_runs_small_on_the_cpu(tmp_path):
     assert (run.data, run.graph, saved.layout) == ("text", "absorbing", "sedd")
     assert student.config.latent_components == 2 and saved.model.config == student.config
     assert "student-joint-k2" in (out / "distill.log").read_text()
+
+
+# ----------------------------------------------------------------------------- on text, through the command line
+
+TEXT_LENGTH = 8
+TEXT = " ".join(f"the {word} sat on the mat, and the mat was {i}." for i, word in enumerate(["cat", "dog", "owl"] * 20))
+
+
+@pytest.fixture
+def text_corpus(tmp_path, monkeypatch):
+    """A small UTF-8 corpus the test writes, and ``--data`` options that read it (the corpus's
+    own evaluator trained 3 steps, cached under tmp_path)."""
+    monkeypatch.setenv("CDM_CACHE_DIR", str(tmp_path / "cache"))
+    path = tmp_path / "corpus.txt"
+    path.write_text(TEXT, encoding="utf-8")
+    return ["--data", "text", "--data-option", f"path={path}", "--data-option", f"seq_len={TEXT_LENGTH}",
+            "--evaluator-steps", "3"]
+
+
+def field_teacher(directory, layout: str, num_states: int = 256 + 1, length: int = TEXT_LENGTH) -> Path:
+    """A random network of ``num_states`` states written in ``layout`` (SEDD's and MDLM's: absorbing,
+    the mask last; DUO's: uniform) with the released log-linear schedule."""
+    config = DiTConfig(num_states, length, HIDDEN, HEADS, BLOCKS, COND, **LAYOUT_CASES[layout])
+    save_pretrained(randomised(DiT(config)), directory, "uniform" if layout == "duo" else "absorbing", "loglinear", {})
+    return directory
+
+
+@pytest.mark.parametrize("layout", ["sedd", "mdlm", "duo"])
+def test_every_method_distils_a_byte_teacher_on_text(layout, text_corpus, tmp_path, capsys):
+    """A tiny teacher of bytes in SEDD's or MDLM's layout (absorbing: 256 tokens + the mask)
+    or DUO's (uniform: 256), distilled by every method on a text corpus: results.json rows
+    with gen_ppl and entropy, and each student written in the teacher's own layout, which
+    reloads as the same network."""
+    graph = "uniform" if layout == "duo" else "absorbing"
+    num_states = 256 if layout == "duo" else 257
+    teacher = field_teacher(tmp_path / layout, layout, num_states)
+    out = tmp_path / "compare"
+    main(["compare", "--teacher", str(teacher), *text_corpus, "--steps", "2", "--batch-size", "4",
+          "--student-steps", "1,2", "--teacher-nfe", "1,2", "--num-samples", "8", "--latent-components", "2",
+          "--teacher-steps", "2", "--out", str(out), "--device", "cpu", "--quiet"])
+    assert f"text data, {graph} graph; primary metric: gen_ppl" in capsys.readouterr().out
+    rows = json.loads((out / "results.json").read_text())
+    methods = ("cdm-per-token", "cdm-joint", "di4c", "d-mmd")
+    assert [(r["model"], r["method"], r["nfe"]) for r in rows] == [
+        ("teacher", "analytic", 1), ("teacher", "analytic", 2), *[("student", m, k) for m in methods for k in (1, 2)]]
+    for row in rows:
+        assert set(row) >= {"model", "method", "nfe", "metrics"} and "kl" not in row["metrics"]
+        assert row["metrics"]["gen_ppl"] > 1 and 0 < row["metrics"]["entropy"] <= math.log(TEXT_LENGTH)
+    parameterization = "score" if layout == "sedd" else "posterior"
+    x = torch.randint(0, num_states, (3, TEXT_LENGTH), generator=torch.Generator().manual_seed(5))
+    sigma = torch.tensor([0.3, 1.0, 5.0])
+    for method in ("per-token", "joint", "di4c", "dmmd"):
+        student, setup, _ = load_model(out / f"student-{method}-k2.safetensors")
+        assert (setup.data, setup.graph, setup.noise) == ("text", graph, "loglinear")
+        assert student.config.parameterization == parameterization
+        saved = load_pretrained(out / f"student-{method}-k2")
+        assert saved.layout == layout and saved.model.config == student.config
+        lam = torch.tensor([0.1, 0.6, 0.9]) if student.config.latent_dim else None
+        assert torch.equal(saved.model(x, sigma, lam), student(x, sigma, lam))
