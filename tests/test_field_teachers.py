@@ -545,3 +545,79 @@ def test_every_method_distils_a_byte_teacher_on_text(layout, text_corpus, tmp_pa
         assert saved.layout == layout and saved.model.config == student.config
         lam = torch.tensor([0.1, 0.6, 0.9]) if student.config.latent_dim else None
         assert torch.equal(saved.model(x, sigma, lam), student(x, sigma, lam))
+
+
+@pytest.mark.parametrize("layout, num_states, length, needles", [
+    ("sedd", 50257 + 1, TEXT_LENGTH, ["--teacher", "the SEDD checkpoint's absorbing graph has 50258 states",
+                                      "the text data has 256 tokens plus the mask: 257 states",
+                                      "--data-option tokenizer=FILE"]),
+    ("sedd", 256, TEXT_LENGTH, ["SEDD checkpoint's absorbing graph has 256 states", "plus the mask: 257 states"]),
+    ("duo", 257, TEXT_LENGTH, ["DUO checkpoint's uniform graph has 257 states", "the text data has 256 tokens: 256",
+                               "the default, bytes, has 256 tokens"]),
+    ("mdlm", 257, 2 * TEXT_LENGTH, ["MDLM checkpoint's length is 16, the text data's 8",
+                                    "--data-option seq_len=16 fits it"]),
+])
+def test_a_teacher_that_does_not_fit_the_text_is_refused(layout, num_states, length, needles, text_corpus, tmp_path,
+                                                         capsys):
+    """Vocabulary (a GPT-2-sized teacher on the byte tokenizer; an absorbing one without room for
+    the mask; a uniform one of another size) and length, each naming both sides and the fix."""
+    teacher = field_teacher(tmp_path / layout, layout, num_states, length)
+    with pytest.raises(SystemExit) as exit_info:
+        main(["distill", "--teacher", str(teacher), *text_corpus, "--out", str(tmp_path / "out")])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert all(needle in err for needle in needles), err
+    assert "Traceback" not in err and not (tmp_path / "out").exists()
+
+
+def word_tokenizer(directory, padded: bool) -> Path:
+    """A tokenizers JSON built by hand: a word-level vocabulary of the corpus's words and
+    punctuation (plus [UNK]); ``padded``: with a [PAD] token added, as DUO's code adds
+    one to GPT-2's tokenizer (written the way the refusal's message says)."""
+    import re
+
+    from tokenizers import Tokenizer
+
+    words = sorted(set(re.findall(r"\w+|[^\w\s]+", TEXT)))
+    document = {"version": "1.0", "truncation": None, "padding": None, "added_tokens": [], "normalizer": None,
+                "pre_tokenizer": {"type": "Whitespace"}, "post_processor": None, "decoder": None,
+                "model": {"type": "WordLevel", "vocab": {w: i for i, w in enumerate(words + ["[UNK]"])},
+                          "unk_token": "[UNK]"}}
+    path = directory / "words.json"
+    path.write_text(json.dumps(document))
+    if padded:
+        tokenizer = Tokenizer.from_file(str(path))
+        tokenizer.add_special_tokens(["[PAD]"])
+        path = directory / "words-pad.json"
+        tokenizer.save(str(path))
+    return path
+
+
+def test_a_duo_teacher_counts_the_pad_token_of_its_tokenizer(text_corpus, tmp_path, capsys):
+    """DUO's releases have GPT-2's 50257 tokens plus the [PAD] its code adds (50258 states, uniform
+    graph). Here in small: a teacher of N + 1 states with a tokenizer file of N tokens is refused
+    with the way to add the pad token; the file so padded runs; an MDLM teacher (N tokens + the
+    mask) refuses the padded file."""
+    pytest.importorskip("tokenizers")
+    plain, padded = word_tokenizer(tmp_path, padded=False), word_tokenizer(tmp_path, padded=True)
+    tokens = len(json.loads(plain.read_text())["model"]["vocab"])
+    duo = field_teacher(tmp_path / "duo", "duo", tokens + 1)
+    argv = ["distill", "--teacher", str(duo), *text_corpus, "--methods", "per-token", "--student-steps", "1",
+            "--teacher-nfe", "1", "--steps", "1", "--batch-size", "4", "--num-samples", "8", "--device", "cpu",
+            "--quiet"]
+    with pytest.raises(SystemExit):
+        main([*argv, "--data-option", f"tokenizer={plain}", "--out", str(tmp_path / "refused")])
+    err = capsys.readouterr().err
+    assert f"DUO checkpoint's uniform graph has {tokens + 1} states, but the text data has {tokens} tokens" in err
+    assert "add it to the file given as --data-option tokenizer=FILE" in err and "add_special_tokens(['[PAD]'])" in err
+    out = tmp_path / "padded"
+    main([*argv, "--data-option", f"tokenizer={padded}", "--out", str(out)])
+    rows = json.loads((out / "results.json").read_text())
+    assert [r["method"] for r in rows] == ["analytic", "cdm-per-token"] and rows[1]["metrics"]["gen_ppl"] > 1
+    assert load_pretrained(out / "student-per-token-k1").layout == "duo"
+    mdlm = field_teacher(tmp_path / "mdlm", "mdlm", tokens + 1)
+    with pytest.raises(SystemExit):
+        main(["distill", "--teacher", str(mdlm), *text_corpus, "--data-option", f"tokenizer={padded}",
+              "--out", str(tmp_path / "mdlm-out")])
+    err = capsys.readouterr().err
+    assert f"has {tokens + 1} tokens plus the mask: {tokens + 2} states" in err and "give it without" in err
