@@ -8,6 +8,8 @@ exactly) with the teacher that ships in the package: the teacher's exact KL at
 (per-token and joint CDM, Di4C, D-MMD) on one teacher and budget. Both take
 ``--recipe NAME`` (``cdm recipes`` lists the shipped ones, in cdm/recipes/) or
 ``--config FILE.toml``; options typed on the command line override them.
+Without ``--recipe`` a data set's own recipe, where one ships, gives the
+defaults: ``cdm distill --data text`` runs the recipe ``text``.
 """
 
 from __future__ import annotations
@@ -560,18 +562,23 @@ def _recipe_settings(command: str, table: dict, source: str) -> dict:
 
 
 def _apply_recipe(args, argv: list[str]) -> set[str]:
-    """Sets what ``--recipe`` and then ``--config`` give on ``args``, except the
-    options typed on the command line, which win; returns those typed options."""
+    """Sets what the recipe and then ``--config`` give on ``args``, except the options
+    typed on the command line, which win; returns those typed options.
+
+    The recipe is ``--recipe``, or else the one for the run's data (``recipes.for_data``
+    of ``--data`` as typed or as ``--config`` sets it): ``--data text`` alone runs the
+    text recipe's settings."""
     typed = set(_set_by(_options_parser(args.command), argv)[0])
-    tables = []
-    if args.recipe:
-        tables.append((recipes.read_recipe(args.recipe), f"--recipe {args.recipe}"))
-    if args.config:
-        tables.append((recipes.read_file(args.config), f"--config {args.config}"))
-    for table, source in tables:
-        for name, value in _recipe_settings(args.command, table, source).items():
-            if name not in typed:
-                setattr(args, name, value)
+    config = (_recipe_settings(args.command, recipes.read_file(args.config), f"--config {args.config}")
+              if args.config else {})
+    data = args.data if "data" in typed else config.get("data")
+    name = args.recipe or recipes.for_data(data)
+    source = f"--recipe {name}" if args.recipe else f"the recipe {name} (the default of --data {data})"
+    args.recipe = name
+    for settings in (_recipe_settings(args.command, recipes.read_recipe(name), source), config):
+        for option, value in settings.items():
+            if option not in typed:
+                setattr(args, option, value)
     return typed
 
 
@@ -600,7 +607,8 @@ def _check_distill_options(args, typed: set[str]) -> None:
 
 def _add_recipe_options(group) -> None:
     group.add_argument("--recipe", metavar="NAME",
-                       help="start from a shipped recipe's settings (`cdm recipes` lists them; default: default)")
+                       help="start from a shipped recipe's settings (`cdm recipes` lists them); default: the recipe "
+                            "named for --data where one ships (--data text: text, sized for a CPU), else default")
     group.add_argument("--config", metavar="FILE.toml",
                        help="start from your own settings: options without their dashes as TOML keys "
                             "(lr = 1e-3); over --recipe's, under the command line's")

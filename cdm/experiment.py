@@ -13,6 +13,7 @@ length, the run brings the data, and ``load_teacher`` checks that they fit.
 
 from __future__ import annotations
 
+import inspect
 import math
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -141,7 +142,8 @@ def load_teacher(path, device="cpu", data: Optional[str] = None, data_options: O
                              "carries; other data (--data, --data-option) goes with a checkpoint directory")
         return model, setup, None
     pretrained = load_pretrained(path, device=device)
-    return pretrained.model, pretrained_setup(pretrained, data or "markov", data_options or {}, str(path)), pretrained
+    setup = pretrained_setup(pretrained, data or "markov", data_options or {}, f"--teacher {path}")
+    return pretrained.model, setup, pretrained
 
 
 def pretrained_setup(pretrained: Pretrained, data: str, data_options: dict, source: str = "the checkpoint",
@@ -164,11 +166,34 @@ def pretrained_setup(pretrained: Pretrained, data: str, data_options: dict, sour
         mask = " plus the mask" if pretrained.graph == "absorbing" else ""
         raise ValueError(f"{source}: the {pretrained.layout.upper()} checkpoint's {pretrained.graph} graph has "
                          f"{pretrained.num_states} states, but the {data} data has {tokens} tokens{mask}: "
-                         f"{states} states")
+                         f"{states} states{_vocabulary_hint(pretrained, setup)}")
     if pretrained.seq_len != seq_len:
+        fix = (f" (--data-option seq_len={pretrained.seq_len} fits it)"
+               if "seq_len" in inspect.signature(type(setup.dataset)).parameters else "")
         raise ValueError(f"{source}: the {pretrained.layout.upper()} checkpoint's length is {pretrained.seq_len}, "
-                         f"the {data} data's {seq_len}")
+                         f"the {data} data's {seq_len}{fix}")
     return setup
+
+
+def _vocabulary_hint(pretrained: Pretrained, setup: Setup) -> str:
+    """How to give the data a checkpoint's vocabulary: the data option that sets it, and for a
+    tokenizer file one token off, the pad token that DUO's releases count and MDLM's and SEDD's
+    do not (DUO: GPT-2's 50257 tokens + the [PAD] its code adds = 50258 states of the uniform
+    graph; MDLM, SEDD: 50257 + the mask = 50258 of the absorbing graph)."""
+    if setup.data == "markov":
+        return " (--data names the data, default markov; --data-option vocab_size=N sets the markov data's tokens)"
+    if setup.data != "text":
+        return ""
+    extra = pretrained.num_states - setup.kernel_graph.num_states
+    if setup.dataset.tokenizer.name != "bytes" and extra == 1 and pretrained.graph == "uniform":
+        return ("; a DUO release counts the [PAD] token that DUO's code adds to GPT-2's 50257 (vocabulary 50258): "
+                "add it to the file given as --data-option tokenizer=FILE, e.g. python -c \"from tokenizers import "
+                "Tokenizer; t = Tokenizer.from_file('FILE'); t.add_special_tokens(['[PAD]']); t.save('PADDED.json')\"")
+    if setup.dataset.tokenizer.name != "bytes" and extra == -1 and pretrained.graph == "absorbing":
+        return ("; MDLM's and SEDD's releases count GPT-2's 50257 tokens plus the mask (50258): the file given as "
+                "--data-option tokenizer=FILE holds one token more (an added pad token?); give it without")
+    return (" (--data-option tokenizer=FILE gives the text data a tokenizer file's vocabulary; the default, bytes, "
+            "has 256 tokens)")
 
 
 # ----------------------------------------------------------------------------- evaluation

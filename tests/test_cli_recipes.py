@@ -76,6 +76,44 @@ def test_no_recipe_is_the_default_recipe_with_each_commands_methods(resolved):
         {k: v for k, v in distill.items() if k not in ("methods", "teacher_nfe", "out", "command")}
 
 
+@pytest.mark.parametrize("command", ["distill", "compare"])
+def test_data_with_a_recipe_of_its_own_starts_from_it(command, tmp_path, resolved):
+    """``--data text`` alone runs the text recipe's settings (a CPU-sized run); typed options,
+    ``--config`` and an explicit ``--recipe`` override them; other data keep ``default``."""
+    text = resolved([command, "--data", "text"])
+    assert text == resolved([command, "--recipe", "text"])
+    assert (text["data"], text["steps"], text["latent_components"], text["teacher_steps"]) == ("text", 300, 4, 8)
+    assert (text["num_targets"], text["num_samples"]) == (1, 256)
+    assert text["lr"] == 2e-3 and text["batch_size"] == 32  # what the text recipe leaves: the default recipe's
+    typed = resolved([command, "--data", "text", "--steps", "5", "--latent-components=2"])
+    assert (typed["steps"], typed["latent_components"], typed["teacher_steps"]) == (5, 2, 8)
+    chosen = resolved([command, "--data", "text", "--recipe", "default"])
+    assert (chosen["data"], chosen["steps"], chosen["latent_components"]) == ("text", 800, 32)
+    config = tmp_path / "mine.toml"
+    config.write_text("steps = 7\n")
+    assert [resolved([command, "--data", "text", "--config", config])[k]
+            for k in ("steps", "latent_components")] == [7, 4]
+    config.write_text('data = "text"\nnum-samples = 64\n')  # the data named in a config picks its recipe too
+    from_config = resolved([command, "--config", config])
+    assert (from_config["data"], from_config["steps"], from_config["num_samples"]) == ("text", 300, 64)
+    assert resolved([command, "--data", "markov"]) == {**resolved([command]), "data": "markov"}
+    assert resolved([command, "--data", "words"])["steps"] == 800
+
+
+def test_a_data_sets_recipe_applies_to_that_data():
+    assert recipes.for_data("text") == "text"
+    assert [recipes.for_data(data) for data in ("markov", "words", "digits", None)] == ["default"] * 4
+    for name in recipes.names():
+        if name in cdm.cli.DATA_SETS:
+            assert recipes.read_recipe(name)["applies-to"] == name == recipes.read_recipe(name)["data"]
+
+
+def test_help_says_which_recipe_a_run_starts_from(capsys):
+    with pytest.raises(SystemExit):
+        main(["distill", "--help"])
+    assert "--data text: text" in " ".join(capsys.readouterr().out.split())
+
+
 def test_the_command_line_overrides_a_recipe(resolved):
     settings = resolved(["distill", "--recipe", "best-4step-exact", "--steps", "10", "--no-mixture-weights",
                          "--teacher-steps=8"])

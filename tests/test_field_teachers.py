@@ -486,3 +486,138 @@ def test_the_gpu_recipe_script_runs_small_on_the_cpu(tmp_path):
     assert (run.data, run.graph, saved.layout) == ("text", "absorbing", "sedd")
     assert student.config.latent_components == 2 and saved.model.config == student.config
     assert "student-joint-k2" in (out / "distill.log").read_text()
+
+
+# ----------------------------------------------------------------------------- on text, through the command line
+
+TEXT_LENGTH = 8
+TEXT = " ".join(f"the {word} sat on the mat, and the mat was {i}." for i, word in enumerate(["cat", "dog", "owl"] * 20))
+
+
+@pytest.fixture
+def text_corpus(tmp_path, monkeypatch):
+    """A small UTF-8 corpus the test writes, and ``--data`` options that read it (the corpus's
+    own evaluator trained 3 steps, cached under tmp_path)."""
+    monkeypatch.setenv("CDM_CACHE_DIR", str(tmp_path / "cache"))
+    path = tmp_path / "corpus.txt"
+    path.write_text(TEXT, encoding="utf-8")
+    return ["--data", "text", "--data-option", f"path={path}", "--data-option", f"seq_len={TEXT_LENGTH}",
+            "--evaluator-steps", "3"]
+
+
+def field_teacher(directory, layout: str, num_states: int = 256 + 1, length: int = TEXT_LENGTH) -> Path:
+    """A random network of ``num_states`` states written in ``layout`` (SEDD's and MDLM's: absorbing,
+    the mask last; DUO's: uniform) with the released log-linear schedule."""
+    config = DiTConfig(num_states, length, HIDDEN, HEADS, BLOCKS, COND, **LAYOUT_CASES[layout])
+    save_pretrained(randomised(DiT(config)), directory, "uniform" if layout == "duo" else "absorbing", "loglinear", {})
+    return directory
+
+
+@pytest.mark.parametrize("layout", ["sedd", "mdlm", "duo"])
+def test_every_method_distils_a_byte_teacher_on_text(layout, text_corpus, tmp_path, capsys):
+    """A tiny teacher of bytes in SEDD's or MDLM's layout (absorbing: 256 tokens + the mask)
+    or DUO's (uniform: 256), distilled by every method on a text corpus: results.json rows
+    with gen_ppl and entropy, and each student written in the teacher's own layout, which
+    reloads as the same network."""
+    graph = "uniform" if layout == "duo" else "absorbing"
+    num_states = 256 if layout == "duo" else 257
+    teacher = field_teacher(tmp_path / layout, layout, num_states)
+    out = tmp_path / "compare"
+    main(["compare", "--teacher", str(teacher), *text_corpus, "--steps", "2", "--batch-size", "4",
+          "--student-steps", "1,2", "--teacher-nfe", "1,2", "--num-samples", "8", "--latent-components", "2",
+          "--teacher-steps", "2", "--out", str(out), "--device", "cpu", "--quiet"])
+    assert f"text data, {graph} graph; primary metric: gen_ppl" in capsys.readouterr().out
+    rows = json.loads((out / "results.json").read_text())
+    methods = ("cdm-per-token", "cdm-joint", "di4c", "d-mmd")
+    assert [(r["model"], r["method"], r["nfe"]) for r in rows] == [
+        ("teacher", "analytic", 1), ("teacher", "analytic", 2), *[("student", m, k) for m in methods for k in (1, 2)]]
+    for row in rows:
+        assert set(row) >= {"model", "method", "nfe", "metrics"} and "kl" not in row["metrics"]
+        assert row["metrics"]["gen_ppl"] > 1 and 0 < row["metrics"]["entropy"] <= math.log(TEXT_LENGTH)
+    parameterization = "score" if layout == "sedd" else "posterior"
+    x = torch.randint(0, num_states, (3, TEXT_LENGTH), generator=torch.Generator().manual_seed(5))
+    sigma = torch.tensor([0.3, 1.0, 5.0])
+    for method in ("per-token", "joint", "di4c", "dmmd"):
+        student, setup, _ = load_model(out / f"student-{method}-k2.safetensors")
+        assert (setup.data, setup.graph, setup.noise) == ("text", graph, "loglinear")
+        assert student.config.parameterization == parameterization
+        saved = load_pretrained(out / f"student-{method}-k2")
+        assert saved.layout == layout and saved.model.config == student.config
+        lam = torch.tensor([0.1, 0.6, 0.9]) if student.config.latent_dim else None
+        assert torch.equal(saved.model(x, sigma, lam), student(x, sigma, lam))
+
+
+@pytest.mark.parametrize("layout, num_states, length, needles", [
+    ("sedd", 50257 + 1, TEXT_LENGTH, ["--teacher", "the SEDD checkpoint's absorbing graph has 50258 states",
+                                      "the text data has 256 tokens plus the mask: 257 states",
+                                      "--data-option tokenizer=FILE"]),
+    ("sedd", 256, TEXT_LENGTH, ["SEDD checkpoint's absorbing graph has 256 states", "plus the mask: 257 states"]),
+    ("duo", 257, TEXT_LENGTH, ["DUO checkpoint's uniform graph has 257 states", "the text data has 256 tokens: 256",
+                               "the default, bytes, has 256 tokens"]),
+    ("mdlm", 257, 2 * TEXT_LENGTH, ["MDLM checkpoint's length is 16, the text data's 8",
+                                    "--data-option seq_len=16 fits it"]),
+])
+def test_a_teacher_that_does_not_fit_the_text_is_refused(layout, num_states, length, needles, text_corpus, tmp_path,
+                                                         capsys):
+    """Vocabulary (a GPT-2-sized teacher on the byte tokenizer; an absorbing one without room for
+    the mask; a uniform one of another size) and length, each naming both sides and the fix."""
+    teacher = field_teacher(tmp_path / layout, layout, num_states, length)
+    with pytest.raises(SystemExit) as exit_info:
+        main(["distill", "--teacher", str(teacher), *text_corpus, "--out", str(tmp_path / "out")])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert all(needle in err for needle in needles), err
+    assert "Traceback" not in err and not (tmp_path / "out").exists()
+
+
+def word_tokenizer(directory, padded: bool) -> Path:
+    """A tokenizers JSON built by hand: a word-level vocabulary of the corpus's words and
+    punctuation (plus [UNK]); ``padded``: with a [PAD] token added, as DUO's code adds
+    one to GPT-2's tokenizer (written the way the refusal's message says)."""
+    import re
+
+    from tokenizers import Tokenizer
+
+    words = sorted(set(re.findall(r"\w+|[^\w\s]+", TEXT)))
+    document = {"version": "1.0", "truncation": None, "padding": None, "added_tokens": [], "normalizer": None,
+                "pre_tokenizer": {"type": "Whitespace"}, "post_processor": None, "decoder": None,
+                "model": {"type": "WordLevel", "vocab": {w: i for i, w in enumerate(words + ["[UNK]"])},
+                          "unk_token": "[UNK]"}}
+    path = directory / "words.json"
+    path.write_text(json.dumps(document))
+    if padded:
+        tokenizer = Tokenizer.from_file(str(path))
+        tokenizer.add_special_tokens(["[PAD]"])
+        path = directory / "words-pad.json"
+        tokenizer.save(str(path))
+    return path
+
+
+def test_a_duo_teacher_counts_the_pad_token_of_its_tokenizer(text_corpus, tmp_path, capsys):
+    """DUO's releases have GPT-2's 50257 tokens plus the [PAD] its code adds (50258 states, uniform
+    graph). Here in small: a teacher of N + 1 states with a tokenizer file of N tokens is refused
+    with the way to add the pad token; the file so padded runs; an MDLM teacher (N tokens + the
+    mask) refuses the padded file."""
+    pytest.importorskip("tokenizers")
+    plain, padded = word_tokenizer(tmp_path, padded=False), word_tokenizer(tmp_path, padded=True)
+    tokens = len(json.loads(plain.read_text())["model"]["vocab"])
+    duo = field_teacher(tmp_path / "duo", "duo", tokens + 1)
+    argv = ["distill", "--teacher", str(duo), *text_corpus, "--methods", "per-token", "--student-steps", "1",
+            "--teacher-nfe", "1", "--steps", "1", "--batch-size", "4", "--num-samples", "8", "--device", "cpu",
+            "--quiet"]
+    with pytest.raises(SystemExit):
+        main([*argv, "--data-option", f"tokenizer={plain}", "--out", str(tmp_path / "refused")])
+    err = capsys.readouterr().err
+    assert f"DUO checkpoint's uniform graph has {tokens + 1} states, but the text data has {tokens} tokens" in err
+    assert "add it to the file given as --data-option tokenizer=FILE" in err and "add_special_tokens(['[PAD]'])" in err
+    out = tmp_path / "padded"
+    main([*argv, "--data-option", f"tokenizer={padded}", "--out", str(out)])
+    rows = json.loads((out / "results.json").read_text())
+    assert [r["method"] for r in rows] == ["analytic", "cdm-per-token"] and rows[1]["metrics"]["gen_ppl"] > 1
+    assert load_pretrained(out / "student-per-token-k1").layout == "duo"
+    mdlm = field_teacher(tmp_path / "mdlm", "mdlm", tokens + 1)
+    with pytest.raises(SystemExit):
+        main(["distill", "--teacher", str(mdlm), *text_corpus, "--data-option", f"tokenizer={padded}",
+              "--out", str(tmp_path / "mdlm-out")])
+    err = capsys.readouterr().err
+    assert f"has {tokens + 1} tokens plus the mask: {tokens + 2} states" in err and "give it without" in err

@@ -6,6 +6,10 @@ the command line without their dashes (``latent-components = 64``, a list as an
 array or a comma-separated string, a flag as ``true``), to values; two more
 keys describe it: ``about`` (what it is for) and ``applies-to`` (which data).
 The command line overrides a file, and a ``--config`` overrides a ``--recipe``.
+
+Without ``--recipe``, a run on a data set that has a recipe of its own name
+(``text.toml`` for ``--data text``) starts from that recipe, any other from
+``default`` (:func:`for_data`): data-dependent defaults are recipes, one file each.
 """
 
 from __future__ import annotations
@@ -26,6 +30,12 @@ DESCRIPTION_KEYS = ("about", "applies-to")
 def names() -> list[str]:
     """The shipped recipes' names, sorted."""
     return sorted(path.stem for path in DIRECTORY.glob("*.toml"))
+
+
+def for_data(data) -> str:
+    """The recipe a run on ``data`` starts from without ``--recipe``: the one named ``data``
+    where one ships (its ``applies-to`` is that data), else ``default``."""
+    return data if isinstance(data, str) and data in names() else "default"
 
 
 def read_recipe(name: str) -> dict:
