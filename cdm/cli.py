@@ -69,7 +69,7 @@ METHOD_OPTIONS = {
     "--shared-blocks": MIXTURE_METHODS, "--mixture-weights": ("joint",), "--teacher-steps": ("joint",),
     "--num-targets": ("joint",), "--joint-target": ("joint",), "--rollout": ("joint",),
     "--grid-weights": ("per-token", "joint"), "--dmmd-lr": ("dmmd",), "--chunk": ("joint",),
-    "--teacher-batch": ("joint",),
+    "--teacher-batch": ("joint",), "--target-coupling": ("joint",),
 }
 
 
@@ -317,7 +317,8 @@ def _student_and_loss(method: str, k: int, teacher, start, setup: Setup, args):
         options["num_latents"] = args.num_latents or args.latent_components or 16
     if method == "joint":
         options.update(teacher_steps=args.teacher_steps, target=args.joint_target, num_targets=args.num_targets,
-                       rollout=args.rollout, chunk=args.chunk, teacher_batch=args.teacher_batch)
+                       rollout=args.rollout, chunk=args.chunk, teacher_batch=args.teacher_batch,
+                       coupling=args.target_coupling)
         if args.joint_target == "exact":
             if not enumerable(setup):
                 raise ValueError(f"--joint-target exact: the targets' law is enumerated over num_states^L "
@@ -592,6 +593,8 @@ def _check_distill_options(args, typed: set[str]) -> None:
         raise ValueError("--latent-dim sizes a continuous latent: it needs --latent-components 0")
     if "num_targets" in typed and args.joint_target == "exact":
         raise ValueError("--num-targets: --joint-target exact fits the targets' whole law, not draws from it")
+    if "target_coupling" in typed and args.joint_target == "exact":
+        raise ValueError("--target-coupling: --joint-target exact fits the targets' whole law, not draws from it")
     if "rollout" in typed and max(args.student_steps) == 1:
         raise ValueError("--rollout runs the student's own k-step sampler: it needs --student-steps k > 1")
     if args.mixture_weights and not args.latent_components:
@@ -677,6 +680,9 @@ def _add_distillation_options(group) -> None:
                             "with --joint-target step)")
     group.add_argument("--num-targets", type=_number(int, 1),
                        help="joint CDM: teacher draws per noisy input; they share the student's evaluations")
+    group.add_argument("--target-coupling", default="independent", choices=["independent", "stratified"],
+                       help="joint CDM: the noisy input's --num-targets teacher chains drawn independently, or "
+                            "coupled by Latin-hypercube uniforms (each still exact; an even spread, lower variance)")
     group.add_argument("--joint-target", default="clean", choices=["clean", "step", "exact"],
                        help="joint CDM: fit the student's p_0|t to the teacher's x_0 (clean) or its reverse step "
                             "to the teacher's x at the next grid time (step; the same at 1 step); exact: the clean "

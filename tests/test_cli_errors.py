@@ -290,6 +290,7 @@ def test_bad_data_and_noise_options(option, needles, tmp_path, capsys):
     (["eval", "--checkpoint", "x", "--device", f"cuda:{torch.cuda.device_count()}"], "argument --device"),
     (["distill", "--joint-target", "x0"], "argument --joint-target"),
     (["distill", "--num-targets", "0"], "argument --num-targets"),
+    (["distill", "--target-coupling", "latin"], "argument --target-coupling"),
     (["distill", "--mixture-weights", "--latent-components", "0"], "--mixture-weights needs --latent-components"),
     (["distill", "--shared-blocks", "-1"], "--shared-blocks"),
     (["distill", "--extra-blocks", "-1"], "argument --extra-blocks"),

@@ -167,6 +167,8 @@ def test_recipes_and_config_files_are_refused_by_name(tmp_path, capsys):
     (["--methods", "di4c", "--rollout", "0.5"], "--rollout applies to --methods joint only"),
     (["--latent-dim", "3"], "--latent-dim sizes a continuous latent: it needs --latent-components 0"),
     (["--joint-target", "exact", "--num-targets", "2"], "--num-targets: --joint-target exact"),
+    (["--methods", "per-token", "--target-coupling", "stratified"], "--target-coupling applies to --methods joint"),
+    (["--joint-target", "exact", "--target-coupling", "stratified"], "--target-coupling: --joint-target exact"),
     (["--recipe", "best-4step-exact", "--num-targets", "2"], "--num-targets: --joint-target exact"),
     (["--student-steps", "1", "--rollout", "0.5"], "--rollout runs the student's own k-step sampler"),
 ])
@@ -201,6 +203,7 @@ def test_help_groups_the_options(command, capsys):
 
     for option, group in (("--recipe", "recipe:"), ("--teacher", "data and model:"),
                           ("--latent-components", "data and model:"), ("--num-targets", "distillation:"),
+                          ("--target-coupling", "distillation:"),
                           ("--dmmd-lr", "distillation:"), ("--lr", "training:"), ("--out", "training:"),
                           ("--grid-weights", "experimental:"), ("--extra-blocks", "experimental:"),
                           ("--student-init", "experimental:"), ("--student-output", "experimental:"),

@@ -62,6 +62,7 @@ T_DISTS = ("grid", "uniform")
 WEIGHTINGS = ("none", "rate")
 REDUCTIONS = ("mean", "none")
 JOINT_TARGETS = ("clean", "step", "exact")
+COUPLINGS = ("independent", "stratified")
 
 
 # ----------------------------------------------------------------------------- shared pieces
@@ -130,29 +131,55 @@ def _scores(model, x, tau, lam=None, graph=None) -> torch.Tensor:
 @torch.no_grad()
 def teacher_chain(model, graph: ck.Graph, noise, x_t: torch.Tensor, t: torch.Tensor, s: torch.Tensor, steps: int,
                   *, method: str = "analytic", generator: Optional[torch.Generator] = None,
-                  batch_size: Optional[int] = None) -> torch.Tensor:
+                  batch_size: Optional[int] = None, strata: int = 1) -> torch.Tensor:
     """``x_s`` from ``steps`` reverse steps of ``model`` from time t to time s
     (per sequence, (B,) each, ``s < t``), equally spaced in time; ``s = 0``
     ends at tau = 0 (clean tokens). Every step is one ``fused_euler_step``.
     ``batch_size``: sequences per network call (default all B): the chain's
-    (B, L, N) scores, a few copies of which a step holds, shrink to batch_size rows."""
+    (B, L, N) scores, a few copies of which a step holds, shrink to batch_size rows
+    (with ``strata``, to whole groups).
+
+    ``strata = R > 1`` (B a multiple of R): each consecutive group of R chains is
+    coupled by Latin-hypercube uniforms (:func:`_stratified_draw`, MATH.md section 6):
+    every chain keeps the step's law, so each row is a draw of the same chain as with
+    ``strata = 1``, but the group's draws spread more evenly than independent ones."""
     if not isinstance(steps, int) or steps < 1:
         raise ValueError(f"steps must be a positive int, got {steps!r}")
+    if isinstance(strata, bool) or not isinstance(strata, int) or strata < 1 or len(x_t) % strata:
+        raise ValueError(f"strata must be a positive int that divides the batch ({len(x_t)}), got {strata!r}")
     if batch_size is not None:
         if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
             raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
-        return torch.cat([teacher_chain(model, graph, noise, x_t[i:i + batch_size], t[i:i + batch_size],
-                                        s[i:i + batch_size], steps, method=method, generator=generator)
-                          for i in range(0, len(x_t), batch_size)])
+        size = max(strata, batch_size - batch_size % strata)
+        return torch.cat([teacher_chain(model, graph, noise, x_t[i:i + size], t[i:i + size], s[i:i + size], steps,
+                                        method=method, generator=generator, strata=strata)
+                          for i in range(0, len(x_t), size)])
     x = x_t
     for m in range(steps):
         t_from = t + (s - t) * (m / steps)
         t_to = t + (s - t) * ((m + 1) / steps)
-        tau_from, tau_to = tau_of_time(noise, t_from), tau_of_time(noise, t_to)
-        log_score = _scores(model, x, tau_from, graph=graph)
-        x = ck.fused_euler_step(graph, log_score, x, tau_from[:, None].expand(x.shape),
-                                tau_to[:, None].expand(x.shape), method=method, generator=generator)
+        tau_from, tau_to = (tau_of_time(noise, time)[:, None].expand(x.shape) for time in (t_from, t_to))
+        log_score = _scores(model, x, tau_from[:, 0], graph=graph)
+        if strata == 1:
+            x = ck.fused_euler_step(graph, log_score, x, tau_from, tau_to, method=method, generator=generator)
+        else:
+            x = _stratified_draw(_step_weights(graph, log_score, x, tau_from, tau_to, method), strata, generator)
     return x
+
+
+def _stratified_draw(weights: torch.Tensor, strata: int, generator) -> torch.Tensor:
+    """One state per row and position of ``weights`` (B, L, N), by inverse CDF, where in
+    each consecutive group of ``strata`` = R rows the R uniforms of a position are one
+    from each stratum ``[j/R, (j+1)/R)`` in a random order (a Latin hypercube across the
+    group): each row's uniform is U(0, 1) and independent across positions and calls,
+    so each row is an exact draw of its law."""
+    rows, seq_len, _ = weights.shape
+    shape = (rows // strata, strata, seq_len)
+    order = _uniform(rows * seq_len, generator, weights.device).view(shape).argsort(1)
+    u = (order + _uniform(rows * seq_len, generator, weights.device).view(shape)) / strata
+    cdf = weights.to(torch.float64).cumsum(-1)
+    point = u.reshape(rows, seq_len, 1) * cdf[..., -1:]
+    return torch.searchsorted(cdf, point, right=True).squeeze(-1).clamp_(max=weights.shape[-1] - 1)
 
 
 @torch.no_grad()
@@ -248,6 +275,13 @@ def step_log_likelihood(graph: ck.Graph, log_score: torch.Tensor, x_t: torch.Ten
     with q from ``scores_to_posterior`` and the sum by ``apply_kernel`` (at
     ``tau_s = 0`` it is ``q(y)``); ``"euler"``: jumps ``Delta Q[y, x] r_y``, the rest
     on ``x``. Both renormalised, as the step itself is."""
+    probs = _step_weights(graph, log_score, x_t, tau_t, tau_s, method)
+    return probs.gather(-1, x_s.long()[..., None]).squeeze(-1).log() - probs.sum(-1).log()
+
+
+def _step_weights(graph: ck.Graph, log_score: torch.Tensor, x_t: torch.Tensor, tau_t: torch.Tensor,
+                  tau_s: torch.Tensor, method: str) -> torch.Tensor:
+    """The reverse step's law of :func:`step_log_likelihood` (B, L, N), not yet normalised."""
     if method == "analytic":
         log_q = ck.scores_to_posterior(graph, log_score, x_t, tau_t)
         column = ck.transition_column(graph, x_t, tau_t).to(log_q.dtype)
@@ -267,7 +301,7 @@ def step_log_likelihood(graph: ck.Graph, log_score: torch.Tensor, x_t: torch.Ten
             probs = torch.where(clean, ck.scores_to_posterior(graph, log_score, x_t, tau_t).exp().to(probs.dtype), probs)
     else:
         raise ValueError(f"method must be one of {METHODS}, got {method!r}")
-    return probs.gather(-1, x_s.long()[..., None]).squeeze(-1).log() - probs.sum(-1).log()
+    return probs
 
 
 @torch.no_grad()
@@ -345,8 +379,9 @@ def _joint_log_likelihoods(graph: ck.Graph, log_score: torch.Tensor, x_t: torch.
 
 
 def _check_joint_options(x0, *, steps, num_latents, num_targets, teacher_steps, target, s, t_dist, rollout, method,
-                         exact_targets, reduction, chunk) -> None:
+                         exact_targets, reduction, chunk, coupling) -> None:
     _check_one_of("reduction", reduction, REDUCTIONS)
+    _check_one_of("coupling", coupling, COUPLINGS)
     if not isinstance(num_latents, int) or num_latents < 1:
         raise ValueError(f"num_latents must be a positive int, got {num_latents!r}")
     if not isinstance(num_targets, int) or num_targets < 1:
@@ -360,6 +395,8 @@ def _check_joint_options(x0, *, steps, num_latents, num_targets, teacher_steps, 
         raise ValueError("s (the time of the teacher's last per-token conditional) applies to target='clean' only")
     if chunk is not None and target == "exact":
         raise ValueError("chunk does not go with target='exact' (its likelihoods need whole conditionals)")
+    if coupling != "independent" and target == "exact":
+        raise ValueError("coupling couples the teacher's draws: target='exact' draws none")
     if target == "exact":
         if not isinstance(exact_targets, ExactTargets):
             raise ValueError("target='exact' needs exact_targets=ExactTargets(teacher, graph, noise, seq_len, "
@@ -380,23 +417,23 @@ def _check_joint_options(x0, *, steps, num_latents, num_targets, teacher_steps, 
 @torch.no_grad()
 def _teacher_draws(teacher, graph: ck.Graph, noise, x_t: torch.Tensor, t: torch.Tensor, t_next: torch.Tensor,
                    draws: int, *, target: str, s: Optional[float], teacher_steps: int, method: str,
-                   generator, batch_size: Optional[int] = None) -> torch.Tensor:
+                   generator, batch_size: Optional[int] = None, coupling: str = "independent") -> torch.Tensor:
     """``draws`` targets per x_t (B * draws, L): x_s at ``t_next`` for ``target="step"``,
     else x_0 through the teacher's chain from t via s; ``batch_size`` sequences per
-    network call (default all)."""
+    network call (default all); ``coupling="stratified"``: the draws of one x_t are
+    coupled chains (:func:`teacher_chain`'s ``strata``)."""
     x_from, t_from, t_to = x_t.repeat_interleave(draws, 0), t.repeat_interleave(draws), t_next.repeat_interleave(draws)
+    options = dict(method=method, generator=generator, batch_size=batch_size,
+                   strata=draws if coupling == "stratified" else 1)
     if target == "step":
-        return teacher_chain(teacher, graph, noise, x_from, t_from, t_to, teacher_steps, method=method,
-                             generator=generator, batch_size=batch_size)
+        return teacher_chain(teacher, graph, noise, x_from, t_from, t_to, teacher_steps, **options)
     default_s = t_from / teacher_steps
     s_time = default_s if s is None else torch.where(torch.full_like(t_from, float(s)) < t_from,
                                                      torch.full_like(t_from, float(s)), default_s)
     x_s = x_from
     if teacher_steps > 1:
-        x_s = teacher_chain(teacher, graph, noise, x_from, t_from, s_time, teacher_steps - 1, method=method,
-                            generator=generator, batch_size=batch_size)
-    return teacher_chain(teacher, graph, noise, x_s, s_time, torch.zeros_like(t_from), 1, method=method,
-                         generator=generator, batch_size=batch_size)
+        x_s = teacher_chain(teacher, graph, noise, x_from, t_from, s_time, teacher_steps - 1, **options)
+    return teacher_chain(teacher, graph, noise, x_s, s_time, torch.zeros_like(t_from), 1, **options)
 
 
 def _noisy_inputs(student, graph: ck.Graph, noise, x0: torch.Tensor, steps: int, *, t_dist: str,
@@ -482,7 +519,7 @@ def joint_cdm_loss(student, teacher, graph: ck.Graph, noise, x0: torch.Tensor, *
                    s: Optional[float] = None, t_dist: str = "grid", grid_weights: Optional[Sequence[float]] = None,
                    stratified: bool = True, rollout: float = 0.0, weighting: Union[str, Callable] = "none",
                    method: str = "analytic", exact_targets: Optional[ExactTargets] = None,
-                   chunk: Optional[int] = None, teacher_batch: Optional[int] = None,
+                   chunk: Optional[int] = None, teacher_batch: Optional[int] = None, coupling: str = "independent",
                    generator: Optional[torch.Generator] = None, reduction: str = "mean") -> torch.Tensor:
     """Joint CDM loss on clean data ``x0`` (B, L) for a ``steps``-step mixture student.
 
@@ -532,12 +569,15 @@ def joint_cdm_loss(student, teacher, graph: ck.Graph, noise, x0: torch.Tensor, *
     (``reduction="none"``: (B,)). The defaults (M = 8, 16 teacher steps) are
     where the exact study stopped gaining for its cost (docs/RESULTS.md).
 
-    ``chunk`` and ``teacher_batch`` bound the step's memory, not its value: see
-    :func:`_mixture_log_likelihoods` and :func:`teacher_chain`.
+    ``coupling="stratified"`` couples the R draws of an x_t by Latin-hypercube uniforms
+    (each still an exact draw: the same objective at a lower variance for the same teacher
+    calls; :func:`teacher_chain`, MATH.md section 6). ``chunk`` and ``teacher_batch`` bound
+    the step's memory, not its value: see :func:`_mixture_log_likelihoods` and :func:`teacher_chain`.
     """
     _check_joint_options(x0, steps=steps, num_latents=num_latents, num_targets=num_targets,
                          teacher_steps=teacher_steps, target=target, s=s, t_dist=t_dist, rollout=rollout,
-                         method=method, exact_targets=exact_targets, reduction=reduction, chunk=chunk)
+                         method=method, exact_targets=exact_targets, reduction=reduction, chunk=chunk,
+                         coupling=coupling)
     t, t_next, x_t = _noisy_inputs(student, graph, noise, x0, steps, t_dist=t_dist, grid_weights=grid_weights,
                                    rollout=rollout, method=method, generator=generator)
     targets = None
@@ -546,14 +586,10 @@ def joint_cdm_loss(student, teacher, graph: ck.Graph, noise, x0: torch.Tensor, *
     else:
         targets = _teacher_draws(teacher, graph, noise, x_t, t, t_next, num_targets, target=target, s=s,
                                  teacher_steps=teacher_steps, method=method, generator=generator,
-                                 batch_size=teacher_batch)
+                                 batch_size=teacher_batch, coupling=coupling)
     log_mixture = _mixture_log_likelihoods(student, graph, noise, x_t, t, t_next, targets, num_latents=num_latents,
                                            stratified=stratified, target=target, method=method, generator=generator,
                                            chunk=chunk)
-    if target == "exact":
-        nll = -torch.where(target_probs > 0, target_probs * log_mixture, 0.0).sum(-1)
-    else:
-        nll = -log_mixture.mean(-1)
-    per_sequence = nll / x0.shape[1]
-    per_sequence = _weights(weighting, noise, t).to(per_sequence.dtype) * per_sequence
-    return _reduce(per_sequence, reduction)
+    nll = (-torch.where(target_probs > 0, target_probs * log_mixture, 0.0).sum(-1) if target == "exact"
+           else -log_mixture.mean(-1))
+    return _reduce(_weights(weighting, noise, t).to(nll.dtype) * (nll / x0.shape[1]), reduction)
