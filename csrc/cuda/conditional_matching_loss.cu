@@ -9,6 +9,9 @@
 // x = mask: loss = T log s - sum_{t>0, y != mask} t (ls_y - m), inf with mass on the mask.
 // The target is read in the log-scores' dtype (reference.py converts it to log q's dtype).
 // Backward: the inversion backward of inversion.cuh with g = -grad_loss * target (t > 0).
+// With its gradient (conditional_matching_loss_with_grad): the checked loss kernel, then the
+// backward kernel at grad_loss = 1; the rows are read twice (the CPU and Triton kernels sum the
+// loss inside the backward's passes and read them once; not yet done here).
 #include "cuda/inversion.cuh"
 
 namespace cdm {
@@ -173,10 +176,20 @@ at::Tensor conditional_matching_loss_backward_cuda(int64_t family, const c10::op
   return out;
 }
 
+std::tuple<at::Tensor, at::Tensor> conditional_matching_loss_with_grad_cuda(
+    int64_t family, const c10::optional<at::Tensor>& evals, const c10::optional<at::Tensor>& vecs,
+    const c10::optional<at::Tensor>& vecs_inv, const at::Tensor& log_score, const at::Tensor& x,
+    const at::Tensor& tau, const at::Tensor& target) {
+  at::Tensor loss = conditional_matching_loss_cuda(family, evals, vecs, vecs_inv, log_score, x, tau, target);
+  const at::Tensor ones = at::ones({log_score.size(0)}, log_score.options().dtype(at::kFloat));
+  return {loss, conditional_matching_loss_backward_cuda(family, evals, vecs, vecs_inv, ones, log_score, x, tau, target)};
+}
+
 }  // namespace
 
 CDM_CUDA_IMPL(m) {
   m.impl("conditional_matching_loss", &conditional_matching_loss_cuda);
+  m.impl("conditional_matching_loss_with_grad", &conditional_matching_loss_with_grad_cuda);
   m.impl("conditional_matching_loss_backward", &conditional_matching_loss_backward_cuda);
 }
 
