@@ -232,7 +232,7 @@ class _Calls(torch.utils._python_dispatch.TorchDispatchMode):
 @pytest.mark.parametrize("family", ["uniform", "absorbing", "dense"])
 def test_backward_scales_the_saved_gradient_and_never_reads_the_scores(backend, family):
     """The forward saves one (P, N) gradient and not the scores; the backward runs no kernel
-    of cdm_kernels (so it cannot read the scores again): a broadcast multiply."""
+    of cdm_kernels (so it cannot read the scores again): a broadcast multiply, in place."""
     _compiled_only(backend)
     graph = {"uniform": ck.UniformGraph(9), "absorbing": ck.AbsorbingGraph(9), "dense": ck.ordinal_graph(9)}[family]
     log_score, x, tau, target = _compatible_case(graph, (2, 3), torch.float32, seed=5)
@@ -245,12 +245,16 @@ def test_backward_scales_the_saved_gradient_and_never_reads_the_scores(backend, 
     (saved,) = node.saved_tensors
     assert saved.shape == (6, 9) and saved.dtype == log_score.dtype
     assert saved.untyped_storage().data_ptr() != log_score.untyped_storage().data_ptr()
+    written = saved.clone()
     cotangent = torch.rand(2, 3)
     with _Calls() as backward:
         (grad,) = torch.autograd.grad(loss, log_score, cotangent)
     assert not [name for name in backward.names if name.startswith("cdm_kernels")], backward.names
-    assert "aten.mul.out" in backward.names
-    assert torch.allclose(grad, saved.view(2, 3, 9) * cotangent[..., None], rtol=1e-6, atol=0)
+    assert "aten.mul_.Tensor" in backward.names
+    # nor a (P, N) buffer: not even zeros for the gradient output's own (unused) gradient
+    assert not [name for name in backward.names if name.split(".")[1] in ("zeros", "empty", "fill_", "mul")]
+    assert torch.allclose(grad, written.view(2, 3, 9) * cotangent[..., None], rtol=1e-6, atol=0)
+    assert grad.untyped_storage().data_ptr() == saved.untyped_storage().data_ptr()  # no new (P, N) buffer
 
 
 def test_no_gradient_buffer_without_grad(backend):
@@ -266,14 +270,15 @@ def test_no_gradient_buffer_without_grad(backend):
         assert kernels == [f"cdm_kernels.{'triton_' if backend == 'triton' else ''}conditional_matching_loss.default"]
 
 
-def test_double_backward_is_refused(backend):
+def test_double_and_repeated_backward_are_refused(backend):
     _compiled_only(backend)
     graph = ck.UniformGraph(7)
     log_score, x, tau, target = _compatible_case(graph, (3,), torch.float64, seed=2)
     loss = ck.conditional_matching_loss(graph, log_score.requires_grad_(True), x, tau, target, backend=backend)
     with pytest.raises(RuntimeError, match="no double backward"):
         torch.autograd.grad(loss, log_score, create_graph=True)
-    # retain_graph alone is fine: the saved gradient is only read
+    # the first backward scales the kept gradient in place: a second one says so
     loss = ck.conditional_matching_loss(graph, log_score, x, tau, target, backend=backend)
-    first = torch.autograd.grad(loss, log_score, retain_graph=True)[0]
-    assert torch.equal(torch.autograd.grad(loss, log_score)[0], first)
+    torch.autograd.grad(loss, log_score, retain_graph=True)
+    with pytest.raises(RuntimeError, match="second backward through the same graph"):
+        torch.autograd.grad(loss, log_score)

@@ -98,19 +98,27 @@ def register(prefix: str) -> None:
 
     def setup_context(ctx, inputs, output):
         ctx.mark_non_differentiable(output[1])
+        ctx.set_materialize_grads(False)  # no (P, N) zeros for the gradient output's own gradient
         ctx.save_for_backward(output[1])
 
     def backward(ctx, grad_loss, _):
         if torch.is_grad_enabled():
             raise RuntimeError("conditional_matching_loss has no double backward (create_graph=True): its gradient "
                                "is written by the forward kernel; use backend='reference' for higher derivatives")
+        if grad_loss is None:
+            return (None,) * 8
+        if getattr(ctx, "scaled", False):
+            raise RuntimeError("conditional_matching_loss: a second backward through the same graph "
+                               "(retain_graph=True) is not supported: the first scaled the gradient that the forward "
+                               "kept in place; compute the loss again")
         (gradient,) = ctx.saved_tensors
-        return (None, None, None, None, scale_rows(gradient, grad_loss), None, None, None)
+        scale = grad_loss.unsqueeze(-1)
+        if type(gradient) is not torch.Tensor:  # traced (fake, functional): the compiler plans the memory
+            grad_data = (gradient * scale).to(gradient.dtype)
+        else:  # eager: in place (multiplied in float32, rounded once), no second (P, N) buffer
+            ctx.scaled = True
+            grad_data = gradient.mul_(scale)
+        return (None, None, None, None, grad_data, None, None, None)
 
     torch.library.register_autograd(name, backward, setup_context=setup_context)
 
-
-def scale_rows(gradient: torch.Tensor, grad_loss: torch.Tensor) -> torch.Tensor:
-    """``gradient[p, :] * grad_loss[p]`` in ``gradient``'s dtype, multiplied in float32 (or
-    float64) and rounded once: the loss's backward, given the gradient for ``grad_loss = 1``."""
-    return torch.mul(gradient, grad_loss.unsqueeze(-1), out=torch.empty_like(gradient))
