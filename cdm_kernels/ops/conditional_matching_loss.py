@@ -5,8 +5,9 @@ When the scores require grad (and grad mode is on) the compiled backends run
 ``conditional_matching_loss_with_grad``: the loss and its gradient w.r.t. the scores
 for an upstream gradient of 1 per position, from one read of the scores and the
 target; autograd keeps that gradient (the scores' size and dtype, in place of the
-scores the recomputing backward would keep) and the backward only scales its rows by
-the upstream gradient. Without grad, no gradient buffer is allocated."""
+scores and target the recomputing backward would keep) and the backward only scales
+its rows by the upstream gradient, in place (docs/ARCHITECTURE.md, "Autograd and
+compilation"). Without grad, no gradient buffer is allocated."""
 
 from __future__ import annotations
 
@@ -46,7 +47,8 @@ def conditional_matching_loss(
     Returns float32. ``0 log 0 = 0``; a target with mass on a structural zero of
     the student's conditional gives ``inf``. With grad, the compiled backends write the
     gradient in the forward pass and keep it (one ``student_log_score``-sized tensor)
-    until backward; no double backward (``create_graph=True`` raises).
+    until backward; no double backward (``create_graph=True`` raises), and one backward
+    per graph (the first scales the kept gradient in place).
     """
     check_graph(graph)
     if reduction not in REDUCTIONS:
