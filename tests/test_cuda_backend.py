@@ -175,6 +175,14 @@ def test_matching_loss(family, n, dtype):
 
     assert_close(gout, ref_grad(torch.float64), ref_grad(compute_dtype(dtype)), dtype, "matching loss backward")
 
+    # with its gradient (what autograd runs when the scores require grad): the loss, and the
+    # gradient for grad_loss = 1, as the two ops above give them
+    loss, gradient = OPS.conditional_matching_loss_with_grad(*desc(graph), on_device(ls_d), on_device(x),
+                                                             on_device(tau), on_device(target))
+    ones = OPS.conditional_matching_loss_backward(*desc(graph), on_device(torch.ones(positions)), on_device(ls_d),
+                                                  on_device(x), on_device(tau), on_device(target))
+    assert torch.equal(loss, out) and gradient.dtype == ls_d.dtype and torch.equal(gradient, ones)
+
 
 def test_matching_loss_structural_zero_is_inf():
     graph = AbsorbingGraph(9)
