@@ -282,3 +282,16 @@ def test_double_and_repeated_backward_are_refused(backend):
     torch.autograd.grad(loss, log_score, retain_graph=True)
     with pytest.raises(RuntimeError, match="second backward through the same graph"):
         torch.autograd.grad(loss, log_score)
+
+
+@pytest.mark.parametrize("n", [9, 300])  # both row layouts of the CPU kernels
+def test_value_checks_with_grad(backend, n):
+    """The loss-with-gradient kernels check what they read, as the loss alone does."""
+    for graph in (ck.UniformGraph(n), ck.AbsorbingGraph(n), ck.ordinal_graph(9)):
+        log_score, x, tau, target = _compatible_case(graph, (4,), torch.float32, seed=11)
+        poisoned = log_score.clone()
+        poisoned[2, 1] = float("nan")
+        with pytest.raises(ValueError, match="student_log_score contains NaN or inf"):
+            ck.conditional_matching_loss(graph, poisoned.requires_grad_(True), x, tau, target, backend=backend)
+        with pytest.raises(ValueError, match="target rows must sum to 1"):
+            ck.conditional_matching_loss(graph, log_score.requires_grad_(True), x, tau, 1.5 * target, backend=backend)
