@@ -71,6 +71,11 @@ TORCH_LIBRARY(cdm_kernels, m) {
   m.def(
       "conditional_matching_loss(int family, Tensor? evals, Tensor? vecs, Tensor? vecs_inv, "
       "Tensor log_score, Tensor x, Tensor tau, Tensor target) -> Tensor");
+  // the loss and its gradient w.r.t. log_score for grad_loss = 1 ((P, N), log_score's dtype),
+  // from one pass over the rows: what autograd runs when log_score requires grad
+  m.def(
+      "conditional_matching_loss_with_grad(int family, Tensor? evals, Tensor? vecs, Tensor? vecs_inv, "
+      "Tensor log_score, Tensor x, Tensor tau, Tensor target) -> (Tensor, Tensor)");
   // gradient w.r.t. log_score given grad_loss (P,), recomputing the conditional
   m.def(
       "conditional_matching_loss_backward(int family, Tensor? evals, Tensor? vecs, Tensor? vecs_inv, "

@@ -175,6 +175,15 @@ def test_matching_loss(family, n, dtype):
 
     assert_close(gout, ref_grad(torch.float64), ref_grad(compute_dtype(dtype)), dtype, "matching loss backward")
 
+    # with its gradient (what autograd runs when the scores require grad): the loss, summed in the
+    # backward kernel's passes, and that kernel's gradient for grad_loss = 1
+    loss, gradient = OPS.conditional_matching_loss_with_grad(*desc(graph), on_device(ls_d), on_device(x),
+                                                             on_device(tau), on_device(target))
+    ones = OPS.conditional_matching_loss_backward(*desc(graph), on_device(torch.ones(positions)), on_device(ls_d),
+                                                  on_device(x), on_device(tau), on_device(target))
+    assert_close(loss, ref, base, torch.float32 if dtype == torch.float64 else dtype, "matching loss with grad")
+    assert gradient.dtype == ls_d.dtype and torch.equal(gradient, ones)
+
 
 def test_matching_loss_structural_zero_is_inf():
     graph = AbsorbingGraph(9)
@@ -188,6 +197,9 @@ def test_matching_loss_structural_zero_is_inf():
     ref = reference.conditional_matching_loss(graph, ls, x, tau, target)
     assert torch.isinf(out[:2]).all() and torch.isfinite(out[2])
     assert torch.allclose(out[2].cpu().double(), ref[2], rtol=1e-5)
+    fused, _ = OPS.conditional_matching_loss_with_grad(*desc(graph), on_device(ls), on_device(x), on_device(tau),
+                                                       on_device(target))
+    assert torch.isinf(fused[:2]).all() and torch.allclose(fused[2].cpu().double(), ref[2], rtol=1e-5)
 
 
 # ----------------------------------------------------------------------------- forward kernel, forward map
@@ -506,6 +518,7 @@ def test_kernels_check_the_values_they_read(family, n):
         target = target / target.sum(-1, keepdim=True)
         target[x != n - 1] = torch.nn.functional.one_hot(x[x != n - 1], n).float()
     d = desc(graph)
+    losses = (OPS.conditional_matching_loss, OPS.conditional_matching_loss_with_grad)  # with grad: fused kernel
     for row in (0, 1):  # a masked and an unmasked absorbing row
         for bad in (float("nan"), float("inf"), float("-inf")):
             poisoned = ls.clone()
@@ -513,27 +526,27 @@ def test_kernels_check_the_values_they_read(family, n):
             raises_in_kernel("log_score contains NaN or inf", lambda: OPS.scores_to_posterior(*d, poisoned, x, tau))
             raises_in_kernel("log_score contains NaN or inf",
                              lambda: OPS.fused_euler_step(*d, poisoned, x, tau, tau_s, 0, torch.tensor([1, 0])))
-            raises_in_kernel("student_log_score contains NaN or inf",
-                             lambda: OPS.conditional_matching_loss(*d, poisoned, x, tau, target))
             bad_target = target.clone()
             bad_target[row, n // 2] = bad
-            raises_in_kernel("target contains NaN or inf", lambda: OPS.conditional_matching_loss(*d, ls, x, tau, bad_target))
+            for loss in losses:
+                raises_in_kernel("student_log_score contains NaN or inf", lambda: loss(*d, poisoned, x, tau, target))
+                raises_in_kernel("target contains NaN or inf", lambda: loss(*d, ls, x, tau, bad_target))
         lp = torch.log_softmax(ls, -1)
         lp[row, 1] = float("-inf")  # probability 0 is a value
         OPS.posterior_to_scores(*d, lp, x, tau)
         lp[row, 1] = float("nan")
         raises_in_kernel("log_p0 contains NaN or inf", lambda: OPS.posterior_to_scores(*d, lp, x, tau))
-    raises_in_kernel("target rows must sum to 1", lambda: OPS.conditional_matching_loss(*d, ls, x, tau, target * 1.05))
     shifted = target.clone()
     shifted[0, 0] -= 0.5
     shifted[0, 1] += 0.5
-    raises_in_kernel(r"target must be probabilities \(non-negative\)",
-                     lambda: OPS.conditional_matching_loss(*d, ls, x, tau, shifted))
     outside = x.clone()
     outside[3], outside[5] = n, -2
+    for loss in losses:
+        raises_in_kernel("target rows must sum to 1", lambda: loss(*d, ls, x, tau, target * 1.05))
+        raises_in_kernel(r"target must be probabilities \(non-negative\)", lambda: loss(*d, ls, x, tau, shifted))
+        raises_in_kernel("x_t holds token ids outside", lambda: loss(*d, ls, outside, tau, target))
     raises_in_kernel(rf"x holds token ids outside \[0, {n}\): min -2, max {n}",
                      lambda: OPS.scores_to_posterior(*d, ls, outside, tau))
-    raises_in_kernel("x_t holds token ids outside", lambda: OPS.conditional_matching_loss(*d, ls, outside, tau, target))
     negative = tau.clone()
     negative[2] = -0.1
     raises_in_kernel(r"tau must be >= 0", lambda: OPS.posterior_to_scores(*d, torch.log_softmax(ls, -1), x, negative))

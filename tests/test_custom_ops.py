@@ -35,12 +35,13 @@ def op_samples():
                 (ops.posterior_to_scores.default, (*desc, log_p0, x, tau)),
                 (ops.fused_euler_step.default, (*desc, scores.detach(), x, tau, tau / 2, 0, torch.tensor([1, 0]))),
                 (ops.conditional_matching_loss.default, (*desc, scores, x, tau, target)),
+                (ops.conditional_matching_loss_with_grad.default, (*desc, scores, x, tau, target)),
             ]
     return samples
 
 
 @needs_cpp
-@pytest.mark.parametrize("index", range(36))
+@pytest.mark.parametrize("index", range(42))
 def test_opcheck(index):
     op, args = op_samples()[index]
     # the sampling op's output is random by design across a re-run with the same seed only

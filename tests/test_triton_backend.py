@@ -247,6 +247,67 @@ def test_conditional_matching_loss(family, p, n, dtype):
     assert_within(ours_g, low_g, truth_g, dtype, "loss backward")
 
 
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+@pytest.mark.parametrize("layout", ["contiguous", "transposed", "strided", "expanded"])
+@pytest.mark.parametrize("family", FAMILIES)
+def test_loss_gradient_written_in_the_forward(family, layout, reduction):
+    """The gradient the forward kernel writes, scaled in backward, on views of odd shapes and
+    every reduction: within 2x the reference's own error in float32 and bf16."""
+    from layouts import view_of
+
+    graph = make_graph(family, 17)
+    for dtype in DTYPES:
+        log_score, x, tau = make_inputs(graph, 6, seed=21)
+        target = _target(graph, 6, seed=22)
+        if family == "absorbing":
+            target[:, -1] = 0.0
+            target = torch.where((x == 16).unsqueeze(-1), target, torch.nn.functional.one_hot(x, 17).double())
+        target = (target / target.sum(-1, keepdim=True)).to(dtype).view(2, 3, 17)
+        x, tau = x.view(2, 3), tau.view(2, 3)
+        leaf = log_score.to(dtype).view(2, 3, 17).to(DEVICE).requires_grad_(True)
+        ours = ck.conditional_matching_loss(graph, view_of(leaf, layout), *to_device(x, tau, target),
+                                            reduction=reduction, backend="triton")
+        cotangent = torch.rand(ours.shape, generator=torch.Generator().manual_seed(3), dtype=torch.float64) + 0.5
+        (ours_g,) = torch.autograd.grad(ours, leaf, cotangent.float().to(DEVICE))
+        refs = []
+        for d in (torch.float64, dtype):
+            i = leaf.detach().cpu().to(d).requires_grad_(True)
+            out = reference.conditional_matching_loss(graph, view_of(i, layout).contiguous(), x, tau, target.to(d))
+            out = {"mean": out.mean(), "sum": out.sum(), "none": out}[reduction]
+            refs.append(torch.autograd.grad(out, i, cotangent.to(out.dtype))[0])
+        assert ours_g.dtype == dtype
+        assert_within(ours_g.cpu(), refs[1], refs[0], dtype, f"{family} {dtype} {layout} {reduction}")
+
+
+def test_loss_backward_only_scales_the_saved_gradient():
+    """With grad the forward runs the loss-with-gradient op and keeps one (P, N) gradient
+    (not the scores); the backward launches no Triton kernel; without grad no gradient is made;
+    no double backward."""
+    from test_conditional_matching_loss import _Calls, _fused_node
+
+    graph = make_graph("uniform", 17)
+    log_score, x, tau = to_device(*make_inputs(graph, 5, seed=23))
+    target = torch.softmax(torch.randn_like(log_score), -1)
+    scores = log_score.float().requires_grad_(True)
+    with _Calls() as forward:
+        loss = ck.conditional_matching_loss(graph, scores, x, tau, target, reduction="none", backend="triton")
+    assert [n for n in forward.names if n.startswith("cdm_kernels")] == [
+        "cdm_kernels.triton_conditional_matching_loss_with_grad.default"]
+    (saved,) = _fused_node(loss).saved_tensors
+    assert saved.shape == scores.shape and saved.data_ptr() != scores.data_ptr()
+    written = saved.clone()
+    with pytest.raises(RuntimeError, match="no double backward"):
+        torch.autograd.grad(loss.sum(), scores, create_graph=True)
+    with _Calls() as backward:
+        (grad,) = torch.autograd.grad(loss, scores, torch.full((5,), 0.25, device=DEVICE))
+    assert not [n for n in backward.names if n.startswith("cdm_kernels")]
+    assert torch.allclose(grad, 0.25 * written) and grad.data_ptr() == saved.data_ptr()
+    with torch.no_grad(), _Calls() as inference:
+        ck.conditional_matching_loss(graph, scores, x, tau, target, backend="triton")
+    assert [n for n in inference.names if n.startswith("cdm_kernels")] == [
+        "cdm_kernels.triton_conditional_matching_loss.default"]
+
+
 def test_loss_structural_zero():
     """Target mass on a structural zero of the absorbing conditional: ``inf``, as the reference."""
     graph = ck.AbsorbingGraph(9)
@@ -529,6 +590,7 @@ def test_opcheck(family):
         (ops.triton_posterior_to_scores_backward, (*d, torch.randn_like(lq), lq, x, tau)),
         (ops.triton_fused_euler_step, (*d, log_score, x, tau, 0.5 * tau, 1, torch.tensor([3, 0]))),
         (ops.triton_conditional_matching_loss, (*d, log_score.clone().requires_grad_(True), x, tau, target)),
+        (ops.triton_conditional_matching_loss_with_grad, (*d, log_score.clone().requires_grad_(True), x, tau, target)),
         (ops.triton_conditional_matching_loss_backward, (*d, torch.rand(5, device=DEVICE), log_score, x, tau, target)),
     ]
     for op, args in cases:

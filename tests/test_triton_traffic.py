@@ -214,3 +214,44 @@ def test_every_kernel_reads_each_input_once_when_the_row_fits(family, blocks):
 #: the dense graphs' O(N^2) eigenbasis products read the (P, N) operand once per
 #: block of output columns: matrix products, not row passes
 DENSE_MATVEC = ("_column_kernel", "_matvec_kernel")
+
+
+#: reads of the scores by the loss's forward + backward in training: (written in the forward, the
+#: backward a multiply; recomputing in backward, as the bare op's autograd does), per row layout
+TRAINING_READS = {
+    ("uniform", 256): (1, 2),
+    ("absorbing", 256): (1, 2),
+    # streaming: the backward's three passes (max / sum-exp; Z, sum g / u, C; the write), the loss
+    # summed in the second; recomputing adds the forward's two
+    ("uniform", 32): (3, 5),
+    # the log-sum-exp; the write, the loss summed in it; recomputing adds the forward's one
+    ("absorbing", 32): (2, 3),
+}
+
+
+@pytest.mark.parametrize("family,width", list(TRAINING_READS))
+def test_loss_forward_and_backward_read_the_scores_once(family, width, blocks):
+    """Training (scores that require grad): the forward writes the gradient in the pass that
+    computes the loss and the backward only scales it, so forward + backward read the scores
+    once in total where the row fits one block; recomputing in backward read them twice."""
+    blocks(width)
+    graph, log_score, x, tau, target = _inputs(family)
+    low = 1 - 1 / N if family == "absorbing" else 1.0  # absorbing kernels skip the mask's score
+
+    def reads_of(train):
+        scores = log_score.clone().requires_grad_(True)
+        with count_traffic() as launches:
+            train(scores).backward()
+        return launches, sum(passes(launch, "read").get("ls_ptr", 0.0) for launch in launches)
+
+    fused, recomputing = TRAINING_READS[family, width]
+    launches, reads = reads_of(lambda s: ck.conditional_matching_loss(graph, s, x, tau, target, backend="triton"))
+    assert [launch["kernel"] for launch in launches] == [
+        "_posterior_backward_kernel" if family == "uniform" else "_absorbing_backward_kernel"]
+    assert fused * low - 1e-9 <= reads <= fused + 1e-9, reads
+    if width == 256:  # the target too is read once; the loss and the gradient written once
+        assert all(value <= 1 + 1e-9 for value in passes(launches[0], "read").values())
+        assert passes(launches[0], "written") == {"out_ptr": pytest.approx(1.0), "loss_ptr": pytest.approx(1.0)}
+    bare = torch.ops.cdm_kernels.triton_conditional_matching_loss
+    _, reads = reads_of(lambda s: bare(*graph.descriptor(), s, x, tau, target).sum())
+    assert recomputing * low - 1e-9 <= reads <= recomputing + 1e-9, reads

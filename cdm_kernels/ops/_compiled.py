@@ -12,6 +12,9 @@ An op differentiable in one input reads ``(family, evals, vecs, vecs_inv, data, 
 differentiable in ``data`` only; its twin ``<op>_backward(family, evals, vecs,
 vecs_inv, grad, data, *rest)`` returns the gradient w.r.t. ``data`` by
 recomputing the forward, so autograd saves the inputs and never the output.
+(The matching loss, when the scores require grad, runs
+``conditional_matching_loss_with_grad`` instead and keeps the gradient its
+forward wrote: ops/conditional_matching_loss.py.)
 """
 
 from __future__ import annotations

@@ -230,10 +230,10 @@ def check_family(family: int, evals, vecs, vecs_inv, n: int, device) -> tuple:
     return tuple(out)
 
 
-def schema(arguments: str) -> str:
-    """A Triton op's schema: the graph descriptor, then ``arguments``, returning a
-    tensor (the C++ op of the same name has the same one, csrc/ops.cpp)."""
-    return f"(int family, Tensor? evals, Tensor? vecs, Tensor? vecs_inv, {arguments}) -> Tensor"
+def schema(arguments: str, returns: str = "Tensor") -> str:
+    """A Triton op's schema: the graph descriptor, then ``arguments``, returning
+    ``returns`` (the C++ op of the same name has the same one, csrc/ops.cpp)."""
+    return f"(int family, Tensor? evals, Tensor? vecs, Tensor? vecs_inv, {arguments}) -> {returns}"
 
 
 def compute_f64(*tensors: torch.Tensor) -> bool:
@@ -308,10 +308,14 @@ def row_sum(ptr, base, rmask, N, cache, CT: tl.constexpr, ONE_BLOCK: tl.constexp
 
 
 @triton.jit
-def upstream_scale(gl_ptr, rows, rmask, FROM_TARGET: tl.constexpr, CT: tl.constexpr, BLOCK_P: tl.constexpr):
+def upstream_scale(gl_ptr, rows, rmask, FROM_TARGET: tl.constexpr, LOSS: tl.constexpr, CT: tl.constexpr,
+                   BLOCK_P: tl.constexpr):
     """The per-row factor of the upstream gradient: ``-grad_loss`` when it is built
-    from the target (the matching loss's backward), else 1."""
-    if FROM_TARGET:
+    from the target (the matching loss's backward), -1 in the loss's forward with its
+    gradient (``LOSS``: ``grad_loss = 1``), else 1."""
+    if LOSS:
+        gscale = tl.full([BLOCK_P], -1.0, CT)
+    elif FROM_TARGET:
         gscale = -tl.load(gl_ptr + rows, mask=rmask, other=0.0).to(CT)
     else:
         gscale = tl.full([BLOCK_P], 1.0, CT)

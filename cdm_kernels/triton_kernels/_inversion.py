@@ -134,13 +134,16 @@ def _posterior_kernel(ls_ptr, x_ptr, tau_ptr, inv_ptr, col_ptr, out_ptr, P, N,
 
 
 @triton.jit
-def _posterior_backward_kernel(g_ptr, gl_ptr, ls_ptr, x_ptr, tau_ptr, inv_ptr, col_ptr, out_ptr, P, N,
+def _posterior_backward_kernel(g_ptr, gl_ptr, ls_ptr, x_ptr, tau_ptr, inv_ptr, col_ptr, out_ptr, loss_ptr, P, N,
                                FAMILY: tl.constexpr, F64: tl.constexpr, FROM_TARGET: tl.constexpr,
-                               ONE_BLOCK: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr):
+                               LOSS: tl.constexpr, ONE_BLOCK: tl.constexpr, BLOCK_P: tl.constexpr,
+                               BLOCK_N: tl.constexpr):
     """Gradient through the inversion, recomputing the forward (no saved ``q``).
 
     ``g`` is the gradient w.r.t. ``log q`` (``FROM_TARGET``: ``g = -grad_loss * target``,
-    the matching loss). With ``G = sum g`` (over every entry, as autograd of the
+    the matching loss; ``LOSS``: ``g = -target``, and the pass that sums ``Z`` also
+    sums the loss ``sum_{g != 0} g (log col + log u) - G log Z`` into ``loss_ptr``: the
+    loss and its gradient from one read of the row). With ``G = sum g`` (over every entry, as autograd of the
     normalisation does), ``d log q / d u`` gives ``g_u = (g - q G) / u`` where ``u``
     is not clamped (``q / u = col / Z``), 0 where it is. Uniform: ``g_r = g_u - beta
     T`` with ``T = sum g_u = sum_unclamped g / u - G C / Z`` (``C`` = sum of ``col``
@@ -151,13 +154,14 @@ def _posterior_backward_kernel(g_ptr, gl_ptr, ls_ptr, x_ptr, tau_ptr, inv_ptr, c
     CT: tl.constexpr = tl.float64 if F64 else tl.float32
     rows, rmask, base, x, caches, coef = inversion_setup(ls_ptr, x_ptr, tau_ptr, inv_ptr, col_ptr, P, N, FAMILY, CT,
                                                          ONE_BLOCK, BLOCK_P, BLOCK_N)
-    gscale = upstream_scale(gl_ptr, rows, rmask, FROM_TARGET, CT, BLOCK_P)
+    gscale = upstream_scale(gl_ptr, rows, rmask, FROM_TARGET, LOSS, CT, BLOCK_P)
     g_cache = row_cache(g_ptr, base, rmask, N, ONE_BLOCK, BLOCK_N)
     G = row_sum(g_ptr, base, rmask, N, g_cache, CT, ONE_BLOCK, BLOCK_P, BLOCK_N) * gscale
     thr = coef[2]
     Z = tl.zeros([BLOCK_P], CT)
     T1 = tl.zeros([BLOCK_P], CT)
     C = tl.zeros([BLOCK_P], CT)
+    A = tl.zeros([BLOCK_P], CT)
     for start in range(0, N, BLOCK_N):
         msk, offs, is_x, r, inv, u, col, lcol = inversion_tile(ls_ptr, inv_ptr, col_ptr, start, base, rmask, x, N, coef,
                                                                caches, FAMILY, CT, ONE_BLOCK, BLOCK_N)
@@ -166,6 +170,10 @@ def _posterior_backward_kernel(g_ptr, gl_ptr, ls_ptr, x_ptr, tau_ptr, inv_ptr, c
         Z += tl.sum(tl.where(msk, col * u, 0.0), axis=1)
         T1 += tl.sum(tl.where(free, g / u, 0.0), axis=1)
         C += tl.sum(tl.where(free, col, 0.0), axis=1)
+        if LOSS:
+            A += tl.sum(tl.where(g < 0, g * (lcol + tl.log(u)), 0.0), axis=1)
+    if LOSS:
+        tl.store(loss_ptr + rows, to_store(A - G * tl.log(Z), loss_ptr), mask=rmask)
     gz = G / Z
     T = T1 - gz * C
     for start in range(0, N, BLOCK_N):

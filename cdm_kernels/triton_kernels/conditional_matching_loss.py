@@ -20,8 +20,10 @@ from . import _dense
 from ._common import (ABSORBING, DENSE, compute_f64, online_update, prepare, program_rows, row_kernel, row_tile,
                       schema, to_store)
 from ._inversion import loss_kernel
+from .scores_to_posterior_backward import posterior_backward
 
 SCHEMA = schema("Tensor log_score, Tensor x, Tensor tau, Tensor target")
+SCHEMA_WITH_GRAD = schema("Tensor log_score, Tensor x, Tensor tau, Tensor target", returns="(Tensor, Tensor)")
 
 
 @triton.jit
@@ -72,3 +74,18 @@ def conditional_matching_loss(family: int, evals: Optional[torch.Tensor], vecs: 
     else:
         loss_kernel(p, log_score, x, tau, target, log_score, log_score, out, p, n, FAMILY=family, F64=f64)
     return out
+
+
+@torch.library.custom_op("cdm_kernels::triton_conditional_matching_loss_with_grad", mutates_args=(),
+                         schema=SCHEMA_WITH_GRAD)
+def conditional_matching_loss_with_grad(family: int, evals: Optional[torch.Tensor], vecs: Optional[torch.Tensor],
+                                        vecs_inv: Optional[torch.Tensor], log_score: torch.Tensor, x: torch.Tensor,
+                                        tau: torch.Tensor, target: torch.Tensor) -> tuple:
+    """The loss and its gradient w.r.t. ``log_score`` for ``grad_loss = 1``: the
+    backward's kernels with the loss summed in their passes (a row that fits one
+    block is read once for both)."""
+    p, n = log_score.shape
+    graph, x, tau, log_score, target = prepare(family, evals, vecs, vecs_inv, n, x, tau, log_score, target)
+    loss = torch.empty((p,), dtype=torch.float32, device=log_score.device)
+    grad = posterior_backward(family, graph, target, None, log_score, x, tau, loss=loss)
+    return loss, grad

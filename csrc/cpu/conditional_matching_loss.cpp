@@ -10,6 +10,11 @@
 // float64 input is computed in float64 and rounded once).
 // Backward: G = -grad_loss [t > 0] t is the gradient of log q; the posterior's backward
 // (dL/du_a = (T q_a - t_a) grad_loss / u_a on unclamped entries, ...) follows.
+// With its gradient (conditional_matching_loss_with_grad, what autograd calls when the
+// scores require grad): the posterior's backward at grad_loss = 1, whose pass over the
+// row also sums the loss (sum G log q = -sum t log q), so that each row of scores and
+// target is read from memory once for the loss and its gradient; the backward then only
+// scales that gradient by grad_loss (ops/conditional_matching_loss.py).
 #include "cpu/cpu_common.h"
 #include "cpu/inversion.h"
 
@@ -18,7 +23,8 @@ namespace cpu {
 
 namespace {
 
-// rows: the log-scores, second: the target, out: the backward's (P, N) gradient
+// rows: the log-scores, second: the target, out: the (P, N) gradient (backward, or the
+// forward with its gradient; null: the loss alone)
 struct LossArgs : RowArgs {
   void* loss;  // forward: (P,) float32 or float64
   bool loss_f64;
@@ -32,9 +38,19 @@ CDM_INLINE typename VV::V positive_part(typename VV::V t) {
   return t > T(0) ? t : typename VV::V{};  // NaN -> 0, as torch.where(target > 0, ...)
 }
 
+// the upstream gradient of position p's loss: 1 in the forward with its gradient
 inline double grad_loss_at(const LossArgs& a, int64_t p) {
+  if (a.grad_loss == nullptr) return 1.0;
   return a.grad_f64 ? static_cast<const double*>(a.grad_loss)[p]
                     : static_cast<double>(static_cast<const float*>(a.grad_loss)[p]);
+}
+
+inline void store_loss(const LossArgs& a, int64_t p, double loss) {
+  if (a.loss_f64) {
+    static_cast<double*>(a.loss)[p] = loss;
+  } else {
+    static_cast<float*>(a.loss)[p] = static_cast<float>(loss);
+  }
 }
 
 template <class VV>
@@ -169,10 +185,38 @@ CDM_INLINE typename VV::V absorbing_loss_group(const LossArgs& a, const Group<VV
   return real ? on_real : on_mask;
 }
 
+// the gradient of the loss and, with kLoss, the loss (a.loss) in the same pass
+template <class VV, bool kLoss>
+CDM_INLINE void loss_gradient_rows(const LossArgs& a, int64_t b, int64_t e) {
+  using T = typename VV::T;
+  posterior_backward_rows<VV, kLoss>(
+      a, b, e,
+      [&](int64_t p, T* g) {  // G = -grad_loss t+
+        load_row<VV>(a.second, a.second_dt, p, a.n, g, T(0));
+        if (a.errors != nullptr) check_probability_row<VV>(g, a.n, a.errors);
+        const T scale = static_cast<T>(-grad_loss_at(a, p));
+        for (int64_t i = 0; i < round_up(a.n); i += VV::L) VV::store(g + i, positive_part<VV>(VV::load(g + i)) * scale);
+      },
+      [&](const Group<VV>& grp, T* gt) {
+        grp.load(a.second, a.second_dt, gt);
+        if (a.errors != nullptr) grp.check_probabilities(gt, a.errors);
+        const typename VV::V scale = grp.lanes([&](int64_t p) { return -grad_loss_at(a, p); });
+        for (int64_t k = 0; k < a.n; ++k) grp.put(gt, k, positive_part<VV>(grp.at(gt, k)) * scale);
+      },
+      [&](int64_t p, double loss) { store_loss(a, p, loss); },
+      [&](const Group<VV>& grp, typename VV::V loss) {
+        for (int j = 0; j < grp.cnt; ++j) store_loss(a, grp.p0 + j, static_cast<double>(loss[j]));
+      });
+}
+
 struct LossForward {
   using Args = LossArgs;
   template <class VV>
   static CDM_INLINE void rows(const Args& a, int64_t b, int64_t e) {
+    if (a.out != nullptr) {
+      loss_gradient_rows<VV, true>(a, b, e);
+      return;
+    }
     if (a.n <= kLanesMaxN) {
       Scratch<typename VV::T> tiles(a.n * VV::L, 2);
       UniformLogCache cache;
@@ -181,13 +225,7 @@ struct LossForward {
         const typename VV::V loss = a.family == UNIFORM
                                         ? uniform_loss_group<VV>(a, g, tiles.row(0), tiles.row(1), cache)
                                         : absorbing_loss_group<VV>(a, g, tiles.row(0), tiles.row(1));
-        for (int j = 0; j < g.cnt; ++j) {
-          if (a.loss_f64) {
-            static_cast<double*>(a.loss)[p0 + j] = static_cast<double>(loss[j]);
-          } else {
-            static_cast<float*>(a.loss)[p0 + j] = static_cast<float>(loss[j]);
-          }
-        }
+        for (int j = 0; j < g.cnt; ++j) store_loss(a, p0 + j, static_cast<double>(loss[j]));
       }
       return;
     }
@@ -197,70 +235,54 @@ struct LossForward {
       const Prefetch pf = next_rows(p, e, a.n, a.rows, a.dt, a.second, a.second_dt);
       const double loss = a.family == UNIFORM ? uniform_loss_row<VV>(a, p, scratch.row(0), scratch.row(1), pf, dc)
                                               : absorbing_loss_row<VV>(a, p, scratch.row(0), scratch.row(1), pf);
-      if (a.loss_f64) {
-        static_cast<double*>(a.loss)[p] = loss;
-      } else {
-        static_cast<float*>(a.loss)[p] = static_cast<float>(loss);
-      }
+      store_loss(a, p, loss);
     }
   }
 };
 
 struct LossBackward {
   using Args = LossArgs;
-  // G = -grad_loss t+ (the gradient of log q)
   template <class VV>
   static CDM_INLINE void rows(const Args& a, int64_t b, int64_t e) {
-    using T = typename VV::T;
-    posterior_backward_rows<VV>(
-        a, b, e,
-        [&](int64_t p, T* g) {
-          load_row<VV>(a.second, a.second_dt, p, a.n, g, T(0));
-          const T scale = static_cast<T>(-grad_loss_at(a, p));
-          for (int64_t i = 0; i < round_up(a.n); i += VV::L) VV::store(g + i, positive_part<VV>(VV::load(g + i)) * scale);
-        },
-        [&](const Group<VV>& grp, T* gt) {
-          grp.load(a.second, a.second_dt, gt);
-          const typename VV::V scale = grp.lanes([&](int64_t p) { return -grad_loss_at(a, p); });
-          for (int64_t k = 0; k < a.n; ++k) grp.put(gt, k, positive_part<VV>(grp.at(gt, k)) * scale);
-        });
+    loss_gradient_rows<VV, false>(a, b, e);
   }
 };
 
 // ----------------------------------------------------------------------------- dense
 
+// the loss (a.loss), its gradient (a.out), or both from one posterior per block
 void dense_loss(const Dense& g, const LossArgs& a, int64_t positions, bool backward) {
   const int64_t n = a.n;
   dense_posterior_blocks(g, a, positions, [&](const DensePosterior& blk) {
     for (int64_t c = 0; c < blk.rows; ++c) {
       const int64_t p = blk.p0 + c;
       double* t = blk.second + c * n;
-      if (backward) {  // G = -grad_loss t+
+      if (!backward) {
+        if (a.errors != nullptr) check_probability_row<DenseVT>(t, n, a.errors);
+        double sum = 0.0;
+        for (int64_t k = 0; k < n; ++k) {
+          if (t[k] > 0.0) sum += t[k] * blk.L[c * n + k];
+        }
+        store_loss(a, p, -sum);
+      }
+      if (a.out != nullptr) {  // G = -grad_loss t+
         const double gl = grad_loss_at(a, p);
         for (int64_t k = 0; k < n; ++k) t[k] = t[k] > 0.0 ? -gl * t[k] : 0.0;
-        continue;
-      }
-      if (a.errors != nullptr) check_probability_row<DenseVT>(t, n, a.errors);
-      double sum = 0.0;
-      for (int64_t k = 0; k < n; ++k) {
-        if (t[k] > 0.0) sum += t[k] * blk.L[c * n + k];
-      }
-      if (a.loss_f64) {
-        static_cast<double*>(a.loss)[p] = -sum;
-      } else {
-        static_cast<float*>(a.loss)[p] = static_cast<float>(-sum);
       }
     }
-    if (backward) dense_posterior_backward(g, a, blk);
+    if (a.out != nullptr) dense_posterior_backward(g, a, blk);
   });
 }
 
 // ----------------------------------------------------------------------------- ops
 
-// the loss (grad_loss null) or its backward
-at::Tensor run(int64_t family, const c10::optional<at::Tensor>& evals, const c10::optional<at::Tensor>& vecs,
-               const c10::optional<at::Tensor>& vecs_inv, const at::Tensor* grad_loss, const at::Tensor& log_score,
-               const at::Tensor& x, const at::Tensor& tau, const at::Tensor& target) {
+// The loss (grad_loss null, gradient false), the loss and its gradient for grad_loss = 1
+// (gradient true), or the backward given grad_loss: {loss, gradient}, each undefined when
+// not asked for.
+std::tuple<at::Tensor, at::Tensor> run(int64_t family, const c10::optional<at::Tensor>& evals,
+                                       const c10::optional<at::Tensor>& vecs, const c10::optional<at::Tensor>& vecs_inv,
+                                       const at::Tensor* grad_loss, bool gradient, const at::Tensor& log_score,
+                                       const at::Tensor& x, const at::Tensor& tau, const at::Tensor& target) {
   check_row_inputs(log_score, "log_score", x, tau);
   check_rows(target, "target");
   check_same_shape(target, log_score, "target");
@@ -273,45 +295,51 @@ at::Tensor run(int64_t family, const c10::optional<at::Tensor>& evals, const c10
                 "cdm_kernels: grad_loss must be a contiguous (", positions, ",) float32 or float64 CPU tensor, got ",
                 grad_loss->sizes(), " ", grad_loss->scalar_type());
   }
-  // the loss: (P,) float32 for every input dtype (the schema's contract)
-  at::Tensor out = grad_loss ? empty_output_like(log_score)
-                             : at::empty({positions}, log_score.options().dtype(at::kFloat));
-  if (positions == 0) return out;
+  // the loss: (P,) float32 for every input dtype (the schema's contract); the gradient: like log_score
+  at::Tensor loss = grad_loss ? at::Tensor() : at::empty({positions}, log_score.options().dtype(at::kFloat));
+  at::Tensor grad = grad_loss || gradient ? empty_output_like(log_score) : at::Tensor();
+  if (positions == 0) return {loss, grad};
   ValueErrors errors;
-  LossArgs a{row_args(family, log_score, x, tau, grad_loss ? out.data_ptr() : nullptr, &target)};
+  LossArgs a{row_args(family, log_score, x, tau, grad.defined() ? grad.data_ptr() : nullptr, &target)};
   a.errors = grad_loss == nullptr && value_checks_on() ? &errors : nullptr;  // the backward trusts its forward
-  if (grad_loss) {
-    a.grad_loss = grad_loss->data_ptr();
-    a.grad_f64 = grad_loss->scalar_type() == at::kDouble;
-  } else {
-    a.loss = out.data_ptr();
-    a.loss_f64 = false;
-  }
+  a.loss = loss.defined() ? loss.data_ptr() : nullptr;
+  a.loss_f64 = false;
+  a.grad_loss = grad_loss ? grad_loss->data_ptr() : nullptr;
+  a.grad_f64 = grad_loss && grad_loss->scalar_type() == at::kDouble;
   run_forward_or_backward<LossForward, LossBackward>(g, a, positions, grad_loss != nullptr, dense_loss);
   raise_value_errors(errors, {{kRowsNotFinite, "student_log_score contains NaN or inf"},
                               {kSecondNotFinite, "target contains NaN or inf"},
                               {kSecondNegative, "target must be probabilities (non-negative)"},
                               {kSecondRowSum, "target rows must sum to 1 (probabilities, not logits)"}});
-  return out;
+  return {loss, grad};
 }
 
 at::Tensor loss_cpu(int64_t family, const c10::optional<at::Tensor>& evals, const c10::optional<at::Tensor>& vecs,
                     const c10::optional<at::Tensor>& vecs_inv, const at::Tensor& log_score, const at::Tensor& x,
                     const at::Tensor& tau, const at::Tensor& target) {
-  return run(family, evals, vecs, vecs_inv, nullptr, log_score, x, tau, target);
+  return std::get<0>(run(family, evals, vecs, vecs_inv, nullptr, false, log_score, x, tau, target));
+}
+
+std::tuple<at::Tensor, at::Tensor> loss_with_grad_cpu(int64_t family, const c10::optional<at::Tensor>& evals,
+                                                      const c10::optional<at::Tensor>& vecs,
+                                                      const c10::optional<at::Tensor>& vecs_inv,
+                                                      const at::Tensor& log_score, const at::Tensor& x,
+                                                      const at::Tensor& tau, const at::Tensor& target) {
+  return run(family, evals, vecs, vecs_inv, nullptr, true, log_score, x, tau, target);
 }
 
 at::Tensor loss_backward_cpu(int64_t family, const c10::optional<at::Tensor>& evals,
                              const c10::optional<at::Tensor>& vecs, const c10::optional<at::Tensor>& vecs_inv,
                              const at::Tensor& grad_loss, const at::Tensor& log_score, const at::Tensor& x,
                              const at::Tensor& tau, const at::Tensor& target) {
-  return run(family, evals, vecs, vecs_inv, &grad_loss, log_score, x, tau, target);
+  return std::get<1>(run(family, evals, vecs, vecs_inv, &grad_loss, false, log_score, x, tau, target));
 }
 
 }  // namespace
 
 TORCH_LIBRARY_IMPL(cdm_kernels, CPU, m) {
   m.impl("conditional_matching_loss", &loss_cpu);
+  m.impl("conditional_matching_loss_with_grad", &loss_with_grad_cpu);
   m.impl("conditional_matching_loss_backward", &loss_backward_cpu);
 }
 

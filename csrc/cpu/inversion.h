@@ -165,8 +165,10 @@ CDM_INLINE UniformRow<typename VV::T> uniform_ratios(typename VV::T* s, int64_t 
 // dL/dlog_score in s (s: the log-score row loaded with -inf padding; h: scratch).
 //   dL/du_b = w_b (G_b / u_b - K[b, x] sum(G) / Z)   (w: 1 unclamped, 0 clamped, 1/2 on a tie)
 //   dL/dlog_score_b = r_b (dL/du_b - beta sum dL/du),  0 at b = x
-template <class VV>
-CDM_INLINE void uniform_backward_row(int64_t n, int64_t x, const UniformCoeffs& c, typename VV::T* s, const typename VV::T* g,
+// kLoss (the matching loss's forward, G = -t+) also returns sum_{G != 0} G_b log q_b, from the
+// same pass: sum G_b log u_b + log K[., x] . G - sum(G) log Z (0 without kLoss).
+template <class VV, bool kLoss = false>
+CDM_INLINE double uniform_backward_row(int64_t n, int64_t x, const UniformCoeffs& c, typename VV::T* s, const typename VV::T* g,
                                      typename VV::T* h, const Prefetch& pf = {}) {
   using T = typename VV::T;
   using V = typename VV::V;
@@ -174,7 +176,7 @@ CDM_INLINE void uniform_backward_row(int64_t n, int64_t x, const UniformCoeffs& 
   const double sum_g = row_sum<VV>(g, np);
   const UniformRow<T> row = uniform_ratios<VV>(s, n, x, c, pf);
   const V one = VV::splat(T(1)), half = VV::splat(T(0.5)), zero{};
-  typename VV::Acc acc_u, acc_h, acc_w;
+  typename VV::Acc acc_u, acc_h, acc_w, acc_l;
   for (int64_t i = 0; i < np; i += VV::L) {
     const V d = VV::load(s + i) - row.cs;
     V u = clamp_floor<VV>(d, row.floor);
@@ -184,13 +186,23 @@ CDM_INLINE void uniform_backward_row(int64_t n, int64_t x, const UniformCoeffs& 
       u = valid ? u : zero;
       w = valid ? w : zero;
     }
-    const V hv = w != zero ? w * (VV::load(g + i) / u) : zero;  // w G / u
+    const V gv = VV::load(g + i);
+    const V hv = w != zero ? w * (gv / u) : zero;  // w G / u
     VV::store(h + i, hv);
     acc_u.add(u);
     acc_h.add(hv);
     acc_w.add(w);
+    if constexpr (kLoss) acc_l.add(gv != zero ? gv * VV::log_normal(u) : zero);
   }
   const double z = row.c.beta * acc_u.sum() + row.c.alpha * static_cast<double>(row.u_x);
+  double loss = 0.0;
+  if constexpr (kLoss) {  // 0 log 0 = 0: a term only where G has mass
+    const double g_x = g[x], g_off = sum_g - g_x;
+    loss = acc_l.sum();
+    if (g_off != 0.0) loss += std::log(row.c.off()) * g_off;
+    if (g_x != 0.0) loss += std::log(row.c.on()) * g_x;
+    if (sum_g != 0.0) loss -= std::log(z) * sum_g;
+  }
   const double k1 = sum_g / z;  // dL/du_b = h_b - w_b K[b, x] k1
   const T dx = row.r_x - row.cs;
   const double w_x = dx > row.floor ? 1.0 : (dx == row.floor ? 0.5 : 0.0);
@@ -206,21 +218,45 @@ CDM_INLINE void uniform_backward_row(int64_t n, int64_t x, const UniformCoeffs& 
     VV::store(s + i, r * ((VV::load(h + i) - w * bk) - bs));
   }
   s[x] = T(0);
+  return loss;
 }
 
 // Absorbing backward (x = mask) given G in g: G_b - softmax_b sum_all(G) on real tokens
 // (sum_all includes the mask entry, as log_softmax's backward), 0 on the mask. Result in s.
-template <class VV>
-CDM_INLINE void absorbing_backward_row(int64_t n, typename VV::T* s, const typename VV::T* g, const Prefetch& pf = {}) {
+// kLoss also returns sum_{G != 0} G_b log q_b (+inf when G has mass on the mask).
+template <class VV, bool kLoss = false>
+CDM_INLINE double absorbing_backward_row(int64_t n, typename VV::T* s, const typename VV::T* g,
+                                         const Prefetch& pf = {}) {
   using T = typename VV::T;
+  using V = typename VV::V;
   const int64_t np = round_up(n), m = n - 1;
   const double sum_g = row_sum<VV>(g, np);
   s[m] = -kInf<T>;
   const T mx = row_max<VV>(s, np);
+  double loss = 0.0;
+  if constexpr (kLoss) {  // sum G (s - mx), before the exponentials overwrite s
+    const V zero{};
+    typename VV::Acc acc;
+    for (int64_t i = 0; i < np; i += VV::L) {
+      const V gv = VV::load(g + i);
+      acc.add(gv != zero ? gv * (VV::load(s + i) - mx) : zero);
+    }
+    loss = g[m] != T(0) ? std::numeric_limits<double>::infinity() : acc.sum();
+  }
   const double total = exp_shift_store<VV>(s, np, mx, pf);
+  if constexpr (kLoss) loss -= sum_g * std::log(total);
   const T k = static_cast<T>(sum_g / total);
   for (int64_t i = 0; i < np; i += VV::L) VV::store(s + i, VV::load(g + i) - VV::load(s + i) * k);
   s[m] = T(0);
+  return loss;
+}
+
+// The loss of an absorbing row whose token is real (q = e_x): +inf if G has mass off x, else -0
+template <class T>
+CDM_INLINE double absorbing_real_token_loss(const T* g, int64_t n, int64_t x) {
+  for (int64_t b = 0; b < n; ++b)
+    if (b != x && g[b] != T(0)) return std::numeric_limits<double>::infinity();
+  return -0.0;
 }
 
 // ----------------------------------------------------------------------------- lanes layout
@@ -294,26 +330,28 @@ CDM_INLINE GroupRatios<VV> uniform_group_ratios(const Group<VV>& g, const int64_
 }
 
 // Uniform backward for a group (lanes layout): t the log-score tile, gt the tile of G,
-// h a scratch tile; coefficient vectors alpha, beta per lane. Gradient left in t.
-template <class VV>
-CDM_INLINE void uniform_backward_group(const Group<VV>& g, const int64_t* x, typename VV::V alpha,
-                                       typename VV::V beta, typename VV::T* t, const typename VV::T* gt,
-                                       typename VV::T* h) {
+// h a scratch tile; lc the coefficients per lane. Gradient left in t; kLoss: returns the
+// lanes' sum_{G != 0} G_b log q_b as uniform_backward_row.
+template <class VV, bool kLoss = false>
+CDM_INLINE typename VV::V uniform_backward_group(const Group<VV>& g, const int64_t* x, const LaneCoeffs<VV>& lc,
+                                                 typename VV::T* t, const typename VV::T* gt, typename VV::T* h) {
   using T = typename VV::T;
   using V = typename VV::V;
   using M = typename VV::M;
   const int64_t n = g.n;
+  const V alpha = lc.alpha, beta = lc.beta;
   const V one = VV::splat(T(1)), half = VV::splat(T(0.5)), zero{};
   const M xv = g.lanes_index(x);
   const V sum_g = group_sum<VV>(g, gt);
   const GroupRatios<VV> gr = uniform_group_ratios<VV>(g, x, t, alpha, beta);
   const V cs = gr.cs, floor = gr.floor;
-  V U{}, H{}, Wt{}, ux{}, wx{};
+  V U{}, H{}, Wt{}, ux{}, wx{}, GL{}, gx{};
   for (int64_t b = 0; b < n; ++b) {
     const V d = g.at(t, b) - cs;
     const V u = d < floor ? floor : d;
     const V w = (d > floor ? one : zero) + (d == floor ? half : zero);
-    const V hv = w != zero ? w * (g.at(gt, b) / u) : zero;
+    const V gv = g.at(gt, b);
+    const V hv = w != zero ? w * (gv / u) : zero;
     g.put(h, b, hv);
     U += u;
     H += hv;
@@ -321,8 +359,19 @@ CDM_INLINE void uniform_backward_group(const Group<VV>& g, const int64_t* x, typ
     const M here = Group<VV>::eq(xv, b);
     ux = here ? u : ux;
     wx = here ? w : wx;
+    if constexpr (kLoss) {
+      GL += gv != zero ? gv * VV::log_normal(u) : zero;
+      gx = here ? gv : gx;
+    }
   }
-  const V k1 = sum_g / (beta * U + alpha * ux);
+  const V Z = beta * U + alpha * ux;
+  V loss{};
+  if constexpr (kLoss) {
+    const V g_off = sum_g - gx;
+    loss = GL + (g_off != zero ? lc.log_off * g_off : zero) + (gx != zero ? lc.log_on * gx : zero);
+    loss = loss - (sum_g != zero ? VV::log(Z) * sum_g : zero);
+  }
+  const V k1 = sum_g / Z;
   const V sum_du = H - k1 * (beta * Wt + alpha * wx);
   const V bk = beta * k1, bs = beta * sum_du;
   for (int64_t b = 0; b < n; ++b) {
@@ -332,24 +381,42 @@ CDM_INLINE void uniform_backward_group(const Group<VV>& g, const int64_t* x, typ
     const V out = r * ((g.at(h, b) - w * bk) - bs);
     g.put(t, b, Group<VV>::eq(xv, b) ? zero : out);
   }
+  return loss;
 }
 
-// Absorbing backward for a group: rows with x != mask get 0. Gradient left in t.
-template <class VV>
-CDM_INLINE void absorbing_backward_group(const Group<VV>& g, const int64_t* x, typename VV::T* t,
-                                         const typename VV::T* gt) {
+// Absorbing backward for a group: rows with x != mask get 0. Gradient left in t; kLoss:
+// returns the lanes' sum_{G != 0} G_b log q_b (+inf for mass on a structural zero of q).
+template <class VV, bool kLoss = false>
+CDM_INLINE typename VV::V absorbing_backward_group(const Group<VV>& g, const int64_t* x, typename VV::T* t,
+                                                   const typename VV::T* gt) {
   using T = typename VV::T;
   using V = typename VV::V;
   using M = typename VV::M;
   const int64_t n = g.n, m = n - 1;
   const V zero{};
-  const M real = Group<VV>::ne(g.lanes_index(x), m);
+  const M xv = g.lanes_index(x);
+  const M real = Group<VV>::ne(xv, m);
   g.put(t, m, VV::splat(-kInf<T>));
   const V sum_g = group_sum<VV>(g, gt);
-  const V S = group_exp_store<VV>(g, t, group_max<VV>(g, t));
+  const V mx = group_max<VV>(g, t);
+  V loss{}, off_x{};  // off_x: real tokens: lanes with mass off x
+  if constexpr (kLoss) {
+    for (int64_t b = 0; b < n; ++b) {
+      const V gv = g.at(gt, b);
+      loss += gv != zero ? gv * (g.at(t, b) - mx) : zero;
+      off_x += (Group<VV>::ne(xv, b) & (gv != zero)) ? VV::splat(T(1)) : zero;
+    }
+  }
+  const V S = group_exp_store<VV>(g, t, mx);
+  if constexpr (kLoss) {
+    const V inf = VV::splat(kInf<T>);
+    const V on_mask = g.at(gt, m) != zero ? inf : loss - sum_g * VV::log(S);
+    loss = real ? (off_x != zero ? inf : VV::splat(-T(0))) : on_mask;
+  }
   const V k = sum_g / S;
   for (int64_t b = 0; b < m; ++b) g.put(t, b, real ? zero : g.at(gt, b) - g.at(t, b) * k);
   g.put(t, m, zero);
+  return loss;
 }
 
 // ----------------------------------------------------------------------------- backward rows
@@ -358,10 +425,14 @@ CDM_INLINE void absorbing_backward_group(const Group<VV>& g, const int64_t* x, t
 // log-scores). G, the gradient of log q, comes from row_g(p, g) (fills a padded row of G
 // for position p from a.second) or, for short rows, group_g(grp, gt) (fills the tile of G
 // of a group): scores_to_posterior's grad, or the matching loss's target. dL/dlog_score
-// goes to a.out.
-template <class VV, class RowG, class GroupG>
+// goes to a.out. kLoss (the matching loss's forward with its gradient, G = -t+): the same
+// pass also gives each position's sum_{G != 0} G log q, handed to row_loss(p, value) or,
+// for short rows, group_loss(grp, lanes), and checks the log-scores (a.errors).
+template <class VV, bool kLoss = false, class RowG, class GroupG, class RowLoss = std::nullptr_t,
+          class GroupLoss = std::nullptr_t>
 CDM_INLINE void posterior_backward_rows(const RowArgs& a, int64_t b, int64_t e, const RowG& row_g,
-                                        const GroupG& group_g) {
+                                        const GroupG& group_g, const RowLoss& row_loss = nullptr,
+                                        const GroupLoss& group_loss = nullptr) {
   using T = typename VV::T;
   const int64_t n = a.n, np = round_up(n);
   UniformLogCache cache;
@@ -370,14 +441,15 @@ CDM_INLINE void posterior_backward_rows(const RowArgs& a, int64_t b, int64_t e, 
     T *t = tiles.row(0), *gt = tiles.row(1), *h = tiles.row(2);
     for (int64_t p0 = b; p0 < e; p0 += VV::L) {
       const Group<VV> grp = make_group<VV>(p0, e, n);
-      grp.load(a.rows, a.dt, t);
+      grp.load(a.rows, a.dt, t, a.errors);
       group_g(grp, gt);
+      typename VV::V lanes;
       if (a.family == UNIFORM) {
-        const LaneCoeffs<VV> lc = uniform_lane_coeffs<VV>(grp, a.tau, cache);
-        uniform_backward_group<VV>(grp, a.x, lc.alpha, lc.beta, t, gt, h);
+        lanes = uniform_backward_group<VV, kLoss>(grp, a.x, uniform_lane_coeffs<VV>(grp, a.tau, cache), t, gt, h);
       } else {
-        absorbing_backward_group<VV>(grp, a.x, t, gt);
+        lanes = absorbing_backward_group<VV, kLoss>(grp, a.x, t, gt);
       }
+      if constexpr (kLoss) group_loss(grp, lanes);
       grp.store(a.out, a.dt, t);
     }
     return;
@@ -386,18 +458,25 @@ CDM_INLINE void posterior_backward_rows(const RowArgs& a, int64_t b, int64_t e, 
   T *s = scratch.row(0), *g = scratch.row(1), *h = scratch.row(2);
   for (int64_t p = b; p < e; ++p) {
     const int64_t x = a.x[p];
-    if (a.family == ABSORBING && x != n - 1) {
+    double value = 0.0;
+    if (a.family == ABSORBING && x != n - 1) {  // q = e_x: no gradient
+      if constexpr (kLoss) {
+        if (a.errors != nullptr) load_row<VV>(a.rows, a.dt, p, n, s, -kInf<T>, a.errors);  // read for the check only
+        row_g(p, g);
+        value = absorbing_real_token_loss(g, n, x);
+      }
       for (int64_t i = 0; i < np; ++i) s[i] = T(0);
     } else {
-      load_row<VV>(a.rows, a.dt, p, n, s, -kInf<T>);
+      load_row<VV>(a.rows, a.dt, p, n, s, -kInf<T>, a.errors);
       row_g(p, g);
       const Prefetch pf = next_rows(p, e, n, a.rows, a.dt, a.second, a.second_dt);
       if (a.family == UNIFORM) {
-        uniform_backward_row<VV>(n, x, cache(a.tau[p], n).c, s, g, h, pf);
+        value = uniform_backward_row<VV, kLoss>(n, x, cache(a.tau[p], n).c, s, g, h, pf);
       } else {
-        absorbing_backward_row<VV>(n, s, g, pf);
+        value = absorbing_backward_row<VV, kLoss>(n, s, g, pf);
       }
     }
+    if constexpr (kLoss) row_loss(p, value);
     store_row<VV>(a.out, a.dt, p, n, s);
   }
 }

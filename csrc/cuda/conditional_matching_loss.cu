@@ -9,6 +9,10 @@
 // x = mask: loss = T log s - sum_{t>0, y != mask} t (ls_y - m), inf with mass on the mask.
 // The target is read in the log-scores' dtype (reference.py converts it to log q's dtype).
 // Backward: the inversion backward of inversion.cuh with g = -grad_loss * target (t > 0).
+// With its gradient (conditional_matching_loss_with_grad): the backward kernel at grad_loss = 1,
+// its passes also summing the loss and checking the values (inversion.cuh), so the scores and
+// the target are read once for both where the row is cached; dense graphs: the loss, then the
+// backward (ATen).
 #include "cuda/inversion.cuh"
 
 namespace cdm {
@@ -34,22 +38,7 @@ CDM_GLOBAL void CDM_BOUNDS(Group<W>::kBlock, min_blocks<S>()) loss_kernel(const 
   TargetChecks<C> tc;  // the target's value checks, in the pass that reads it
   if (checked && g.tid == 0) check_position(a.errors, n, x, a.tau[p], nullptr);
   if (a.family == ABSORBING && x != n - 1) {  // q = e_x
-    int bad = 0;
-    read_segments<S, AL, W>(g, trow, n, nullptr, [&](int64_t seg, const S* traw) {
-      if (checked) tc.add(traw);
-#pragma unroll
-      for (int k = 0; k < kEPT; ++k) {
-        const int64_t i = slot_index<AL>(seg, g.lane, k);
-        if (i < n && i != x && to_compute<C>(traw[k]) > C(0)) bad = 1;
-      }
-    });
-    bad = g.max(bad);
-    if (g.tid == 0) a.out[p] = bad ? INFINITY : 0.0f;
-    if (checked) {  // the log-scores, read for the check only
-      read_segments<S, AL, W>(g, row, n, nullptr, [&](int64_t, const S* raw) { bad_rows |= raw_not_finite(raw, false); });
-      if (bad_rows) flag_error(a.errors, kRowsNotFinite);
-      tc.flag(g, a.errors);
-    }
+    real_token_loss<S, AL, W>(g, row, trow, n, x, a.out + p, a.errors);
     return;
   }
   S* cache = cache_row<S>(gs, a.plan, 0);
@@ -173,10 +162,39 @@ at::Tensor conditional_matching_loss_backward_cuda(int64_t family, const c10::op
   return out;
 }
 
+std::tuple<at::Tensor, at::Tensor> conditional_matching_loss_with_grad_cuda(
+    int64_t family, const c10::optional<at::Tensor>& evals, const c10::optional<at::Tensor>& vecs,
+    const c10::optional<at::Tensor>& vecs_inv, const at::Tensor& log_score, const at::Tensor& x,
+    const at::Tensor& tau, const at::Tensor& target) {
+  CDM_DEVICE_GUARD(log_score);
+  if (family == DENSE) {
+    at::Tensor loss = conditional_matching_loss_cuda(family, evals, vecs, vecs_inv, log_score, x, tau, target);
+    const at::Tensor ones = at::ones({log_score.size(0)}, log_score.options().dtype(at::kFloat));
+    return {loss, conditional_matching_loss_backward_cuda(family, evals, vecs, vecs_inv, ones, log_score, x, tau,
+                                                          target)};
+  }
+  const Inputs in = check_inputs(family, log_score, x, tau, target);
+  at::Tensor loss = at::empty({in.positions}, log_score.options().dtype(at::kFloat));
+  at::Tensor grad = at::empty_like(log_score);
+  if (in.positions == 0) return {loss, grad};
+  ValueChecks checks(log_score, {"conditional_matching_loss", "student_log_score", "x_t", "tau_t", nullptr}, in.n);
+  const bool aligned = is_aligned_rows(log_score) && is_aligned_rows(in.target) && is_aligned_rows(grad);
+  dispatch_rows(log_score.scalar_type(), aligned, in.n, [&]<class S, bool AL, int W>() {
+    const SmemPlan plan = plan_smem<S, W>(in.n, /*stats=*/false, /*cache_rows=*/2);
+    InversionArgs<S> a{row_args(in, family, plan, checks.record()), static_cast<const S*>(log_score.data_ptr()),
+                       static_cast<const S*>(in.target.data_ptr()), nullptr, static_cast<S*>(grad.data_ptr()), 1};
+    a.loss = loss.data_ptr<float>();
+    launch_rows<W>(&posterior_backward_kernel<S, AL, W>, a);
+  });
+  checks.finish();
+  return {loss, grad};
+}
+
 }  // namespace
 
 CDM_CUDA_IMPL(m) {
   m.impl("conditional_matching_loss", &conditional_matching_loss_cuda);
+  m.impl("conditional_matching_loss_with_grad", &conditional_matching_loss_with_grad_cuda);
   m.impl("conditional_matching_loss_backward", &conditional_matching_loss_backward_cuda);
 }
 

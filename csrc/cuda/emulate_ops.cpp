@@ -26,7 +26,7 @@ constexpr const char* kOps[] = {
     "scores_to_posterior",       "scores_to_posterior_backward",
     "posterior_to_scores",       "posterior_to_scores_backward",
     "fused_euler_step",          "conditional_matching_loss",
-    "conditional_matching_loss_backward",
+    "conditional_matching_loss_with_grad", "conditional_matching_loss_backward",
 };
 
 // "cdm_kernels::op(args) -> ret" as "op(args) -> ret"
