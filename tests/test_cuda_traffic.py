@@ -101,6 +101,13 @@ def test_loss_reads_the_scores_and_the_target_once(family, dtype):
     assert t["target"] == (pytest.approx(1.0), 0.0), t
     assert t["other"][0] == 0, t  # (the per-position loss is a scalar a row: not counted)
 
+    # with the gradient written in the same pass (what autograd runs when the scores need grad)
+    t, (_, grad) = traffic(lambda: OPS.conditional_matching_loss_with_grad(*_desc(graph), ls, x, tau, target),
+                           ls=ls, target=target)
+    assert t["ls"] == (pytest.approx(1.0), 0.0), t
+    assert t["target"] == (pytest.approx(1.0), 0.0), t
+    assert t["other"][0] == 0 and t["other"][1] == grad.numel() * grad.element_size(), t
+
     grad_loss = torch.rand(P, dtype=torch.float32)
     t, _ = traffic(lambda: OPS.conditional_matching_loss_backward(*_desc(graph), grad_loss, ls, x, tau, target),
                    ls=ls, target=target)
