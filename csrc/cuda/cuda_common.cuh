@@ -323,26 +323,19 @@ CDM_DEV int64_t slot_index(int64_t seg, int lane, int k) {
 }
 
 // The emulation counts the bytes each row load and store moves (emulate.h: count_global);
-// on a GPU these are no-ops.
-CDM_DEV void count_load(const void* p, int64_t bytes) {
+// on a GPU this is a no-op.
+CDM_DEV void count_bytes(const void* p, int64_t bytes, bool store) {
 #ifdef CDM_CUDA_EMULATE
-  ::emu::count_global(p, bytes, false);
+  ::emu::count_global(p, bytes, store);
 #else
-  (void)p, (void)bytes;
-#endif
-}
-CDM_DEV void count_store(const void* p, int64_t bytes) {
-#ifdef CDM_CUDA_EMULATE
-  ::emu::count_global(p, bytes, true);
-#else
-  (void)p, (void)bytes;
+  (void)p, (void)bytes, (void)store;
 #endif
 }
 
 // One state of a row (global memory or the row cache), read outside the segment loops.
 template <class S>
 CDM_DEV S load_one(const S* p) {
-  count_load(p, sizeof(S));
+  count_bytes(p, sizeof(S), false);
   return *p;
 }
 
@@ -350,7 +343,7 @@ CDM_DEV S load_one(const S* p) {
 // other threads' copies come from the cache hierarchy, so it is counted once.
 template <class S, int W>
 CDM_DEV S load_for_group(const Group<W>& g, const S* p) {
-  if (g.tid == 0) count_load(p, sizeof(S));
+  if (g.tid == 0) count_bytes(p, sizeof(S), false);
   return *p;
 }
 
@@ -364,7 +357,7 @@ CDM_DEV void load_raw(const S* src, int64_t n, int64_t seg, int lane, S* raw) {
       constexpr int kVec = kEPT * sizeof(S) / 16;
       constexpr int kPer = 16 / sizeof(S);
       const uint4* s4 = reinterpret_cast<const uint4*>(src + i0);
-      count_load(s4, kVec * 16);
+      count_bytes(s4, kVec * 16, false);
 #pragma unroll
       for (int j = 0; j < kVec; ++j) {
         const uint4 v = s4[j];
@@ -389,7 +382,7 @@ CDM_DEV void store_raw(S* dst, int64_t n, int64_t seg, int lane, const S* raw) {
       constexpr int kVec = kEPT * sizeof(S) / 16;
       constexpr int kPer = 16 / sizeof(S);
       uint4* d4 = reinterpret_cast<uint4*>(dst + i0);
-      count_store(d4, kVec * 16);
+      count_bytes(d4, kVec * 16, true);
 #pragma unroll
       for (int j = 0; j < kVec; ++j) {
         uint32_t w[4];
@@ -410,7 +403,7 @@ CDM_DEV void store_raw(S* dst, int64_t n, int64_t seg, int lane, const S* raw) {
   for (int k = 0; k < kEPT; ++k) {
     const int64_t i = slot_index<AL>(seg, lane, k);
     if (i < n) {
-      count_store(dst + i, sizeof(S));
+      count_bytes(dst + i, sizeof(S), true);
       dst[i] = raw[k];
     }
   }
