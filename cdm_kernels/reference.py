@@ -204,12 +204,18 @@ def step_probabilities(
     return (probs / probs.sum(-1, keepdim=True)).to(log_score.dtype)
 
 
-def sample_categorical(probs: torch.Tensor, generator: Optional[torch.Generator] = None) -> torch.Tensor:
-    """Inverse-CDF draw of one index per row of ``probs`` (``(..., N)``, rows sum to 1)."""
+def sample_categorical(probs: torch.Tensor, generator: Optional[torch.Generator] = None,
+                       uniforms: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """Inverse-CDF draw of one index per row of ``probs`` (``(..., N)``, rows of any
+    positive sum); ``uniforms`` (``probs.shape[:-1]``, in [0, 1)) are the draws' uniforms
+    where the caller couples them, else they are drawn from ``generator``."""
     cdf = probs.to(torch.float64).cumsum(-1)
-    # draw where the generator lives (a CPU generator may drive CUDA inputs)
-    draw_device = generator.device if generator is not None else probs.device
-    draw = torch.rand(probs.shape[:-1], generator=generator, dtype=torch.float64, device=draw_device).to(probs.device)
+    if uniforms is None:
+        # draw where the generator lives (a CPU generator may drive CUDA inputs)
+        draw_device = generator.device if generator is not None else probs.device
+        draw = torch.rand(probs.shape[:-1], generator=generator, dtype=torch.float64, device=draw_device).to(probs.device)
+    else:
+        draw = uniforms.to(device=probs.device, dtype=torch.float64)
     index = torch.searchsorted(cdf, (draw * cdf[..., -1]).unsqueeze(-1), right=True).squeeze(-1)
     # rounding can push the draw past the last cell: take the last state with mass
     last_positive = probs.shape[-1] - 1 - torch.argmax((probs.flip(-1) > 0).to(torch.int8), dim=-1)

@@ -39,6 +39,7 @@ import torch
 from torch import nn
 
 import cdm_kernels as ck
+from cdm_kernels import reference
 
 from ..data.markov import enumerate_sequences, sequence_index
 from ..models.dit import component_index
@@ -177,9 +178,7 @@ def _stratified_draw(weights: torch.Tensor, strata: int, generator) -> torch.Ten
     shape = (rows // strata, strata, seq_len)
     order = _uniform(rows * seq_len, generator, weights.device).view(shape).argsort(1)
     u = (order + _uniform(rows * seq_len, generator, weights.device).view(shape)) / strata
-    cdf = weights.to(torch.float64).cumsum(-1)
-    point = u.reshape(rows, seq_len, 1) * cdf[..., -1:]
-    return torch.searchsorted(cdf, point, right=True).squeeze(-1).clamp_(max=weights.shape[-1] - 1)
+    return reference.sample_categorical(weights, uniforms=u.view(rows, seq_len))
 
 
 @torch.no_grad()
