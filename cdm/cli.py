@@ -591,10 +591,10 @@ def _check_distill_options(args, typed: set[str]) -> None:
                              f"this run trains {','.join(args.methods)}")
     if "latent_dim" in typed and args.latent_components:
         raise ValueError("--latent-dim sizes a continuous latent: it needs --latent-components 0")
-    if "num_targets" in typed and args.joint_target == "exact":
-        raise ValueError("--num-targets: --joint-target exact fits the targets' whole law, not draws from it")
-    if "target_coupling" in typed and args.joint_target == "exact":
-        raise ValueError("--target-coupling: --joint-target exact fits the targets' whole law, not draws from it")
+    for option in ("num_targets", "target_coupling"):  # options of drawn targets
+        if option in typed and args.joint_target == "exact":
+            raise ValueError(f"--{option.replace('_', '-')}: --joint-target exact fits the targets' whole law, "
+                             f"not draws from it")
     if "rollout" in typed and max(args.student_steps) == 1:
         raise ValueError("--rollout runs the student's own k-step sampler: it needs --student-steps k > 1")
     if args.mixture_weights and not args.latent_components:
